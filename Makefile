@@ -1,0 +1,16 @@
+# The two commands a fresh machine needs (see README.md):
+#   make run   - set up (first time) and start the app
+#   make test  - set up (first time) and run the test suite
+PY := .venv/bin/python
+ARGS ?=
+
+.PHONY: run test setup
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(PY) app.py $(ARGS)
+
+test: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(ARGS)

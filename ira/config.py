@@ -1,0 +1,351 @@
+"""Typed configuration: dataclasses, YAML load/save, presets and `--set` overrides.
+
+Every mistake in a config is a :class:`ConfigError` that names the file and the dotted key
+(``training.learning_rate``) and says what is expected, so that a typo never turns into a
+silently-ignored setting or a crash deep inside training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+PRESETS = ("cpu", "laptop", "a100")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_FILES = {
+    "cpu": "cpu_config.yaml",
+    "laptop": "laptop_config.yaml",
+    "a100": "train_config.yaml",
+}
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a config file or override."""
+
+    def __init__(self, key: str, message: str, source: str | None = None):
+        self.key = key
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(f"config key '{key}'{where}: {message}")
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/synth"
+    """The prepared corpus: DIR/wavs/*.wav, DIR/metadata.csv, DIR/annotations.jsonl."""
+    source: Literal["synth", "ljspeech", "folder", "dummy"] = "synth"
+    synth_num_utterances: int = 600
+    min_duration: float = 0.4
+    max_duration: float = 12.0
+    val_fraction: float = 0.05
+    split_seed: int = 1234
+    max_text_chars: int = 200
+    trim_silence_db: float = 40.0
+    num_workers: int = 0
+
+    def validate(self, check: "_Checker") -> None:
+        check.positive("synth_num_utterances", self.synth_num_utterances)
+        check.positive("min_duration", self.min_duration)
+        check.that("max_duration", self.max_duration > self.min_duration,
+                   f"must be greater than data.min_duration ({self.min_duration})")
+        check.that("val_fraction", 0.0 <= self.val_fraction < 0.5, "must be in [0, 0.5)")
+        check.positive("max_text_chars", self.max_text_chars)
+        check.positive("trim_silence_db", self.trim_silence_db)
+        check.that("num_workers", self.num_workers >= 0, "must be >= 0")
+
+
+@dataclass
+class CodecConfig:
+    name: Literal["auto", "encodec", "mel"] = "auto"
+    """auto: EnCodec where its weights are at hand, else MelCodec (with a loud warning)."""
+    bandwidth: float = 6.0
+    """EnCodec target bandwidth in kbps: 1.5, 3, 6, 12 or 24 -> 2, 4, 8, 16, 32 codebooks."""
+    weights_dir: Optional[str] = None
+    """A folder holding encodec_24khz-d7cc33bc.th (else torch.hub's cache)."""
+    allow_download: bool = True
+    mel_n_codebooks: int = 8
+    mel_codebook_size: int = 1024
+    mel_n_mels: int = 80
+    mel_kmeans_iters: int = 20
+    mel_max_fit_frames: int = 200_000
+    mel_griffin_lim_iters: int = 32
+
+    def validate(self, check: "_Checker") -> None:
+        check.that("bandwidth", self.bandwidth in (1.5, 3.0, 6.0, 12.0, 24.0),
+                   "must be one of 1.5, 3, 6, 12, 24 (kbps)")
+        check.positive("mel_n_codebooks", self.mel_n_codebooks)
+        check.that("mel_codebook_size", 2 <= self.mel_codebook_size <= 32768,
+                   "must be between 2 and 32768")
+        check.positive("mel_n_mels", self.mel_n_mels)
+        check.positive("mel_kmeans_iters", self.mel_kmeans_iters)
+        check.positive("mel_max_fit_frames", self.mel_max_fit_frames)
+        check.positive("mel_griffin_lim_iters", self.mel_griffin_lim_iters)
+
+
+@dataclass
+class SpeechLMConfig:
+    d_model: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    ffn_mult: float = 4.0
+    dropout: float = 0.1
+    max_text_tokens: int = 256
+    max_audio_frames: int = 1024
+    text_tokenizer: str = "char"
+    """'char' (default) or a Hugging Face tokenizer id / folder."""
+    cond_drop_prob: float = 0.1
+    """Probability of dropping the text and style conditions in training (for CFG)."""
+    style_dim: int = 256
+
+    def validate(self, check: "_Checker") -> None:
+        check.positive("d_model", self.d_model)
+        check.positive("n_layers", self.n_layers)
+        check.positive("n_heads", self.n_heads)
+        check.that("n_heads", self.d_model % self.n_heads == 0,
+                   f"must divide speech_lm.d_model ({self.d_model})")
+        check.that("n_heads", (self.d_model // self.n_heads) % 2 == 0,
+                   "d_model / n_heads must be even (rotary embeddings)")
+        check.positive("ffn_mult", self.ffn_mult)
+        check.that("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)")
+        check.positive("max_text_tokens", self.max_text_tokens)
+        check.positive("max_audio_frames", self.max_audio_frames)
+        check.that("cond_drop_prob", 0.0 <= self.cond_drop_prob < 1.0, "must be in [0, 1)")
+        check.positive("style_dim", self.style_dim)
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "checkpoints"
+    num_epochs: int = 50
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps; overrides num_epochs."""
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    eval_every: int = 500
+    save_every: int = 1000
+    log_every: int = 10
+    max_batch_frames: int = 0
+    """0: plain batch_size; >0: cap frames per batch (length bucketing)."""
+    seed: int = 1234
+    tensorboard: bool = False
+    num_samples: int = 3
+    """Audio samples written after each validation."""
+
+    def validate(self, check: "_Checker") -> None:
+        check.positive("num_epochs", self.num_epochs)
+        if self.max_steps is not None:
+            check.positive("max_steps", self.max_steps)
+        check.positive("batch_size", self.batch_size)
+        check.positive("learning_rate", self.learning_rate)
+        check.that("weight_decay", self.weight_decay >= 0, "must be >= 0")
+        check.that("warmup_steps", self.warmup_steps >= 0, "must be >= 0")
+        check.positive("grad_accum_steps", self.grad_accum_steps)
+        check.positive("grad_clip", self.grad_clip)
+        check.positive("eval_every", self.eval_every)
+        check.positive("save_every", self.save_every)
+        check.positive("log_every", self.log_every)
+        check.that("max_batch_frames", self.max_batch_frames >= 0, "must be >= 0")
+        check.that("num_samples", self.num_samples >= 0, "must be >= 0")
+
+
+@dataclass
+class IRAConfig:
+    preset: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    speech_lm: SpeechLMConfig = field(default_factory=SpeechLMConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def validate(self, source: str | None = None) -> "IRAConfig":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate(_Checker(f.name, source))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as YAML (atomically)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+    def with_overrides(self, overrides: list[str] | None) -> "IRAConfig":
+        """Apply `section.key=value` strings; the value is parsed as YAML (so 3e-4 is a number)."""
+        data = self.to_dict()
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(item, "an override must look like section.key=value", "--set")
+            dotted, raw = item.split("=", 1)
+            parts = dotted.strip().split(".")
+            if len(parts) != 2:
+                raise ConfigError(dotted, "an override key must be section.key, e.g. training.batch_size", "--set")
+            section, key = parts
+            if section not in data or not isinstance(data[section], dict):
+                raise ConfigError(dotted, _unknown(section, [k for k, v in data.items() if isinstance(v, dict)], "section"), "--set")
+            data[section][key] = yaml.safe_load(raw) if raw.strip() else None
+        return config_from_dict(data, source="--set")
+
+
+class _Checker:
+    """Helper for `validate()` methods: raises ConfigError with the full dotted key."""
+
+    def __init__(self, section: str, source: str | None):
+        self.section = section
+        self.source = source
+
+    def that(self, key: str, ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{self.section}.{key}", message, self.source)
+
+    def positive(self, key: str, value: float) -> None:
+        self.that(key, value > 0, f"must be > 0 (got {value!r})")
+
+
+def _unknown(key: str, known: list[str], what: str = "key") -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown {what}{hint} Known: {', '.join(sorted(known))}"
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
+    """Convert a YAML value to the annotated type, or raise a ConfigError naming the key."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError:
+                continue
+        raise ConfigError(key, f"got {value!r}, expected {_type_name(tp)}", source)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(key, f"got {value!r}, expected one of {', '.join(map(repr, choices))}", source)
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"got {value!r}, expected true or false", source)
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"got {value!r}, expected an integer", source)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                pass
+            else:
+                if number.is_integer():
+                    return int(number)
+        raise ConfigError(key, f"got {value!r}, expected an integer", source)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"got {value!r}, expected a number", source)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"got {value!r}, expected a number", source)
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(key, f"got {value!r}, expected a string", source)
+    raise ConfigError(key, f"unsupported type {tp!r}", source)
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, get_args(tp)))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build_section(cls: type, raw: Any, prefix: str, source: str | None) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix, f"must be a mapping of keys to values, got {raw!r}", source)
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(dotted, _unknown(str(key), names), source)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            values[key] = _build_section(tp, value, dotted, source)
+        else:
+            values[key] = _coerce(value, tp, dotted, source)
+    return cls(**values)
+
+
+def config_from_dict(raw: dict[str, Any], source: str | None = None) -> IRAConfig:
+    """Build and validate an IRAConfig from a plain dict (as loaded from YAML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("<root>", "the config must be a YAML mapping of sections", source)
+    return _build_section(IRAConfig, raw, "", source).validate(source)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> IRAConfig:
+    """Load a YAML config file (or a preset name: cpu, laptop, a100) and apply overrides."""
+    path_str = str(path)
+    if path_str in PRESETS:
+        path = CONFIG_DIR / PRESET_FILES[path_str]
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("<file>", f"config file {path} does not exist; use one of "
+                          f"{', '.join(str(CONFIG_DIR / f) for f in PRESET_FILES.values())} "
+                          f"or a preset name ({', '.join(PRESETS)})", str(path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("<file>", f"is not valid YAML: {exc}", str(path)) from exc
+    config = config_from_dict(raw, source=str(path))
+    return config.with_overrides(overrides) if overrides else config
+
+
+def preset_config(name: str, overrides: list[str] | None = None) -> IRAConfig:
+    """The config of a named preset (cpu, laptop, a100)."""
+    if name not in PRESETS:
+        raise ConfigError("preset", f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return load_config(name, overrides)
+
+
+# Re-exported for type checkers of downstream modules.
+__all__ = [
+    "ConfigError", "IRAConfig", "DataConfig", "CodecConfig", "SpeechLMConfig", "TrainingConfig",
+    "load_config", "preset_config", "config_from_dict", "PRESETS", "CONFIG_DIR",
+]
