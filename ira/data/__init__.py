@@ -1,0 +1,1 @@
+"""Data sources, annotation, token cache and datasets."""
