@@ -41,6 +41,8 @@ class DataConfig:
     """The prepared corpus: DIR/wavs/*.wav, DIR/metadata.csv, DIR/annotations.jsonl."""
     source: Literal["synth", "ljspeech", "folder", "dummy"] = "synth"
     synth_num_utterances: int = 600
+    synth_seed: int = 0
+    """Seed of the eSpeak corpus: the same seed and size give the same clips."""
     min_duration: float = 0.4
     max_duration: float = 12.0
     val_fraction: float = 0.05
@@ -100,8 +102,15 @@ class SpeechLMConfig:
     text_tokenizer: str = "char"
     """'char' (default) or a Hugging Face tokenizer id / folder."""
     cond_drop_prob: float = 0.1
-    """Probability of dropping the text and style conditions in training (for CFG)."""
+    """Probability of dropping the text and style conditions together in training (for CFG)."""
+    text_drop_prob: float = 0.05
+    """Probability of dropping the text alone (the style stays): the model learns voice without words."""
+    style_drop_prob: float = 0.05
+    """Probability of dropping the style alone (the text stays): plain TTS with no description."""
     style_dim: int = 256
+    norm: Literal["rms", "layer"] = "rms"
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    rope_theta: float = 10000.0
 
     def validate(self, check: "_Checker") -> None:
         check.positive("d_model", self.d_model)
@@ -116,7 +125,13 @@ class SpeechLMConfig:
         check.positive("max_text_tokens", self.max_text_tokens)
         check.positive("max_audio_frames", self.max_audio_frames)
         check.that("cond_drop_prob", 0.0 <= self.cond_drop_prob < 1.0, "must be in [0, 1)")
+        check.that("text_drop_prob", 0.0 <= self.text_drop_prob < 1.0, "must be in [0, 1)")
+        check.that("style_drop_prob", 0.0 <= self.style_drop_prob < 1.0, "must be in [0, 1)")
+        check.that("cond_drop_prob",
+                   self.cond_drop_prob + self.text_drop_prob + self.style_drop_prob < 1.0,
+                   "cond_drop_prob + text_drop_prob + style_drop_prob must be < 1 (they are disjoint events)")
         check.positive("style_dim", self.style_dim)
+        check.positive("rope_theta", self.rope_theta)
 
 
 @dataclass
@@ -129,11 +144,15 @@ class TrainingConfig:
     learning_rate: float = 3e-4
     weight_decay: float = 0.01
     warmup_steps: int = 200
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at learning_rate * min_lr_ratio."""
     grad_accum_steps: int = 1
     grad_clip: float = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     eval_every: int = 500
     save_every: int = 1000
+    keep_step_checkpoints: int = 2
+    """Mid-epoch checkpoints (stageN_stepS) kept besides epoch checkpoints and stageN_latest; 0 keeps all."""
     log_every: int = 10
     max_batch_frames: int = 0
     """0: plain batch_size; >0: cap frames per batch (length bucketing)."""
@@ -150,10 +169,12 @@ class TrainingConfig:
         check.positive("learning_rate", self.learning_rate)
         check.that("weight_decay", self.weight_decay >= 0, "must be >= 0")
         check.that("warmup_steps", self.warmup_steps >= 0, "must be >= 0")
+        check.that("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "must be in [0, 1]")
         check.positive("grad_accum_steps", self.grad_accum_steps)
         check.positive("grad_clip", self.grad_clip)
         check.positive("eval_every", self.eval_every)
         check.positive("save_every", self.save_every)
+        check.that("keep_step_checkpoints", self.keep_step_checkpoints >= 0, "must be >= 0 (0 keeps all)")
         check.positive("log_every", self.log_every)
         check.that("max_batch_frames", self.max_batch_frames >= 0, "must be >= 0")
         check.that("num_samples", self.num_samples >= 0, "must be >= 0")

@@ -1,0 +1,622 @@
+"""SpeechLM: a decoder-only transformer over codec frames, conditioned on a voice style and a text.
+
+One sample is one sequence:
+
+    [style] [t0 t1 ... tn] [BOS] [col 0] [col 1] ... [col S-2]
+    '----- prefix -------' '---------- audio steps ----------'
+
+* style: Linear(style_dim -> d_model) of a style vector, or a learned "no style" embedding.
+* text: one embedding per text token (absent when the text is dropped).
+* audio steps: the input at a step is the sum of K codebook embeddings of one column of the delayed
+  grid (see `delay_pattern.py`); BOS is the all-fill column. The output at step s goes through K heads
+  that predict column s of the grid: K x (codebook_size values + EOS).
+
+Special audio ids, per codebook: 0..V-1 are codec values, V = EOS (also the head's last class),
+V + 1 = fill (BOS, delay fill, after the end, padding; input only, never predicted).
+
+End of speech: codebook k's EOS sits at step T + k. Generation lets codebook 0 decide: when it
+samples EOS at step T, the sample is T frames long; later steps still sample codebooks k > 0 until
+their last frame (step T + k - 1), then write their EOS by force, so the delayed codebooks are flushed.
+Codebooks k > 0 never sample EOS (their EOS logit is masked), and fill is never sampled at all.
+
+Batches: the prefix is LEFT-padded so BOS and the audio steps line up, with a key-padding mask, and
+RoPE positions count only real tokens (cumsum of the mask): a padded sample sees exactly the
+positions and keys it would see alone. Audio is right-padded (causal attention makes that free).
+
+The batch dict (what a collator builds, `forward_batch(batch)`):
+    text_ids      LongTensor[B, L]   text tokens, padded anywhere (usually on the right)
+    text_mask     BoolTensor[B, L]   True on real tokens
+    style         FloatTensor[B, style_dim] or absent/None (no style for anyone)
+    codes         LongTensor[B, K, T] codec frames, undelayed, right-padded (any padding value)
+    codes_lengths LongTensor[B]      frames per sample
+    drop_text, drop_style (optional) BoolTensor[B]: drop this condition for these samples.
+Other keys (ids, texts, ...) are ignored by `forward_batch`.
+
+Condition dropping (training mode, when neither drop mask is given): per sample, with probability
+`cond_drop_prob` both text and style are dropped, with `text_drop_prob` the text alone, with
+`style_drop_prob` the style alone (disjoint events). Dropping both gives the unconditional model for
+classifier-free guidance and the "audio with no text" reading that `audio_features` uses; dropping one
+alone teaches each condition to work without the other. Pass explicit drop masks (e.g. all False) to
+turn the randomness off in training mode (PPO log-probs, evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ira.config import SpeechLMConfig, config_from_dict
+from ira.models.delay_pattern import apply_delay, delay_masks, undo_delay
+from ira.models.kv_cache import StaticKVCache
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer parts
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding; positions are given per token, so padded samples keep theirs."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, 1, T, head_dim / 2]."""
+        angles = positions.float()[..., None] * self.inv_freq
+        return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def make_norm(cfg: SpeechLMConfig) -> nn.Module:
+    return nn.RMSNorm(cfg.d_model, eps=1e-6) if cfg.norm == "rms" else nn.LayerNorm(cfg.d_model)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: SpeechLMConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: StaticKVCache | None, layer: int) -> torch.Tensor:
+        """mask: bool [B, 1, T, keys] (True = attend), or None for plain causal from position 0."""
+        batch, n, width = x.shape
+        q, k, v = self.qkv(x).view(batch, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(batch, n, width))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: SpeechLMConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:  # 2/3 of the width keeps the parameter count of a GELU MLP
+            hidden = 8 * math.ceil(2 * cfg.ffn_mult * cfg.d_model / 3 / 8)
+            self.up = nn.Linear(cfg.d_model, 2 * hidden, bias=False)
+        else:
+            hidden = int(cfg.ffn_mult * cfg.d_model)
+            self.up = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.swiglu:
+            gate, value = h.chunk(2, dim=-1)
+            return self.down(F.silu(gate) * value)
+        return self.down(F.gelu(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: SpeechLMConfig):
+        super().__init__()
+        self.norm1, self.norm2 = make_norm(cfg), make_norm(cfg)
+        self.attn, self.mlp = Attention(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, cache, layer):
+        x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache, layer))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+def attention_mask(key_valid: torch.Tensor, start: int, n_queries: int) -> torch.Tensor:
+    """Causal + key padding: bool [B, 1, n_queries, keys] for queries at start .. start + n - 1.
+
+    Every query also sees itself, so a padding query still has one key (no NaN); its output is never
+    used, and no real query attends to a padding key.
+    """
+    keys = torch.arange(key_valid.shape[1], device=key_valid.device).view(1, -1)
+    queries = torch.arange(start, start + n_queries, device=key_valid.device).view(-1, 1)
+    mask = (keys <= queries)[None] & key_valid[:, None, :]
+    return (mask | (keys == queries)[None])[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [N, C] -> ids [N]. temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs > top_p  # the most likely id always stays
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class SpeechLMOutput:
+    """Audio step s of a sample predicts column s of its delayed grid (s = 0 .. T + K - 1).
+
+    loss: mean over codebooks of each codebook's mean cross-entropy (masked).
+    loss_per_codebook [K], tokens_per_codebook [K] (long): targets counted per codebook.
+    logits [B, K, S, V + 1]; targets [B, K, S] (delayed grid; fill where not a target);
+    target_mask [B, K, S] (True on real values and EOS); hidden [B, S, d] (final-norm output over the
+    audio steps) when asked for.
+    """
+
+    loss: torch.Tensor
+    loss_per_codebook: torch.Tensor
+    tokens_per_codebook: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
+    target_mask: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+
+class SpeechLM(nn.Module):
+    BATCH_KEYS = ("text_ids", "text_mask", "style", "codes", "codes_lengths", "drop_text", "drop_style")
+
+    def __init__(self, cfg: SpeechLMConfig, n_codebooks: int, codebook_size: int, text_vocab_size: int):
+        super().__init__()
+        for name, value in (("n_codebooks", n_codebooks), ("codebook_size", codebook_size),
+                            ("text_vocab_size", text_vocab_size)):
+            if int(value) <= 0:
+                raise ValueError(f"SpeechLM: {name} must be > 0, got {value!r}")
+        self.cfg = cfg
+        self.n_codebooks = int(n_codebooks)
+        self.codebook_size = int(codebook_size)
+        self.text_vocab_size = int(text_vocab_size)
+        self.eos_id = self.codebook_size
+        self.fill_id = self.codebook_size + 1
+        d = cfg.d_model
+
+        self.text_emb = nn.Embedding(self.text_vocab_size, d)
+        self.style_proj = nn.Linear(cfg.style_dim, d)
+        self.null_style = nn.Parameter(torch.zeros(d))
+        self.audio_emb = nn.ModuleList(nn.Embedding(self.codebook_size + 2, d) for _ in range(self.n_codebooks))
+        self.rope = Rotary(d // cfg.n_heads, cfg.rope_theta)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.heads = nn.ModuleList(nn.Linear(d, self.codebook_size + 1, bias=False)
+                                   for _ in range(self.n_codebooks))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.null_style, std=0.02)
+        for block in self.blocks:  # GPT-2: residual projections scaled down with depth
+            for weight in (block.attn.proj.weight, block.mlp.down.weight):
+                nn.init.normal_(weight, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+
+    # -- construction and metadata ---------------------------------------------------------------
+
+    @classmethod
+    def from_parts(cls, cfg: SpeechLMConfig, codec: Any, tokenizer: Any) -> "SpeechLM":
+        """Sized for a codec (n_codebooks, codebook_size) and a text tokenizer (vocab_size)."""
+        return cls(cfg, codec.n_codebooks, codec.codebook_size, tokenizer.vocab_size)
+
+    def config_dict(self) -> dict[str, Any]:
+        """JSON-able description that `from_config_dict` rebuilds the same architecture from."""
+        return {"speech_lm": dataclasses.asdict(self.cfg), "n_codebooks": self.n_codebooks,
+                "codebook_size": self.codebook_size, "text_vocab_size": self.text_vocab_size}
+
+    @classmethod
+    def from_config_dict(cls, data: Mapping[str, Any]) -> "SpeechLM":
+        missing = [k for k in ("speech_lm", "n_codebooks", "codebook_size", "text_vocab_size") if k not in data]
+        if missing:
+            raise ValueError(f"SpeechLM metadata lacks {', '.join(missing)}; was it written by config_dict()?")
+        cfg = config_from_dict({"speech_lm": dict(data["speech_lm"])}, source="SpeechLM metadata").speech_lm
+        return cls(cfg, int(data["n_codebooks"]), int(data["codebook_size"]), int(data["text_vocab_size"]))
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    @property
+    def device(self) -> torch.device:
+        return self.null_style.device
+
+    # -- building the sequence -------------------------------------------------------------------
+
+    def _drops(self, batch: int, drop_text: Any, drop_style: Any, no_text: bool,
+               no_style: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.device
+        if drop_text is None and drop_style is None and self.training:
+            c = self.cfg
+            u = torch.rand(batch, device=device)
+            both = u < c.cond_drop_prob
+            text_only = (u >= c.cond_drop_prob) & (u < c.cond_drop_prob + c.text_drop_prob)
+            style_only = ((u >= c.cond_drop_prob + c.text_drop_prob)
+                          & (u < c.cond_drop_prob + c.text_drop_prob + c.style_drop_prob))
+            drop_text, drop_style = both | text_only, both | style_only
+
+        def as_mask(value: Any, name: str) -> torch.Tensor:
+            if value is None:
+                return torch.zeros(batch, dtype=torch.bool, device=device)
+            mask = torch.as_tensor(value, device=device).bool()
+            if mask.dim() == 0:
+                mask = mask.expand(batch)
+            if mask.shape != (batch,):
+                raise ValueError(f"{name} must be a bool tensor of shape [{batch}], got {tuple(mask.shape)}")
+            return mask
+
+        drop_text, drop_style = as_mask(drop_text, "drop_text"), as_mask(drop_style, "drop_style")
+        if no_text:
+            drop_text = torch.ones_like(drop_text)
+        if no_style:
+            drop_style = torch.ones_like(drop_style)
+        return drop_text, drop_style
+
+    def _prefix(self, text_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
+                style: torch.Tensor | None, drop_text: torch.Tensor,
+                drop_style: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[style] [text] per sample, left-padded: (embeddings [B, P, d], valid [B, P])."""
+        batch, d = drop_text.shape[0], self.cfg.d_model
+        if style is None:  # still run the projection (all rows dropped) so DDP sees every parameter used
+            style = torch.zeros(batch, self.cfg.style_dim, device=self.device, dtype=self.style_proj.weight.dtype)
+            drop_style = torch.ones_like(drop_style)
+        if style.shape != (batch, self.cfg.style_dim):
+            raise ValueError(f"style must have shape [{batch}, {self.cfg.style_dim}] "
+                             f"(speech_lm.style_dim), got {tuple(style.shape)}")
+        # zero the dropped rows first: a NaN there would poison the gradient of style_proj
+        style = style.to(self.style_proj.weight.dtype).masked_fill(drop_style[:, None], 0.0)
+        projected = self.style_proj(style)
+        null = self.null_style.to(projected.dtype).expand(batch, d)
+        style_tok = torch.where(drop_style[:, None], null, projected)
+        seq, valid = style_tok[:, None], torch.ones(batch, 1, dtype=torch.bool, device=self.device)
+        if text_ids is not None:
+            if text_ids.dim() != 2 or text_ids.shape[0] != batch:
+                raise ValueError(f"text_ids must have shape [{batch}, L], got {tuple(text_ids.shape)}")
+            text_mask = torch.ones_like(text_ids, dtype=torch.bool) if text_mask is None else text_mask.bool()
+            text_valid = text_mask & ~drop_text[:, None]
+            n_text = text_valid.sum(dim=1)
+            if text_ids.shape[1] and int(n_text.max()) > self.cfg.max_text_tokens:
+                raise ValueError(f"a text has {int(n_text.max())} tokens, more than speech_lm.max_text_tokens "
+                                 f"({self.cfg.max_text_tokens}); shorten it or raise that setting")
+            bad = text_valid & ((text_ids < 0) | (text_ids >= self.text_vocab_size))
+            if bool(bad.any()):
+                raise ValueError(f"text_ids hold values outside [0, {self.text_vocab_size}) (the text "
+                                 "tokenizer's vocab_size): the tokenizer does not match this model")
+            tokens = self.text_emb(text_ids.masked_fill(~text_valid, 0))
+            seq = torch.cat([seq.to(tokens.dtype), tokens], dim=1)
+            valid = torch.cat([valid, text_valid], dim=1)
+            # left-align: a stable sort puts each row's padding first and keeps its tokens in order
+            order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices
+            seq = seq.gather(1, order[..., None].expand(-1, -1, d))
+            valid = valid.gather(1, order)
+            width = int(valid.sum(dim=1).max())
+            seq, valid = seq[:, -width:], valid[:, -width:]
+        return seq, valid
+
+    def _embed_audio(self, columns: torch.Tensor) -> torch.Tensor:
+        """Delayed-grid columns [B, K, S] -> [B, S, d]: the sum of the K codebook embeddings."""
+        return sum(emb(columns[:, k]) for k, emb in enumerate(self.audio_emb))
+
+    def _bos(self, batch: int) -> torch.Tensor:
+        return torch.full((batch, self.n_codebooks, 1), self.fill_id, dtype=torch.long, device=self.device)
+
+    def _transformer(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                     cache: StaticKVCache | None = None) -> torch.Tensor:
+        """x [B, T, d] at RoPE `positions` [B, T]; key_valid [B, keys so far + T]. Final-norm output."""
+        start = cache.length if cache is not None else 0
+        if cache is None and bool(key_valid.all()):
+            mask = None  # plain causal: lets SDPA pick its fastest kernel
+        else:
+            mask = attention_mask(key_valid, start, x.shape[1])
+        rope = self.rope(positions)
+        x = self.drop(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, mask, cache, layer)
+        if cache is not None:
+            cache.advance(x.shape[1])
+        return self.norm(x)
+
+    def _run(self, prefix: torch.Tensor, prefix_valid: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """Full (uncached) pass over prefix + audio input columns [B, K, S] -> audio hidden [B, S, d]."""
+        audio = self._embed_audio(columns)
+        x = torch.cat([prefix.to(audio.dtype), audio], dim=1)
+        valid = torch.cat([prefix_valid, torch.ones(audio.shape[:2], dtype=torch.bool, device=self.device)], 1)
+        positions = _positions(prefix_valid, audio.shape[1])
+        return self._transformer(x, positions, valid)[:, prefix.shape[1]:]
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, S, d] -> [B, K, S, V + 1]."""
+        return torch.stack([head(hidden) for head in self.heads], dim=1)
+
+    def _check_codes(self, codes: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if codes.dim() != 3 or codes.shape[1] != self.n_codebooks:
+            raise ValueError(f"codes must have shape [B, {self.n_codebooks}, T] (this model has "
+                             f"{self.n_codebooks} codebooks), got {tuple(codes.shape)}")
+        batch, _, n_frames = codes.shape
+        if n_frames > self.cfg.max_audio_frames:
+            raise ValueError(f"codes have {n_frames} frames, more than speech_lm.max_audio_frames "
+                             f"({self.cfg.max_audio_frames}); crop the clips or raise that setting")
+        codes = codes.long()
+        if lengths is None:
+            lengths = torch.full((batch,), n_frames, dtype=torch.long, device=codes.device)
+        lengths = torch.as_tensor(lengths, device=codes.device).long()
+        if lengths.shape != (batch,) or bool((lengths < 0).any()) or bool((lengths > n_frames).any()):
+            raise ValueError(f"codes_lengths must be [{batch}] values in [0, {n_frames}], got {lengths.tolist()}")
+        real = torch.arange(n_frames, device=codes.device)[None, None] < lengths[:, None, None]
+        if bool((real & ((codes < 0) | (codes >= self.codebook_size))).any()):
+            raise ValueError(f"codes hold values outside [0, {self.codebook_size}) (this model's codebook_size): "
+                             "the token cache comes from another codec than the one the model was built for")
+        return codes, lengths
+
+    # -- training --------------------------------------------------------------------------------
+
+    def forward(self, text_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
+                style: torch.Tensor | None, codes: torch.Tensor, codes_lengths: torch.Tensor | None,
+                drop_text: torch.Tensor | None = None, drop_style: torch.Tensor | None = None,
+                return_hidden: bool = False) -> SpeechLMOutput:
+        """Teacher-forced next-column prediction over the delayed grid; see the module docstring."""
+        codes, lengths = self._check_codes(codes, codes_lengths)
+        batch, n_codebooks, n_frames = codes.shape
+        drop_text, drop_style = self._drops(batch, drop_text, drop_style, text_ids is None, style is None)
+        prefix, prefix_valid = self._prefix(text_ids, text_mask, style, drop_text, drop_style)
+
+        delayed = apply_delay(codes, self.fill_id, lengths, eos_id=self.eos_id)       # [B, K, T + K]
+        inputs = torch.cat([self._bos(batch), delayed[:, :, :-1]], dim=2)
+        hidden = self._run(prefix, prefix_valid, inputs)
+        logits = self._logits(hidden)
+
+        real, eos = delay_masks(lengths, n_codebooks, delayed.shape[2])
+        target_mask = real | eos
+        ce = F.cross_entropy(logits.float().flatten(0, 2), delayed.masked_fill(~target_mask, IGNORE_INDEX).flatten(),
+                             ignore_index=IGNORE_INDEX, reduction="none").view_as(delayed)
+        tokens = target_mask.sum(dim=(0, 2))
+        loss_per_codebook = ce.sum(dim=(0, 2)) / tokens.clamp(min=1)
+        return SpeechLMOutput(loss=loss_per_codebook.mean(), loss_per_codebook=loss_per_codebook,
+                              tokens_per_codebook=tokens, logits=logits, targets=delayed,
+                              target_mask=target_mask, hidden=hidden if return_hidden else None)
+
+    def forward_batch(self, batch: Mapping[str, Any], return_hidden: bool = False) -> SpeechLMOutput:
+        """`forward` on a collator's dict (keys in BATCH_KEYS; others ignored)."""
+        if "codes" not in batch:
+            raise KeyError(f"the batch has no 'codes' (keys: {sorted(batch)}); expected {self.BATCH_KEYS}")
+        return self(**{key: batch.get(key) for key in self.BATCH_KEYS}, return_hidden=return_hidden)
+
+    def audio_features(self, codes: torch.Tensor, lengths: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states over the audio alone (text AND style dropped): ([B, T, d], mask BoolTensor[B, T]).
+
+        Feature t is the step whose input holds frame t's last codebook (step t + K), so it has seen
+        every codebook of frame t (and the coarse codebooks of up to K - 1 frames after it). Call
+        `model.eval()` first for deterministic features (dropout).
+        """
+        codes, lengths = self._check_codes(codes, lengths)
+        batch, n_codebooks, n_frames = codes.shape
+        all_dropped = torch.ones(batch, dtype=torch.bool, device=self.device)
+        prefix, prefix_valid = self._prefix(None, None, None, all_dropped, all_dropped)
+        delayed = apply_delay(codes, self.fill_id, lengths, eos_id=self.eos_id)
+        hidden = self._run(prefix, prefix_valid, torch.cat([self._bos(batch), delayed[:, :, :-1]], dim=2))
+        mask = torch.arange(n_frames, device=codes.device)[None] < lengths[:, None]
+        return hidden[:, n_codebooks:n_codebooks + n_frames], mask
+
+    # -- generation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None, *,
+                 texts: list[str] | None = None, tokenizer: Any = None, style: torch.Tensor | None = None,
+                 batch_size: int | None = None, max_frames: int | None = None, min_frames: int = 0,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_scale: float | None = None,
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 use_cache: bool = True) -> list[torch.Tensor]:
+        """Sample speech for a batch: a list of LongTensor[K, T_i] (undelayed, EOS and fill removed, CPU).
+
+        Text: `text_ids` [B, L] + `text_mask`, or `texts` + `tokenizer`; neither = no text. style
+        [B, style_dim] or None (no style). With neither, `batch_size` samples (default 1) of free speech.
+        max_frames defaults to speech_lm.max_audio_frames: a sample that reaches it without EOS ends
+        there; min_frames forbids EOS before that many frames. cfg_scale None: no guidance; a number s
+        runs the conditional and the unconditional (text and style dropped) rows together and samples
+        from uncond + s * (cond - uncond) (s = 1 gives the conditional model back; 1.5-3 is usual).
+        temperature 0 = greedy; top_k 0 / top_p 1 = off. use_cache False recomputes the whole sequence
+        at every step (the naive baseline, for benchmarks). The model is in eval mode meanwhile.
+        """
+        last = None
+        for last in self._decode(text_ids, text_mask, texts, tokenizer, style, batch_size, max_frames,
+                                 min_frames, _sampler(temperature, top_k, top_p, generator, seed, self.device),
+                                 cfg_scale, use_cache):
+            pass
+        columns, n_cols, ends, _ = last
+        grid = columns[:, :, :n_cols].cpu()
+        return [undo_delay(grid[i:i + 1], int(ends[i]))[0] for i in range(grid.shape[0])]
+
+    @torch.no_grad()
+    def stream(self, text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None, *,
+               texts: list[str] | None = None, tokenizer: Any = None, style: torch.Tensor | None = None,
+               chunk_frames: int = 15, max_frames: int | None = None, min_frames: int = 0,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_scale: float | None = None,
+               generator: torch.Generator | None = None, seed: int | None = None,
+               use_cache: bool = True) -> Iterator[torch.Tensor]:
+        """`generate` for one sample, yielding LongTensor[K, t] (CPU) as frames complete.
+
+        Frame t is complete once its last codebook is out (K - 1 steps after its first). Chunks hold
+        `chunk_frames` frames, the last one the rest; their concatenation equals `generate`'s output
+        for the same arguments and seed.
+        """
+        if chunk_frames <= 0:
+            raise ValueError(f"chunk_frames must be > 0, got {chunk_frames}")
+        n_codebooks, emitted = self.n_codebooks, 0
+        for columns, n_cols, ends, done in self._decode(
+                text_ids, text_mask, texts, tokenizer, style, None, max_frames, min_frames,
+                _sampler(temperature, top_k, top_p, generator, seed, self.device), cfg_scale, use_cache,
+                single=True):
+            complete = min(n_cols - n_codebooks + 1, int(ends[0]))
+            while complete - emitted >= chunk_frames or (bool(done[0]) and complete > emitted):
+                stop = min(emitted + chunk_frames, complete)
+                window = columns[:, :, emitted:stop + n_codebooks - 1]
+                yield undo_delay(window, stop - emitted)[0].cpu()
+                emitted = stop
+
+    def _conditions(self, text_ids, text_mask, texts, tokenizer, style, batch_size):
+        """Resolve generate()'s ways of giving the conditions into (text_ids, text_mask, style, batch)."""
+        if texts is not None:
+            if tokenizer is None:
+                raise ValueError("generate(texts=...) needs the text tokenizer the model was trained with")
+            if text_ids is not None:
+                raise ValueError("give either texts or text_ids, not both")
+            text_ids, text_mask = tokenizer.batch_encode(list(texts))
+        if text_ids is not None:
+            text_ids = text_ids.to(self.device)
+            text_mask = None if text_mask is None else text_mask.to(self.device)
+        if style is not None:
+            style = style.to(self.device)
+        sizes = {n for n in (None if text_ids is None else text_ids.shape[0],
+                             None if style is None else style.shape[0], batch_size) if n is not None}
+        if len(sizes) > 1:
+            raise ValueError(f"text, style and batch_size disagree on the batch size: {sorted(sizes)}")
+        return text_ids, text_mask, style, (sizes.pop() if sizes else 1)
+
+    def _decode(self, text_ids, text_mask, texts, tokenizer, style, batch_size, max_frames, min_frames,
+                sample, cfg_scale, use_cache, single: bool = False):
+        """Yield (columns [B, K, max_frames + K], columns written, ends [B], done [B]) after each step.
+
+        ends[b] is the sample's frame count once it has ended (max_frames until then); done[b] once its
+        last codebook's EOS is written.
+        """
+        text_ids, text_mask, style, batch = self._conditions(text_ids, text_mask, texts, tokenizer, style,
+                                                             batch_size)
+        if single and batch != 1:
+            raise ValueError(f"stream() generates one sample at a time, got a batch of {batch}")
+        max_frames = self.cfg.max_audio_frames if max_frames is None else int(max_frames)
+        if max_frames < 0:
+            raise ValueError(f"max_frames must be >= 0, got {max_frames}")
+        device, n_codebooks = self.device, self.n_codebooks
+        was_training = self.training
+        self.eval()
+        try:
+            drop_text, drop_style = self._drops(batch, None, None, text_ids is None, style is None)
+            guided = cfg_scale is not None
+            if guided:  # conditional rows first, then the same samples with both conditions dropped
+                if text_ids is not None:
+                    text_ids = text_ids.repeat(2, 1)
+                    text_mask = None if text_mask is None else text_mask.repeat(2, 1)
+                style = None if style is None else style.repeat(2, 1)
+                ones = torch.ones_like(drop_text)
+                drop_text, drop_style = torch.cat([drop_text, ones]), torch.cat([drop_style, ones])
+            prefix, prefix_valid = self._prefix(text_ids, text_mask, style, drop_text, drop_style)
+            rows, n_prefix = prefix.shape[0], prefix.shape[1]
+            n_cols_max = max_frames + n_codebooks
+            columns = torch.full((batch, n_codebooks, n_cols_max), self.fill_id, dtype=torch.long, device=device)
+            ends = torch.full((batch,), max_frames, dtype=torch.long, device=device)
+            ended = torch.zeros(batch, dtype=torch.bool, device=device)
+
+            if use_cache:  # prefill: the prefix and BOS in one pass
+                cache = StaticKVCache(self.cfg.n_layers, rows, self.cfg.n_heads,
+                                      self.cfg.d_model // self.cfg.n_heads, n_prefix + n_cols_max)
+                key_valid = torch.cat([prefix_valid, prefix_valid.new_ones(rows, n_cols_max)], dim=1)
+                bos_position = prefix_valid.sum(dim=1, keepdim=True)
+                x = torch.cat([prefix, self._embed_audio(self._bos(rows)).to(prefix.dtype)], dim=1)
+                hidden = self._transformer(x, _positions(prefix_valid, 1), key_valid[:, :n_prefix + 1], cache)
+            else:
+                hidden = self._run(prefix, prefix_valid, self._bos(rows))
+
+            for step in range(n_cols_max):
+                logits = self._logits(hidden[:, -1:])[:, :, 0].float()             # [rows, K, V + 1]
+                if guided:
+                    cond, uncond = logits[:batch], logits[batch:]
+                    logits = uncond + cfg_scale * (cond - uncond)
+                column, ends, ended = self._next_column(logits, step, ends, ended, min_frames, max_frames, sample)
+                columns[:, :, step] = column
+                done = ended & (step >= ends + n_codebooks - 1)
+                yield columns, step + 1, ends, done
+                if bool(done.all()):
+                    return
+                if use_cache:  # one step: this column in, the next column's logits out
+                    step_in = column.repeat(2, 1) if guided else column
+                    hidden = self._transformer(self._embed_audio(step_in[:, :, None]), bos_position + step + 1,
+                                               key_valid[:, :cache.length + 1], cache)
+                else:
+                    inputs = torch.cat([self._bos(batch), columns[:, :, :step + 1]], dim=2)
+                    hidden = self._run(prefix, prefix_valid, inputs.repeat(2, 1, 1) if guided else inputs)
+        finally:
+            self.train(was_training)
+
+    def _next_column(self, logits, step, ends, ended, min_frames, max_frames,
+                     sample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample column `step` of the delayed grid, forcing fill and EOS where the pattern fixes them."""
+        batch, n_codebooks, n_classes = logits.shape
+        logits = logits.clone()
+        logits[:, 1:, self.eos_id] = float("-inf")  # only codebook 0 decides the end
+        if step < min_frames:
+            logits[:, 0, self.eos_id] = float("-inf")
+        sampled = sample(logits.view(-1, n_classes)).view(batch, n_codebooks)
+        new_end = ~ended & (sampled[:, 0] == self.eos_id)
+        ends = torch.where(new_end, torch.full_like(ends, step), ends)
+        ended = ended | new_end | (step >= max_frames)
+        frame = step - torch.arange(n_codebooks, device=logits.device)[None]   # frame held by (k, step)
+        end = ends[:, None]
+        column = torch.where((frame >= 0) & (frame < end), sampled, torch.full_like(sampled, self.fill_id))
+        column = torch.where(frame == end, torch.full_like(sampled, self.eos_id), column)
+        return column, ends, ended
+
+
+def _sampler(temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
+             seed: int | None, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Check the sampling settings once and bind them: logits [N, C] -> ids [N]."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    if seed is not None and generator is None:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+    return functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                             generator=generator)
+
+
+def _positions(prefix_valid: torch.Tensor, n_audio: int) -> torch.Tensor:
+    """RoPE positions: real prefix tokens count 0, 1, ...; audio steps continue after them."""
+    prefix_pos = (prefix_valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    start = prefix_valid.sum(dim=1, keepdim=True)
+    audio_pos = start + torch.arange(n_audio, device=prefix_valid.device)[None]
+    return torch.cat([prefix_pos, audio_pos], dim=1)

@@ -1,0 +1,97 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ira.config import PRESETS, ConfigError, IRAConfig, load_config, preset_config
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_and_have_the_required_keys(name):
+    cfg = preset_config(name)
+    assert cfg.preset == name
+    for key in ("data.dir", "training.output_dir", "training.max_steps", "training.num_epochs",
+                "training.batch_size", "training.learning_rate"):
+        section, field = key.split(".")
+        assert hasattr(getattr(cfg, section), field), key
+    assert isinstance(cfg.training.learning_rate, float)
+
+
+def test_laptop_preset_is_the_seed_model():
+    cfg = preset_config("laptop")
+    assert (cfg.speech_lm.d_model, cfg.speech_lm.n_layers, cfg.speech_lm.n_heads) == (512, 8, 8)
+    assert cfg.codec.bandwidth == 6.0 and cfg.training.grad_accum_steps > 1
+
+
+def _write(tmp_path: Path, payload: dict) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(payload))
+    return path
+
+
+def test_scientific_notation_without_dot_is_a_number(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("training:\n  learning_rate: 3e-4\n")
+    assert load_config(path).training.learning_rate == pytest.approx(3e-4)
+
+
+def test_typo_names_key_file_and_suggestion(tmp_path):
+    path = _write(tmp_path, {"training": {"lerning_rate": 0.1}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "training.lerning_rate" in message and str(path) in message and "learning_rate" in message
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match="trainig"):
+        load_config(_write(tmp_path, {"trainig": {}}))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("training.learning_rate=-1", "training.learning_rate"),
+    ("speech_lm.n_heads=3", "speech_lm.n_heads"),
+    ("training.batch_size=abc", "training.batch_size"),
+    ("training.mixed_precision=fp8", "training.mixed_precision"),
+    ("codec.bandwidth=5", "codec.bandwidth"),
+    ("data.val_fraction=0.9", "data.val_fraction"),
+    ("training.tensorboard=maybe", "training.tensorboard"),
+])
+def test_impossible_values_are_errors_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("cpu", [override])
+
+
+def test_overrides_apply_and_parse_yaml_values():
+    cfg = load_config("cpu", ["training.max_steps=7", "training.learning_rate=2e-3", "data.dir=/tmp/x",
+                              "training.max_steps=9"])
+    assert cfg.training.max_steps == 9
+    assert cfg.training.learning_rate == pytest.approx(2e-3)
+    assert cfg.data.dir == "/tmp/x"
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config("cpu", ["training.batch_size"])
+    with pytest.raises(ConfigError, match="section.key"):
+        load_config("cpu", ["batch_size=3"])
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = load_config("laptop", ["training.max_steps=11"])
+    cfg.save(tmp_path / "saved.yaml")
+    again = load_config(tmp_path / "saved.yaml")
+    assert again == cfg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_defaults_validate():
+    assert IRAConfig().validate() is not None

@@ -1,0 +1,308 @@
+"""SpeechLM: sequence layout, masks, batching, caching, generation, and that it learns."""
+
+import json
+
+import pytest
+import torch
+
+from ira.config import SpeechLMConfig
+from ira.models.delay_pattern import apply_delay
+from ira.models.kv_cache import StaticKVCache
+from ira.models.speech_lm import SpeechLM, _positions, sample_logits
+from ira.text_tokenizer import CharTokenizer
+
+K, V, STYLE = 4, 16, 8
+TOK = CharTokenizer()
+
+
+def tiny(seed: int = 0, **overrides) -> SpeechLM:
+    torch.manual_seed(seed)
+    cfg = SpeechLMConfig(d_model=64, n_layers=2, n_heads=4, dropout=0.0, style_dim=STYLE,
+                         max_text_tokens=32, max_audio_frames=64, **overrides)
+    return SpeechLM(cfg, K, V, TOK.vocab_size).eval()
+
+
+def batch(seed: int = 0):
+    """Three samples with different text and audio lengths, text right-padded, audio padded with junk."""
+    gen = torch.Generator().manual_seed(seed)
+    text_ids, text_mask = TOK.batch_encode(["a short one", "hi", "a much longer sentence"])
+    lengths = torch.tensor([9, 5, 12])
+    codes = torch.randint(0, V, (3, K, 12), generator=gen)
+    for b, n in enumerate(lengths.tolist()):
+        codes[b, :, n:] = 3
+    style = torch.randn(3, STYLE, generator=gen)
+    return dict(text_ids=text_ids, text_mask=text_mask, style=style, codes=codes, codes_lengths=lengths)
+
+
+def sample(data: dict, b: int) -> dict:
+    """Sample b alone, with its own padding removed."""
+    n_text, n_frames = int(data["text_mask"][b].sum()), int(data["codes_lengths"][b])
+    return dict(text_ids=data["text_ids"][b:b + 1, :n_text], text_mask=data["text_mask"][b:b + 1, :n_text],
+                style=data["style"][b:b + 1], codes=data["codes"][b:b + 1, :, :n_frames],
+                codes_lengths=data["codes_lengths"][b:b + 1])
+
+
+# -- forward and loss -------------------------------------------------------------------------
+
+
+def test_forward_shapes_and_token_counts():
+    model, data = tiny(), batch()
+    out = model.forward_batch({**data, "ids": ["x", "y", "z"]}, return_hidden=True)
+    steps = 12 + K
+    assert out.logits.shape == (3, K, steps, V + 1)
+    assert out.hidden.shape == (3, steps, 64)
+    assert out.targets.shape == out.target_mask.shape == (3, K, steps)
+    # every codebook: one target per real frame plus its EOS
+    assert out.tokens_per_codebook.tolist() == [9 + 5 + 12 + 3] * K
+    assert torch.isfinite(out.loss) and out.loss_per_codebook.shape == (K,)
+    assert abs(out.loss.item() - torch.log(torch.tensor(V + 1.0)).item()) < 0.5  # near uniform at init
+
+
+def test_loss_counts_only_real_values_and_eos():
+    model, data = tiny(), batch()
+    out = model(**data)
+    assert not (out.targets[out.target_mask] == model.fill_id).any()
+    assert (out.targets[~out.target_mask] == model.fill_id).all()
+    # recompute by hand from the logits over the masked positions only
+    logp = out.logits.float().log_softmax(-1)
+    per = []
+    for k in range(K):
+        m = out.target_mask[:, k]
+        picked = logp[:, k].gather(-1, out.targets[:, k].clamp(max=V)[..., None])[..., 0]
+        per.append(-(picked[m]).mean())
+    assert torch.allclose(torch.stack(per), out.loss_per_codebook, atol=1e-5)
+
+    changed = {k: v.clone() for k, v in data.items()}
+    changed["codes"][1, :, 5:] = 11                     # audio padding of a short sample
+    changed["text_ids"][1, 2:] = 7                      # text padding
+    assert torch.allclose(model(**changed).loss, out.loss, atol=0, rtol=0)
+    changed["codes"][1, 2, 4] = (changed["codes"][1, 2, 4] + 1) % V   # a real value: the loss moves
+    assert not torch.allclose(model(**changed).loss, out.loss)
+
+
+def test_batch_equals_single():
+    model, data = tiny(), batch()
+    out = model(**data, return_hidden=True)
+    for b in range(3):
+        alone = model(**sample(data, b), return_hidden=True)
+        steps = int(data["codes_lengths"][b]) + K
+        assert torch.allclose(out.logits[b, :, :steps], alone.logits[0], atol=1e-5)
+        assert torch.allclose(out.loss_per_codebook.new_tensor(0) + alone.loss,
+                              model(**sample(data, b)).loss, atol=0)
+
+
+def test_dropped_condition_is_absent_condition():
+    model, data = tiny(), batch()
+    drop = torch.tensor([True, False, True])
+    out = model(**data, drop_text=drop)
+    no_text = model(**{**data, "text_ids": None, "text_mask": None})
+    with_text = model(**data)
+    for b in range(3):
+        ref = no_text if drop[b] else with_text
+        assert torch.allclose(out.logits[b], ref.logits[b], atol=1e-5)
+    assert not torch.allclose(no_text.logits[1], with_text.logits[1], atol=1e-3)  # text matters
+    out = model(**data, drop_style=torch.tensor([False, True, False]))
+    no_style = model(**{**data, "style": None})
+    assert torch.allclose(out.logits[1], no_style.logits[1], atol=1e-5)
+    assert not torch.allclose(out.logits[0], no_style.logits[0], atol=1e-3)
+
+
+def test_training_mode_drops_conditions_at_the_configured_rates():
+    model = tiny(cond_drop_prob=0.2, text_drop_prob=0.1, style_drop_prob=0.05).train()
+    torch.manual_seed(0)
+    text, style = model._drops(20_000, None, None, no_text=False, no_style=False)
+    assert abs((text & style).float().mean().item() - 0.2) < 0.015
+    assert abs((text & ~style).float().mean().item() - 0.1) < 0.015
+    assert abs((~text & style).float().mean().item() - 0.05) < 0.015
+    text, style = model._drops(100, torch.zeros(100, dtype=torch.bool), None, no_text=False, no_style=False)
+    assert not text.any() and not style.any()  # an explicit mask turns the randomness off
+    model.eval()
+    text, style = model._drops(100, None, None, no_text=False, no_style=True)
+    assert not text.any() and style.all()
+
+
+def test_audio_features_do_not_see_text_or_style():
+    model, data = tiny(), batch()
+    feats, mask = model.audio_features(data["codes"], data["codes_lengths"])
+    assert feats.shape == (3, 12, 64) and mask.sum(1).tolist() == [9, 5, 12]
+    other = {**data, "text_ids": TOK.batch_encode(["xyz", "completely different", "q"])[0],
+             "text_mask": TOK.batch_encode(["xyz", "completely different", "q"])[1],
+             "style": torch.randn(3, STYLE)}
+    for d in (data, other):  # any transcript, dropped, gives exactly these features
+        hidden = model(**d, drop_text=torch.ones(3, dtype=torch.bool), drop_style=torch.ones(3, dtype=torch.bool),
+                       return_hidden=True).hidden
+        assert torch.allclose(hidden[:, K:K + 12][mask], feats[mask], atol=1e-5)
+    conditioned = model(**data, return_hidden=True).hidden[:, K:K + 12]
+    assert not torch.allclose(conditioned[mask], feats[mask], atol=1e-3)  # the transcript would leak
+    alone, _ = model.audio_features(data["codes"][1:2, :, :5], data["codes_lengths"][1:2])
+    assert torch.allclose(alone[0], feats[1, :5], atol=1e-5)
+    changed = data["codes"].clone()
+    changed[0, K - 1, 3] = (changed[0, K - 1, 3] + 1) % V   # the last codebook of frame 3: seen from feature 3 on
+    moved, _ = model.audio_features(changed, data["codes_lengths"])
+    assert torch.allclose(moved[0, :3], feats[0, :3], atol=1e-5)      # causal: earlier features unchanged
+    assert not torch.allclose(moved[0, 3:9], feats[0, 3:9], atol=1e-4)
+
+
+def test_bad_inputs_are_clear_errors():
+    model, data = tiny(), batch()
+    with pytest.raises(ValueError, match="outside \\[0, 16\\)"):
+        model(**{**data, "codes": data["codes"] + V})
+    with pytest.raises(ValueError, match="4 codebooks"):
+        model(**{**data, "codes": data["codes"][:, :3]})
+    with pytest.raises(ValueError, match="max_text_tokens"):
+        model(**{**data, "text_ids": torch.ones(3, 40, dtype=torch.long), "text_mask": None})
+    with pytest.raises(ValueError, match="style_dim"):
+        model(**{**data, "style": torch.randn(3, STYLE + 1)})
+    with pytest.raises(ValueError, match="max_audio_frames"):
+        model(**{**data, "codes": torch.zeros(3, K, 65, dtype=torch.long), "codes_lengths": None})
+
+
+def test_config_dict_round_trip():
+    model = tiny()
+    meta = json.loads(json.dumps(model.config_dict()))
+    rebuilt = SpeechLM.from_config_dict(meta).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.num_parameters() == model.num_parameters() > 0
+    data = batch()
+    assert torch.equal(rebuilt(**data).logits, model(**data).logits)
+    with pytest.raises(ValueError, match="lacks"):
+        SpeechLM.from_config_dict({"speech_lm": {}})
+    with pytest.raises(ValueError, match="speech_lm.d_modle"):
+        SpeechLM.from_config_dict({**meta, "speech_lm": {"d_modle": 3}})
+
+
+# -- caching and generation -------------------------------------------------------------------
+
+
+def test_cached_steps_match_full_recomputation():
+    """Prefill + one cached step per column gives the logits of one teacher-forced forward pass."""
+    model, data = tiny(), batch()
+    full = model(**data).logits                                           # [B, K, S, V + 1]
+    no_drop = torch.zeros(3, dtype=torch.bool)
+    prefix, valid = model._prefix(data["text_ids"], data["text_mask"], data["style"], no_drop, no_drop)
+    delayed = apply_delay(data["codes"], model.fill_id, data["codes_lengths"], eos_id=model.eos_id)
+    inputs = torch.cat([model._bos(3), delayed[:, :, :-1]], dim=2)
+    steps = inputs.shape[2]
+    cache = StaticKVCache(2, 3, 4, 16, prefix.shape[1] + steps)
+    key_valid = torch.cat([valid, torch.ones(3, steps, dtype=torch.bool)], dim=1)
+    positions = _positions(valid, steps)
+    x = torch.cat([prefix, model._embed_audio(inputs[:, :, :1])], dim=1)
+    with torch.no_grad():
+        hidden = [model._transformer(x, positions[:, :prefix.shape[1] + 1], key_valid[:, :cache.length + x.shape[1]],
+                                     cache)[:, -1:]]
+        for s in range(1, steps):
+            x = model._embed_audio(inputs[:, :, s:s + 1])
+            p = positions[:, prefix.shape[1] + s:prefix.shape[1] + s + 1]
+            hidden.append(model._transformer(x, p, key_valid[:, :cache.length + 1], cache))
+    cached = model._logits(torch.cat(hidden, dim=1))
+    assert torch.allclose(cached, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg_scale", [None, 2.5])
+def test_greedy_generate_with_and_without_cache_is_identical(cfg_scale):
+    model, data = tiny(), batch()
+    kwargs = dict(style=data["style"], max_frames=10, temperature=0.0, cfg_scale=cfg_scale)
+    cached = model.generate(data["text_ids"], data["text_mask"], **kwargs)
+    naive = model.generate(data["text_ids"], data["text_mask"], use_cache=False, **kwargs)
+    assert len(cached) == 3
+    for a, b in zip(cached, naive):
+        assert a.dtype == torch.long and a.shape[0] == K and a.shape[1] <= 10
+        assert torch.equal(a, b)
+
+
+def test_cfg_scale_one_is_the_conditional_model():
+    model, data = tiny(), batch()
+    args = (data["text_ids"], data["text_mask"])
+    for kwargs in (dict(temperature=0.0), dict(temperature=1.0, seed=3)):
+        plain = model.generate(*args, style=data["style"], max_frames=12, **kwargs)
+        guided = model.generate(*args, style=data["style"], max_frames=12, cfg_scale=1.0, **kwargs)
+        assert all(torch.equal(a, b) for a, b in zip(plain, guided))
+    strong = model.generate(*args, style=data["style"], max_frames=12, cfg_scale=4.0, temperature=1.0, seed=3)
+    assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(plain, strong))
+
+
+def test_frame_limits_and_unconditional_generation():
+    model = tiny()
+    out = model.generate(batch_size=2, max_frames=6, seed=0)             # no text, no style
+    assert len(out) == 2 and all(o.shape[1] <= 6 and ((o >= 0) & (o < V)).all() for o in out)
+    out = model.generate(texts=["abc"], tokenizer=TOK, min_frames=7, max_frames=7, seed=0)
+    assert out[0].shape == (K, 7)
+    assert model.generate(texts=["abc"], tokenizer=TOK, max_frames=0)[0].shape == (K, 0)
+    with pytest.raises(ValueError, match="batch size"):
+        model.generate(texts=["a", "b"], tokenizer=TOK, style=torch.randn(3, STYLE))
+    with pytest.raises(ValueError, match="one sample"):
+        next(model.stream(texts=["a", "b"], tokenizer=TOK))
+
+
+def test_sampling_filters():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 20, generator=gen)
+    best = logits.argmax(-1)
+    assert torch.equal(sample_logits(logits, temperature=0.0), best)
+    assert torch.equal(sample_logits(logits, top_k=1, generator=gen), best)
+    assert torch.equal(sample_logits(logits, top_p=1e-6, generator=gen), best)
+    top3 = logits.topk(3, dim=-1).indices
+    for _ in range(5):
+        ids = sample_logits(logits, temperature=2.0, top_k=3, generator=gen)
+        assert (top3 == ids[:, None]).any(-1).all()
+    model = tiny()
+    for bad in (dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            model.generate(max_frames=2, **bad)
+
+
+# -- a model that has learned something -------------------------------------------------------
+
+TEXTS = ["one", "two words", "and a third"]
+LENGTHS = [7, 11, 15]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Overfit a tiny model (d=64, 2 layers) on three fixed utterances with Adam."""
+    model = tiny(seed=1).train()
+    gen = torch.Generator().manual_seed(5)
+    text_ids, text_mask = TOK.batch_encode(TEXTS)
+    codes = torch.randint(0, V, (3, K, max(LENGTHS)), generator=gen)
+    data = dict(text_ids=text_ids, text_mask=text_mask, style=None, codes=codes,
+                codes_lengths=torch.tensor(LENGTHS))
+    no_drop = torch.zeros(3, dtype=torch.bool)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(100):
+        loss = model(**data, drop_text=no_drop, drop_style=no_drop).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return model.eval(), data, losses
+
+
+def test_loss_drops_when_overfitting(trained):
+    _, _, losses = trained
+    assert losses[0] > 2.5                                   # about log(V + 1) at init
+    assert losses[-1] < 0.05 * losses[0], losses[::10]
+
+
+def test_greedy_generation_reproduces_training_audio_and_stops_at_eos(trained):
+    model, data, _ = trained
+    out = model.generate(texts=TEXTS, tokenizer=TOK, temperature=0.0, max_frames=40)
+    for b, n in enumerate(LENGTHS):
+        assert out[b].shape == (K, n)                                   # stopped at its own EOS
+        assert torch.equal(out[b], data["codes"][b, :, :n])             # every delayed codebook flushed
+    for b, text in enumerate(TEXTS):                                    # batch == one at a time
+        assert torch.equal(model.generate(texts=[text], tokenizer=TOK, temperature=0.0, max_frames=40)[0], out[b])
+    # min_frames forbids the EOS at step 7: codebook 0 goes on, its first 7 frames unchanged
+    longer = model.generate(texts=TEXTS[:1], tokenizer=TOK, temperature=0.0, min_frames=10, max_frames=40)[0]
+    assert longer.shape[1] >= 10 and torch.equal(longer[0, :LENGTHS[0]], out[0][0])
+
+
+def test_stream_concatenated_equals_generate(trained):
+    model, _, _ = trained
+    kwargs = dict(texts=["two words"], tokenizer=TOK, temperature=1.5, top_k=8, top_p=0.95, max_frames=40)
+    for seed in range(3):
+        whole = model.generate(seed=seed, **kwargs)[0]
+        chunks = list(model.stream(seed=seed, chunk_frames=4, **kwargs))
+        assert all(c.shape[0] == K for c in chunks)
+        assert all(c.shape[1] == 4 for c in chunks[:-1]) and 0 < chunks[-1].shape[1] <= 4
+        assert torch.equal(torch.cat(chunks, dim=1), whole)
