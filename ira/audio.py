@@ -7,12 +7,13 @@ codec's sample rate" in the code base.
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
+import torchaudio.transforms as AT
 
 
 class AudioError(ValueError):
@@ -35,7 +36,14 @@ def resample(wav: torch.Tensor, sr: int, target_sr: int) -> torch.Tensor:
         raise AudioError(f"sample rate must be positive, got {sr}")
     if sr == target_sr:
         return wav
-    return AF.resample(wav, orig_freq=int(sr), new_freq=int(target_sr))
+    with torch.no_grad():
+        return _resampler(int(sr), int(target_sr))(wav.float())
+
+
+@lru_cache(maxsize=16)
+def _resampler(sr: int, target_sr: int) -> AT.Resample:
+    """One windowed-sinc kernel per rate pair (building it costs more than applying it)."""
+    return AT.Resample(orig_freq=sr, new_freq=target_sr)
 
 
 def prepare_waveform(wav: torch.Tensor | np.ndarray, sr: int, target_sr: int, name: str = "waveform") -> torch.Tensor:
