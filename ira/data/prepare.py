@@ -1,0 +1,293 @@
+"""`ira data prepare`: validate, trim, annotate, describe, fit the codec (MelCodec) and cache tokens.
+
+Runs once per corpus and codec. Every clip that cannot be used is dropped *and reported* (unreadable,
+silent, too short, too long, empty or over-long text) in DIR/prepare_report.json, so nothing is lost
+silently. Re-running on unchanged data and codec settings is a no-op (the cache is fresh).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ira.audio import AudioError, load_audio, rms_db, trim_silence
+from ira.codec import build_codec, mel_codec_path, resolve_codec_name
+from ira.codec.base import Codec
+from ira.codec.mel import SAMPLE_RATE as MEL_SAMPLE_RATE
+from ira.codec.mel import MelCodec
+from ira.config import IRAConfig
+from ira.data.annotate import annotate_clip, fit_annotation_stats
+from ira.data.corpus import Clip, read_labels, read_metadata
+from ira.data.descriptions import describe
+from ira.data.token_cache import SPLITS, is_fresh, split_path, write_split
+
+log = logging.getLogger(__name__)
+Progress = Callable[[float, str], None]
+SILENCE_DB = -55.0
+DESCRIPTIONS_PER_CLIP = 4
+WAV_MEMO_BYTES = 2 * 2**30   # keep trimmed clips in memory up to this size (a 600-clip corpus is ~170 MB)
+
+
+@dataclass
+class PrepareResult:
+    data_dir: Path
+    codec: Codec
+    cache_files: dict[str, Path]
+    kept: int = 0
+    dropped: list[dict] = field(default_factory=list)
+    total_seconds: float = 0.0
+    rebuilt: bool = True
+    elapsed_s: float = 0.0
+
+    def summary(self) -> str:
+        state = "built" if self.rebuilt else "already fresh"
+        return (f"{self.data_dir}: {self.kept} clips kept ({self.total_seconds / 60:.1f} min), "
+                f"{len(self.dropped)} dropped; token cache {state} with {self.codec.describe()}")
+
+
+def split_of(clip_id: str, val_fraction: float) -> str:
+    """Deterministic split from the id alone: adding clips never moves old ones."""
+    bucket = int(hashlib.sha1(clip_id.encode("utf-8")).hexdigest(), 16) % 10_000
+    return "val" if bucket < val_fraction * 10_000 else "train"
+
+
+def data_hash(data_dir: Path, cfg: IRAConfig) -> str:
+    """Hash of everything the cache depends on besides the codec: files and preprocessing settings."""
+    h = hashlib.sha1()
+    for name in ("metadata.csv", "labels.jsonl"):
+        path = data_dir / name
+        if path.is_file():
+            h.update(name.encode() + path.read_bytes())
+    wavs = data_dir / "wavs"
+    if wavs.is_dir():
+        for entry in sorted(os.scandir(wavs), key=lambda e: e.name):
+            stat = entry.stat()
+            h.update(f"{entry.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    d = cfg.data
+    h.update(json.dumps([d.min_duration, d.max_duration, d.val_fraction, d.max_text_chars,
+                         d.trim_silence_db, SILENCE_DB]).encode())
+    return h.hexdigest()[:16]
+
+
+def _check_clip(clip: Clip, cfg: IRAConfig, sample_rate: int) -> tuple[torch.Tensor | None, str | None]:
+    """Load and trim one clip; return (waveform, None) or (None, reason it was dropped)."""
+    text = clip.normalized_text.strip()
+    if not text:
+        return None, "empty transcript"
+    if len(text) > cfg.data.max_text_chars:
+        return None, f"transcript of {len(text)} characters is over data.max_text_chars={cfg.data.max_text_chars}"
+    try:
+        wav = load_audio(clip.wav_path, sample_rate)
+    except AudioError as exc:
+        return None, f"unreadable audio: {exc}"
+    if rms_db(wav) < SILENCE_DB:
+        return None, f"silent (RMS {rms_db(wav):.0f} dBFS)"
+    wav = trim_silence(wav, sample_rate, top_db=cfg.data.trim_silence_db)
+    seconds = wav.numel() / sample_rate
+    if seconds < cfg.data.min_duration:
+        return None, f"too short after trimming silence ({seconds:.2f} s < data.min_duration={cfg.data.min_duration})"
+    if seconds > cfg.data.max_duration:
+        return None, f"too long ({seconds:.1f} s > data.max_duration={cfg.data.max_duration})"
+    return wav, None
+
+
+class _TrimmedClips:
+    """Checked, trimmed waveforms at one sample rate, remembered while they fit in WAV_MEMO_BYTES.
+
+    Preparation reads each clip up to three times (annotate, fit the codec, encode); for corpora that
+    fit in memory this reads and resamples each file once.
+    """
+
+    def __init__(self, cfg: IRAConfig, sample_rate: int):
+        self.cfg = cfg
+        self.sample_rate = sample_rate
+        self.memo: dict[str, torch.Tensor] = {}
+        self.bytes = 0
+
+    def get(self, clip: Clip) -> tuple[torch.Tensor | None, str | None]:
+        if clip.id in self.memo:
+            return self.memo[clip.id], None
+        wav, reason = _check_clip(clip, self.cfg, self.sample_rate)
+        if wav is not None and self.bytes + wav.numel() * 4 <= WAV_MEMO_BYTES:
+            self.memo[clip.id] = wav
+            self.bytes += wav.numel() * 4
+        return wav, reason
+
+
+def _emit(progress: Progress | None, fraction: float, message: str) -> None:
+    if progress is not None:
+        progress(min(max(fraction, 0.0), 1.0), message)
+
+
+def _write_json_atomic(path: Path, payload: object, jsonl: bool = False) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if jsonl:
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in payload))  # type: ignore[union-attr]
+    else:
+        tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def _mel_codec_is_current(data_dir: Path, cfg: IRAConfig, digest: str) -> bool:
+    stamp = mel_codec_path(data_dir).with_suffix(".json")
+    if not (mel_codec_path(data_dir).is_file() and stamp.is_file()):
+        return False
+    try:
+        info = json.loads(stamp.read_text())
+    except json.JSONDecodeError:
+        return False
+    c = cfg.codec
+    return info == {"data_hash": digest, "n_codebooks": c.mel_n_codebooks, "codebook_size": c.mel_codebook_size,
+                    "n_mels": c.mel_n_mels}
+
+
+def _fit_mel_codec(data_dir: Path, cfg: IRAConfig, kept: list[tuple[Clip, str]], digest: str,
+                   clips: _TrimmedClips, progress: Progress | None) -> None:
+    """Fit the MelCodec on (a seeded subset of) the training clips and save it next to the corpus."""
+    train = [clip for clip, split in kept if split == "train"] or [clip for clip, _ in kept]
+    rng = random.Random(cfg.data.split_seed)
+    rng.shuffle(train)
+    budget = cfg.codec.mel_max_fit_frames / 75.0  # seconds of audio the fit can use
+
+    def wavs():
+        used = 0.0
+        for clip in train:
+            if used >= budget:
+                break
+            wav, _ = clips.get(clip)
+            if wav is not None:
+                used += wav.numel() / MEL_SAMPLE_RATE
+                yield wav
+
+    codec = MelCodec.fit(wavs(), cfg.codec, seed=cfg.data.split_seed,
+                         progress=lambda f, m: _emit(progress, 0.35 + 0.25 * f, f"fitting MelCodec: {m}"))
+    codec.save(mel_codec_path(data_dir))
+    c = cfg.codec
+    _write_json_atomic(mel_codec_path(data_dir).with_suffix(".json"),
+                       {"data_hash": digest, "n_codebooks": c.mel_n_codebooks,
+                        "codebook_size": c.mel_codebook_size, "n_mels": c.mel_n_mels})
+
+
+def cache_is_fresh(cfg: IRAConfig, data_dir: str | Path | None = None) -> bool:
+    """True when the token cache of `data_dir` matches its data and the configured codec."""
+    data_dir = Path(data_dir or cfg.data.dir)
+    digest = data_hash(data_dir, cfg)
+    if resolve_codec_name(cfg.codec) == "mel" and not _mel_codec_is_current(data_dir, cfg, digest):
+        return False
+    try:
+        codec = build_codec(cfg.codec, data_dir)
+    except Exception:
+        return False
+    return all(is_fresh(split_path(data_dir, codec.fingerprint, s), codec.fingerprint, digest) for s in SPLITS)
+
+
+def prepare_corpus(cfg: IRAConfig, data_dir: str | Path | None = None, progress: Progress | None = None,
+                   force: bool = False) -> PrepareResult:
+    """Validate, annotate and encode the corpus in `data_dir` (default cfg.data.dir); idempotent."""
+    start = time.time()
+    data_dir = Path(data_dir or cfg.data.dir)
+    clips = read_metadata(data_dir)
+    labels = read_labels(data_dir)
+    digest = data_hash(data_dir, cfg)
+    codec_name = resolve_codec_name(cfg.codec)
+
+    if not force and cache_is_fresh(cfg, data_dir):
+        codec = build_codec(cfg.codec, data_dir)
+        report = json.loads((data_dir / "prepare_report.json").read_text()) \
+            if (data_dir / "prepare_report.json").is_file() else {}
+        _emit(progress, 1.0, "token cache is fresh")
+        return PrepareResult(data_dir, codec, {s: split_path(data_dir, codec.fingerprint, s) for s in SPLITS},
+                             kept=report.get("kept", 0), dropped=report.get("dropped", []),
+                             total_seconds=report.get("total_seconds", 0.0), rebuilt=False,
+                             elapsed_s=time.time() - start)
+
+    # Pass 1: validate, trim and annotate every clip.
+    sample_rate = MEL_SAMPLE_RATE  # both codecs run at 24 kHz
+    trimmed = _TrimmedClips(cfg, sample_rate)
+    annotations: list[dict] = []
+    kept: list[tuple[Clip, str]] = []
+    dropped: list[dict] = []
+    for i, clip in enumerate(clips):
+        wav, reason = trimmed.get(clip)
+        if wav is None:
+            dropped.append({"id": clip.id, "file": str(clip.wav_path), "reason": reason})
+            log.warning("dropping %s: %s", clip.id, reason)
+        else:
+            ann = annotate_clip(wav, sample_rate, clip.normalized_text, labels.get(clip.id))
+            ann.update({"id": clip.id, "text": clip.normalized_text})
+            annotations.append(ann)
+            kept.append((clip, split_of(clip.id, cfg.data.val_fraction)))
+        if i % 10 == 0 or i == len(clips) - 1:
+            _emit(progress, 0.35 * (i + 1) / len(clips), f"checking and annotating clips {i + 1}/{len(clips)}")
+    if not kept:
+        raise RuntimeError(f"{data_dir}: no usable clip among {len(clips)} (see {data_dir / 'prepare_report.json'}); "
+                           f"first problem: {dropped[0]['id']}: {dropped[0]['reason']}" if dropped else
+                           f"{data_dir}: metadata.csv lists no clips")
+    _write_json_atomic(data_dir / "prepare_report.json",
+                       {"kept": len(kept), "dropped": dropped, "status": "annotating"})
+    if cfg.data.val_fraction > 0 and len(kept) >= 2 and not any(s == "val" for _, s in kept):
+        # A tiny corpus may hash no clip into val: move the one closest to the threshold.
+        closest = min(range(len(kept)), key=lambda j: hashlib.sha1(kept[j][0].id.encode()).hexdigest())
+        kept[closest] = (kept[closest][0], "val")
+
+    # Descriptions, relative to this corpus.
+    stats = fit_annotation_stats(annotations)
+    for ann in annotations:
+        rng = random.Random(f"{cfg.data.split_seed}:{ann['id']}")
+        ann["descriptions"] = describe(ann, stats, rng, n=DESCRIPTIONS_PER_CLIP)
+    _write_json_atomic(data_dir / "annotations.jsonl", annotations, jsonl=True)
+    _write_json_atomic(data_dir / "annotation_stats.json", stats)
+
+    # The codec: fit MelCodec on this corpus when needed.
+    if codec_name == "mel" and (force or not _mel_codec_is_current(data_dir, cfg, digest)):
+        _emit(progress, 0.35, "fitting MelCodec on the training clips")
+        _fit_mel_codec(data_dir, cfg, kept, digest, trimmed, progress)
+    codec = build_codec(cfg.codec, data_dir)
+    if codec.sample_rate != trimmed.sample_rate:
+        trimmed = _TrimmedClips(cfg, codec.sample_rate)
+
+    # Pass 2: encode every kept clip once.
+    by_split: dict[str, dict[str, list]] = {s: {"codes": [], "ids": [], "texts": [], "desc": []} for s in SPLITS}
+    total_seconds = 0.0
+    for i, ((clip, split), ann) in enumerate(zip(kept, annotations)):
+        wav, _ = trimmed.get(clip)
+        assert wav is not None  # it passed the same check in pass 1
+        total_seconds += wav.numel() / codec.sample_rate
+        with torch.inference_mode():
+            codes = codec.encode(wav, codec.sample_rate)
+        part = by_split[split]
+        part["codes"].append(codes)
+        part["ids"].append(clip.id)
+        part["texts"].append(clip.normalized_text)
+        part["desc"].append(ann["descriptions"])
+        if i % 10 == 0 or i == len(kept) - 1:
+            _emit(progress, 0.6 + 0.38 * (i + 1) / len(kept), f"encoding clips {i + 1}/{len(kept)}")
+
+    files = {}
+    for split in SPLITS:
+        part = by_split[split]
+        files[split] = write_split(split_path(data_dir, codec.fingerprint, split), part["codes"], part["ids"],
+                                   part["texts"], part["desc"], codec.fingerprint, digest, split)
+    voices = sorted({str(a.get("speaker") or a.get("voice")) for a in annotations if a.get("speaker") or a.get("voice")})
+    _write_json_atomic(data_dir / "prepare_report.json", {
+        "status": "done", "kept": len(kept), "dropped": dropped, "total_seconds": round(total_seconds, 2),
+        "train": len(by_split["train"]["ids"]), "val": len(by_split["val"]["ids"]), "voices": voices,
+        "codec": codec.fingerprint, "data_hash": digest,
+    })
+    _emit(progress, 1.0, "done")
+    return PrepareResult(data_dir, codec, files, kept=len(kept), dropped=dropped, total_seconds=total_seconds,
+                         rebuilt=True, elapsed_s=time.time() - start)
+
+
+def ensure_prepared(cfg: IRAConfig, progress: Progress | None = None) -> PrepareResult:
+    """What every training command calls first: build the cache when it is missing or stale."""
+    return prepare_corpus(cfg, cfg.data.dir, progress=progress)
