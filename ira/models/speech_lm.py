@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ira.config import SpeechLMConfig, config_from_dict
+from ira.config import SpeechLMConfig, section_from_dict
 from ira.models.delay_pattern import apply_delay, delay_masks, undo_delay
 from ira.models.kv_cache import StaticKVCache
 
@@ -253,7 +253,7 @@ class SpeechLM(nn.Module):
         missing = [k for k in ("speech_lm", "n_codebooks", "codebook_size", "text_vocab_size") if k not in data]
         if missing:
             raise ValueError(f"SpeechLM metadata lacks {', '.join(missing)}; was it written by config_dict()?")
-        cfg = config_from_dict({"speech_lm": dict(data["speech_lm"])}, source="SpeechLM metadata").speech_lm
+        cfg = section_from_dict("speech_lm", dict(data["speech_lm"]), source="SpeechLM metadata")
         return cls(cfg, int(data["n_codebooks"]), int(data["codebook_size"]), int(data["text_vocab_size"]))
 
     def num_parameters(self, trainable_only: bool = False) -> int:
