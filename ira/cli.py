@@ -1,0 +1,236 @@
+"""The `ira` command: `ira info`, `ira data ...` (and the training / inference commands)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from tqdm import tqdm
+
+from ira.config import ConfigError, IRAConfig, load_config
+
+log = logging.getLogger("ira")
+
+
+@contextmanager
+def tqdm_progress(description: str) -> Iterator[Callable[[float, str], None]]:
+    """A `progress(fraction, message)` callback drawn as a tqdm bar on stderr."""
+    bar = tqdm(total=1000, desc=description, unit="‰", bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}",
+               file=sys.stderr, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 5.0)
+
+    def progress(fraction: float, message: str) -> None:
+        bar.set_postfix_str(message[:60], refresh=False)
+        bar.update(int(1000 * max(0.0, min(1.0, fraction))) - bar.n)  # update() honours mininterval
+
+    try:
+        yield progress
+    finally:
+        bar.close()
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None,
+                        help="YAML config file, or a preset name: cpu, laptop, a100 (default: detected preset)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set training.batch_size=4 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace) -> IRAConfig:
+    """The config named by --config (or the detected preset), with every --set applied."""
+    source = args.config
+    if source is None:
+        from ira.hardware import detect_hardware
+        source = detect_hardware().preset
+    return load_config(source, args.overrides)
+
+
+# --- ira info -------------------------------------------------------------------------------------
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ira.hardware import detect_hardware
+    info = detect_hardware()
+    if args.json:
+        print(json.dumps(info.as_dict(), indent=2))
+        return 0
+    rows = [("device", info.device), ("device name", info.device_name),
+            ("system memory", f"{info.system_memory_gb:.1f} GB"),
+            ("accelerator memory", f"{info.accelerator_memory_gb:.1f} GB" if info.accelerator_memory_gb else "-"),
+            ("bf16", "yes" if info.bf16 else "no"), ("fp16", "yes" if info.fp16 else "no"),
+            ("4-bit (bitsandbytes)", f"{'yes' if info.four_bit else 'no'} ({info.four_bit_reason})"),
+            ("CPU threads", str(info.cpu_count)), ("preset", info.preset)]
+    for key, value in rows:
+        print(f"{key:>22}: {value}")
+    return 0
+
+
+# --- ira data ... ---------------------------------------------------------------------------------
+
+def _prepare_after(args: argparse.Namespace, corpus_dir: Path) -> None:
+    if getattr(args, "no_prepare", False):
+        return
+    cfg = config_from_args(args).with_overrides([f"data.dir={corpus_dir}"])
+    from ira.data.prepare import prepare_corpus
+    with tqdm_progress("prepare") as progress:
+        result = prepare_corpus(cfg, corpus_dir, progress=progress)
+    print(result.summary())
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from ira.data.synth import synthesize_corpus
+    cfg = config_from_args(args)
+    out = Path(args.out or cfg.data.dir)
+    num = args.num or cfg.data.synth_num_utterances
+    with tqdm_progress("synthesise") as progress:
+        seed = cfg.data.synth_seed if args.seed is None else args.seed
+        summary = synthesize_corpus(out, num_utterances=num, seed=seed, progress=progress)
+    print(json.dumps(summary, indent=2, default=str))
+    _prepare_after(args, out)
+    return 0
+
+
+def cmd_data_ljspeech(args: argparse.Namespace) -> int:
+    from ira.data.ljspeech import download_ljspeech
+    kwargs = {"url": args.url} if args.url else {}
+    with tqdm_progress("LJSpeech") as progress:
+        corpus = download_ljspeech(Path(args.root), progress=progress, **kwargs)
+    print(f"LJSpeech ready in {corpus}")
+    _prepare_after(args, corpus)
+    return 0
+
+
+def cmd_data_folder(args: argparse.Namespace) -> int:
+    from ira.data.folder import import_folder
+    with tqdm_progress("import") as progress:
+        corpus = import_folder(Path(args.src), Path(args.out) if args.out else None, progress=progress)
+    print(f"corpus ready in {corpus}")
+    _prepare_after(args, Path(corpus))
+    return 0
+
+
+def cmd_data_dummy(args: argparse.Namespace) -> int:
+    from ira.data.dummy import create_dummy_corpus
+    out = Path(args.out)
+    create_dummy_corpus(out, num_clips=args.num, seed=args.seed, engine=args.engine)
+    print(f"dummy corpus of {args.num} clips in {out}")
+    _prepare_after(args, out)
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from ira.data.prepare import prepare_corpus
+    cfg = config_from_args(args)
+    data_dir = Path(args.dir or cfg.data.dir)
+    with tqdm_progress("prepare") as progress:
+        result = prepare_corpus(cfg, data_dir, progress=progress, force=args.force)
+    print(result.summary())
+    for row in result.dropped[:20]:
+        print(f"  dropped {row['id']}: {row['reason']}")
+    if len(result.dropped) > 20:
+        print(f"  ... and {len(result.dropped) - 20} more in {data_dir / 'prepare_report.json'}")
+    return 0
+
+
+# --- ira train ------------------------------------------------------------------------------------
+
+# stage -> "module:function(cfg, resume_from=...) -> FitResult"
+TRAIN_STAGES = {
+    "1": "ira.training.stage1:run_stage1",
+}
+
+
+def run_training(stage: str, cfg: IRAConfig, resume_from: str | None = None) -> int:
+    """Run one stage; exit code 0 when it finished or was stopped cleanly, 1 on NaN / out of memory."""
+    import importlib
+
+    module_name, function_name = TRAIN_STAGES[stage].split(":")
+    run = getattr(importlib.import_module(module_name), function_name)
+    result = run(cfg, resume_from=resume_from)
+    print(result.message)
+    if result.last_checkpoint:
+        print(f"checkpoint: {result.last_checkpoint}")
+    print(f"metrics: {result.metrics_path}")
+    return 0 if result.ok else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    return run_training(args.stage, cfg, args.resume_checkpoint)
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stage", required=True, choices=sorted(TRAIN_STAGES),
+                        help="1: SpeechLM pre-training")
+    parser.add_argument("--resume_checkpoint", "--resume-checkpoint", dest="resume_checkpoint", default=None,
+                        help="continue exactly from this checkpoint of the same stage (with its .train_state.pt)")
+    add_config_args(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ira", description="IRA: Integrated Reasoning with Audio")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="detected hardware and the preset it picks")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    data = sub.add_parser("data", help="build and prepare corpora").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="synthetic multi-voice corpus spoken by eSpeak NG (offline)")
+    p.add_argument("--out", default=None, help="corpus folder (default: data.dir)")
+    p.add_argument("--num", type=int, default=None, help="number of utterances (default: data.synth_num_utterances)")
+    p.add_argument("--seed", type=int, default=None, help="default: data.synth_seed")
+    p.set_defaults(func=cmd_data_synth)
+    p = data.add_parser("ljspeech", help="download LJSpeech-1.1 (2.6 GB; resumable)")
+    p.add_argument("--root", default="data", help="folder that will hold LJSpeech-1.1/")
+    p.add_argument("--url", default=None, help="mirror URL of LJSpeech-1.1.tar.bz2")
+    p.set_defaults(func=cmd_data_ljspeech)
+    p = data.add_parser("folder", help="use your own recordings in LJSpeech layout (wavs/ + metadata.csv)")
+    p.add_argument("src")
+    p.add_argument("--out", default=None, help="copy into this folder (default: use in place)")
+    p.set_defaults(func=cmd_data_folder)
+    p = data.add_parser("dummy", help="a tiny corpus for smoke tests")
+    p.add_argument("--out", default="data/dummy")
+    p.add_argument("--num", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=("auto", "espeak", "tones"), default="auto",
+                   help="eSpeak NG speech, or harmonic tones when eSpeak cannot load")
+    p.set_defaults(func=cmd_data_dummy)
+    for name in ("synth", "ljspeech", "folder", "dummy"):
+        q = data.choices[name]
+        q.add_argument("--no-prepare", action="store_true", help="do not build the token cache afterwards")
+        add_config_args(q)
+    p = data.add_parser("prepare", help="validate, annotate, fit the codec and cache the tokens")
+    p.add_argument("--dir", default=None, help="corpus folder (default: data.dir)")
+    p.add_argument("--force", action="store_true", help="rebuild even when the cache is fresh")
+    add_config_args(p)
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("train", help="train one stage (the data cache is built first when needed)")
+    add_train_args(p)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
