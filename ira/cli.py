@@ -171,6 +171,15 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
 
 
+# --- ira bench ------------------------------------------------------------------------------------
+
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    from ira.bench import bench_generate, print_and_save
+    presets = [p.strip() for p in args.sizes.split(",") if p.strip()]
+    print_and_save(bench_generate(presets, frames=args.frames, repeats=args.repeats), args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ira", description="IRA: Integrated Reasoning with Audio")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -214,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one stage (the data cache is built first when needed)")
     add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(dest="bench_command",
+                                                                                           required=True)
+    p = bench.add_parser("generate", help="real-time factor of generation with and without the KV cache")
+    p.add_argument("--sizes", default="cpu,laptop", help="comma-separated presets whose model sizes to time")
+    p.add_argument("--frames", type=int, default=150, help="frames per run (75 = one second of audio)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures to FILE")
+    p.set_defaults(func=cmd_bench_generate)
     return parser
 
 

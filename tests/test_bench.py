@@ -1,0 +1,24 @@
+import json
+
+from ira.bench import bench_generate, build_model, codec_shape
+from ira.cli import main
+
+
+def test_codec_shapes_follow_the_presets():
+    assert codec_shape("cpu") == (4, 256)
+    assert codec_shape("laptop") == (8, 1024)          # EnCodec 6 kbps
+
+
+def test_bench_generate_reports_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "generate", "--sizes", "cpu", "--frames", "6", "--repeats", "1", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    for key in ("cpu.rtf_kv_cache", "cpu.rtf_no_cache", "cpu.kv_cache_speedup", "cpu.params_m"):
+        assert figures[key] > 0
+
+
+def test_cached_and_naive_generation_agree_at_preset_size():
+    model, tokenizer = build_model("cpu")
+    a = model.generate(texts=["same tokens"], tokenizer=tokenizer, max_frames=10, temperature=0, use_cache=True)[0]
+    b = model.generate(texts=["same tokens"], tokenizer=tokenizer, max_frames=10, temperature=0, use_cache=False)[0]
+    assert a.shape[1] > 0 and a.equal(b)
