@@ -1,0 +1,252 @@
+"""The Gradio app, launched on 127.0.0.1 and driven through its API with gradio_client."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import soundfile as sf
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from gradio_client import Client  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+from gradio_client.utils import Status  # noqa: E402
+
+from ira.data.dummy import create_dummy_corpus  # noqa: E402
+from ira.hardware import detect_hardware  # noqa: E402
+from ui.app import build_app, launch_app, parse_auth  # noqa: E402
+from ui.runner import JobRunner  # noqa: E402
+from ui.workspace import Workspace, WorkspaceError  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+# A tiny codec so that preparing the dummy corpus takes seconds.
+FAST = ["codec.mel_codebook_size=16", "codec.mel_kmeans_iters=2", "codec.mel_n_codebooks=2"]
+HARDWARE = detect_hardware()
+
+# Writes metrics like the training engine and honours <out>/STOP; argv: OUT STEPS.
+FAKE_TRAINING = r'''
+import json, sys, time
+from pathlib import Path
+out, steps = Path(sys.argv[1]), int(sys.argv[2])
+out.mkdir(parents=True, exist_ok=True)
+metrics = open(out / "metrics.jsonl", "a")
+def write(record):
+    metrics.write(json.dumps({"time": time.time(), "stage": "1", **record}) + "\n"); metrics.flush()
+write({"event": "start", "step": 0, "total_steps": steps})
+for step in range(1, steps + 1):
+    time.sleep(0.02)
+    write({"step": step, "split": "train", "loss": 4.0 / step, "lr": 1e-3, "accuracy": step / steps})
+    if step % 4 == 0:
+        write({"step": step, "split": "val", "val_loss": 5.0 / step, "val_accuracy": step / steps})
+        wav = out / "samples" / f"stage1_step{step}" / "sample_0.wav"
+        wav.parent.mkdir(parents=True, exist_ok=True)
+        import numpy as np, soundfile as sf
+        sf.write(wav, np.zeros(2400, dtype="float32"), 24000)
+        write({"event": "samples", "step": step, "paths": [str(wav)]})
+    if (out / "STOP").exists():
+        write({"event": "stopped", "step": step, "message": f"Stopped at step {step}"})
+        (out / "STOP").unlink(); sys.exit(0)
+write({"event": "done", "step": steps, "message": "done"})
+'''
+
+
+def value(output):
+    """A component returned as an update ({"__type__": "update", "value": ...}) -> its value."""
+    return output.get("value") if isinstance(output, dict) and output.get("__type__") == "update" else output
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    root = tmp_path_factory.mktemp("workspace")
+    outside = tmp_path_factory.mktemp("outside")
+    runner = JobRunner(Path(root) / "runs", stop_grace_s=10, term_grace_s=5)
+    demo = build_app(root, preset="cpu", overrides=FAST, runner=runner, hardware=HARDWARE)
+    launched = launch_app(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    client = Client(launched.local_url, verbose=False, analytics_enabled=False,
+                    download_files=str(tmp_path_factory.mktemp("downloads")))
+    yield SimpleNamespace(root=Path(root), outside=Path(outside), runner=runner, client=client,
+                          url=launched.local_url, tmp=tmp_path_factory)
+    demo.close()
+
+
+def test_build_dummy_corpus_through_the_data_tab(app):
+    job = app.client.submit("dummy", "tiny", 6, "", 0, False, api_name="/build_corpus")
+    deadline = time.time() + 30
+    while job.status().code not in (Status.PROCESSING, Status.PROGRESS) and not job.done() and time.time() < deadline:
+        time.sleep(0.02)
+    # Other events are served while the build runs (the UI never blocks on long work).
+    app.client.predict(None, api_name="/list_corpora")
+    assert not job.done(), "the corpus build finished before a second request was served"
+    corpus, summary, clips, problems, clip, audio = job.result(timeout=120)
+
+    assert value(corpus) == "tiny"
+    assert "6 clips kept" in summary and "train 5 / validation 1" in summary
+    assert "Voices** 3" in summary and "Scottish" in summary
+    assert "mel (2 codebooks x 16" in summary and "Problems**: none found" in summary
+    assert clips["headers"][:2] == ["id", "text"]
+    assert len(clips["data"]) == 6 and all(row[5] for row in clips["data"])   # every clip has a description
+    assert problems["data"] == []
+    assert value(clip) == "dummy_0000"
+    wav, sr = sf.read(audio)
+    assert sr > 0 and len(wav) / sr > 0.3
+    assert (app.root / "data" / "tiny" / "annotations.jsonl").is_file()
+
+    summary2, *_, audio2 = app.client.predict("tiny", api_name="/show_corpus")
+    assert "Codec**: mel-2x16-" in summary2   # without a build, the fingerprint from prepare_report.json
+    assert summary2.split("- **Codec")[0] == summary.split("- **Codec")[0]
+    assert Path(audio2).name == "dummy_0000.wav"
+    other = app.client.predict("tiny", "dummy_0003", api_name="/clip_audio")
+    assert Path(other).name == "dummy_0003.wav"
+    assert value(app.client.predict(None, api_name="/list_corpora")) == "tiny"
+
+
+def test_bad_clips_are_reported_as_problems(app):
+    corpus = app.root / "data" / "mixed"
+    (corpus / "wavs").mkdir(parents=True)
+    import numpy as np
+    t = np.arange(24000) / 24000
+    sf.write(corpus / "wavs" / "good.wav", (0.3 * np.sin(2 * np.pi * 180 * t)).astype("float32"), 24000)
+    sf.write(corpus / "wavs" / "silent.wav", np.zeros(24000, dtype="float32"), 24000)
+    (corpus / "wavs" / "broken.wav").write_bytes(b"not audio")
+    (corpus / "metadata.csv").write_text("good|A tone.|A tone.\nsilent|Nothing.|Nothing.\nbroken|Broken.|Broken.\n")
+    summary, clips, problems, clip, audio = app.client.predict("mixed", False, api_name="/prepare_corpus")
+    reasons = {row[0]: row[1] for row in problems["data"]}
+    assert set(reasons) == {"silent", "broken"}
+    assert "silent" in reasons["silent"] and "unreadable" in reasons["broken"]
+    assert "2 clip(s) dropped" in summary and [row[0] for row in clips["data"]] == ["good"]
+
+
+def test_paths_outside_the_workspace_are_refused(app):
+    with pytest.raises(AppError, match="outside the workspace"):
+        app.client.predict("folder", "imported", 1, "../" + app.outside.name, 0, False, api_name="/build_corpus")
+    with pytest.raises(AppError, match="outside the workspace"):
+        app.client.predict("folder", "imported", 1, str(app.outside), 0, False, api_name="/build_corpus")
+    (app.root / "escape").symlink_to(app.outside, target_is_directory=True)
+    with pytest.raises(AppError, match="outside the workspace"):
+        app.client.predict("folder", "imported", 1, "escape", 0, False, api_name="/build_corpus")
+    with pytest.raises(AppError, match="not allowed"):
+        app.client.predict("dummy", "../evil", 3, "", 0, False, api_name="/build_corpus")
+    assert not (app.root / "data" / "imported").exists() and not (app.root / "evil").exists()
+    assert value(app.client.predict("tiny", api_name="/list_corpora")) == "tiny"   # still serving
+
+
+def test_workspace_resolve_unit(tmp_path: Path):
+    ws = Workspace.create(tmp_path / "ws")
+    assert ws.resolve("data/x") == ws.root / "data" / "x"
+    assert ws.resolve(ws.root / "runs") == ws.runs_dir
+    assert ws.resolve("data/../runs/a") == ws.runs_dir / "a"
+    for bad in ("..", "../ws2", "/etc/passwd", "data/../../x"):
+        with pytest.raises(WorkspaceError, match="outside the workspace"):
+            ws.resolve(bad)
+    (ws.data_dir / "link").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(WorkspaceError, match="outside the workspace"):
+        ws.resolve("data/link")
+    (ws.data_dir / "inner").symlink_to(ws.runs_dir, target_is_directory=True)
+    assert ws.resolve("data/inner") == ws.runs_dir   # a link that stays inside is fine
+    with pytest.raises(WorkspaceError, match="does not exist"):
+        ws.resolve("data/none", must_exist=True)
+    with pytest.raises(WorkspaceError, match="not allowed"):
+        ws.corpus_dir("a/b")
+
+
+def test_train_tab_watches_and_stops_a_job(app):
+    create_dummy_corpus(app.root / "data" / "for_training", num_clips=3)
+    form = dict(stage="1", run_name="watched", preset="cpu", corpus="for_training", checkpoint="(none)", epochs=1,
+                max_steps=5, batch_size=2, learning_rate=1e-3)
+    from ira.cli import TRAIN_STAGES
+    from ui.train_tab import STAGES
+    assert {stage for _, stage in STAGES} == set(TRAIN_STAGES)   # only stages `ira train` can run
+    with pytest.raises(AppError, match="training.learning_rate"):
+        app.client.predict(**{**form, "learning_rate": -1.0}, api_name="/start_training")
+    with pytest.raises(AppError, match="no stage1_latest.safetensors to resume from"):
+        app.client.predict(**form, api_name="/resume_training")
+
+    fake = app.tmp.mktemp("fake") / "fake_training.py"
+    fake.write_text(FAKE_TRAINING)
+    app.runner.start("watched", "1", [sys.executable, str(fake), str(app.root / "runs" / "watched"), "100000"])
+    with pytest.raises(AppError, match="already running: run 'watched'"):
+        app.client.predict(**{**form, "run_name": "second"}, api_name="/start_training")
+
+    deadline = time.time() + 30
+    while True:
+        status, loss, metric, metric_plot, log, sample = app.client.predict("watched", None,
+                                                                           api_name="/training_status")
+        if value(sample) or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert "RUNNING" in status and "stage 1" in status and "ETA" in status
+    series = {row["series"] for row in _plot_rows(loss)}
+    assert series == {"train", "val"}
+    assert value(metric) == "accuracy"
+    assert Path(value(sample)).name == "sample_0.wav"
+
+    assert "STOPPING" in app.client.predict("watched", api_name="/stop_training")
+    deadline = time.time() + 30
+    while "STOPPED" not in status and time.time() < deadline:
+        status = app.client.predict("watched", None, api_name="/training_status")[0]
+        time.sleep(0.2)
+    assert "STOPPED" in status and "Stopped at step" in status
+
+
+def _plot_rows(plot: dict) -> list[dict]:
+    """gradio_client returns a LinePlot as {"value": {"columns": [...], "data": [[...], ...]}, ...}."""
+    value = plot.get("value", plot)
+    return [dict(zip(value["columns"], row)) for row in value["data"]]
+
+
+def test_share_without_network_keeps_serving_locally(tmp_path: Path, monkeypatch):
+    # No internet here, and none allowed in tests: point every proxy at a closed local port, so the
+    # share-link request fails at once the way it does offline, while 127.0.0.1 stays direct.
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    demo = build_app(tmp_path / "ws", preset="cpu", overrides=FAST, runner=JobRunner(tmp_path / "ws" / "runs"),
+                     hardware=HARDWARE)
+    try:
+        launched = launch_app(demo, port=free_port(), share=True, prevent_thread_lock=True, quiet=True)
+        assert launched.share_url is None
+        assert any("--share without --auth" in m for m in launched.messages)
+        assert any("keeps running locally" in m for m in launched.messages)
+        assert httpx.get(launched.local_url, trust_env=False).status_code == 200
+    finally:
+        demo.close()
+
+
+def test_auth_protects_the_app(tmp_path: Path):
+    assert parse_auth(["alice:s3:cret"]) == [("alice", "s3:cret")]
+    for bad in ("alice", "alice:", ":pw"):
+        with pytest.raises(ValueError, match="user:password"):
+            parse_auth([bad])
+    demo = build_app(tmp_path / "ws", preset="cpu", overrides=FAST, runner=JobRunner(tmp_path / "ws" / "runs"),
+                     hardware=HARDWARE)
+    try:
+        launched = launch_app(demo, port=free_port(), auth=[("alice", "pw")], prevent_thread_lock=True, quiet=True)
+        assert launched.messages == []
+        assert httpx.get(launched.local_url + "config", trust_env=False).status_code == 401
+        client = Client(launched.local_url, auth=("alice", "pw"), verbose=False, analytics_enabled=False)
+        assert value(client.predict(None, api_name="/list_corpora")) is None
+    finally:
+        demo.close()
+
+
+def test_app_cli_rejects_a_malformed_auth(capsys):
+    spec = importlib.util.spec_from_file_location("ira_app_main", REPO / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--auth", "nopassword", "--workspace", "unused"]) == 2
+    assert "user:password" in capsys.readouterr().err

@@ -1,0 +1,106 @@
+"""The UI's workspace: the one folder it reads and writes.
+
+    workspace/data/<name>/    corpora (docs/data_layout.md)
+    workspace/runs/<name>/    training runs: checkpoints, metrics.jsonl, train.log, job.json
+
+Every path a user types goes through :meth:`Workspace.resolve`, which refuses anything that lands
+outside the workspace once `..` and symlinks are resolved, so a shared demo link cannot be used to
+read or overwrite other files on the machine.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ira.data.corpus import METADATA
+
+DATA = "data"
+RUNS = "runs"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class WorkspaceError(ValueError):
+    """A path or name the UI refuses; the message says what is allowed."""
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """A corpus or run name: letters, digits, '.', '_', '-', starting with a letter or digit."""
+    name = (name or "").strip()
+    if not _NAME.match(name):
+        raise WorkspaceError(f"{what} {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit (it becomes a folder name)")
+    return name
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def create(cls, root: str | Path) -> "Workspace":
+        """Make (if needed) and open the workspace folder; `root` is resolved once here."""
+        path = Path(root).expanduser().resolve()
+        if path.exists() and not path.is_dir():
+            raise WorkspaceError(f"workspace {path} exists and is not a folder; choose another --workspace")
+        for sub in (DATA, RUNS):
+            (path / sub).mkdir(parents=True, exist_ok=True)
+        return cls(path)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / DATA
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / RUNS
+
+    def resolve(self, user_path: str | Path, must_exist: bool = False) -> Path:
+        """A user-given path (relative to the workspace, or absolute) as an absolute path inside it.
+
+        Raises WorkspaceError when it escapes the workspace (through `..`, an absolute path or a
+        symlink pointing outside) or, with `must_exist`, when it does not exist.
+        """
+        text = str(user_path).strip()
+        if not text:
+            raise WorkspaceError("no path given; type a path inside the workspace, e.g. data/my_corpus")
+        candidate = Path(text).expanduser()
+        if not candidate.is_absolute():
+            candidate = self.root / candidate
+        resolved = candidate.resolve()  # follows every symlink, collapses '..'
+        if not resolved.is_relative_to(self.root):
+            raise WorkspaceError(f"{text!r} is outside the workspace {self.root} (it resolves to {resolved}); "
+                                 "the app only reads and writes files inside its workspace. Copy or link "
+                                 "the files into the workspace first")
+        if must_exist and not resolved.exists():
+            raise WorkspaceError(f"{text!r} does not exist (looked for {resolved})")
+        return resolved
+
+    def corpus_dir(self, name: str) -> Path:
+        return self.resolve(Path(DATA) / check_name(name, "corpus name"))
+
+    def run_dir(self, name: str) -> Path:
+        return self.resolve(Path(RUNS) / check_name(name, "run name"))
+
+    def relative(self, path: str | Path) -> str:
+        """`path` relative to the workspace root (for display); the path itself if outside."""
+        try:
+            return str(Path(path).resolve().relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    def list_corpora(self) -> list[str]:
+        """Names of the folders under data/ that hold a metadata.csv."""
+        return sorted(p.name for p in self.data_dir.iterdir()
+                      if p.is_dir() and (p / METADATA).is_file() and _NAME.match(p.name))
+
+    def list_runs(self) -> list[str]:
+        return sorted(p.name for p in self.runs_dir.iterdir() if p.is_dir() and _NAME.match(p.name))
+
+    def list_checkpoints(self) -> list[str]:
+        """Every `*.safetensors` under runs/ (relative to the workspace), newest first."""
+        found = [p for p in self.runs_dir.glob("*/*.safetensors")
+                 if not p.name.startswith(".") and ".tmp" not in p.name]
+        found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        return [self.relative(p) for p in found]
