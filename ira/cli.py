@@ -171,6 +171,39 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
 
 
+# --- ira generate ---------------------------------------------------------------------------------
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ira.audio import save_audio
+    from ira.speaker import SamplingSettings, Speaker
+
+    speaker = Speaker.from_checkpoint(args.checkpoint, device=args.device)
+    settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                cfg_scale=args.cfg_scale, max_seconds=args.max_seconds, seed=args.seed)
+    result = speaker.speak(args.text, style=args.style, reference=args.reference, settings=settings)
+    if result.codes.shape[1] == 0:
+        print("error: the model ended the speech at once (no frames); train longer or use another seed",
+              file=sys.stderr)
+        return 1
+    path = save_audio(args.output, result.waveform, result.sample_rate)
+    print(f"{path}: {result.seconds:.2f} s of audio ({result.codes.shape[1]} frames) in "
+          f"{result.timings['generate_s'] + result.timings['decode_s']:.2f} s")
+    return 0
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    from ira.speaker import SamplingSettings
+    d = SamplingSettings()
+    parser.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    parser.add_argument("--top-k", dest="top_k", type=int, default=d.top_k, help="0 = off")
+    parser.add_argument("--top-p", dest="top_p", type=float, default=d.top_p, help="1 = off")
+    parser.add_argument("--cfg-scale", dest="cfg_scale", type=float, default=d.cfg_scale,
+                        help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--max-seconds", dest="max_seconds", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+
+
 # --- ira bench ------------------------------------------------------------------------------------
 
 def cmd_bench_generate(args: argparse.Namespace) -> int:
@@ -223,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one stage (the data cache is built first when needed)")
     add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="speak a text with a trained checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a stage 1, 2 or 3 checkpoint")
+    p.add_argument("--text", required=True)
+    p.add_argument("--style", default=None, help='a voice description, e.g. "a slow, deep voice with a British accent"')
+    p.add_argument("--reference", default=None, help="a short clip whose voice to imitate (instead of --style)")
+    p.add_argument("-o", "--output", default="output.wav")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(dest="bench_command",
                                                                                            required=True)

@@ -41,6 +41,7 @@ class SpeechTokenDataset(Dataset):
         j = self.indices[i]
         return {
             "index": i,
+            "clip": j,
             "id": self.split.ids[j],
             "text": self.split.texts[j],
             "descriptions": self.split.descriptions[j],

@@ -68,6 +68,26 @@ def tokenizer_from_checkpoint(ckpt: Checkpoint) -> Any:
     return text_tokenizer_from_dict(_meta_json(ckpt, "tokenizer"))
 
 
+def style_encoder_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") -> Any:
+    """The frozen-text-tower style encoder stored as module "style" (any stage), in eval mode."""
+    from ira.config import section_from_dict
+    from ira.models.style import StyleEncoder
+
+    if "style" not in ckpt.modules:
+        raise CheckpointError(f"{ckpt.path} (stage {ckpt.stage}) holds no style encoder (modules: "
+                              f"{', '.join(ckpt.modules)}); train one with `ira train --stage style`")
+    cfg = section_from_dict("style", _meta_json(ckpt, "style_config"), source=f"{ckpt.path} (style metadata)")
+    model = StyleEncoder(cfg)
+    recorded = ckpt.metadata.get("text_encoder")
+    if recorded and recorded != model.sentence_encoder.name:
+        raise CheckpointError(f"{ckpt.path} was trained on the sentence encoder {recorded!r}, but this machine "
+                              f"loads {model.sentence_encoder.name!r}; the projection only fits the former")
+    ckpt.load_into("style", model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device).eval()
+
+
 def speech_lm_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") -> SpeechLM:
     """The SpeechLM of a checkpoint, shaped from its metadata, weights loaded, in eval mode."""
     model = SpeechLM.from_config_dict(_meta_json(ckpt, "speech_lm"))

@@ -15,17 +15,25 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from ira.audio import save_audio
+from ira.audio import load_audio, save_audio
 from ira.config import IRAConfig
 from ira.data.dataset import LengthBucketBatchSampler, SpeechTokenDataset, pad_codes
 from ira.data.prepare import PrepareResult, ensure_prepared
 from ira.data.token_cache import TokenSplit, load_split
 from ira.models.speech_lm import SpeechLM
 from ira.text_tokenizer import build_text_tokenizer
-from ira.training.components import CodecState, component_metadata
+from ira.training.checkpoint import load_checkpoint, require_stage
+from ira.training.components import CodecState, component_metadata, style_encoder_from_checkpoint
 from ira.training.engine import FitResult, Trainer
 from ira.training.task import TrainingTask
 
+SAMPLE_STYLES = (
+    "a low-pitched male voice speaking slowly",
+    "a high-pitched female voice speaking fast",
+    None,
+    "a Scottish man with a deep voice",
+)
+"""Descriptions the samples are spoken with when the model has a style encoder (None: no style)."""
 SAMPLE_SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
     "Hello, this is my new voice speaking to you.",
@@ -60,13 +68,48 @@ class SpeechCollator:
         text_ids, text_mask = text_ids[:, : self.max_text_tokens], text_mask[:, : self.max_text_tokens]
         codes, lengths = pad_codes([item["codes"] for item in items])
         return {"text_ids": text_ids, "text_mask": text_mask, "codes": codes, "codes_lengths": lengths,
-                "index": torch.tensor([item["index"] for item in items])}
+                "clip": torch.tensor([item["clip"] for item in items])}
+
+
+class StyleTable:
+    """Style vectors of every clip of a split, computed once by the frozen style encoder.
+
+    `text` [N, D, E]: the text-tower vectors of each clip's D descriptions (a clip with fewer repeats
+    its own); `audio` [N, E]: the audio-tower vector of the clip itself.
+    """
+
+    def __init__(self, encoder: Any, split: TokenSplit, data_dir: Path, sample_rate: int):
+        per_clip = [list(d) or [""] for d in split.descriptions]
+        width = max(len(d) for d in per_clip)
+        flat = [d[i % len(d)] for d in per_clip for i in range(width)]
+        with torch.inference_mode():
+            unique = sorted(set(t for t in flat if t.strip()))
+            vectors = dict(zip(unique, encoder.embed_text(unique))) if unique else {}
+            zero = torch.zeros(encoder.embed_dim)
+            self.text = torch.stack([vectors.get(t, zero) for t in flat]).reshape(len(per_clip), width, -1)
+            wavs = [load_audio(data_dir / "wavs" / f"{clip_id}.wav", sample_rate) for clip_id in split.ids]
+            self.audio = torch.cat([encoder.embed_audio(wavs[i:i + 32], sr=sample_rate)
+                                    for i in range(0, len(wavs), 32)]) if wavs else torch.zeros(0, encoder.embed_dim)
+
+    def to(self, device: torch.device) -> "StyleTable":
+        self.text, self.audio = self.text.to(device), self.audio.to(device)
+        return self
+
+    def sample(self, clips: torch.Tensor, audio_prob: float) -> torch.Tensor:
+        """A random description's vector per clip, or (with `audio_prob`) the clip's audio vector."""
+        choice = torch.randint(0, self.text.shape[1], (len(clips),), device=clips.device)
+        vectors = self.text[clips, choice]
+        use_audio = torch.rand(len(clips), device=clips.device) < audio_prob
+        return torch.where(use_audio[:, None], self.audio[clips], vectors)
 
 
 class Stage1Task(TrainingTask):
+    """Stage 1. With `style_encoder` (frozen, from a style checkpoint) the SpeechLM learns to follow voice
+    descriptions; the encoder is saved in the checkpoint as module "style" so inference finds it."""
+
     stage = "1"
 
-    def __init__(self, cfg: IRAConfig, prepared: Optional[PrepareResult] = None):
+    def __init__(self, cfg: IRAConfig, prepared: Optional[PrepareResult] = None, style_encoder: Any = None):
         self.cfg = cfg
         prepared = prepared or ensure_prepared(cfg)
         self.codec = prepared.codec
@@ -79,9 +122,25 @@ class Stage1Task(TrainingTask):
         self.codec_state = CodecState(self.codec)
         self.collate = SpeechCollator(self.tokenizer, cfg.speech_lm.max_text_tokens)
         self.unigram_ce = unigram_cross_entropy(self.train_split, self.val_split, self.codec.codebook_size)
+        self.style_encoder = style_encoder
+        self.style_tables: dict[str, StyleTable] = {}
+        if style_encoder is not None:
+            if style_encoder.embed_dim != cfg.speech_lm.style_dim:
+                raise ValueError(f"the style encoder embeds in {style_encoder.embed_dim} dimensions but "
+                                 f"speech_lm.style_dim is {cfg.speech_lm.style_dim}; set them equal")
+            data_dir = Path(cfg.data.dir)
+            for name, split in (("train", self.train_split), ("val", self.val_split)):
+                self.style_tables[name] = StyleTable(style_encoder, split, data_dir, self.codec.sample_rate)
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"speech_lm": self.model, "codec": self.codec_state}
+        parts: dict[str, torch.nn.Module] = {"speech_lm": self.model, "codec": self.codec_state}
+        if self.style_encoder is not None:
+            parts["style"] = self.style_encoder
+        return parts
+
+    def setup(self, device: torch.device) -> None:
+        for table in self.style_tables.values():
+            table.to(device)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -101,6 +160,9 @@ class Stage1Task(TrainingTask):
         return self._loader(self.val_split, shuffle=False) if len(self.val_split) else None
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.style_tables:
+            batch = {**batch, "style": self.style_tables["train"].sample(
+                batch["clip"], self.cfg.speech_lm.style_from_audio_prob)}
         out = self.model.forward_batch(batch)
         metrics: dict[str, Any] = {"loss": out.loss, "frames": int(batch["codes_lengths"].sum())}
         for k, ce in enumerate(out.loss_per_codebook.detach()):
@@ -114,7 +176,8 @@ class Stage1Task(TrainingTask):
         for batch in loader:
             n = batch["codes"].shape[0]
             no_drop = torch.zeros(n, dtype=torch.bool, device=batch["codes"].device)
-            out = self.model.forward_batch({**batch, "drop_text": no_drop, "drop_style": no_drop})
+            style = self.style_tables["val"].text[batch["clip"], 0] if self.style_tables else None
+            out = self.model.forward_batch({**batch, "style": style, "drop_text": no_drop, "drop_style": no_drop})
             counts = out.tokens_per_codebook.double().cpu()
             ce_sum += out.loss_per_codebook.double().cpu() * counts
             tokens += counts
@@ -134,26 +197,44 @@ class Stage1Task(TrainingTask):
         longest = max(len(s) for s in sentences)
         max_frames = min(self.cfg.speech_lm.max_audio_frames,
                          int(math.ceil(1.5 * longest / CHARS_PER_SECOND * self.codec.frame_rate)) + 75)
-        codes = self.model.generate(texts=sentences, tokenizer=self.tokenizer, max_frames=max_frames,
-                                    temperature=0.8, top_k=50, seed=step)
-        paths = []
-        lines = []
-        for i, (sentence, clip) in enumerate(zip(sentences, codes)):
-            path = out_dir / f"sample{i}.wav"
+        styles = [SAMPLE_STYLES[i % len(SAMPLE_STYLES)] if self.style_encoder else None
+                  for i in range(len(sentences))]
+        paths, lines = [], []
+        for i, (sentence, description) in enumerate(zip(sentences, styles)):
+            style = self.style_encoder.embed_description(description) if description else None
+            clip = self.model.generate(texts=[sentence], tokenizer=self.tokenizer, max_frames=max_frames,
+                                       style=None if style is None else style[None], temperature=0.8, top_k=50,
+                                       seed=step + i)[0]
+            voice = description or "(no style)"
             if clip.shape[1] == 0:
-                lines.append(f"sample{i}.wav\t(empty: the model stopped at once)\t{sentence}")
+                lines.append(f"sample{i}.wav\t(empty: the model stopped at once)\t{voice}\t{sentence}")
                 continue
+            path = out_dir / f"sample{i}.wav"
             save_audio(path, self.codec.decode(clip), self.codec.sample_rate)
             paths.append(str(path))
-            lines.append(f"sample{i}.wav\t{clip.shape[1] / self.codec.frame_rate:.2f}s\t{sentence}")
+            lines.append(f"sample{i}.wav\t{clip.shape[1] / self.codec.frame_rate:.2f}s\t{voice}\t{sentence}")
         (out_dir / "samples.txt").write_text("\n".join(lines) + "\n")
         return paths
 
     def checkpoint_metadata(self) -> dict[str, str]:
-        return component_metadata(self.codec, self.tokenizer, self.model)
+        meta = component_metadata(self.codec, self.tokenizer, self.model)
+        if self.style_encoder is not None:
+            meta.update(self.style_encoder.metadata())
+        return meta
 
 
 def run_stage1(cfg: IRAConfig, resume_from: Optional[str | Path] = None, cpu: bool = False) -> FitResult:
-    """Prepare the data if needed, then train stage 1; returns the engine's FitResult."""
-    task = Stage1Task(cfg)
+    """Prepare the data if needed, then train stage 1; returns the engine's FitResult.
+
+    `resume_from` as in the seed's command line: a stage-1 checkpoint continues exactly; a style-encoder
+    checkpoint (`ira train --stage style`) starts a new stage-1 run conditioned on that encoder.
+    """
+    style_encoder = None
+    if resume_from is not None:
+        ckpt = require_stage(load_checkpoint(resume_from), ("1", "style"), purpose="stage 1")
+        if "style" in ckpt.modules:
+            style_encoder = style_encoder_from_checkpoint(ckpt)
+        if ckpt.stage == "style":
+            resume_from = None
+    task = Stage1Task(cfg, style_encoder=style_encoder)
     return Trainer(cfg, task, run_name=None, cpu=cpu).fit(resume_from=resume_from)
