@@ -140,6 +140,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 # stage -> "module:function(cfg, resume_from=...) -> FitResult"
 TRAIN_STAGES = {
+    "style": "ira.training.stage_style:run_style_training",
     "1": "ira.training.stage1:run_stage1",
 }
 
@@ -165,9 +166,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", required=True, choices=sorted(TRAIN_STAGES),
-                        help="1: SpeechLM pre-training")
+                        help="style: the CLIP-style voice encoder; 1: SpeechLM pre-training "
+                             "(start it from a style checkpoint with --resume_checkpoint to follow descriptions)")
     parser.add_argument("--resume_checkpoint", "--resume-checkpoint", dest="resume_checkpoint", default=None,
-                        help="continue exactly from this checkpoint of the same stage (with its .train_state.pt)")
+                        help="a checkpoint of the same stage continues exactly (with its .train_state.pt); "
+                             "one of the previous stage starts this stage from it")
     add_config_args(parser)
 
 

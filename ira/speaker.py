@@ -24,7 +24,13 @@ from ira.training.components import (codec_from_checkpoint, speech_lm_from_check
 
 SPEECH_STAGES = ("1", "2", "3")
 CHARS_PER_SECOND = 10.0       # a slow speaking rate: bounds the length of generated speech
+FASTEST_CHARS_PER_SECOND = 25.0  # faster than anyone reads: speech may not end before this
 MIN_SECONDS = 2.0
+
+
+def min_frames_for(text: str, frame_rate: float) -> int:
+    """No end of speech before the fastest plausible reading of `text` (an early EOS cuts words off)."""
+    return int(len(text.strip()) / FASTEST_CHARS_PER_SECOND * frame_rate)
 
 
 @dataclass
@@ -120,6 +126,7 @@ class Speaker:
         text_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         return dict(text_ids=text_ids, text_mask=torch.ones_like(text_ids, dtype=torch.bool),
                     style=self.style_vector(style, reference), max_frames=self._frames(text, settings),
+                    min_frames=min(min_frames_for(text, self.codec.frame_rate), self._frames(text, settings)),
                     temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
                     cfg_scale=settings.cfg_scale if settings.cfg_scale not in (None, 1.0) else None,
                     seed=settings.seed)

@@ -22,6 +22,7 @@ from ira.data.prepare import PrepareResult, ensure_prepared
 from ira.data.token_cache import TokenSplit, load_split
 from ira.models.speech_lm import SpeechLM
 from ira.text_tokenizer import build_text_tokenizer
+from ira.speaker import min_frames_for
 from ira.training.checkpoint import load_checkpoint, require_stage
 from ira.training.components import CodecState, component_metadata, style_encoder_from_checkpoint
 from ira.training.engine import FitResult, Trainer
@@ -203,6 +204,7 @@ class Stage1Task(TrainingTask):
         for i, (sentence, description) in enumerate(zip(sentences, styles)):
             style = self.style_encoder.embed_description(description) if description else None
             clip = self.model.generate(texts=[sentence], tokenizer=self.tokenizer, max_frames=max_frames,
+                                       min_frames=min_frames_for(sentence, self.codec.frame_rate),
                                        style=None if style is None else style[None], temperature=0.8, top_k=50,
                                        seed=step + i)[0]
             voice = description or "(no style)"
