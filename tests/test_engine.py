@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -368,3 +369,16 @@ def test_ddp_two_cpu_processes_shard_the_data_and_only_rank0_writes(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     start = next(r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("event") == "start")
     assert start["num_processes"] == 2
+
+
+def test_throughput_counts_the_whole_log_window():
+    """samples/s over a log window is samples / the window's training time, not the last step's."""
+    from ira.training.engine import _Window
+
+    window = _Window()
+    window.t0 -= 10.0                       # the window has been open for 10 s of training
+    for _ in range(10):
+        window.add({"loss": torch.tensor(1.0), "samples": 4}, None)
+    window.exclude(5.0)                     # 5 s of it went to validation and a checkpoint
+    elapsed = time.perf_counter() - window.t0
+    assert 4.9 < elapsed < 5.5 and window.samples == 40

@@ -220,8 +220,9 @@ class _Window:
         if "frames" in out:
             self.frames += float(out["frames"])
 
-    def reset_clock(self) -> None:
-        self.t0 = time.perf_counter()
+    def exclude(self, seconds: float) -> None:
+        """Leave time that was not training (validation, checkpoints) out of the throughput."""
+        self.t0 += seconds
 
 
 class Trainer:
@@ -511,13 +512,14 @@ class Trainer:
                     if p.step % tc.log_every == 0 or finished:
                         self._log_train(window, lr, bar)
                         window = _Window()
+                    paused = time.perf_counter()
                     if (p.step % tc.eval_every == 0 and not stop_reason) or finished:
                         self._validate()
                     if epoch_end or finished or stop_reason or p.step % tc.save_every == 0:
                         reason = ("epoch" if epoch_end else "stop" if stop_reason
                                   else "end" if finished else "every")
                         self._save(reason)
-                    window.reset_clock()
+                    window.exclude(time.perf_counter() - paused)
                     if stop_reason:
                         return self._stopped(stop_reason)
                     if finished:
