@@ -336,19 +336,8 @@ def pad_mels(items: Sequence[torch.Tensor], max_frames: int | None = None) -> tu
 
 
 def load_style_encoder(path: str | Path, device: str | torch.device = "cpu") -> StyleEncoder:
-    """The style encoder of any IRA checkpoint that holds a "style" module, in eval mode."""
-    from ira.training.checkpoint import CheckpointError, load_checkpoint
+    """The style encoder of any IRA checkpoint that holds a "style" module, frozen, in eval mode."""
+    from ira.training.checkpoint import load_checkpoint
+    from ira.training.components import style_encoder_from_checkpoint
 
-    ckpt = load_checkpoint(path)
-    if "style" not in ckpt.modules:
-        raise CheckpointError(f"{path} (stage {ckpt.stage}) holds no style encoder (modules: "
-                              f"{', '.join(ckpt.modules)}); train one with `ira train --stage style`")
-    cfg = ckpt.ira_config().style
-    model = StyleEncoder(cfg)
-    recorded = ckpt.metadata.get("text_encoder")
-    if recorded and recorded != model.sentence_encoder.name:
-        raise CheckpointError(f"{path} was trained on the sentence encoder {recorded!r}, but "
-                              f"style.text_encoder={cfg.text_encoder!r} loads "
-                              f"{model.sentence_encoder.name!r}; the projection only fits the former")
-    ckpt.load_into("style", model)
-    return model.to(device).eval()
+    return style_encoder_from_checkpoint(load_checkpoint(path), device)
