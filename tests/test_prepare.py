@@ -123,3 +123,18 @@ def test_split_is_deterministic_and_stable():
     splits = [split_of(i, 0.05) for i in ids]
     assert splits == [split_of(i, 0.05) for i in ids]
     assert 50 < splits.count("val") < 150
+
+
+def test_other_ranks_wait_for_rank0(tmp_path, corpus, monkeypatch):
+    from ira.data.prepare import ensure_prepared
+    data = tmp_path / "c"
+    shutil.copytree(corpus, data)
+    cfg = _cfg(data)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RuntimeError, match="rank 1: rank 0 did not finish"):
+        ensure_prepared(cfg, wait_s=0.1)                 # rank 1 never builds the cache itself
+    assert not (data / "cache").exists()
+    monkeypatch.setenv("RANK", "0")
+    ensure_prepared(cfg)
+    monkeypatch.setenv("RANK", "1")
+    assert not ensure_prepared(cfg, wait_s=0.1).rebuilt  # fresh now: rank 1 reads it

@@ -288,6 +288,18 @@ def prepare_corpus(cfg: IRAConfig, data_dir: str | Path | None = None, progress:
                          rebuilt=True, elapsed_s=time.time() - start)
 
 
-def ensure_prepared(cfg: IRAConfig, progress: Progress | None = None) -> PrepareResult:
-    """What every training command calls first: build the cache when it is missing or stale."""
+def ensure_prepared(cfg: IRAConfig, progress: Progress | None = None, wait_s: float = 6 * 3600) -> PrepareResult:
+    """What every training command calls first: build the cache when it is missing or stale.
+
+    Under DDP (torchrun / accelerate launch set RANK) only rank 0 builds; the other ranks wait for a
+    fresh cache instead of encoding the same corpus at the same time.
+    """
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank != 0:
+        deadline = time.time() + wait_s
+        while not cache_is_fresh(cfg, cfg.data.dir):
+            if time.time() > deadline:
+                raise RuntimeError(f"rank {rank}: rank 0 did not finish preparing {cfg.data.dir} within "
+                                   f"{wait_s:.0f} s; run `ira data prepare --dir {cfg.data.dir}` first")
+            time.sleep(2.0)
     return prepare_corpus(cfg, cfg.data.dir, progress=progress)
