@@ -1,6 +1,6 @@
 import json
 
-from ira.bench import bench_generate, build_model, codec_shape
+from ira.bench import build_model, codec_shape
 from ira.cli import main
 
 
