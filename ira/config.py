@@ -111,6 +111,9 @@ class SpeechLMConfig:
     style_from_audio_prob: float = 0.2
     """Stage 1 with a style encoder: how often the style token gets the clip's audio-tower vector
     instead of a description's text-tower vector (so reference clips work at inference too)."""
+    length_loss_weight: float = 0.1
+    """Weight of the length head's loss: from the style and text it predicts how many frames the speech
+    lasts (log frames per text token), which is how a described speaking rate reaches the output."""
     norm: Literal["rms", "layer"] = "rms"
     mlp: Literal["swiglu", "gelu"] = "swiglu"
     rope_theta: float = 10000.0
@@ -135,6 +138,7 @@ class SpeechLMConfig:
                    "cond_drop_prob + text_drop_prob + style_drop_prob must be < 1 (they are disjoint events)")
         check.positive("style_dim", self.style_dim)
         check.that("style_from_audio_prob", 0.0 <= self.style_from_audio_prob <= 1.0, "must be in [0, 1]")
+        check.that("length_loss_weight", self.length_loss_weight >= 0.0, "must be >= 0 (0 = no length head training)")
         check.positive("rope_theta", self.rope_theta)
 
 

@@ -40,6 +40,9 @@ class SamplingSettings:
     top_p: float = 1.0
     cfg_scale: Optional[float] = 1.5
     """Classifier-free guidance: None or 1 = off; 1.5-3 follows text and style more closely."""
+    length_tolerance: Optional[float] = 0.2
+    """The speech ends within +-this fraction of the length the model predicts from the text and the
+    voice (which is how "speaking slowly" lengthens it); None leaves the end to the sampled EOS."""
     max_seconds: Optional[float] = None
     """None: enough for the text at a slow speaking rate."""
     seed: Optional[int] = 0
@@ -129,7 +132,7 @@ class Speaker:
                     min_frames=min(min_frames_for(text, self.codec.frame_rate), self._frames(text, settings)),
                     temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
                     cfg_scale=settings.cfg_scale if settings.cfg_scale not in (None, 1.0) else None,
-                    seed=settings.seed)
+                    seed=settings.seed, length_tolerance=settings.length_tolerance)
 
     # ------------------------------------------------------------------ speaking
 

@@ -306,3 +306,53 @@ def test_stream_concatenated_equals_generate(trained):
         assert all(c.shape[0] == K for c in chunks)
         assert all(c.shape[1] == 4 for c in chunks[:-1]) and 0 < chunks[-1].shape[1] <= 4
         assert torch.equal(torch.cat(chunks, dim=1), whole)
+
+
+# -- the length head: how a described speaking rate reaches the output -----------------------
+
+
+def test_length_head_learns_the_rate_a_style_asks_for():
+    """Two styles, the same texts: 'fast' clips last 2 frames per character, 'slow' ones 5."""
+    model = tiny(seed=2).train()
+    texts = ["one", "two words", "and a third", "four"]
+    text_ids, text_mask = TOK.batch_encode(texts * 2)
+    n_chars = text_mask.sum(dim=1)
+    fast, slow = torch.zeros(STYLE), torch.zeros(STYLE)
+    fast[0], slow[1] = 1.0, 1.0
+    style = torch.stack([fast] * 4 + [slow] * 4)
+    lengths = torch.cat([2 * n_chars[:4], 5 * n_chars[4:]])
+    codes = torch.randint(0, V, (8, K, int(lengths.max())), generator=torch.Generator().manual_seed(0))
+    no_drop = torch.zeros(8, dtype=torch.bool)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        out = model(text_ids, text_mask, style, codes, lengths, drop_text=no_drop, drop_style=no_drop)
+        optimizer.zero_grad()
+        (out.loss + out.length_loss).backward()
+        optimizer.step()
+    assert out.length_loss.item() < 0.05
+    model.eval()
+    gen = dict(texts=["two words"], tokenizer=TOK, seed=0, length_tolerance=0.1, max_frames=64)
+    short = model.generate(style=fast[None], **gen)[0].shape[1]
+    long = model.generate(style=slow[None], **gen)[0].shape[1]
+    n = len("two words")
+    assert 0.8 * 2 * n <= short <= 1.2 * 2 * n, short
+    assert 0.8 * 5 * n <= long <= 1.2 * 5 * n, long
+
+
+def test_length_tolerance_bounds_every_sample():
+    model = tiny()
+    with torch.no_grad():                        # a length head that always says 3 frames per token
+        model.length_head.weight.zero_()
+        model.length_head.bias.fill_(torch.log(torch.tensor(3.0)))
+    texts = ["abcd", "abcdefghij"]
+    for seed in range(3):
+        out = model.generate(texts=texts, tokenizer=TOK, seed=seed, length_tolerance=0.25, max_frames=64)
+        for text, codes in zip(texts, out):
+            expected = 3 * len(text)
+            assert 0.75 * expected - 1 <= codes.shape[1] <= 1.25 * expected + 1, (text, codes.shape)
+    exact = model.generate(texts=texts, tokenizer=TOK, seed=0, length_tolerance=0.0, max_frames=64)
+    assert [c.shape[1] for c in exact] == [12, 30]
+    # no text: nothing to predict from, so the limits stay those given
+    assert model.generate(batch_size=1, seed=0, length_tolerance=0.0, min_frames=5, max_frames=5)[0].shape[1] == 5
+    with pytest.raises(ValueError, match="length_tolerance"):
+        model.generate(texts=texts, tokenizer=TOK, length_tolerance=1.5)

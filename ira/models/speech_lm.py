@@ -11,6 +11,12 @@ One sample is one sequence:
   grid (see `delay_pattern.py`); BOS is the all-fill column. The output at step s goes through K heads
   that predict column s of the grid: K x (codebook_size values + EOS).
 
+Length head: the BOS step's output (it has seen the style and the text, nothing of the audio) also
+predicts log(frames per text token), trained by squared error where the text is present. It is how a
+described speaking rate reaches the output reliably: `generate(length_tolerance=0.2)` keeps each
+sample's end within +-20% of the predicted length (EOS forbidden before, forced after), instead of
+leaving the rate to a per-step EOS decision that a small model learns last.
+
 Special audio ids, per codebook: 0..V-1 are codec values, V = EOS (also the head's last class),
 V + 1 = fill (BOS, delay fill, after the end, padding; input only, never predicted).
 
@@ -184,7 +190,8 @@ class SpeechLMOutput:
     loss_per_codebook [K], tokens_per_codebook [K] (long): targets counted per codebook.
     logits [B, K, S, V + 1]; targets [B, K, S] (delayed grid; fill where not a target);
     target_mask [B, K, S] (True on real values and EOS); hidden [B, S, d] (final-norm output over the
-    audio steps) when asked for.
+    audio steps) when asked for. length_loss: mean squared error of the length head on samples with
+    text (log frames per text token); log_frames_per_token [B]: its prediction.
     """
 
     loss: torch.Tensor
@@ -194,6 +201,8 @@ class SpeechLMOutput:
     targets: torch.Tensor
     target_mask: torch.Tensor
     hidden: torch.Tensor | None = None
+    length_loss: torch.Tensor | None = None
+    log_frames_per_token: torch.Tensor | None = None
 
 
 class SpeechLM(nn.Module):
@@ -223,6 +232,7 @@ class SpeechLM(nn.Module):
         self.norm = make_norm(cfg)
         self.heads = nn.ModuleList(nn.Linear(d, self.codebook_size + 1, bias=False)
                                    for _ in range(self.n_codebooks))
+        self.length_head = nn.Linear(d, 1)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -370,6 +380,10 @@ class SpeechLM(nn.Module):
         """[B, S, d] -> [B, K, S, V + 1]."""
         return torch.stack([head(hidden) for head in self.heads], dim=1)
 
+    def _log_frames_per_token(self, bos_hidden: torch.Tensor) -> torch.Tensor:
+        """The length head on the BOS step's output [B, d] -> [B] (fp32)."""
+        return self.length_head(bos_hidden).squeeze(-1).float()
+
     def _check_codes(self, codes: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if codes.dim() != 3 or codes.shape[1] != self.n_codebooks:
             raise ValueError(f"codes must have shape [B, {self.n_codebooks}, T] (this model has "
@@ -407,6 +421,13 @@ class SpeechLM(nn.Module):
         hidden = self._run(prefix, prefix_valid, inputs)
         logits = self._logits(hidden)
 
+        n_text = prefix_valid.sum(dim=1) - 1                                           # minus the style token
+        log_rate = self._log_frames_per_token(hidden[:, 0])
+        has_length = (n_text > 0) & (lengths > 0)
+        target = (lengths.float() / n_text.clamp(min=1).float()).clamp(min=1e-3).log()
+        squared = (log_rate - target).pow(2) * has_length
+        length_loss = squared.sum() / has_length.sum().clamp(min=1)
+
         real, eos = delay_masks(lengths, n_codebooks, delayed.shape[2])
         target_mask = real | eos
         ce = F.cross_entropy(logits.float().flatten(0, 2), delayed.masked_fill(~target_mask, IGNORE_INDEX).flatten(),
@@ -415,7 +436,8 @@ class SpeechLM(nn.Module):
         loss_per_codebook = ce.sum(dim=(0, 2)) / tokens.clamp(min=1)
         return SpeechLMOutput(loss=loss_per_codebook.mean(), loss_per_codebook=loss_per_codebook,
                               tokens_per_codebook=tokens, logits=logits, targets=delayed,
-                              target_mask=target_mask, hidden=hidden if return_hidden else None)
+                              target_mask=target_mask, hidden=hidden if return_hidden else None,
+                              length_loss=length_loss, log_frames_per_token=log_rate)
 
     def forward_batch(self, batch: Mapping[str, Any], return_hidden: bool = False) -> SpeechLMOutput:
         """`forward` on a collator's dict (keys in BATCH_KEYS; others ignored)."""
@@ -448,7 +470,7 @@ class SpeechLM(nn.Module):
                  batch_size: int | None = None, max_frames: int | None = None, min_frames: int = 0,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_scale: float | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
-                 use_cache: bool = True) -> list[torch.Tensor]:
+                 use_cache: bool = True, length_tolerance: float | None = None) -> list[torch.Tensor]:
         """Sample speech for a batch: a list of LongTensor[K, T_i] (undelayed, EOS and fill removed, CPU).
 
         Text: `text_ids` [B, L] + `text_mask`, or `texts` + `tokenizer`; neither = no text. style
@@ -457,13 +479,15 @@ class SpeechLM(nn.Module):
         there; min_frames forbids EOS before that many frames. cfg_scale None: no guidance; a number s
         runs the conditional and the unconditional (text and style dropped) rows together and samples
         from uncond + s * (cond - uncond) (s = 1 gives the conditional model back; 1.5-3 is usual).
+        length_tolerance t (e.g. 0.2): each sample with text ends within (1 -+ t) x the length head's
+        prediction (inside min_frames..max_frames); None leaves the end to sampled EOS alone.
         temperature 0 = greedy; top_k 0 / top_p 1 = off. use_cache False recomputes the whole sequence
         at every step (the naive baseline, for benchmarks). The model is in eval mode meanwhile.
         """
         last = None
         for last in self._decode(text_ids, text_mask, texts, tokenizer, style, batch_size, max_frames,
                                  min_frames, _sampler(temperature, top_k, top_p, generator, seed, self.device),
-                                 cfg_scale, use_cache):
+                                 cfg_scale, use_cache, length_tolerance=length_tolerance):
             pass
         columns, n_cols, ends, _ = last
         grid = columns[:, :, :n_cols].cpu()
@@ -475,7 +499,7 @@ class SpeechLM(nn.Module):
                chunk_frames: int = 15, max_frames: int | None = None, min_frames: int = 0,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_scale: float | None = None,
                generator: torch.Generator | None = None, seed: int | None = None,
-               use_cache: bool = True) -> Iterator[torch.Tensor]:
+               use_cache: bool = True, length_tolerance: float | None = None) -> Iterator[torch.Tensor]:
         """`generate` for one sample, yielding LongTensor[K, t] (CPU) as frames complete.
 
         Frame t is complete once its last codebook is out (K - 1 steps after its first). Chunks hold
@@ -488,7 +512,7 @@ class SpeechLM(nn.Module):
         for columns, n_cols, ends, done in self._decode(
                 text_ids, text_mask, texts, tokenizer, style, None, max_frames, min_frames,
                 _sampler(temperature, top_k, top_p, generator, seed, self.device), cfg_scale, use_cache,
-                single=True):
+                single=True, length_tolerance=length_tolerance):
             complete = min(n_cols - n_codebooks + 1, int(ends[0]))
             while complete - emitted >= chunk_frames or (bool(done[0]) and complete > emitted):
                 stop = min(emitted + chunk_frames, complete)
@@ -516,7 +540,7 @@ class SpeechLM(nn.Module):
         return text_ids, text_mask, style, (sizes.pop() if sizes else 1)
 
     def _decode(self, text_ids, text_mask, texts, tokenizer, style, batch_size, max_frames, min_frames,
-                sample, cfg_scale, use_cache, single: bool = False):
+                sample, cfg_scale, use_cache, single: bool = False, length_tolerance: float | None = None):
         """Yield (columns [B, K, max_frames + K], columns written, ends [B], done [B]) after each step.
 
         ends[b] is the sample's frame count once it has ended (max_frames until then); done[b] once its
@@ -529,6 +553,8 @@ class SpeechLM(nn.Module):
         max_frames = self.cfg.max_audio_frames if max_frames is None else int(max_frames)
         if max_frames < 0:
             raise ValueError(f"max_frames must be >= 0, got {max_frames}")
+        if length_tolerance is not None and not 0.0 <= length_tolerance < 1.0:
+            raise ValueError(f"length_tolerance must be in [0, 1) (or None = off), got {length_tolerance}")
         device, n_codebooks = self.device, self.n_codebooks
         was_training = self.training
         self.eval()
@@ -546,7 +572,6 @@ class SpeechLM(nn.Module):
             rows, n_prefix = prefix.shape[0], prefix.shape[1]
             n_cols_max = max_frames + n_codebooks
             columns = torch.full((batch, n_codebooks, n_cols_max), self.fill_id, dtype=torch.long, device=device)
-            ends = torch.full((batch,), max_frames, dtype=torch.long, device=device)
             ended = torch.zeros(batch, dtype=torch.bool, device=device)
 
             if use_cache:  # prefill: the prefix and BOS in one pass
@@ -558,13 +583,16 @@ class SpeechLM(nn.Module):
                 hidden = self._transformer(x, _positions(prefix_valid, 1), key_valid[:, :n_prefix + 1], cache)
             else:
                 hidden = self._run(prefix, prefix_valid, self._bos(rows))
+            first, last = self._length_bounds(hidden[:batch, -1], prefix_valid[:batch], min_frames, max_frames,
+                                              length_tolerance)
+            ends = last.clone()
 
             for step in range(n_cols_max):
                 logits = self._logits(hidden[:, -1:])[:, :, 0].float()             # [rows, K, V + 1]
                 if guided:
                     cond, uncond = logits[:batch], logits[batch:]
                     logits = uncond + cfg_scale * (cond - uncond)
-                column, ends, ended = self._next_column(logits, step, ends, ended, min_frames, max_frames, sample)
+                column, ends, ended = self._next_column(logits, step, ends, ended, first, last, sample)
                 columns[:, :, step] = column
                 done = ended & (step >= ends + n_codebooks - 1)
                 yield columns, step + 1, ends, done
@@ -580,14 +608,33 @@ class SpeechLM(nn.Module):
         finally:
             self.train(was_training)
 
-    def _next_column(self, logits, step, ends, ended, min_frames, max_frames,
+    def _length_bounds(self, bos_hidden: torch.Tensor, prefix_valid: torch.Tensor, min_frames: int,
+                       max_frames: int, tolerance: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample (no EOS before, end at the latest): min/max_frames, narrowed around the length
+        head's prediction when a tolerance is given and the sample has text."""
+        batch, device = bos_hidden.shape[0], bos_hidden.device
+        first = torch.full((batch,), min(min_frames, max_frames), dtype=torch.long, device=device)
+        last = torch.full((batch,), max_frames, dtype=torch.long, device=device)
+        if tolerance is None:
+            return first, last
+        n_text = prefix_valid.sum(dim=1) - 1
+        expected = self._log_frames_per_token(bos_hidden).exp() * n_text.float()
+        lo = torch.floor(expected * (1.0 - tolerance)).long()
+        hi = torch.ceil(expected * (1.0 + tolerance)).long()
+        has_text = n_text > 0
+        first = torch.where(has_text, torch.maximum(first, lo).clamp(max=max_frames), first)
+        last = torch.where(has_text, torch.minimum(last, torch.maximum(hi, first)), last)
+        return first, last
+
+    def _next_column(self, logits, step, ends, ended, min_frames: torch.Tensor, max_frames: torch.Tensor,
                      sample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample column `step` of the delayed grid, forcing fill and EOS where the pattern fixes them."""
+        """Sample column `step` of the delayed grid, forcing fill and EOS where the pattern fixes them.
+
+        min_frames / max_frames [B]: no EOS before, and the end at the latest, per sample."""
         batch, n_codebooks, n_classes = logits.shape
         logits = logits.clone()
         logits[:, 1:, self.eos_id] = float("-inf")  # only codebook 0 decides the end
-        if step < min_frames:
-            logits[:, 0, self.eos_id] = float("-inf")
+        logits[:, 0, self.eos_id] = logits[:, 0, self.eos_id].masked_fill(step < min_frames, float("-inf"))
         sampled = sample(logits.view(-1, n_classes)).view(batch, n_codebooks)
         new_end = ~ended & (sampled[:, 0] == self.eos_id)
         ends = torch.where(new_end, torch.full_like(ends, step), ends)

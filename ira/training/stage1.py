@@ -165,15 +165,19 @@ class Stage1Task(TrainingTask):
             batch = {**batch, "style": self.style_tables["train"].sample(
                 batch["clip"], self.cfg.speech_lm.style_from_audio_prob)}
         out = self.model.forward_batch(batch)
-        metrics: dict[str, Any] = {"loss": out.loss, "frames": int(batch["codes_lengths"].sum())}
+        loss = out.loss + self.cfg.speech_lm.length_loss_weight * out.length_loss
+        metrics: dict[str, Any] = {"loss": loss, "length_loss": out.length_loss.detach(),
+                                   "frames": int(batch["codes_lengths"].sum())}
         for k, ce in enumerate(out.loss_per_codebook.detach()):
             metrics[f"ce_cb{k}"] = ce
         return metrics
 
     def validate(self, loader: Any) -> dict[str, float]:
-        """Cross-entropy per codebook over all validation tokens, with every condition present."""
+        """Cross-entropy per codebook over all validation tokens, with every condition present, and the
+        length head's mean relative error on the clips' durations."""
         ce_sum = torch.zeros(self.model.n_codebooks, dtype=torch.float64)
         tokens = torch.zeros(self.model.n_codebooks, dtype=torch.float64)
+        length_errors: list[torch.Tensor] = []
         for batch in loader:
             n = batch["codes"].shape[0]
             no_drop = torch.zeros(n, dtype=torch.bool, device=batch["codes"].device)
@@ -182,9 +186,13 @@ class Stage1Task(TrainingTask):
             counts = out.tokens_per_codebook.double().cpu()
             ce_sum += out.loss_per_codebook.double().cpu() * counts
             tokens += counts
+            n_text = batch["text_mask"].sum(dim=1).clamp(min=1).to(out.log_frames_per_token.device)
+            predicted = out.log_frames_per_token.exp() * n_text
+            length_errors.append(((predicted - batch["codes_lengths"]).abs() / batch["codes_lengths"]).cpu())
         per_codebook = (ce_sum / tokens.clamp_min(1)).tolist()
         metrics = {"val_loss": sum(per_codebook) / len(per_codebook),
-                   "val_unigram_ce": sum(self.unigram_ce) / len(self.unigram_ce)}
+                   "val_unigram_ce": sum(self.unigram_ce) / len(self.unigram_ce),
+                   "val_length_rel_error": float(torch.cat(length_errors).mean()) if length_errors else float("nan")}
         for k, (ce, base) in enumerate(zip(per_codebook, self.unigram_ce)):
             metrics[f"val_ce_cb{k}"] = ce
             metrics[f"val_unigram_ce_cb{k}"] = base
@@ -206,7 +214,7 @@ class Stage1Task(TrainingTask):
             clip = self.model.generate(texts=[sentence], tokenizer=self.tokenizer, max_frames=max_frames,
                                        min_frames=min_frames_for(sentence, self.codec.frame_rate),
                                        style=None if style is None else style[None], temperature=0.8, top_k=50,
-                                       seed=step + i)[0]
+                                       seed=step + i, length_tolerance=0.2)[0]
             voice = description or "(no style)"
             if clip.shape[1] == 0:
                 lines.append(f"sample{i}.wav\t(empty: the model stopped at once)\t{voice}\t{sentence}")
