@@ -27,3 +27,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def bundled_llm():
+    """The bundled SmolLM2-135M-Instruct GGUF, loaded once per test session (~20 s on 2 CPU cores)."""
+    from ira.config import LLMConfig
+    from ira.models.llm import load_llm
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return load_llm(LLMConfig(name="bundled", quantization="none", dtype="fp32"), device="cpu")
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,174 @@
+"""The adapter: a Perceiver resampler from SpeechLM hidden states to N soft tokens for the LLM.
+
+    features [B, T, in_dim] --LayerNorm, Linear--> frames [B, T, dim] + sinusoidal positions
+    latents  [N, dim] (learned) --n_layers x (cross-attn -> self-attn -> MLP)--> [B, N, dim]
+    --LayerNorm, Linear--> [B, N, out_dim] --fixed-norm scaling--> soft tokens of the LLM's size
+
+Whatever the clip's length, the LLM reads N vectors (Flamingo's resampler). In each layer the
+latents cross-attend to the frames and to themselves (keys/values = [frames; latents], as in
+Flamingo), then attend among themselves, then go through an MLP; all pre-norm residual blocks.
+
+Positions: the SpeechLM uses rotary embeddings, so its features carry order only relatively, yet
+the latents must lay the words out in order. A fixed sinusoidal table is added to the projected
+frames: every position has a meaningful code from the first step (a learned table leaves the
+rarely-seen late positions untrained on a small corpus), and it costs no parameters. Its size is
+`adapter.max_audio_frames`, which the config keeps >= speech_lm.max_audio_frames.
+
+Padding: padded frames are zeroed and masked out of every attention, so a sample's output does not
+depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ira.config import AdapterConfig, section_from_dict
+
+
+def sinusoids(length: int, dim: int) -> torch.Tensor:
+    """[length, dim] sin/cos position codes (Transformer / Whisper), timescales 1 .. 10000."""
+    half = (dim + 1) // 2
+    inv_timescales = torch.exp(-math.log(10000.0) * torch.arange(half) / max(half - 1, 1))
+    angles = torch.arange(length)[:, None] * inv_timescales[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)[:, :dim]
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries x [B, N, dim] over a context [B, S, dim] with a key mask."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_valid: torch.Tensor | None) -> torch.Tensor:
+        batch, n, dim = x.shape
+        q = self.q(x).view(batch, n, self.n_heads, -1).transpose(1, 2)
+        k, v = self.kv(context).view(batch, context.shape[1], 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        mask = None if context_valid is None else context_valid[:, None, None, :]  # True = attend
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(batch, n, dim))
+
+
+class ResamplerLayer(nn.Module):
+    def __init__(self, cfg: AdapterConfig):
+        super().__init__()
+        d = cfg.dim
+        self.norm_latents, self.norm_frames = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.cross = Attention(d, cfg.n_heads, cfg.dropout)
+        self.norm_self = nn.LayerNorm(d)
+        self.self_attn = Attention(d, cfg.n_heads, cfg.dropout)
+        self.norm_mlp = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, latents: torch.Tensor, frames: torch.Tensor, frames_valid: torch.Tensor) -> torch.Tensor:
+        q = self.norm_latents(latents)
+        context = torch.cat([self.norm_frames(frames), q], dim=1)
+        valid = torch.cat([frames_valid, frames_valid.new_ones(q.shape[:2])], dim=1)
+        latents = latents + self.drop(self.cross(q, context, valid))
+        h = self.norm_self(latents)
+        latents = latents + self.drop(self.self_attn(h, h, None))
+        return latents + self.drop(self.mlp(self.norm_mlp(latents)))
+
+
+class PerceiverAdapter(nn.Module):
+    """SpeechLM features [B, T, in_dim] + mask [B, T] -> soft tokens [B, n_latents, out_dim].
+
+    Output scale: each soft token is RMS-normalised and multiplied by target_norm / sqrt(out_dim)
+    and a learned scalar gain (initially 1), so its L2 norm is gain * target_norm, target_norm being
+    the LLM's mean input-embedding norm. The LLM thus sees vectors of the size it was trained on
+    from the first step (an out-of-scale input swamps or vanishes next to the prompt's embeddings),
+    training only has to find directions, and the gain can still move the overall size if the LLM
+    prefers. The result is float32; the caller casts it to the LLM's dtype.
+    """
+
+    def __init__(self, cfg: AdapterConfig, in_dim: int, out_dim: int, target_norm: float):
+        super().__init__()
+        for name, value in (("in_dim", in_dim), ("out_dim", out_dim)):
+            if int(value) <= 0:
+                raise ValueError(f"PerceiverAdapter: {name} must be > 0, got {value!r}")
+        if not (math.isfinite(target_norm) and target_norm > 0):
+            raise ValueError(f"PerceiverAdapter: target_norm must be a positive number (the LLM's mean "
+                             f"embedding norm), got {target_norm!r}")
+        self.cfg = cfg
+        self.in_dim, self.out_dim, self.target_norm = int(in_dim), int(out_dim), float(target_norm)
+        d = cfg.dim
+        self.in_norm = nn.LayerNorm(self.in_dim)
+        self.in_proj = nn.Linear(self.in_dim, d)
+        self.register_buffer("positions", sinusoids(cfg.max_audio_frames, d), persistent=False)
+        self.latents = nn.Parameter(torch.randn(cfg.n_latents, d) * 0.02)
+        self.layers = nn.ModuleList(ResamplerLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, self.out_dim)
+        self.gain = nn.Parameter(torch.ones(()))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for layer in self.layers:  # GPT-2: residual projections scaled down with depth (3 per layer)
+            for weight in (layer.cross.proj.weight, layer.self_attn.proj.weight, layer.mlp[2].weight):
+                nn.init.normal_(weight, std=0.02 / math.sqrt(3 * self.cfg.n_layers))
+
+    # -- construction and metadata ---------------------------------------------------------------
+
+    def config_dict(self) -> dict[str, Any]:
+        """JSON-able description that `from_config_dict` rebuilds the same architecture from."""
+        return {"adapter": dataclasses.asdict(self.cfg), "in_dim": self.in_dim, "out_dim": self.out_dim,
+                "target_norm": self.target_norm}
+
+    @classmethod
+    def from_config_dict(cls, data: Mapping[str, Any]) -> "PerceiverAdapter":
+        missing = [k for k in ("adapter", "in_dim", "out_dim", "target_norm") if k not in data]
+        if missing:
+            raise ValueError(f"adapter metadata lacks {', '.join(missing)}; was it written by config_dict()?")
+        cfg = section_from_dict("adapter", dict(data["adapter"]), source="adapter metadata")
+        return cls(cfg, int(data["in_dim"]), int(data["out_dim"]), float(data["target_norm"]))
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def _check(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if features.dim() != 3 or features.shape[-1] != self.in_dim:
+            raise ValueError(f"adapter features must have shape [B, T, {self.in_dim}] (the SpeechLM's "
+                             f"d_model), got {tuple(features.shape)}")
+        if tuple(mask.shape) != tuple(features.shape[:2]):
+            raise ValueError(f"adapter mask must have shape [B, T] = {tuple(features.shape[:2])}, "
+                             f"got {tuple(mask.shape)}")
+        if features.shape[1] > self.cfg.max_audio_frames:
+            raise ValueError(f"{features.shape[1]} audio frames, more than adapter.max_audio_frames "
+                             f"({self.cfg.max_audio_frames}); crop the clips or raise that setting")
+        mask = mask.to(device=features.device, dtype=torch.bool)
+        empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"samples {empty} of the batch have no valid audio frame (all-False mask); "
+                             f"the adapter needs at least one frame per clip")
+        return mask
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """features [B, T, in_dim], mask BoolTensor[B, T] (True = real frame) -> [B, n_latents, out_dim]."""
+        mask = self._check(features, mask)
+        x = features.masked_fill(~mask[..., None], 0.0)  # padding is never read; this keeps NaN/inf out too
+        frames = self.in_proj(self.in_norm(x)) + self.positions[: x.shape[1]].to(x.dtype)
+        latents = self.latents.expand(x.shape[0], -1, -1)
+        for layer in self.layers:
+            latents = layer(latents, frames, mask)
+        y = self.out(self.norm(latents)).float()
+        scale = self.gain.float() * (self.target_norm / math.sqrt(self.out_dim))
+        return y * torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + 1e-6) * scale

@@ -1,0 +1,105 @@
+"""The Perceiver adapter: shapes, padding invariance, output norm, gradients, metadata round trip."""
+
+import json
+
+import pytest
+import torch
+
+from ira.config import AdapterConfig, ConfigError, SpeechLMConfig, load_config
+from ira.models.adapter import PerceiverAdapter
+from ira.models.speech_lm import SpeechLM
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IN_DIM, OUT_DIM, TARGET = 24, 40, 3.2
+
+
+def make_adapter(**overrides) -> PerceiverAdapter:
+    cfg = AdapterConfig(**{"n_latents": 6, "dim": 32, "n_layers": 2, "n_heads": 4, "max_audio_frames": 64,
+                           **overrides})
+    return PerceiverAdapter(cfg, IN_DIM, OUT_DIM, TARGET).eval()
+
+
+def test_shapes_and_output_norm():
+    adapter = make_adapter()
+    features = torch.randn(3, 20, IN_DIM)
+    mask = torch.arange(20)[None] < torch.tensor([[20], [7], [1]])
+    out = adapter(features, mask)
+    assert out.shape == (3, 6, OUT_DIM) and out.dtype == torch.float32
+    assert torch.allclose(out.norm(dim=-1), torch.full((3, 6), TARGET), rtol=1e-3)
+    with torch.no_grad():
+        adapter.gain.fill_(2.0)
+    assert torch.allclose(adapter(features, mask).norm(dim=-1), torch.full((3, 6), 2 * TARGET), rtol=1e-3)
+
+
+def test_padding_does_not_change_a_sample():
+    adapter = make_adapter()
+    short, long = torch.randn(1, 7, IN_DIM), torch.randn(1, 15, IN_DIM)
+    alone = adapter(short, torch.ones(1, 7, dtype=torch.bool))
+    padded = torch.cat([torch.cat([short, torch.full((1, 8, IN_DIM), float("nan"))], dim=1), long])
+    mask = torch.arange(15)[None] < torch.tensor([[7], [15]])
+    batched = adapter(padded, mask)
+    assert torch.isfinite(batched).all()  # garbage in the padding never reaches the output
+    assert (batched[0] - alone[0]).abs().max() < 1e-5
+    assert (batched[1] - adapter(long, torch.ones(1, 15, dtype=torch.bool))[0]).abs().max() < 1e-5
+
+
+def test_gradients_reach_latents_and_input_projection():
+    adapter = make_adapter().train()
+    features = torch.randn(2, 10, IN_DIM)
+    mask = torch.arange(10)[None] < torch.tensor([[10], [4]])
+    loss = (adapter(features, mask) * torch.randn(2, 6, OUT_DIM)).sum()  # the norm is fixed: use a direction
+    loss.backward()
+    for name in ("latents", "in_proj.weight", "out.weight", "gain", "layers.0.cross.q.weight"):
+        grad = dict(adapter.named_parameters())[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_config_round_trip():
+    adapter = make_adapter(dropout=0.1)
+    data = json.loads(json.dumps(adapter.config_dict()))
+    rebuilt = PerceiverAdapter.from_config_dict(data).eval()
+    assert rebuilt.cfg == adapter.cfg and (rebuilt.in_dim, rebuilt.out_dim) == (IN_DIM, OUT_DIM)
+    assert rebuilt.target_norm == pytest.approx(TARGET)
+    rebuilt.load_state_dict(adapter.state_dict())
+    features, mask = torch.randn(2, 9, IN_DIM), torch.ones(2, 9, dtype=torch.bool)
+    assert torch.equal(rebuilt(features, mask), adapter(features, mask))
+    with pytest.raises(ValueError, match="in_dim"):
+        PerceiverAdapter.from_config_dict({"adapter": data["adapter"]})
+
+
+def test_bad_inputs_are_clear_errors():
+    adapter = make_adapter()
+    features = torch.randn(2, 5, IN_DIM)
+    with pytest.raises(ValueError, match=r"samples \[1\].*no valid audio frame"):
+        adapter(features, torch.tensor([[True] * 5, [False] * 5]))
+    with pytest.raises(ValueError, match=str(IN_DIM)):
+        adapter(torch.randn(2, 5, IN_DIM + 1), torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"adapter\.max_audio_frames"):
+        adapter(torch.randn(1, 65, IN_DIM), torch.ones(1, 65, dtype=torch.bool))
+
+
+def test_reads_speech_lm_audio_features():
+    speech_lm = SpeechLM(SpeechLMConfig(d_model=IN_DIM, n_layers=1, n_heads=2, style_dim=8, max_audio_frames=64),
+                         n_codebooks=2, codebook_size=16, text_vocab_size=10).eval()
+    codes = torch.randint(0, 16, (2, 2, 12))
+    hidden, mask = speech_lm.audio_features(codes, torch.tensor([12, 5]))
+    assert make_adapter()(hidden, mask).shape == (2, 6, OUT_DIM)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("adapter.n_latents=2", "adapter.n_latents"),
+    ("adapter.n_latents=300", "adapter.n_latents"),
+    ("adapter.n_heads=3", "adapter.n_heads"),
+    ("adapter.dropout=1.0", "adapter.dropout"),
+    ("adapter.max_audio_frames=512", "adapter.max_audio_frames"),  # < speech_lm.max_audio_frames
+])
+def test_adapter_config_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("cpu", [override])
+
+
+def test_presets_adapter_sizes():
+    sizes = {name: (cfg.adapter.dim, cfg.adapter.n_latents, cfg.adapter.n_layers)
+             for name, cfg in ((n, load_config(n)) for n in ("cpu", "laptop", "a100"))}
+    assert sizes == {"cpu": (128, 16, 2), "laptop": (256, 32, 2), "a100": (512, 64, 3)}
