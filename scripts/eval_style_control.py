@@ -25,11 +25,13 @@ PAIRS = {
 }
 
 
-def measure(speaker: Speaker, description: str, seeds: int, cfg_scale: float) -> dict[str, float]:
+def measure(speaker: Speaker, description: str, seeds: int, cfg_scale: float,
+            length_tolerance: float | None) -> dict[str, float]:
     pitches, durations = [], []
     for seed in range(seeds):
         result = speaker.speak(SENTENCE, style=description,
-                               settings=SamplingSettings(seed=seed, cfg_scale=cfg_scale))
+                               settings=SamplingSettings(seed=seed, cfg_scale=cfg_scale,
+                                                         length_tolerance=length_tolerance))
         wav = trim_silence(result.waveform, result.sample_rate)
         durations.append(wav.numel() / result.sample_rate)
         f0 = estimate_pitch(wav, result.sample_rate)
@@ -45,12 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--cfg-scale", type=float, default=2.0)
+    parser.add_argument("--length-tolerance", type=float, default=SamplingSettings().length_tolerance,
+                        help="how closely the end follows the length head (negative: off, EOS alone decides)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     speaker = Speaker.from_checkpoint(args.checkpoint, device="cpu")
     report: dict[str, dict] = {}
     for attribute, (high, low) in PAIRS.items():
-        a, b = measure(speaker, high, args.seeds, args.cfg_scale), measure(speaker, low, args.seeds, args.cfg_scale)
+        tolerance = None if args.length_tolerance < 0 else args.length_tolerance
+        a, b = (measure(speaker, description, args.seeds, args.cfg_scale, tolerance) for description in (high, low))
         key = "pitch_hz" if attribute == "pitch" else "duration_s"
         # high pitch -> higher Hz; fast -> shorter duration
         moved = a[key] > b[key] if attribute == "pitch" else a[key] < b[key]

@@ -121,3 +121,18 @@ def test_distillation_losses():
     assert out["kd_loss"].item() > 0.0 and out["ce_loss"].item() > 0.0
     (out["kd_loss"] + out["ce_loss"]).backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_ira_understand_prints_the_answer_last(runs, bundled_llm, capsys):
+    from ira.cli import main
+
+    root, _, stage1, stage2, _ = runs
+    wav = next((root / "data" / "wavs").glob("*.wav"))
+    args = ["understand", "--checkpoint", str(stage2.last_checkpoint), "--audio", str(wav),
+            "--prompt", "Who is speaking?", "--max-new-tokens", "4", "--device", "cpu"]
+    assert main(args) == 0                  # the LLM the checkpoint names is the one already loaded
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].endswith("Who is speaking?") and lines[-1].strip()
+    args[2] = str(stage1.last_checkpoint)   # a stage-1 checkpoint has no adapter: a clear error
+    assert main(args) == 1
+    assert "stage" in capsys.readouterr().err

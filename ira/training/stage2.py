@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -128,6 +129,7 @@ class Stage2Task(TrainingTask):
         self.adapter = PerceiverAdapter(cfg.adapter, in_dim=self.speech_lm.cfg.d_model,
                                         out_dim=self.llm.hidden_size, target_norm=self.llm.embed_norm)
         self.tasks = parse_tasks(cfg.align.tasks)
+        self._last_replies: list[dict[str, Any]] = []
 
         prepared = ensure_prepared(cfg)
         if prepared.codec.fingerprint != self.codec.fingerprint:
@@ -142,7 +144,7 @@ class Stage2Task(TrainingTask):
         self.replies_path = cache_path(cfg.data.dir, self.llm.name, self.tasks, cfg.align.teacher_max_new_tokens)
         self.replies = load_or_build(self.llm, clips, self.tasks, self.replies_path,
                                      cfg.align.teacher_max_new_tokens, cfg.align.teacher_batch_size,
-                                     progress=_log_progress)
+                                     progress=_ThrottledLog())
 
     # -- the engine's interface -------------------------------------------------------------------
 
@@ -217,8 +219,9 @@ class Stage2Task(TrainingTask):
                 sums[key] += float(out[key]) * n
             count += n
         metrics = {f"val_{k}": v / max(count, 1) for k, v in sums.items()}
+        self._last_replies = []
         if self.cfg.align.eval_clips and REPEAT in self.tasks:
-            metrics["val_repeat_cer"] = self.repeat_cer(self.cfg.align.eval_clips)[0]
+            metrics["val_repeat_cer"], self._last_replies = self.repeat_cer(self.cfg.align.eval_clips)
         return metrics
 
     @torch.no_grad()
@@ -242,13 +245,11 @@ class Stage2Task(TrainingTask):
         return cer, rows
 
     def on_validation_end(self, step: int, out_dir: Path) -> list[str]:
-        """Write what the LLM heard in a few validation clips (transcript vs reply) next to the checkpoint."""
-        n = self.cfg.training.num_samples
-        if not n or REPEAT not in self.tasks:
+        """Write what the LLM heard in the validation clips just scored (transcript vs reply)."""
+        if not self._last_replies:
             return []
-        cer, rows = self.repeat_cer(n)
         path = out_dir / "replies.jsonl"
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        path.write_text("".join(json.dumps(row) + "\n" for row in self._last_replies))
         return [str(path)]
 
     def checkpoint_metadata(self) -> dict[str, str]:
@@ -257,7 +258,8 @@ class Stage2Task(TrainingTask):
         if self.style_encoder is not None:
             meta.update(self.style_encoder.metadata())
         meta["adapter"] = json.dumps(self.adapter.config_dict())
-        meta["llm"] = json.dumps({"name": self.llm.name, "hidden_size": self.llm.hidden_size})
+        meta["llm"] = json.dumps({"name": self.llm.name, "source": self.llm.source, "bundled": self.llm.bundled,
+                                  "hidden_size": self.llm.hidden_size})
         meta["align_tasks"] = ",".join(self.tasks)
         return meta
 
@@ -272,8 +274,17 @@ def process_device(cpu: bool = False) -> torch.device:
     return resolve_device("auto")
 
 
-def _log_progress(fraction: float, message: str) -> None:
-    log.info("%3.0f%% %s", 100 * fraction, message)
+class _ThrottledLog:
+    """Progress lines for a long loop, at most one every `every_s` seconds (and the last one)."""
+
+    def __init__(self, every_s: float = 15.0):
+        self.every_s, self.last = every_s, -float("inf")
+
+    def __call__(self, fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every_s or fraction >= 1.0:
+            self.last = now
+            log.info("%3.0f%% %s", 100 * fraction, message)
 
 
 def run_stage2(cfg: IRAConfig, resume_from: str | Path, cpu: bool = False,
