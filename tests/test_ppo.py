@@ -1,0 +1,109 @@
+"""PPO's arithmetic on toy problems: GAE, the clipped losses, the reward shaping, the KL controller."""
+
+import pytest
+import torch
+
+from ira.training.ppo import (AdaptiveKLController, explained_variance, gae, masked_whiten, ppo_losses,
+                              shaped_rewards)
+
+
+def brute_force_gae(rewards, values, gamma, lam):
+    """Advantage at t = sum_l (gamma lam)^l delta_{t+l}, written out for one unmasked row."""
+    n = len(rewards)
+    deltas = [rewards[t] + gamma * (values[t + 1] if t + 1 < n else 0.0) - values[t] for t in range(n)]
+    return [sum((gamma * lam) ** (l - t) * deltas[l] for l in range(t, n)) for t in range(n)]
+
+
+def test_gae_matches_the_definition_and_skips_masked_steps():
+    gen = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(1, 6, generator=gen), torch.randn(1, 6, generator=gen)
+    full = torch.ones(1, 6, dtype=torch.bool)
+    adv, ret = gae(rewards, values, full, gamma=0.9, lam=0.8)
+    expected = brute_force_gae(rewards[0].tolist(), values[0].tolist(), 0.9, 0.8)
+    assert adv[0].tolist() == pytest.approx(expected, abs=1e-5)
+    assert torch.allclose(ret, adv + values)
+    # padding after the end changes nothing and gets no advantage
+    padded_r = torch.cat([rewards, torch.zeros(1, 3)], 1)
+    padded_v = torch.cat([values, torch.randn(1, 3, generator=gen)], 1)
+    mask = torch.cat([full, torch.zeros(1, 3, dtype=torch.bool)], 1)
+    adv2, _ = gae(padded_r, padded_v, mask, gamma=0.9, lam=0.8)
+    assert torch.allclose(adv2[:, :6], adv, atol=1e-6) and adv2[:, 6:].abs().sum() == 0
+
+
+def test_shaped_rewards_put_the_score_on_the_last_step():
+    logprobs = torch.tensor([[-1.0, -2.0, -1.5, 0.0], [-0.5, -0.5, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, -1.0, 0.0], [-0.5, -1.5, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    rewards, kl = shaped_rewards(torch.tensor([3.0, -1.0]), logprobs, ref, mask, kl_coef=0.1)
+    assert kl[0].tolist() == pytest.approx([0.5, 0.0, -0.5, 0.0])
+    assert rewards[0].tolist() == pytest.approx([-0.05, 0.0, 0.05 + 3.0, 0.0])
+    assert rewards[1].tolist() == pytest.approx([0.0, -0.1 - 1.0, 0.0, 0.0])
+
+
+def test_first_minibatch_has_ratio_one_and_no_clipping():
+    gen = torch.Generator().manual_seed(1)
+    logprobs = torch.randn(4, 7, generator=gen)
+    mask = torch.rand(4, 7, generator=gen) > 0.2
+    values = torch.randn(4, 7, generator=gen)
+    out = ppo_losses(logprobs, logprobs.clone(), torch.randn(4, 7, generator=gen), values, values.clone(),
+                     torch.randn(4, 7, generator=gen), mask)
+    assert out.ratio_mean.item() == pytest.approx(1.0) and out.clip_fraction.item() == 0.0
+    assert out.approx_kl.item() == pytest.approx(0.0, abs=1e-7)
+    far = ppo_losses(logprobs + 1.0, logprobs, torch.ones(4, 7), values, values, values, mask)
+    assert far.clip_fraction.item() == 1.0                       # every ratio is e > 1.2
+
+
+def test_ppo_moves_a_toy_policy_toward_the_rewarded_action():
+    """Three-step episodes over 4 actions; only action 2 is rewarded. A few PPO iterations later the
+    policy prefers it."""
+    torch.manual_seed(0)
+    logits = torch.zeros(3, 4, requires_grad=True)               # one categorical per step
+    value = torch.zeros(3, requires_grad=True)
+    optimizer = torch.optim.Adam([logits, value], lr=0.05)
+    ref_logits = torch.zeros(3, 4)
+    kl = AdaptiveKLController(0.05, target=None)
+    gen = torch.Generator().manual_seed(0)
+    start = logits.softmax(-1)[:, 2].mean().item()
+    for _ in range(15):
+        with torch.no_grad():                                    # rollout
+            probs = logits.softmax(-1).expand(64, 3, 4)
+            actions = torch.multinomial(probs.reshape(-1, 4), 1, generator=gen).view(64, 3)
+            old = logits.log_softmax(-1)[torch.arange(3), actions]
+            ref = ref_logits.log_softmax(-1)[torch.arange(3), actions]
+            score = (actions == 2).float().mean(1)
+            mask = torch.ones(64, 3, dtype=torch.bool)
+            rewards, _ = shaped_rewards(score, old, ref, mask, kl.value)
+            old_values = value.detach().expand(64, 3)
+            adv, returns = gae(rewards, old_values, mask)
+            adv = masked_whiten(adv, mask)
+        for _ in range(4):                                       # PPO epochs
+            new = logits.log_softmax(-1)[torch.arange(3), actions]
+            out = ppo_losses(new, old, adv, value.expand(64, 3), old_values, returns, mask)
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+    after = logits.softmax(-1)[:, 2].mean().item()
+    assert start == pytest.approx(0.25) and after > 0.6, after
+
+
+def test_adaptive_kl_coefficient():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=100)
+    assert ctl.update(12.0, 10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))       # above target: up, error clipped
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=100)
+    assert ctl.update(3.0, 10) == pytest.approx(0.1 * (1 - 0.2 * 0.1))        # below: down
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=100)
+    assert ctl.update(6.6, 10) == pytest.approx(0.1 * (1 + 0.1 * 0.1))
+    fixed = AdaptiveKLController(0.1, target=None)
+    assert fixed.update(100.0, 1000) == 0.1
+    again = AdaptiveKLController(1.0, target=1.0)
+    again.load_state_dict(ctl.state_dict())
+    assert again.value == ctl.value
+    with pytest.raises(ValueError, match="target"):
+        AdaptiveKLController(0.1, target=0.0)
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(returns, 2.5), returns, mask) == pytest.approx(0.0)
