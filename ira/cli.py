@@ -143,6 +143,7 @@ TRAIN_STAGES = {
     "style": "ira.training.stage_style:run_style_training",
     "1": "ira.training.stage1:run_stage1",
     "2": "ira.training.stage2:run_stage2",
+    "3": "ira.training.stage3:run_stage3",
 }
 
 
@@ -169,7 +170,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", required=True, choices=sorted(TRAIN_STAGES),
                         help="style: the CLIP-style voice encoder; 1: SpeechLM pre-training "
                              "(start it from a style checkpoint with --resume_checkpoint to follow descriptions); "
-                             "2: adapter alignment with the LLM (--resume_checkpoint <stage 1 checkpoint>)")
+                             "2: adapter alignment with the LLM (--resume_checkpoint <stage 1 checkpoint>); "
+                             "3: PPO with the LLM as judge (--resume_checkpoint <stage 2 checkpoint>)")
     parser.add_argument("--resume_checkpoint", "--resume-checkpoint", dest="resume_checkpoint", default=None,
                         help="a checkpoint of the same stage continues exactly (with its .train_state.pt); "
                              "one of the previous stage starts this stage from it")

@@ -330,6 +330,59 @@ class AlignConfig:
 
 
 @dataclass
+class PPOConfig:
+    """Stage 3, reinforced behaviour alignment (ira/training/stage3.py): PPO on the SpeechLM with the
+    LLM (through the stage-2 adapter) as judge. Own batch size, learning rate and step budget."""
+
+    batch_size: int = 8
+    """Rollouts (texts spoken) per PPO iteration."""
+    minibatch_size: int = 4
+    ppo_epochs: int = 2
+    """Passes over each batch of rollouts; every minibatch of every pass is one optimizer step."""
+    learning_rate: float = 1e-5
+    max_steps: int = 200
+    warmup_steps: int = 0
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    init_kl_coef: float = 0.05
+    target_kl: Optional[float] = 6.0
+    """Target KL (nats per sample) to the reference SpeechLM; the coefficient adapts toward it. null: fixed."""
+    kl_horizon: int = 10_000
+    semantic_weight: float = 1.0
+    """Reward for the judge's mean log-likelihood (per token) of the intended text given the audio."""
+    style_weight: float = 0.5
+    """Reward for the cosine, in the style space, between the audio and its description (0: off)."""
+    temperature: float = 1.0
+    top_k: int = 0
+    eval_texts: int = 8
+    """Held-out texts spoken and judged at each validation."""
+
+    def validate(self, check: "_Checker") -> None:
+        for name in ("batch_size", "minibatch_size", "ppo_epochs", "learning_rate", "max_steps", "kl_horizon",
+                     "eval_texts"):
+            check.positive(name, getattr(self, name))
+        check.that("minibatch_size", self.batch_size % self.minibatch_size == 0,
+                   f"must divide ppo.batch_size ({self.batch_size})")
+        check.that("warmup_steps", self.warmup_steps >= 0, "must be >= 0")
+        check.that("clip_range", 0.0 < self.clip_range < 1.0, "must be in (0, 1)")
+        check.positive("clip_range_value", self.clip_range_value)
+        check.that("vf_coef", self.vf_coef >= 0.0, "must be >= 0")
+        check.that("ent_coef", self.ent_coef >= 0.0, "must be >= 0")
+        check.that("gamma", 0.0 < self.gamma <= 1.0, "must be in (0, 1]")
+        check.that("lam", 0.0 <= self.lam <= 1.0, "must be in [0, 1]")
+        check.that("init_kl_coef", self.init_kl_coef >= 0.0, "must be >= 0")
+        check.that("target_kl", self.target_kl is None or self.target_kl > 0, "must be > 0, or null for a fixed coefficient")
+        check.that("semantic_weight", self.semantic_weight >= 0.0, "must be >= 0")
+        check.that("style_weight", self.style_weight >= 0.0, "must be >= 0")
+        check.that("temperature", self.temperature > 0.0, "must be > 0 (PPO needs sampled rollouts)")
+        check.that("top_k", self.top_k >= 0, "must be >= 0 (0 = off)")
+
+
+@dataclass
 class IRAConfig:
     preset: str = "custom"
     data: DataConfig = field(default_factory=DataConfig)
@@ -340,6 +393,7 @@ class IRAConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def validate(self, source: str | None = None) -> "IRAConfig":
         for f in dataclasses.fields(self):
@@ -551,6 +605,6 @@ def preset_config(name: str, overrides: list[str] | None = None) -> IRAConfig:
 # Re-exported for type checkers of downstream modules.
 __all__ = [
     "ConfigError", "IRAConfig", "DataConfig", "CodecConfig", "SpeechLMConfig", "TrainingConfig",
-    "StyleConfig", "LLMConfig", "AdapterConfig", "AlignConfig",
+    "StyleConfig", "LLMConfig", "AdapterConfig", "AlignConfig", "PPOConfig",
     "load_config", "preset_config", "config_from_dict", "section_from_dict", "PRESETS", "CONFIG_DIR",
 ]

@@ -6,41 +6,18 @@ import pytest
 import torch
 from torch import nn
 
-from ira.config import load_config
-from ira.data.dummy import create_dummy_corpus
 from ira.listener import Listener
 from ira.models.splice import build_student_inputs
 from ira.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ira.training.metrics_log import read_metrics
-from ira.training.stage1 import run_stage1
 from ira.training.stage2 import Stage2Task, distillation_losses, run_stage2
 from ira.training.teacher_responses import TASK_INSTRUCTIONS, build_teacher_responses
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["codec.name=mel", "codec.mel_n_codebooks=2", "codec.mel_codebook_size=16", "codec.mel_kmeans_iters=3",
-        "codec.mel_griffin_lim_iters=4", "speech_lm.d_model=32", "speech_lm.n_layers=1", "speech_lm.n_heads=2",
-        "speech_lm.style_dim=16", "style.embed_dim=16", "training.batch_size=4", "training.warmup_steps=1",
-        "data.val_fraction=0.25", "training.num_samples=1", "training.mixed_precision=no",
-        "adapter.dim=32", "adapter.n_latents=4", "adapter.n_layers=1", "adapter.n_heads=2",
-        "align.batch_size=3", "align.max_steps=2", "align.warmup_steps=1", "align.teacher_max_new_tokens=6",
-        "align.eval_clips=2", "llm.max_new_tokens=6", "llm.dtype=fp32", "llm.quantization=none",
-        "training.eval_every=2"]
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, bundled_llm):
-    root = tmp_path_factory.mktemp("stage2")
-    create_dummy_corpus(root / "data", num_clips=8, seed=0)
-    base = TINY + [f"data.dir={root / 'data'}"]
-    stage1 = run_stage1(load_config("cpu", base + ["training.max_steps=2", f"training.output_dir={root / 's1'}"]),
-                        cpu=True)
-    assert stage1.ok
-    llm_before = {name: p.detach().double().sum().item() for name, p in bundled_llm.model.named_parameters()}
-    cfg2 = load_config("cpu", base + [f"training.output_dir={root / 's2'}"])
-    stage2 = run_stage2(cfg2, resume_from=stage1.last_checkpoint, cpu=True, llm=bundled_llm)
-    assert stage2.ok, stage2.message
-    return root, cfg2, stage1, stage2, llm_before
+def runs(tiny_stage2):
+    return tiny_stage2
 
 
 def test_only_the_adapter_trains(runs, bundled_llm):

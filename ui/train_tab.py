@@ -31,7 +31,7 @@ STAGES = tuple((label, stage) for label, stage in ALL_STAGES if stage in TRAIN_S
 PREREQUISITE = {"1": "style", "2": "1", "3": "2"}
 """The stage whose checkpoint a stage starts from (optional for stage 1, required for 2 and 3)."""
 REQUIRED = ("2", "3")
-OWN_SECTION = {"style": "style", "2": "align"}
+OWN_SECTION = {"style": "style", "2": "align", "3": "ppo"}
 """Stages whose batch size, learning rate and step budget live in their own config section
 (`style.batch_size`, ...) rather than in `training`."""
 NONE = "(none)"

@@ -1,0 +1,384 @@
+"""Stage 3: Reinforced Behaviour Alignment — PPO on the SpeechLM, with the LLM as judge.
+
+One PPO iteration:
+1. Rollouts: the policy (the SpeechLM, initialised from stage 2) speaks a batch of corpus texts, each
+   with one of its clip's voice descriptions (KV cache, sampling at `ppo.temperature`).
+2. Judge: the frozen reference SpeechLM (the stage-2 one) reads the sampled audio (text and style
+   dropped), the stage-2 adapter turns it into soft tokens, and the LLM is asked to repeat what was
+   said; the semantic score is the LLM's mean log-likelihood per token of the intended text. The style
+   score is the cosine, in the style encoder's space, between the audio and the description.
+3. Rewards: `semantic_weight * semantic + style_weight * style` at each sample's last step, and a
+   per-step KL penalty to the reference policy (coefficient adapted toward `ppo.target_kl`).
+4. GAE with the value head's estimates, whitened advantages, then `ppo.ppo_epochs` passes of
+   clipped-ratio minibatch updates against the log-probs stored at rollout time.
+
+A step's action is one column of the delayed grid; its log-probability is the sum over the codebooks
+that were sampled there (forced fill/EOS positions do not count). Dropout is off in every policy pass
+(rollout, old log-probs and updates alike), so the first minibatch of an iteration has ratio 1.
+
+Engine fit: the loader yields each prompt batch `ppo_epochs * batch_size / minibatch_size` times in a
+row; the first time, `training_step` makes the rollouts, every time it trains on one minibatch. The
+rollout buffer is part of the task's state, so a run stopped mid-iteration resumes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ira.config import IRAConfig
+from ira.data.dataset import pad_codes
+from ira.data.prepare import ensure_prepared
+from ira.data.token_cache import TokenSplit, load_split
+from ira.models.llm import LoadedLLM, load_llm
+from ira.models.speech_lm import SpeechLM
+from ira.models.splice import build_student_inputs, generate_reply
+from ira.speaker import min_frames_for
+from ira.text_metrics import corpus_cer
+from ira.training.checkpoint import Checkpoint, load_checkpoint, require_stage
+from ira.training.components import (CodecState, codec_from_checkpoint, speech_lm_from_checkpoint,
+                                     style_encoder_from_checkpoint, tokenizer_from_checkpoint)
+from ira.training.engine import FitResult, Trainer
+from ira.training.ppo import (AdaptiveKLController, explained_variance, gae, masked_mean, masked_whiten,
+                              ppo_losses, shaped_rewards)
+from ira.training.stage2 import process_device
+from ira.training.task import TrainingTask
+from ira.training.teacher_responses import TASK_INSTRUCTIONS
+
+JUDGE_INSTRUCTION = TASK_INSTRUCTIONS["repeat"]
+SLOWEST_CHARS_PER_SECOND = 6.0   # rollouts may last this long at most (a very slow reading)
+
+
+class ValueHead(nn.Module):
+    """Expected return from the policy's hidden state at each audio step."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden.float()).squeeze(-1)
+
+
+def step_logprobs(model: SpeechLM, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forced pass over sampled audio: per-step (log-prob, entropy, mask, hidden) [B, S] ([B, S, d]).
+
+    Every condition is kept (no dropout of text or style), as at rollout time."""
+    n = batch["codes"].shape[0]
+    keep = torch.zeros(n, dtype=torch.bool, device=batch["codes"].device)
+    out = model(batch["text_ids"], batch["text_mask"], batch.get("style"), batch["codes"], batch["codes_lengths"],
+                drop_text=keep, drop_style=keep, return_hidden=True)
+    log_probs = F.log_softmax(out.logits.float(), dim=-1)                          # [B, K, S, C]
+    targets = out.targets.clamp(max=log_probs.shape[-1] - 1)
+    picked = log_probs.gather(-1, targets[..., None]).squeeze(-1) * out.target_mask
+    entropy = -(log_probs.exp() * log_probs).sum(-1) * out.target_mask
+    mask = out.target_mask.any(dim=1)
+    return picked.sum(1), entropy.sum(1), mask, out.hidden
+
+
+class PromptDataset(Dataset):
+    """Corpus texts with one of their clip's voice descriptions (chosen by index: reproducible)."""
+
+    def __init__(self, split: TokenSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        descriptions = self.split.descriptions[i]
+        return {"clip": i, "text": self.split.texts[i],
+                "description": descriptions[i % len(descriptions)] if descriptions else ""}
+
+
+class RepeatedBatchSampler(Sampler[list[int]]):
+    """Shuffled batches of `batch_size`, each yielded `repeats` times in a row (one PPO iteration)."""
+
+    def __init__(self, n: int, batch_size: int, repeats: int, seed: int):
+        if n < batch_size:
+            raise ValueError(f"{n} prompts, fewer than ppo.batch_size={batch_size}: lower ppo.batch_size")
+        self.n, self.batch_size, self.repeats, self.seed, self.epoch = n, batch_size, repeats, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        for start in range(0, self.n - self.batch_size + 1, self.batch_size):
+            batch = order[start:start + self.batch_size]
+            for _ in range(self.repeats):
+                yield batch
+
+    def __len__(self) -> int:
+        return (self.n // self.batch_size) * self.repeats
+
+
+def collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"clip": torch.tensor([item["clip"] for item in items]), "texts": [item["text"] for item in items],
+            "descriptions": [item["description"] for item in items]}
+
+
+class Stage3Task(TrainingTask):
+    stage = "3"
+
+    def __init__(self, cfg: IRAConfig, source: Checkpoint, llm: Optional[LoadedLLM] = None, cpu: bool = False):
+        from ira.listener import adapter_from_checkpoint
+
+        self.cfg, self.source = cfg, source
+        self.codec = codec_from_checkpoint(source, cfg)
+        self.tokenizer = tokenizer_from_checkpoint(source)
+        self.policy = speech_lm_from_checkpoint(source)
+        self.reference = speech_lm_from_checkpoint(source)
+        if "reference" in source.modules:            # resuming stage 3: the reference stays the stage-2 model
+            source.load_into("reference", self.reference)
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+        self.value_head = ValueHead(self.policy.cfg.d_model)
+        self.adapter = adapter_from_checkpoint(source)
+        self.style_encoder = style_encoder_from_checkpoint(source) if "style" in source.modules else None
+        self.codec_state = CodecState(self.codec)
+        self.llm = llm or load_llm(cfg.llm, device=process_device(cpu))
+        if self.adapter.out_dim != self.llm.hidden_size:
+            raise ValueError(f"{source.path}: its adapter was trained for an LLM of hidden size "
+                             f"{self.adapter.out_dim}, but {self.llm.name} has {self.llm.hidden_size}; "
+                             f"set llm.name to the LLM of stage 2")
+        pc = cfg.ppo
+        self.repeats = pc.ppo_epochs * (pc.batch_size // pc.minibatch_size)
+        self.kl = AdaptiveKLController(pc.init_kl_coef, pc.target_kl, pc.kl_horizon)
+        self.micro = 0                     # training_step calls so far (position inside an iteration)
+        self.buffer: dict[str, Any] = {}   # the current iteration's rollouts
+        self.rollout_metrics: dict[str, float] = {}
+
+        prepared = ensure_prepared(cfg)
+        if prepared.codec.fingerprint != self.codec.fingerprint:
+            raise ValueError(f"{source.path} was trained with the codec {self.codec.fingerprint}, but "
+                             f"{cfg.data.dir} is tokenised with {prepared.codec.fingerprint}")
+        self.train_split = load_split(prepared.cache_files["train"], self.codec.fingerprint)
+        self.val_split = load_split(prepared.cache_files["val"], self.codec.fingerprint)
+
+    # -- the engine's interface -------------------------------------------------------------------
+
+    def modules(self) -> dict[str, nn.Module]:
+        parts: dict[str, nn.Module] = {"speech_lm": self.policy, "value_head": self.value_head,
+                                       "reference": self.reference, "adapter": self.adapter,
+                                       "codec": self.codec_state}
+        if self.style_encoder is not None:
+            parts["style"] = self.style_encoder
+        return parts
+
+    def setup(self, device: torch.device) -> None:
+        if not self.llm.quantized:
+            self.llm.model.to(device)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.policy.parameters()) + list(self.value_head.parameters())
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = RepeatedBatchSampler(len(self.train_split), self.cfg.ppo.batch_size, self.repeats,
+                                       self.cfg.training.seed)
+        return DataLoader(PromptDataset(self.train_split), batch_sampler=sampler, collate_fn=collate_prompts)
+
+    def val_dataloader(self) -> Optional[DataLoader]:
+        if not len(self.val_split):
+            return None
+        n = min(self.cfg.ppo.eval_texts, len(self.val_split))
+        return DataLoader(torch.utils.data.Subset(PromptDataset(self.val_split), range(n)), batch_size=n,
+                          collate_fn=collate_prompts)
+
+    # -- rollouts and their scores ----------------------------------------------------------------
+
+    def _conditions(self, texts: list[str], descriptions: list[str]) -> dict[str, Any]:
+        device = self.policy.device
+        text_ids, text_mask = self.tokenizer.batch_encode(texts)
+        text_ids = text_ids[:, : self.policy.cfg.max_text_tokens].to(device)
+        text_mask = text_mask[:, : self.policy.cfg.max_text_tokens].to(device)
+        style = None
+        if self.style_encoder is not None:
+            vectors = [self.style_encoder.embed_description(d) for d in descriptions]
+            if all(v is not None for v in vectors):
+                style = torch.stack(vectors).to(device)
+        return {"text_ids": text_ids, "text_mask": text_mask, "style": style}
+
+    @torch.no_grad()
+    def speak(self, model: SpeechLM, texts: list[str], descriptions: list[str], seed: int
+              ) -> dict[str, Any]:
+        """Sample speech for the texts; the batch dict of the samples (conditions, codes, lengths)."""
+        conditions = self._conditions(texts, descriptions)
+        rate = self.codec.frame_rate
+        longest = max(len(t) for t in texts)
+        max_frames = min(model.cfg.max_audio_frames, int(math.ceil(longest / SLOWEST_CHARS_PER_SECOND * rate)) + 10)
+        min_frames = min(min_frames_for(min(texts, key=len), rate), max_frames)
+        was_training = model.training
+        model.eval()
+        codes = model.generate(text_ids=conditions["text_ids"], text_mask=conditions["text_mask"],
+                               style=conditions["style"], max_frames=max_frames, min_frames=min_frames,
+                               temperature=self.cfg.ppo.temperature, top_k=self.cfg.ppo.top_k, seed=seed,
+                               length_tolerance=0.2)
+        model.train(was_training)
+        codes = [c if c.shape[1] else torch.zeros(c.shape[0], 1, dtype=torch.long) for c in codes]
+        padded, lengths = pad_codes(codes)
+        return {**conditions, "codes": padded.to(model.device), "codes_lengths": lengths.to(model.device)}
+
+    @torch.no_grad()
+    def judge(self, samples: dict[str, Any], texts: list[str], descriptions: list[str]) -> dict[str, torch.Tensor]:
+        """Semantic score (LLM's mean log-likelihood per token of the text, from the audio) and style score."""
+        features, mask = self.reference.audio_features(samples["codes"], samples["codes_lengths"])
+        audio = self.adapter(features, mask)
+        inputs = build_student_inputs(self.llm, [JUDGE_INSTRUCTION] * len(texts), audio, texts)
+        logits = self.llm.model(**inputs.model_inputs(), use_cache=False).logits
+        targets = inputs.labels[:, 1:]
+        keep = targets != -100
+        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(
+            -1, targets.clamp(min=0)[..., None]).squeeze(-1)
+        semantic = masked_mean(log_probs, keep, dim=1)
+        style = torch.zeros_like(semantic)
+        if self.style_encoder is not None and samples.get("style") is not None:
+            style = (self._audio_style(samples) * samples["style"].to(semantic.device)).sum(-1)
+        return {"semantic": semantic, "style": style}
+
+    def _audio_style(self, samples: dict[str, Any]) -> torch.Tensor:
+        """Style-space vectors of the sampled audio (the codec's mel when it has one: no vocoder needed)."""
+        clips = [samples["codes"][i, :, : int(n)].cpu() for i, n in enumerate(samples["codes_lengths"])]
+        encoder = self.style_encoder
+        if hasattr(self.codec, "decode_mel") and getattr(self.codec, "n_mels", None) == encoder.cfg.n_mels:
+            return encoder.embed_audio([self.codec.decode_mel(c) for c in clips])
+        return encoder.embed_audio([self.codec.decode(c).float() for c in clips], sr=self.codec.sample_rate)
+
+    @torch.no_grad()
+    def rollout(self, batch: dict[str, Any]) -> None:
+        """Sample, judge, shape rewards, estimate advantages; store everything in `self.buffer`."""
+        pc = self.cfg.ppo
+        iteration = self.micro // self.repeats
+        samples = self.speak(self.policy, batch["texts"], batch["descriptions"],
+                             seed=self.cfg.training.seed * 100_003 + iteration)
+        scores = self.judge(samples, batch["texts"], batch["descriptions"])
+        score = pc.semantic_weight * scores["semantic"] + pc.style_weight * scores["style"]
+        self.policy.eval()
+        logprobs, _, mask, hidden = step_logprobs(self.policy, samples)
+        values = self.value_head(hidden) * mask
+        ref_logprobs, _, _, _ = step_logprobs(self.reference, samples)
+        rewards, kl = shaped_rewards(score.to(logprobs.device), logprobs, ref_logprobs, mask, self.kl.value)
+        advantages, returns = gae(rewards, values, mask, pc.gamma, pc.lam)
+        advantages = masked_whiten(advantages, mask)
+        sequence_kl = kl.sum(1).mean().item()
+        self.rollout_metrics = {
+            "reward": score.mean().item(), "reward_semantic": scores["semantic"].mean().item(),
+            "reward_style": scores["style"].mean().item(), "kl": sequence_kl, "kl_coef": self.kl.value,
+            "explained_variance": explained_variance(values, returns, mask),
+            "rollout_seconds_audio": samples["codes_lengths"].float().mean().item() / self.codec.frame_rate}
+        self.kl.update(sequence_kl, pc.batch_size)
+        self.buffer = {**{k: v for k, v in samples.items() if v is not None}, "old_logprobs": logprobs,
+                       "old_values": values, "advantages": advantages, "returns": returns, "mask": mask}
+
+    # -- one optimizer step -----------------------------------------------------------------------
+
+    def _minibatch(self, phase: int) -> torch.Tensor:
+        """Indices of the minibatch for this phase of the iteration (a fresh shuffle per PPO epoch)."""
+        pc = self.cfg.ppo
+        per_epoch = pc.batch_size // pc.minibatch_size
+        epoch, index = divmod(phase, per_epoch)
+        iteration = self.micro // self.repeats
+        order = torch.randperm(pc.batch_size, generator=torch.Generator().manual_seed(
+            self.cfg.training.seed + 7919 * iteration + epoch))
+        return order[index * pc.minibatch_size:(index + 1) * pc.minibatch_size]
+
+    def training_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        phase = self.micro % self.repeats
+        if phase == 0 or not self.buffer:
+            self.rollout(batch)
+        rows = self._minibatch(phase).to(self.buffer["codes"].device)
+        mb = {k: v[rows] for k, v in self.buffer.items()}
+        self.policy.eval()                 # no dropout: the ratio compares like with like
+        logprobs, entropy, _, hidden = step_logprobs(self.policy, mb)
+        values = self.value_head(hidden)
+        pc = self.cfg.ppo
+        out = ppo_losses(logprobs, mb["old_logprobs"], mb["advantages"], values, mb["old_values"], mb["returns"],
+                         mb["mask"], entropy=entropy, clip_range=pc.clip_range, clip_range_value=pc.clip_range_value,
+                         vf_coef=pc.vf_coef, ent_coef=pc.ent_coef)
+        self.micro += 1
+        return {"loss": out.loss, **out.metrics(), **self.rollout_metrics,
+                "samples": len(rows), "frames": int(mb["codes_lengths"].sum())}
+
+    # -- validation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self, loader: Any) -> dict[str, float]:
+        """On held-out texts: the judge's scores of the policy's samples, the KL to the reference, and
+        proxies a reward hack would show — the reference's log-likelihood per frame of the samples
+        (do they still look like speech to the stage-2 model?), the judge's CER when it repeats what it
+        heard, and the spoken duration per character."""
+        metrics: dict[str, float] = {}
+        for batch in loader:
+            samples = self.speak(self.policy, batch["texts"], batch["descriptions"], seed=self.cfg.training.seed)
+            scores = self.judge(samples, batch["texts"], batch["descriptions"])
+            logprobs, _, mask, _ = step_logprobs(self.policy, samples)
+            ref_logprobs, _, _, _ = step_logprobs(self.reference, samples)
+            features, feature_mask = self.reference.audio_features(samples["codes"], samples["codes_lengths"])
+            inputs = build_student_inputs(self.llm, [JUDGE_INSTRUCTION] * len(batch["texts"]),
+                                          self.adapter(features, feature_mask), None)
+            heard = generate_reply(self.llm, inputs, max_new_tokens=self.cfg.llm.max_new_tokens)
+            frames = samples["codes_lengths"].float()
+            chars = torch.tensor([len(t) for t in batch["texts"]], dtype=torch.float, device=frames.device)
+            metrics = {"val_reward_semantic": scores["semantic"].mean().item(),
+                       "val_reward_style": scores["style"].mean().item(),
+                       "val_kl": ((logprobs - ref_logprobs) * mask).sum(1).mean().item(),
+                       "val_ref_logprob_per_frame": ((ref_logprobs * mask).sum(1) / frames).mean().item(),
+                       "val_judge_cer": corpus_cer(batch["texts"], heard),
+                       "val_seconds_per_char": (frames / self.codec.frame_rate / chars).mean().item()}
+            self._last_heard = [{"text": t, "heard": h} for t, h in zip(batch["texts"], heard)]
+        return metrics
+
+    def on_validation_end(self, step: int, out_dir: Path) -> list[str]:
+        heard = getattr(self, "_last_heard", [])
+        if not heard:
+            return []
+        path = out_dir / "judge.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in heard))
+        return [str(path)]
+
+    # -- checkpoint -------------------------------------------------------------------------------
+
+    def checkpoint_metadata(self) -> dict[str, str]:
+        keys = ("codec_fingerprint", "codec_meta", "tokenizer", "speech_lm", "adapter", "llm", "align_tasks")
+        meta = {key: self.source.metadata[key] for key in keys if key in self.source.metadata}
+        if self.style_encoder is not None:
+            meta.update(self.style_encoder.metadata())
+        return meta
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"micro": self.micro, "kl": self.kl.state_dict(), "rollout_metrics": dict(self.rollout_metrics),
+                "buffer": {k: v.detach().cpu() for k, v in self.buffer.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.micro = int(state.get("micro", 0))
+        if "kl" in state:
+            self.kl.load_state_dict(state["kl"])
+        self.rollout_metrics = dict(state.get("rollout_metrics", {}))
+        device = self.policy.device
+        self.buffer = {k: v.to(device) for k, v in state.get("buffer", {}).items()}
+
+
+def run_stage3(cfg: IRAConfig, resume_from: str | Path, cpu: bool = False,
+               llm: Optional[LoadedLLM] = None) -> FitResult:
+    """`resume_from`: a stage-2 checkpoint starts PPO from it (it is also the reference policy and the
+    judge); a stage-3 checkpoint continues exactly."""
+    if resume_from is None:
+        raise ValueError("stage 3 needs --resume_checkpoint: a stage-2 checkpoint (its SpeechLM is the starting "
+                         "policy, its adapter the judge's ears), or a stage-3 checkpoint to continue")
+    source = require_stage(load_checkpoint(resume_from), ("2", "3"), purpose="stage 3")
+    cfg = cfg.with_training_from("ppo")
+    # PPO's minibatches are its micro-steps: no gradient accumulation across them
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, grad_accum_steps=1, max_batch_frames=0))
+    task = Stage3Task(cfg, source, llm=llm, cpu=cpu)
+    return Trainer(cfg, task, run_name=None, cpu=cpu).fit(resume_from=resume_from if source.stage == "3" else None)
+
