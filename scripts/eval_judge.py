@@ -1,0 +1,57 @@
+"""What does the judge think of a checkpoint's speech? Stage 3's validation, on its own.
+
+    python scripts/eval_judge.py --checkpoint runs/x/stage2_latest.safetensors   # before PPO
+    python scripts/eval_judge.py --checkpoint runs/x/stage3_latest.safetensors   # after
+
+Speaks the first `--texts` held-out texts of the checkpoint's corpus (each with a voice description)
+and prints the judge's semantic reward (the LLM's mean log-likelihood per token of the text, from the
+audio), the style reward, the KL to the reference (stage-2) SpeechLM, and the proxies that would
+reveal a reward hack: the reference's log-likelihood per frame of the samples, the judge's CER when it
+repeats what it heard, and the seconds spoken per character.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import torch
+
+from ira.training.checkpoint import load_checkpoint, require_stage
+from ira.training.stage3 import Stage3Task
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a stage 2 or 3 checkpoint")
+    parser.add_argument("--texts", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    ckpt = require_stage(load_checkpoint(args.checkpoint), ("2", "3"), purpose="judging")
+    cfg = ckpt.ira_config()
+    cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, eval_texts=args.texts),
+                              training=dataclasses.replace(cfg.training, seed=args.seed))
+    task = Stage3Task(cfg, ckpt, cpu=True)
+    loader = task.val_dataloader()
+    if loader is None:
+        print(f"{cfg.data.dir} has no validation clips", file=sys.stderr)
+        return 1
+    with torch.inference_mode():
+        metrics = task.validate(loader)
+    print(f"{args.checkpoint} (stage {ckpt.stage}), {args.texts} held-out texts:")
+    for key, value in metrics.items():
+        print(f"  {key[4:]:>24}: {value:.4f}")
+    for row in getattr(task, "_last_heard", [])[:3]:
+        print(f"  said {row['text']!r}\n  judge heard {row['heard']!r}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"checkpoint": args.checkpoint, **metrics}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
