@@ -42,6 +42,13 @@ def adapter_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu"
     return adapter.to(device).eval()
 
 
+def feature_speech_lm_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") -> SpeechLM:
+    """The SpeechLM whose features the adapter was trained on: the stage-2 model. In a stage-3 checkpoint
+    that is the frozen reference, not the PPO policy (whose hidden states have drifted from it)."""
+    module = "reference" if "reference" in ckpt.modules else "speech_lm"
+    return speech_lm_from_checkpoint(ckpt, device, module=module)
+
+
 def llm_config_for(ckpt: Checkpoint, override: Optional[LLMConfig] = None) -> LLMConfig:
     """The LLM the adapter was trained for: the checkpoint's config section, unless one is given."""
     if override is not None:
@@ -72,7 +79,7 @@ class Listener:
         if recorded and recorded != llm.name:
             raise CheckpointError(f"{path} was aligned to the LLM {recorded!r}, not {llm.name!r}: set llm.name "
                                   f"to {recorded!r}")
-        return cls(speech_lm_from_checkpoint(ckpt, dev), codec_from_checkpoint(ckpt, ckpt.ira_config()),
+        return cls(feature_speech_lm_from_checkpoint(ckpt, dev), codec_from_checkpoint(ckpt, ckpt.ira_config()),
                    adapter, llm, Path(path))
 
     @property
@@ -108,8 +115,13 @@ class Listener:
         """Batched answers for clips given as codec codes (evaluation uses the token cache directly)."""
         if len(codes) != len(prompts):
             raise ValueError(f"{len(codes)} clips but {len(prompts)} prompts")
-        inputs = build_student_inputs(self.llm, [p.strip() or DEFAULT_PROMPT for p in prompts],
-                                      self.audio_tokens(codes), None)
+        return self.answer(self.audio_tokens(codes), prompts, max_new_tokens)
+
+    @torch.inference_mode()
+    def answer(self, audio_tokens: torch.Tensor, prompts: Sequence[str],
+               max_new_tokens: Optional[int] = None) -> list[str]:
+        """The LLM's replies given the adapter's vectors [B, N, H] (from `audio_tokens`) and one prompt per clip."""
+        inputs = build_student_inputs(self.llm, [p.strip() or DEFAULT_PROMPT for p in prompts], audio_tokens, None)
         return [r.strip() for r in generate_reply(self.llm, inputs, max_new_tokens=max_new_tokens or 64)]
 
     def understand(self, audio: Any, prompt: str = DEFAULT_PROMPT, sample_rate: Optional[int] = None,

@@ -20,12 +20,12 @@ import torch
 
 from ira.data.prepare import ensure_prepared
 from ira.data.token_cache import load_split
-from ira.listener import Listener, adapter_from_checkpoint
+from ira.listener import Listener, adapter_from_checkpoint, feature_speech_lm_from_checkpoint
 from ira.models.adapter import PerceiverAdapter
 from ira.models.llm import load_llm
 from ira.text_metrics import character_error_rate, corpus_cer
 from ira.training.checkpoint import load_checkpoint, require_stage
-from ira.training.components import codec_from_checkpoint, speech_lm_from_checkpoint
+from ira.training.components import codec_from_checkpoint
 from ira.training.teacher_responses import TASK_INSTRUCTIONS
 
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = require_stage(load_checkpoint(args.checkpoint), ("1", "2", "3"), purpose="evaluation")
     cfg = ckpt.ira_config()
     llm = load_llm(cfg.llm)
-    speech_lm = speech_lm_from_checkpoint(ckpt)
+    speech_lm = feature_speech_lm_from_checkpoint(ckpt)
     if args.random_adapter:
         torch.manual_seed(0)
         adapter = PerceiverAdapter(cfg.adapter, speech_lm.cfg.d_model, llm.hidden_size, llm.embed_norm).eval()

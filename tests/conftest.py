@@ -79,3 +79,35 @@ def tiny_stage2(tmp_path_factory, bundled_llm):
         return root, cfg2, stage1, stage2, llm_before
     finally:
         torch.set_num_threads(before)
+
+
+TINY_PPO = ["ppo.batch_size=2", "ppo.minibatch_size=1", "ppo.ppo_epochs=2", "ppo.learning_rate=1e-3", "ppo.eval_texts=2",
+            "ppo.warmup_steps=0", "training.log_every=1", "training.save_every=2", "training.eval_every=4",
+            "llm.max_new_tokens=4"]
+
+
+def tiny_stage3_config(tiny_stage2, out, *extra):
+    """The tiny stage-2 run's config with PPO settings for a few-second stage 3, writing to `out`."""
+    from ira.config import load_config
+
+    cfg2 = tiny_stage2[1]
+    flat = [f"{section}.{key}={value}" for section, values in cfg2.to_dict().items() if isinstance(values, dict)
+            for key, value in values.items() if value is not None]
+    return load_config("cpu", flat + TINY_PPO + [f"training.output_dir={out}", *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_stage3(tiny_stage2, bundled_llm, tmp_path_factory):
+    """FitResult of 4 PPO steps from the tiny stage-2 checkpoint: shared by the stage 3 and inference tests."""
+    from ira.training.stage3 import run_stage3
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("s3") / "full"
+        result = run_stage3(tiny_stage3_config(tiny_stage2, out, "ppo.max_steps=4"), tiny_stage2[3].last_checkpoint,
+                            cpu=True, llm=bundled_llm)
+        assert result.ok, result.message
+        return result
+    finally:
+        torch.set_num_threads(before)

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from ira.config import load_config
+from conftest import tiny_stage3_config
 from ira.listener import Listener
 from ira.speaker import SamplingSettings, Speaker
 from ira.training.checkpoint import CheckpointError, load_checkpoint, read_metadata, train_state_path
@@ -15,31 +15,13 @@ from ira.training.stage3 import Stage3Task, run_stage3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PPO = ["ppo.batch_size=2", "ppo.minibatch_size=1", "ppo.ppo_epochs=2", "ppo.learning_rate=1e-3", "ppo.eval_texts=2",
-       "ppo.warmup_steps=0", "training.log_every=1", "training.save_every=2", "training.eval_every=4",
-       "llm.max_new_tokens=4"]
-
-
 def _cfg(tiny_stage2, out, *extra):
-    root, cfg2, *_ = tiny_stage2
-    return load_config("cpu", [f"{k}={v}" for k, v in _flat(cfg2)] + PPO + [f"training.output_dir={out}", *extra])
-
-
-def _flat(cfg):
-    for section, values in cfg.to_dict().items():
-        if isinstance(values, dict):
-            for key, value in values.items():
-                if value is not None:
-                    yield f"{section}.{key}", value
+    return tiny_stage3_config(tiny_stage2, out, *extra)
 
 
 @pytest.fixture(scope="module")
-def ppo_run(tiny_stage2, bundled_llm, tmp_path_factory):
-    out = tmp_path_factory.mktemp("s3") / "full"
-    result = run_stage3(_cfg(tiny_stage2, out, "ppo.max_steps=4"), tiny_stage2[3].last_checkpoint, cpu=True,
-                        llm=bundled_llm)
-    assert result.ok, result.message
-    return result
+def ppo_run(tiny_stage3):
+    return tiny_stage3
 
 
 def test_first_minibatch_of_an_iteration_has_ratio_one(tiny_stage2, bundled_llm, tmp_path):
@@ -75,6 +57,8 @@ def test_metrics_and_checkpoint(ppo_run, tiny_stage2, bundled_llm):
     assert speaker.speak("hello", settings=SamplingSettings(max_seconds=0.3)).codes.shape[0] == 2
     listener = Listener.from_checkpoint(ppo_run.last_checkpoint, device="cpu", llm=bundled_llm)
     assert isinstance(listener.understand(torch.randn(24000) * 0.1, sample_rate=24000, max_new_tokens=3), str)
+    for key, tensor in listener.speech_lm.state_dict().items():  # it hears with the features the adapter learned
+        assert torch.equal(tensor, ckpt.state_dict("reference")[key]), key
 
 
 def test_resume_mid_iteration_is_exact(ppo_run, tiny_stage2, bundled_llm, tmp_path):

@@ -88,8 +88,12 @@ def style_encoder_from_checkpoint(ckpt: Checkpoint, device: str | torch.device =
     return model.to(device).eval()
 
 
-def speech_lm_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") -> SpeechLM:
-    """The SpeechLM of a checkpoint, shaped from its metadata, weights loaded, in eval mode."""
+def speech_lm_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu",
+                              module: str = "speech_lm") -> SpeechLM:
+    """The SpeechLM of a checkpoint, shaped from its metadata, weights loaded, in eval mode.
+
+    `module="reference"` gives a stage-3 checkpoint's frozen stage-2 SpeechLM (same shape as the policy).
+    """
     model = SpeechLM.from_config_dict(_meta_json(ckpt, "speech_lm"))
-    ckpt.load_into("speech_lm", model)
+    ckpt.load_into(module, model)
     return model.to(device).eval()

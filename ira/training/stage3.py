@@ -132,15 +132,13 @@ class Stage3Task(TrainingTask):
     stage = "3"
 
     def __init__(self, cfg: IRAConfig, source: Checkpoint, llm: Optional[LoadedLLM] = None, cpu: bool = False):
-        from ira.listener import adapter_from_checkpoint
+        from ira.listener import adapter_from_checkpoint, feature_speech_lm_from_checkpoint
 
         self.cfg, self.source = cfg, source
         self.codec = codec_from_checkpoint(source, cfg)
         self.tokenizer = tokenizer_from_checkpoint(source)
         self.policy = speech_lm_from_checkpoint(source)
-        self.reference = speech_lm_from_checkpoint(source)
-        if "reference" in source.modules:            # resuming stage 3: the reference stays the stage-2 model
-            source.load_into("reference", self.reference)
+        self.reference = feature_speech_lm_from_checkpoint(source)  # resuming stage 3: still the stage-2 model
         for p in self.reference.parameters():
             p.requires_grad_(False)
         self.value_head = ValueHead(self.policy.cfg.d_model)
