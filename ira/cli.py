@@ -181,18 +181,18 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 # --- ira generate ---------------------------------------------------------------------------------
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from ira.audio import save_audio
+    from ira.inference import IRAPipeline
     from ira.speaker import SamplingSettings, Speaker
 
-    speaker = Speaker.from_checkpoint(args.checkpoint, device=args.device)
+    pipeline = IRAPipeline(Speaker.from_checkpoint(args.checkpoint, device=args.device))  # speaking needs no LLM
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 cfg_scale=args.cfg_scale, max_seconds=args.max_seconds, seed=args.seed)
-    result = speaker.speak(args.text, style=args.style, reference=args.reference, settings=settings)
+    result = pipeline.speak(args.text, style=args.style, reference_audio=args.reference, settings=settings)
     if result.codes.shape[1] == 0:
         print("error: the model ended the speech at once (no frames); train longer or use another seed",
               file=sys.stderr)
         return 1
-    path = save_audio(args.output, result.waveform, result.sample_rate)
+    path = pipeline.save_audio(result.waveform, args.output, result.sample_rate)
     print(f"{path}: {result.seconds:.2f} s of audio ({result.codes.shape[1]} frames) in "
           f"{result.timings['generate_s'] + result.timings['decode_s']:.2f} s")
     return 0
@@ -214,10 +214,13 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 # --- ira understand -------------------------------------------------------------------------------
 
 def cmd_understand(args: argparse.Namespace) -> int:
+    from ira.inference import IRAPipeline
     from ira.listener import Listener
+    from ira.speaker import Speaker
 
     listener = Listener.from_checkpoint(args.checkpoint, device=args.device)
-    answer = listener.understand(args.audio, args.prompt, max_new_tokens=args.max_new_tokens)
+    pipeline = IRAPipeline(Speaker.from_checkpoint(args.checkpoint, device=str(listener.device)), listener)
+    answer = pipeline.understand(args.audio, args.prompt, max_new_tokens=args.max_new_tokens)
     print(f"{args.audio} | {args.prompt}")
     print(answer.replace("\n", " ").strip() or "(the LLM gave no answer)")
     return 0
@@ -229,6 +232,20 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     from ira.bench import bench_generate, print_and_save
     presets = [p.strip() for p in args.sizes.split(",") if p.strip()]
     print_and_save(bench_generate(presets, frames=args.frames, repeats=args.repeats), args.json)
+    return 0
+
+
+def cmd_bench_pipeline(args: argparse.Namespace) -> int:
+    from ira.bench import bench_checkpoint, bench_pipeline, print_and_save
+    from ira.config import LLMConfig
+    from ira.models.llm import load_llm
+
+    if args.checkpoint:
+        print_and_save(bench_checkpoint(args.checkpoint, max_new_tokens=args.max_new_tokens), args.json)
+        return 0
+    llm = load_llm(LLMConfig(name=args.llm), device="cpu")
+    presets = [p.strip() for p in args.sizes.split(",") if p.strip()]
+    print_and_save(bench_pipeline(presets, llm, seconds=args.seconds, max_new_tokens=args.max_new_tokens), args.json)
     return 0
 
 
@@ -302,6 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures to FILE")
     p.set_defaults(func=cmd_bench_generate)
+
+    p = bench.add_parser("pipeline", help="latency of each end-to-end step (speak, decode, adapter, LLM answer) "
+                                          "for a 10-word sentence")
+    p.add_argument("--sizes", default="cpu,laptop", help="comma-separated presets whose model sizes to time")
+    p.add_argument("--seconds", type=float, default=4.0, help="audio spoken (a 10-word sentence is ~4 s)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32)
+    p.add_argument("--llm", default="bundled", help="the LLM that answers (bundled, a hub id or a folder)")
+    p.add_argument("--checkpoint", default=None,
+                   help="time end_to_end_pipeline on this trained checkpoint instead of random models")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures to FILE")
+    p.set_defaults(func=cmd_bench_pipeline)
     return parser
 
 
