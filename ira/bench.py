@@ -1,4 +1,4 @@
-"""Benchmarks that print figures (never timed tests): `ira bench generate [--json FILE]`.
+"""Benchmarks that print figures (never timed tests): `ira bench generate|pipeline [--json FILE]`.
 
 Real-time factor (RTF) = seconds of compute per second of audio produced; below 1 is faster than
 real time. Models are randomly initialised at the preset's size: speed does not depend on the
@@ -11,6 +11,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -78,3 +79,79 @@ def print_and_save(results: dict, json_path: str | Path | None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"written to {path}")
+
+
+# --- the pipeline's latency breakdown ---------------------------------------------------------------
+
+def untrained_codec(preset: str) -> Any:
+    """The preset's codec with random parameters: the same compute as the trained one, no data needed."""
+    from ira.codec.encodec_codec import EncodecCodec
+    from ira.codec.mel import MelCodec
+
+    cfg = preset_config(preset).codec
+    if cfg.name != "mel":
+        return EncodecCodec.untrained(cfg.bandwidth)
+    g = torch.Generator().manual_seed(0)
+    books = torch.randn(cfg.mel_n_codebooks, cfg.mel_codebook_size, cfg.mel_n_mels, generator=g) * 0.3
+    return MelCodec(books, torch.zeros(cfg.mel_n_mels), torch.ones(cfg.mel_n_mels), cfg.mel_griffin_lim_iters)
+
+
+def bench_pipeline(presets: list[str], llm: Any, seconds: float = 4.0, max_new_tokens: int = 32
+                   ) -> dict[str, float | str]:
+    """Latency of each step of `end_to_end_pipeline` for a 10-word sentence at each preset's model size.
+
+    The SpeechLM, codec and adapter are randomly initialised at the preset's size (speed does not
+    depend on the weights) and speak exactly `seconds` of audio (~10 words); the LLM is the real one.
+    Keys like `laptop.speak_s`, `laptop.llm_tokens_per_s`.
+    """
+    from ira.inference import RESPOND_PROMPT
+    from ira.listener import Listener
+    from ira.models.adapter import PerceiverAdapter
+
+    results: dict[str, float | str] = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                                       "torch_threads": torch.get_num_threads(), "llm": llm.name,
+                                       "llm_dtype": str(llm.dtype).replace("torch.", ""), "text": TEN_WORDS}
+    for preset in presets:
+        model, tokenizer = build_model(preset)
+        codec = untrained_codec(preset)
+        torch.manual_seed(0)
+        adapter = PerceiverAdapter(preset_config(preset).adapter, model.cfg.d_model, llm.hidden_size,
+                                   llm.embed_norm).eval()
+        listener = Listener(model, codec, adapter, llm)
+        frames = max(1, round(seconds * codec.frame_rate))
+        with torch.inference_mode():
+            model.generate(texts=[TEN_WORDS], tokenizer=tokenizer, max_frames=4, min_frames=4)   # warm-up
+            t0 = time.perf_counter()
+            codes = model.generate(texts=[TEN_WORDS], tokenizer=tokenizer, max_frames=frames, min_frames=frames,
+                                   temperature=1.0, top_k=50, seed=0)[0]
+            t1 = time.perf_counter()
+            wav = codec.decode(codes)
+            t2 = time.perf_counter()
+            vectors = listener.audio_tokens([codes])
+            t3 = time.perf_counter()
+            reply = listener.answer(vectors, [RESPOND_PROMPT], max_new_tokens=max_new_tokens)[0]
+            t4 = time.perf_counter()
+        tokens = len(llm.tokenizer.encode(reply, add_special_tokens=False)) if reply else 0
+        results.update({f"{preset}.params_m": round(model.num_parameters() / 1e6, 2),
+                        f"{preset}.audio_s": round(wav.numel() / codec.sample_rate, 2),
+                        f"{preset}.speak_s": round(t1 - t0, 3), f"{preset}.decode_s": round(t2 - t1, 3),
+                        f"{preset}.adapter_s": round(t3 - t2, 3), f"{preset}.llm_s": round(t4 - t3, 3),
+                        f"{preset}.total_s": round(t4 - t0, 3), f"{preset}.llm_tokens": tokens,
+                        f"{preset}.llm_tokens_per_s": round(tokens / max(t4 - t3, 1e-9), 1)})
+    return results
+
+
+def bench_checkpoint(checkpoint: str | Path, llm: Any = None, max_new_tokens: int = 32) -> dict[str, float | str]:
+    """`end_to_end_pipeline` on a trained checkpoint, 10-word sentence: its timings as the user sees them."""
+    from ira.inference import create_pipeline_from_checkpoints
+
+    pipeline = create_pipeline_from_checkpoints(checkpoint, device="cpu", llm=llm)
+    pipeline.end_to_end_pipeline("Hello.", max_new_tokens=2)                       # warm-up
+    result = pipeline.end_to_end_pipeline(TEN_WORDS, max_new_tokens=max_new_tokens)
+    out: dict[str, float | str] = {"checkpoint": str(checkpoint), "text": TEN_WORDS,
+                                   "audio_s": round(result["audio_seconds"], 2),
+                                   "llm_tokens": result["llm_tokens"],
+                                   "llm_tokens_per_s": round(result["llm_tokens_per_s"], 1)}
+    out.update({k: round(v, 3) for k, v in result["timings"].items()})
+    out["llm_response"] = result["llm_response"] or result["warning"] or ""
+    return out

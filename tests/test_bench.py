@@ -22,3 +22,13 @@ def test_cached_and_naive_generation_agree_at_preset_size():
     a = model.generate(texts=["same tokens"], tokenizer=tokenizer, max_frames=10, temperature=0, use_cache=True)[0]
     b = model.generate(texts=["same tokens"], tokenizer=tokenizer, max_frames=10, temperature=0, use_cache=False)[0]
     assert a.shape[1] > 0 and a.equal(b)
+
+
+def test_bench_pipeline_reports_every_step(bundled_llm):
+    from ira.bench import bench_pipeline
+
+    figures = bench_pipeline(["cpu"], bundled_llm, seconds=0.2, max_new_tokens=2)
+    for key in ("speak_s", "decode_s", "adapter_s", "llm_s", "total_s", "audio_s", "params_m"):
+        assert figures[f"cpu.{key}"] > 0, key
+    assert figures["cpu.total_s"] >= figures["cpu.speak_s"] + figures["cpu.llm_s"]
+    assert figures["cpu.llm_tokens"] >= 0
