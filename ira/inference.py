@@ -105,6 +105,11 @@ class IRAPipeline:
     def can_understand(self) -> bool:
         return self.listener is not None
 
+    @property
+    def why_cannot_understand(self) -> Optional[str]:
+        """None when the LLM can answer about speech; otherwise why not and what to do."""
+        return None if self.listener is not None else self._why_no_listener
+
     def _require_listener(self) -> Listener:
         if self.listener is None:
             raise PipelineError(self._why_no_listener)
@@ -163,28 +168,33 @@ class IRAPipeline:
         elif speech.codes.shape[1] == 0:
             result["warning"] = "the model ended the speech at once (no frames), so there is nothing to answer about"
         else:
-            timings.update(self._answer(speech, prompt, max_new_tokens, result))
+            answer = self.answer_speech(speech.codes, speech.waveform, prompt, max_new_tokens)
+            timings.update(adapter_s=answer["adapter_s"], llm_s=answer["llm_s"])
+            result.update(llm_response=answer["reply"], llm_tokens=answer["tokens"],
+                          llm_tokens_per_s=answer["tokens"] / max(answer["llm_s"], 1e-9))
         timings["total_s"] = time.perf_counter() - start
         result["timings"] = timings
         return result
 
-    def _answer(self, speech: SpeechResult, prompt: str, max_new_tokens: int, result: dict[str, Any]
-                ) -> dict[str, float]:
+    def answer_speech(self, codes: torch.Tensor, waveform: torch.Tensor, prompt: str = RESPOND_PROMPT,
+                      max_new_tokens: int = 64) -> dict[str, Any]:
+        """The LLM's answer about speech this pipeline spoke: its codec tokens [K, T] go straight to the
+        listener (its waveform is re-encoded only when the adapter was trained on another codec).
+        Returns reply, tokens (of the reply), adapter_s and llm_s."""
         listener = self._require_listener()
         t0 = time.perf_counter()
         if listener.codec.fingerprint == self.speaker.codec.fingerprint:
-            codes = speech.codes.cpu()
-        else:  # the adapter was trained on another codec's tokens: hear the waveform through it
+            codes = codes.cpu()
+        else:
             with torch.inference_mode():
-                codes = listener.codec.encode(speech.waveform, speech.sample_rate).cpu()
+                codes = listener.codec.encode(waveform, self.sample_rate).cpu()
         vectors = listener.audio_tokens([codes])
         _sync(listener.device)
         t1 = time.perf_counter()
         reply = listener.answer(vectors, [prompt], max_new_tokens=max_new_tokens)[0]
         t2 = time.perf_counter()
         tokens = len(listener.llm.tokenizer.encode(reply, add_special_tokens=False)) if reply else 0
-        result.update(llm_response=reply, llm_tokens=tokens, llm_tokens_per_s=tokens / max(t2 - t1, 1e-9))
-        return {"adapter_s": t1 - t0, "llm_s": t2 - t1}
+        return {"reply": reply, "tokens": tokens, "adapter_s": t1 - t0, "llm_s": t2 - t1}
 
     # ------------------------------------------------------------------ files
 

@@ -152,8 +152,15 @@ class Speaker:
     def stream(self, text: str, style: Optional[str] = None, reference: Any = None,
                settings: Optional[SamplingSettings] = None, chunk_frames: int = 25) -> Iterator[torch.Tensor]:
         """Decoded audio chunks as frames arrive (each chunk decoded on its own)."""
+        for _, wav in self.stream_with_codes(text, style, reference, settings, chunk_frames):
+            yield wav
+
+    def stream_with_codes(self, text: str, style: Optional[str] = None, reference: Any = None,
+                          settings: Optional[SamplingSettings] = None, chunk_frames: int = 25
+                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(codes [K, t], waveform) per chunk: the UI plays the audio and keeps the tokens for the LLM."""
         settings = settings or SamplingSettings()
         with torch.inference_mode():
             args = self._generation_args(text, style, reference, settings)
             for codes in self.model.stream(**args, chunk_frames=chunk_frames):
-                yield self.codec.decode(codes).float().cpu()
+                yield codes, self.codec.decode(codes).float().cpu()
