@@ -15,6 +15,7 @@ import gradio as gr  # noqa: E402
 from ira.config import load_config  # noqa: E402
 from ira.hardware import HardwareInfo, detect_hardware  # noqa: E402
 from ui.data_tab import build_data_tab  # noqa: E402
+from ui.generate_tab import build_generate_tab  # noqa: E402
 from ui.header import build_header, resolve_preset  # noqa: E402
 from ui.runner import JobRunner  # noqa: E402
 from ui.train_tab import build_train_tab  # noqa: E402
@@ -46,6 +47,10 @@ def build_app(workspace: str | Path | Workspace = "workspace", preset: str = "au
                 data = build_data_tab(ws, chosen, overrides)
             with gr.Tab("Train") as train_tab:
                 train = build_train_tab(demo, ws, runner, chosen, overrides)
+            with gr.Tab("Generate") as generate_tab:
+                generate = build_generate_tab(ws, device=hardware.device)
+        generate_tab.select(generate.refresh_lists, generate.checkpoint, generate.checkpoint,
+                            api_visibility="private")
         lists = [train.corpus, train.prerequisite]
         data.built.success(train.refresh_lists, [*lists, train.stage], lists, api_visibility="private")
         train_tab.select(train.refresh_lists, [*lists, train.stage], lists, api_visibility="private")

@@ -1,0 +1,110 @@
+"""The Generate tab through the app's API (gradio_client): speak with a stage-3 and a stage-1 checkpoint of
+the tiny training runs, hear the LLM's answer, ask about an uploaded clip, and the errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from ira.hardware import detect_hardware  # noqa: E402
+from ui.app import build_app, launch_app  # noqa: E402
+
+SPEAK_DEFAULTS = dict(style="", reference=None, question="", temp=0.8, k=50, p=1.0, cfg=1.5, seed_value=0,
+                      seconds=1.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def generate_app(tiny_stage2, tiny_stage3, bundled_llm, tmp_path_factory):
+    root = tmp_path_factory.mktemp("workspace")
+    for run, source in (("tiny3", tiny_stage3.last_checkpoint), ("tiny1", tiny_stage2[2].last_checkpoint)):
+        (root / "runs" / run).mkdir(parents=True)
+        shutil.copy(source, root / "runs" / run / Path(source).name)
+    hardware = detect_hardware()
+    demo = build_app(root, preset="cpu", hardware=hardware)
+    launched = launch_app(demo, port=_free_port(), prevent_thread_lock=True, quiet=True)
+    client = Client(launched.local_url, verbose=False, analytics_enabled=False,
+                    download_files=str(tmp_path_factory.mktemp("downloads")))
+    names = {run: f"runs/{run}/{Path(source).name}" for run, source in
+             (("tiny3", tiny_stage3.last_checkpoint), ("tiny1", tiny_stage2[2].last_checkpoint))}
+    yield root, client, names
+    demo.close()
+
+
+def _speak(client: Client, checkpoint: str, text: str, **overrides):
+    args = {**SPEAK_DEFAULTS, **overrides}
+    return client.predict(checkpoint, text, args["style"], args["reference"], args["question"], args["temp"],
+                          args["k"], args["p"], args["cfg"], args["seed_value"], args["seconds"], api_name="/speak")
+
+
+def test_checkpoint_list_holds_the_speaking_checkpoints(generate_app):
+    root, client, names = generate_app
+    listed = client.predict(None, api_name="/generate_checkpoints")
+    choices = {c[0] if isinstance(c, (list, tuple)) else c for c in listed["choices"]}
+    assert choices == set(names.values())
+
+
+def test_speak_then_the_llm_answers(generate_app):
+    root, client, names = generate_app
+    _, full, answer, status = _speak(client, names["tiny3"], "Good morning to you.",
+                                     question="What did the speaker say?")
+    data, sr = sf.read(full)
+    assert sr == 24000 and data.size > 0
+    assert list((root / "generated").glob("speech-*.wav"))               # kept in the workspace
+    assert answer.strip() and answer != "(no answer)"
+    assert "s of speech" in status and "answered in" in status
+
+
+def test_a_stage1_checkpoint_speaks_and_says_why_it_cannot_answer(generate_app):
+    _, client, names = generate_app
+    _, full, answer, status = _speak(client, names["tiny1"], "Hello there.")
+    assert sf.read(full)[0].size > 0 and answer == ""
+    assert "holds no adapter" in status
+
+
+def test_understand_an_uploaded_clip(generate_app, tmp_path):
+    root, client, names = generate_app
+    _, full, _, _ = _speak(client, names["tiny1"], "Hello there.")
+    clip = tmp_path / "clip.wav"
+    shutil.copy(full, clip)
+    reply = client.predict(names["tiny3"], handle_file(str(clip)), "What did they say?",
+                           api_name="/understand_audio")
+    assert isinstance(reply, str) and reply.strip()
+
+
+def test_bad_requests_are_clear_errors(generate_app):
+    _, client, names = generate_app
+    with pytest.raises(AppError, match="empty"):
+        _speak(client, names["tiny3"], "   ")
+    with pytest.raises(AppError, match="choose a checkpoint"):
+        _speak(client, None, "Hello.")
+    with pytest.raises(AppError, match="outside the workspace"):
+        _speak(client, "../../etc/passwd", "Hello.")
+    with pytest.raises(AppError, match="less than minimum value 0.05"):   # the slider's own check
+        _speak(client, names["tiny3"], "Hello.", p=0.0)
+    with pytest.raises(AppError, match="record or upload"):
+        client.predict(names["tiny3"], None, "What?", api_name="/understand_audio")
+
+
+def test_sampling_settings_are_checked():
+    from ui.generate_tab import sampling_settings
+    assert sampling_settings(0.0, 0, 1.0, 1.0, 3, 0).max_seconds is None
+    with pytest.raises(ValueError, match="top-p"):
+        sampling_settings(0.8, 50, 0.0, 1.5, 0, 0)
+    with pytest.raises(ValueError, match="temperature"):
+        sampling_settings(-1.0, 50, 1.0, 1.5, 0, 0)

@@ -1,0 +1,223 @@
+"""The Generate tab: text + a voice description (or a reference clip) -> speech, streamed as it is
+generated, and the LLM's answer about it; or recorded / uploaded speech -> the LLM's answer.
+
+Pipelines (`ira.inference`) are loaded once per checkpoint file and kept; the LLM is shared by all of
+them (`load_llm` reuses one copy per process). API endpoints: /speak, /understand_audio,
+/generate_checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import gradio as gr
+import numpy as np
+import torch
+
+from ira.inference import RESPOND_PROMPT, IRAPipeline, create_pipeline_from_checkpoints
+from ira.speaker import SamplingSettings
+from ira.training.checkpoint import CheckpointError, read_metadata
+from ui.data_tab import guarded
+from ui.ffmpeg import ensure_ffmpeg_on_path
+from ui.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+SPEAKING_STAGES = ("1", "2", "3")
+GENERATED = "generated"
+"""Workspace folder for the complete wav of each generation (playable and downloadable after the stream)."""
+CHUNK_FRAMES = 15
+DEFAULT_TEXT = "Hello! This is my own speech model talking."
+DEFAULT_STYLE = "a slow, deep voice with a British accent"
+MAX_CACHED_PIPELINES = 2
+
+
+def speaking_checkpoints(ws: Workspace) -> list[str]:
+    """Workspace checkpoints that can speak (stage 1, 2 or 3), newest first, with what each can do."""
+    found = []
+    for rel in ws.list_checkpoints():
+        try:
+            meta = read_metadata(ws.root / rel)
+        except CheckpointError:
+            continue
+        if meta.get("stage") in SPEAKING_STAGES:
+            found.append(rel)
+    return found
+
+
+def checkpoint_summary(ws: Workspace, rel: str) -> str:
+    """One line on what a checkpoint can do here: speak, follow descriptions, answer."""
+    meta = read_metadata(ws.resolve(rel, must_exist=True))
+    modules = meta.get("modules", "")
+    parts = [f"stage {meta.get('stage')}, step {meta.get('step')}",
+             "follows voice descriptions" if '"style"' in modules else "no style encoder (descriptions ignored)",
+             "the LLM can answer about its audio" if '"adapter"' in modules else
+             "no adapter: speaks, but the LLM cannot answer (train stage 2)"]
+    return " · ".join(parts)
+
+
+class PipelineCache:
+    """The pipelines of the last few checkpoints used, keyed by (path, modification time)."""
+
+    def __init__(self, device: str = "auto", limit: int = MAX_CACHED_PIPELINES):
+        self.device, self.limit = device, limit
+        self._pipelines: dict[tuple[str, float], IRAPipeline] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> IRAPipeline:
+        key = (str(path), path.stat().st_mtime)
+        with self._lock:
+            if key not in self._pipelines:
+                pipeline = create_pipeline_from_checkpoints(path, device=self.device)
+                while len(self._pipelines) >= self.limit:
+                    self._pipelines.pop(next(iter(self._pipelines)))
+                self._pipelines[key] = pipeline
+            return self._pipelines[key]
+
+
+def sampling_settings(temperature: float, top_k: float, top_p: float, cfg_scale: float, seed: float,
+                      max_seconds: float) -> SamplingSettings:
+    """The accordion's values as SamplingSettings; out-of-range values are clear errors."""
+    if temperature is None or temperature < 0:
+        raise ValueError(f"temperature {temperature} must be >= 0 (0 = always the most likely token)")
+    if top_p is None or not 0 < top_p <= 1:
+        raise ValueError(f"top-p {top_p} must be in (0, 1]")
+    if max_seconds is not None and max_seconds < 0:
+        raise ValueError(f"max seconds {max_seconds} must be >= 0 (0 = enough for the text)")
+    return SamplingSettings(temperature=float(temperature), top_k=max(0, int(top_k or 0)), top_p=float(top_p),
+                            cfg_scale=float(cfg_scale) if cfg_scale else None, seed=int(seed or 0),
+                            max_seconds=float(max_seconds) if max_seconds else None)
+
+
+def _int16(wav: torch.Tensor | np.ndarray) -> np.ndarray:
+    data = np.asarray(wav, dtype=np.float32)
+    return (np.clip(np.nan_to_num(data), -1.0, 1.0) * 32767).astype(np.int16)
+
+
+@dataclass
+class GenerateTab:
+    checkpoint: gr.Dropdown
+    refresh_lists: Any
+
+
+def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[PipelineCache] = None
+                       ) -> GenerateTab:
+    """Lay out the Generate tab inside the current gr.Tab and wire its events."""
+    pipelines = pipelines or PipelineCache(device)
+    streaming = ensure_ffmpeg_on_path()
+    choices = speaking_checkpoints(ws)
+    with gr.Row():
+        checkpoint = gr.Dropdown(choices, value=choices[0] if choices else None, allow_custom_value=True,
+                                 label="Checkpoint (stage 1, 2 or 3; from workspace/runs)", scale=4)
+        refresh = gr.Button("↻ Refresh", scale=0, min_width=100)
+    about = gr.Markdown(checkpoint_summary(ws, choices[0]) if choices else
+                        "No checkpoint yet: train stage 1 in the Train tab.")
+    gr.Markdown("### Speak")
+    with gr.Row():
+        with gr.Column(scale=3):
+            text = gr.Textbox(DEFAULT_TEXT, label="Text to speak", lines=2)
+            style = gr.Textbox(DEFAULT_STYLE, label="Voice description (empty: no style)")
+            reference = gr.Audio(sources=["upload", "microphone"], type="filepath",
+                                 label="…or a reference clip whose voice to imitate (overrides the description)")
+            question = gr.Textbox("", label="Question for the LLM about the speech",
+                                  placeholder=f"empty: \"{RESPOND_PROMPT}\"")
+            with gr.Accordion("Sampling settings", open=False):
+                with gr.Row():
+                    temperature = gr.Slider(0.0, 1.5, value=0.8, step=0.05, label="Temperature (0 = greedy)")
+                    top_k = gr.Slider(0, 500, value=50, step=1, label="Top-k (0 = off)")
+                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (1 = off)")
+                with gr.Row():
+                    cfg_scale = gr.Slider(1.0, 4.0, value=1.5, step=0.1, label="Guidance scale (1 = off)")
+                    seed = gr.Number(0, precision=0, label="Seed")
+                    max_seconds = gr.Number(0, minimum=0, label="Max seconds (0 = enough for the text)")
+            speak = gr.Button("Speak", variant="primary")
+        with gr.Column(scale=2):
+            stream_out = gr.Audio(label="Speech (streamed as it is generated)", streaming=True, autoplay=True,
+                                  interactive=False, visible=streaming)
+            full_out = gr.Audio(label="Complete speech (replay, download)", type="filepath", interactive=False)
+            answer = gr.Textbox(label="The LLM's answer about the speech (it never sees the text)", lines=3,
+                                interactive=False)
+            speak_status = gr.Markdown("")
+    gr.Markdown("### Understand: record or upload speech, ask the LLM")
+    with gr.Row():
+        with gr.Column(scale=3):
+            heard = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Speech")
+            prompt = gr.Textbox("What did the speaker say?", label="Question")
+            ask = gr.Button("Ask the LLM", variant="primary")
+        with gr.Column(scale=2):
+            reply = gr.Textbox(label="The LLM's answer", lines=4, interactive=False)
+
+    def pipeline_for(rel: Optional[str]) -> IRAPipeline:
+        if not rel:
+            raise ValueError("choose a checkpoint (train stage 1 in the Train tab, then ↻ Refresh)")
+        return pipelines.get(ws.resolve(rel, must_exist=True))
+
+    def on_speak(rel: str, text_value: str, style_value: str, reference_path: Optional[str], question_value: str,
+                 temp: float, k: float, p: float, cfg: float, seed_value: float, seconds: float,
+                 progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
+        start = time.perf_counter()
+        settings = guarded("Settings", sampling_settings, temp, k, p, cfg, seed_value, seconds)
+        progress(0.0, desc="loading the checkpoint (the first time also the LLM)")
+        pipeline = guarded("Loading the checkpoint", pipeline_for, rel)
+        chunks = guarded("Speaking", pipeline.speaker.stream_with_codes, text_value, style_value or None,
+                         reference_path or None, settings, CHUNK_FRAMES)
+        codes, waves, first = [], [], None
+        try:
+            for code_chunk, wav in chunks:
+                first = first if first is not None else time.perf_counter() - start
+                codes.append(code_chunk)
+                waves.append(wav)
+                yield ((pipeline.sample_rate, _int16(wav)) if streaming else None, None, "",
+                       f"speaking… {sum(c.shape[1] for c in codes)} frames, first audio after {first:.2f} s")
+        except gr.Error:
+            raise
+        except Exception as exc:   # empty or over-long text, an unreadable reference clip, ...
+            log.warning("speaking failed: %s", exc)
+            raise gr.Error(f"Speaking failed: {exc}", title="Speaking", print_exception=False) from exc
+        if not codes:
+            raise gr.Error("The model ended the speech at once (no frames): train longer or change the seed",
+                           title="Speaking", print_exception=False)
+        wav = torch.cat(waves)
+        out = ws.resolve(Path(GENERATED) / f"speech-{time.strftime('%Y%m%d-%H%M%S')}-{int(seed_value or 0)}.wav")
+        path = str(pipeline.save_audio(wav, out))
+        spoken = time.perf_counter() - start
+        status = f"{wav.numel() / pipeline.sample_rate:.2f} s of speech in {spoken:.2f} s (first audio after {first:.2f} s)"
+        if not pipeline.can_understand:
+            yield None, path, "", f"{status}. {pipeline.why_cannot_understand}"
+            return
+        yield None, path, "", f"{status}; the LLM is listening…"
+        result = guarded("The LLM's answer", pipeline.answer_speech, torch.cat(codes, dim=1), wav,
+                         (question_value or "").strip() or RESPOND_PROMPT)
+        yield (None, path, result["reply"] or "(no answer)",
+               f"{status}; answered in {result['adapter_s'] + result['llm_s']:.2f} s "
+               f"({result['tokens']} tokens)")
+
+    def on_ask(rel: str, audio_path: Optional[str], prompt_value: str) -> str:
+        if not audio_path:
+            raise gr.Error("record or upload some speech first", title="Understand", print_exception=False)
+        pipeline = guarded("Loading the checkpoint", pipeline_for, rel)
+        return guarded("Understanding", pipeline.understand, audio_path, prompt_value or "What did the speaker say?")
+
+    def on_checkpoint(rel: Optional[str]) -> str:
+        if not rel:
+            return "No checkpoint chosen."
+        return guarded("Reading the checkpoint", checkpoint_summary, ws, rel)
+
+    def refresh_lists(current: Optional[str] = None) -> gr.Dropdown:
+        found = speaking_checkpoints(ws)
+        value = current if current in found else (found[0] if found else None)
+        return gr.Dropdown(choices=found, value=value)
+
+    speak.click(on_speak, [checkpoint, text, style, reference, question, temperature, top_k, top_p, cfg_scale,
+                           seed, max_seconds], [stream_out, full_out, answer, speak_status], api_name="speak",
+                concurrency_limit=1, concurrency_id="inference")
+    ask.click(on_ask, [checkpoint, heard, prompt], reply, api_name="understand_audio",
+              concurrency_limit=1, concurrency_id="inference")
+    checkpoint.change(on_checkpoint, checkpoint, about, api_visibility="private")
+    refresh.click(refresh_lists, checkpoint, checkpoint, api_name="generate_checkpoints")
+    return GenerateTab(checkpoint=checkpoint, refresh_lists=refresh_lists)
