@@ -250,3 +250,13 @@ def test_app_cli_rejects_a_malformed_auth(capsys):
     spec.loader.exec_module(module)
     assert module.main(["--auth", "nopassword", "--workspace", "unused"]) == 2
     assert "user:password" in capsys.readouterr().err
+
+
+def test_plots_have_numeric_axes_before_the_first_point():
+    """An empty frame must still be typed: the browser keeps the first axis types it is sent."""
+    import gradio as gr
+    from ui.train_tab import metric_frames
+    loss, metric, names = metric_frames([], "1", None)
+    assert names == [] and len(loss) == 0
+    sent = gr.LinePlot(x="step", y="value", color="series").postprocess(loss)
+    assert sent.datatypes["step"] == "quantitative" and sent.datatypes["value"] == "quantitative"

@@ -119,7 +119,9 @@ def metric_frames(rows: list[dict[str, Any]], stage: Optional[str], metric: Opti
 
     def frame(key: Optional[str]) -> pd.DataFrame:
         points = [p for split in ("train", "val") for p in _thin(series.get((key, split), []))]
-        return pd.DataFrame(points, columns=PLOT_COLUMNS)
+        # Typed even when empty: an untyped empty frame is sent as "nominal" axes, and the browser's
+        # plot keeps those axis types after the first points arrive (no line, labels as categories).
+        return pd.DataFrame(points, columns=PLOT_COLUMNS).astype({"step": "int64", "value": "float64"})
 
     return frame("loss"), frame(metric), names
 
