@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,10 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from ira.hardware import detect_hardware  # noqa: E402
 from ui.app import build_app, launch_app  # noqa: E402
 
+APP_OVERRIDES = ["codec.mel_codebook_size=16", "codec.mel_kmeans_iters=2", "codec.mel_n_codebooks=2",
+                 "speech_lm.d_model=32", "speech_lm.n_layers=1", "speech_lm.n_heads=2", "training.log_every=1",
+                 "training.warmup_steps=1"]
+"""A tiny codec and model, so that the app builds a corpus and trains stage 1 in seconds."""
 SPEAK_DEFAULTS = dict(style="", reference=None, question="", temp=0.8, k=50, p=1.0, cfg=1.5, seed_value=0,
                       seconds=1.0)
 
@@ -36,7 +41,7 @@ def generate_app(tiny_stage2, tiny_stage3, bundled_llm, tmp_path_factory):
         (root / "runs" / run).mkdir(parents=True)
         shutil.copy(source, root / "runs" / run / Path(source).name)
     hardware = detect_hardware()
-    demo = build_app(root, preset="cpu", hardware=hardware)
+    demo = build_app(root, preset="cpu", overrides=APP_OVERRIDES, hardware=hardware)
     launched = launch_app(demo, port=_free_port(), prevent_thread_lock=True, quiet=True)
     client = Client(launched.local_url, verbose=False, analytics_enabled=False,
                     download_files=str(tmp_path_factory.mktemp("downloads")))
@@ -108,3 +113,37 @@ def test_sampling_settings_are_checked():
         sampling_settings(0.8, 50, 0.0, 1.5, 0, 0)
     with pytest.raises(ValueError, match="temperature"):
         sampling_settings(-1.0, 50, 1.0, 1.5, 0, 0)
+
+
+def test_build_train_stop_then_speak_with_the_new_checkpoint(generate_app):
+    """The whole loop through the app's API with real parts: a corpus, a real stage-1 child process whose
+    metrics arrive and which a Stop ends with a checkpoint, then that checkpoint speaks."""
+    root, client, _ = generate_app
+    client.predict("dummy", "loop", 6, "", 0, False, api_name="/build_corpus")
+    client.predict("1", "loop", "cpu", "loop", "(none)", 1, 100000, 2, 1e-3, api_name="/start_training")
+    deadline, rows = time.time() + 120, []
+    while time.time() < deadline:
+        status, loss, *_ = client.predict("loop", None, api_name="/training_status")
+        rows = [r for r in _plot_rows(loss) if r["series"] == "train"]
+        if len(rows) >= 3:
+            break
+        time.sleep(0.5)
+    assert "RUNNING" in status and len(rows) >= 3, status
+    assert "STOPPING" in client.predict("loop", api_name="/stop_training")
+    while "STOPPED" not in status and time.time() < deadline:
+        status = client.predict("loop", None, api_name="/training_status")[0]
+        time.sleep(0.5)
+    assert "STOPPED" in status, status
+    listed = client.predict(None, api_name="/generate_checkpoints")["choices"]
+    new = [c[0] if isinstance(c, (list, tuple)) else c for c in listed]
+    new = [c for c in new if c.startswith("runs/loop/")]
+    assert new, listed
+    _, full, _, status = _speak(client, new[0], "Hello from a fresh model.")
+    assert sf.read(full)[0].size > 0 and "holds no adapter" in status
+
+
+def _plot_rows(plot: dict) -> list[dict]:
+    value = plot.get("value", plot) if isinstance(plot, dict) else None
+    if not value or not value.get("data"):
+        return []
+    return [dict(zip(value["columns"], row)) for row in value["data"]]

@@ -164,6 +164,10 @@ def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[
         settings = guarded("Settings", sampling_settings, temp, k, p, cfg, seed_value, seconds)
         progress(0.0, desc="loading the checkpoint (the first time also the LLM)")
         pipeline = guarded("Loading the checkpoint", pipeline_for, rel)
+        if pipeline.speaker.style_encoder is None and ((style_value or "").strip() or reference_path):
+            gr.Warning("This checkpoint has no style encoder: the voice description and reference are ignored "
+                       "(train stage 1 from a style checkpoint to use them).")
+            style_value, reference_path = None, None
         chunks = guarded("Speaking", pipeline.speaker.stream_with_codes, text_value, style_value or None,
                          reference_path or None, settings, CHUNK_FRAMES)
         codes, waves, first = [], [], None
