@@ -13,4 +13,5 @@ run: setup
 	$(PY) app.py $(ARGS)
 
 test: setup
+	@bash scripts/setup_browser.sh
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(ARGS)

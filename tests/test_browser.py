@@ -1,0 +1,126 @@
+"""Click through the app in headless Chromium (Debian's package, driven by Playwright) and save a
+screenshot of each tab: build a corpus, train stage 1 and switch tabs while it trains, look up a voice
+description, speak and hear the LLM's answer.
+
+Screenshots go to $IRA_SCREENSHOTS (default: the test's temporary folder).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+
+from ira.hardware import detect_hardware  # noqa: E402
+from ui.app import build_app, launch_app  # noqa: E402
+
+CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
+                 if p and Path(p).exists()), None)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+APP_OVERRIDES = ["codec.mel_codebook_size=16", "codec.mel_kmeans_iters=2", "codec.mel_n_codebooks=2",
+                 "speech_lm.d_model=32", "speech_lm.n_layers=1", "speech_lm.n_heads=2", "training.log_every=1",
+                 "training.warmup_steps=1"]
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (Debian package 'chromium'; "
+                                                         "scripts/setup_browser.sh installs it as root)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_stage3, bundled_llm, tmp_path_factory):
+    root = tmp_path_factory.mktemp("workspace")
+    (root / "runs" / "aligned").mkdir(parents=True)
+    shutil.copy(tiny_stage3.last_checkpoint, root / "runs" / "aligned" / Path(tiny_stage3.last_checkpoint).name)
+    demo = build_app(root, preset="cpu", overrides=APP_OVERRIDES, hardware=detect_hardware())
+    launched = launch_app(demo, port=_free_port(), prevent_thread_lock=True, quiet=True)
+    yield root, launched.local_url, f"runs/aligned/{Path(tiny_stage3.last_checkpoint).name}"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(served[1])
+        page.get_by_text("IRA · Integrated Reasoning with Audio").wait_for()
+        yield page
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("IRA_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def _choose(page, label: str, value: str) -> None:
+    """Type a value into a Gradio dropdown (they accept custom values) and confirm it."""
+    box = page.get_by_label(label)
+    box.click()
+    box.fill(value)
+    box.press("Enter")
+
+
+def test_click_through_the_tabs(served, page, shots):
+    root, _, aligned = served
+
+    # Data: build the dummy corpus with the button, see its summary and clips.
+    _tab(page, "Data")
+    page.get_by_label("Dummy corpus (a few clips, seconds)").check()
+    page.get_by_label("Corpus name").fill("clicked")
+    page.get_by_role("button", name="Build corpus").click()
+    page.get_by_text("clips", exact=False).first.wait_for()
+    page.wait_for_function("() => document.body.innerText.includes('workspace/data/clicked') || "
+                           "document.body.innerText.match(/\\d+ clips/)")
+    assert (root / "data" / "clicked" / "metadata.csv").is_file()
+    page.screenshot(path=str(shots / "1-data.png"), full_page=True)
+
+    # Train: start a real stage-1 run; while it trains another tab answers at once.
+    _tab(page, "Train")
+    page.get_by_label("Run name").fill("clicked")
+    _choose(page, "Corpus (from the Data tab)", "clicked")
+    page.get_by_label("Max steps (0: by epochs / the preset's)").fill("100000")
+    page.get_by_role("button", name="Start", exact=True).click()
+    page.wait_for_function("() => document.body.innerText.includes('RUNNING')", timeout=120_000)
+    page.wait_for_function("() => /step [1-9]/.test(document.body.innerText)", timeout=120_000)
+    page.screenshot(path=str(shots / "2-train.png"), full_page=True)
+    started = time.perf_counter()
+    _tab(page, "Generate")
+    page.get_by_role("button", name="Speak").wait_for(state="visible", timeout=5_000)
+    switch_s = time.perf_counter() - started
+    _tab(page, "Train")
+    page.get_by_role("button", name="Stop", exact=True).click()
+    page.wait_for_function("() => document.body.innerText.includes('STOPPED')", timeout=120_000)
+    assert list((root / "runs" / "clicked").glob("stage1_*.safetensors"))
+    assert switch_s < 5.0
+
+    # Generate: speak with the aligned checkpoint and read the LLM's answer.
+    _tab(page, "Generate")
+    _choose(page, "Checkpoint (stage 1, 2 or 3; from workspace/runs)", aligned)
+    page.get_by_label("Text to speak").fill("Good morning, how are you?")
+    page.get_by_role("button", name="Speak").click()
+    page.wait_for_function("() => document.body.innerText.includes('answered in')", timeout=120_000)
+    answer = page.get_by_label("The LLM's answer about the speech (it never sees the text)").input_value()
+    assert answer.strip()
+    page.screenshot(path=str(shots / "4-generate.png"), full_page=True)
