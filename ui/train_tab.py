@@ -293,8 +293,12 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         seen_samples = seen[-1] if isinstance(seen, list) else None
         sample_update = (gr.Dropdown(choices=sample_choices, value=samples[0] if samples else None)
                          if samples != seen_samples else gr.skip())
-        return (status_markdown(ws, status), loss_df, gr.Dropdown(choices=names, value=chosen),
-                gr.LinePlot(value=metric_df, title=chosen or "metric", y_title=chosen or ""),
+        # No points yet: no value at all. A plot first sent an empty frame never draws the lines
+        # of later updates in the browser (Gradio 6), while one first sent nothing does.
+        return (status_markdown(ws, status), loss_df if len(loss_df) else None,
+                gr.Dropdown(choices=names, value=chosen),
+                gr.LinePlot(value=metric_df if len(metric_df) else None, title=chosen or "metric",
+                            y_title=chosen or ""),
                 status.log_tail, sample_update, key)
 
     def on_sample(path: Optional[str]) -> Optional[str]:
