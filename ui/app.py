@@ -18,6 +18,7 @@ from ui.data_tab import build_data_tab  # noqa: E402
 from ui.generate_tab import build_generate_tab  # noqa: E402
 from ui.header import build_header, resolve_preset  # noqa: E402
 from ui.runner import JobRunner  # noqa: E402
+from ui.style_tab import build_style_tab  # noqa: E402
 from ui.train_tab import build_train_tab  # noqa: E402
 from ui.workspace import Workspace  # noqa: E402
 
@@ -47,8 +48,12 @@ def build_app(workspace: str | Path | Workspace = "workspace", preset: str = "au
                 data = build_data_tab(ws, chosen, overrides)
             with gr.Tab("Train") as train_tab:
                 train = build_train_tab(demo, ws, runner, chosen, overrides)
+            with gr.Tab("Voice Style") as style_tab:
+                style = build_style_tab(ws, chosen, overrides, device=hardware.device)
             with gr.Tab("Generate") as generate_tab:
                 generate = build_generate_tab(ws, device=hardware.device)
+        style_lists = [style.checkpoint, style.corpus]
+        style_tab.select(style.refresh_lists, style_lists, style_lists, api_visibility="private")
         generate_tab.select(generate.refresh_lists, generate.checkpoint, generate.checkpoint,
                             api_visibility="private")
         lists = [train.corpus, train.prerequisite]

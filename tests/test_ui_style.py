@@ -1,0 +1,158 @@
+"""The Voice Style tab through the app's API (gradio_client), on a workspace with a tiny corpus and a
+style encoder trained for a few steps on it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from gradio_client import Client  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from ira.config import load_config  # noqa: E402
+from ira.data.dummy import create_dummy_corpus  # noqa: E402
+from ira.hardware import detect_hardware  # noqa: E402
+from ira.models.style import load_style_encoder  # noqa: E402
+from ira.style_search import index_key, nearest, style_index  # noqa: E402
+from ira.training.checkpoint import save_checkpoint  # noqa: E402
+from ira.training.stage_style import run_style_training  # noqa: E402
+from ui.app import build_app, launch_app  # noqa: E402
+
+N_CLIPS = 9
+K = 4
+TINY_STYLE = ["codec.name=mel", "codec.mel_n_codebooks=2", "codec.mel_codebook_size=16", "codec.mel_kmeans_iters=2",
+              "speech_lm.style_dim=16", "style.embed_dim=16", "style.audio_dim=16", "style.audio_layers=1",
+              "style.audio_heads=2", "style.text_hidden=0", "style.batch_size=4", "style.max_steps=2",
+              "style.warmup_steps=1", "training.eval_every=1000", "training.save_every=1000",
+              "training.mixed_precision=no"]
+"""A style encoder trained for two steps: seconds on a CPU."""
+QUERY = "a slow, deep voice with a British accent"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _value(output):
+    """A component returned as an update ({"__type__": "update", "value": ...}) -> its value."""
+    return output.get("value") if isinstance(output, dict) and output.get("__type__") == "update" else output
+
+
+def _plot_rows(plot: dict) -> list[dict]:
+    value = _value(plot)
+    value = value.get("value", value)
+    return [dict(zip(value["columns"], row)) for row in value["data"]]
+
+
+@pytest.fixture(scope="module")
+def style_app(tmp_path_factory):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("workspace")
+    corpus = create_dummy_corpus(root / "data" / "tiny", num_clips=N_CLIPS, seed=0)
+    cfg = load_config("cpu", TINY_STYLE + [f"data.dir={corpus}", f"training.output_dir={root / 'runs' / 'voice'}"])
+    trained = run_style_training(cfg, cpu=True)
+    assert trained.ok, trained.message
+    # A checkpoint without a style encoder, and a style checkpoint outside the workspace.
+    other = save_checkpoint(root / "runs" / "other" / "stage2_latest.safetensors", {"adapter": torch.nn.Linear(2, 2)},
+                            stage="2", epoch=0, step=0, config=cfg)
+    outside = tmp_path_factory.mktemp("outside") / "stolen.safetensors"
+    shutil.copy(trained.last_checkpoint, outside)
+
+    demo = build_app(root, preset="cpu", hardware=detect_hardware())
+    launched = launch_app(demo, port=_free_port(), prevent_thread_lock=True, quiet=True)
+    client = Client(launched.local_url, verbose=False, analytics_enabled=False,
+                    download_files=str(tmp_path_factory.mktemp("downloads")))
+    yield SimpleNamespace(root=Path(root), client=client, corpus=corpus, checkpoint=Path(trained.last_checkpoint),
+                          rel=str(Path(trained.last_checkpoint).relative_to(root)),
+                          other=str(other.relative_to(root)), outside=outside)
+    demo.close()
+    torch.set_num_threads(before)
+
+
+def _search(app, description: str = QUERY, checkpoint=None, corpus: str = "tiny", k: int = K, max_clips: int = 2000):
+    return app.client.predict(checkpoint or app.rel, corpus, description, k, max_clips, api_name="/style_search")
+
+
+def test_lists_hold_the_style_checkpoints_and_the_corpora(style_app):
+    checkpoint, corpus = style_app.client.predict(None, None, api_name="/style_lists")
+    choices = {c[0] if isinstance(c, (list, tuple)) else c for c in checkpoint["choices"]}
+    assert choices == {f"runs/voice/{p.name}" for p in (style_app.root / "runs" / "voice").glob("*.safetensors")}
+    assert style_app.other not in choices and len(choices) >= 1
+    assert checkpoint["value"] in choices
+    assert corpus["value"] == "tiny"
+
+
+def test_search_finds_the_nearest_clips_and_maps_the_description(style_app):
+    readout, table, clip, audio, plot = _search(style_app)
+    assert "16-d unit vector" in readout and f"{N_CLIPS} clips" in readout and "embedded" in readout
+    assert table["headers"] == ["id", "description", "similarity"] and len(table["data"]) == K
+    sims = [row[2] for row in table["data"]]
+    assert sims == sorted(sims, reverse=True) and all(-1.0 <= s <= 1.0 for s in sims)
+    assert all(row[1] for row in table["data"])                        # every clip has its description
+
+    # The same answer as the library on the same checkpoint.
+    model = load_style_encoder(style_app.checkpoint)
+    index = style_index(model, style_app.checkpoint, style_app.corpus)
+    assert index.from_cache                                            # the app cached it in the corpus
+    expected = nearest(index, model.embed_description(QUERY), K)
+    assert [row[0] for row in table["data"]] == [n.clip_id for n in expected]
+    assert sims == pytest.approx([n.similarity for n in expected], abs=1e-3)
+
+    assert _value(clip) == table["data"][0][0]
+    assert Path(audio).name == f"{table['data'][0][0]}.wav"
+    rows = _plot_rows(plot)
+    series = [r["series"] for r in rows]
+    assert series.count("corpus clip") + series.count("nearest clip") == N_CLIPS
+    assert series.count("nearest clip") == K and series.count("your description") == 1
+    assert {r["clip"] for r in rows if r["series"] == "nearest clip"} == {row[0] for row in table["data"]}
+    assert all(isinstance(r["x"], float) and isinstance(r["y"], float) for r in rows)
+
+    # A second query reuses the encoder and the index kept in memory.
+    again, table2, *_ = _search(style_app, "a fast, high-pitched voice")
+    assert "index in memory" in again and len(table2["data"]) == K
+    played = style_app.client.predict("tiny", table["data"][-1][0], api_name="/style_clip_audio")
+    assert Path(played).name == f"{table['data'][-1][0]}.wav"
+    cache = style_app.corpus / "cache" / "style_index"
+    assert [p.name for p in cache.iterdir()] == [f"style_index-{index_key(style_app.checkpoint, style_app.corpus)}"
+                                                  ".safetensors"]
+
+
+def test_compare_two_descriptions(style_app):
+    same = style_app.client.predict(style_app.rel, QUERY, f"  {QUERY} ", api_name="/style_compare")
+    assert "Cosine similarity +1.000" in same and "nearly the same voice" in same
+    other = style_app.client.predict(style_app.rel, QUERY, "a fast, squeaky child", api_name="/style_compare")
+    assert "Cosine similarity" in other and "+1.000" not in other
+    with pytest.raises(AppError, match="second description is empty"):
+        style_app.client.predict(style_app.rel, QUERY, "   ", api_name="/style_compare")
+
+
+def test_bad_inputs_are_clear_errors(style_app):
+    with pytest.raises(AppError, match="voice description is empty"):
+        _search(style_app, "  ")
+    with pytest.raises(AppError, match="choose a checkpoint"):
+        style_app.client.predict(None, "tiny", QUERY, K, 2000, api_name="/style_search")
+    with pytest.raises(AppError, match="holds no style encoder"):
+        _search(style_app, checkpoint=style_app.other)
+    with pytest.raises(AppError, match="outside the workspace"):
+        _search(style_app, checkpoint=str(style_app.outside))
+    with pytest.raises(AppError, match="outside the workspace"):
+        _search(style_app, checkpoint="../" + style_app.outside.parent.name + "/" + style_app.outside.name)
+    with pytest.raises(AppError, match="no corpus 'missing'"):
+        _search(style_app, corpus="missing")
+    with pytest.raises(AppError, match="not allowed"):
+        _search(style_app, corpus="../tiny")
+    with pytest.raises(AppError, match="holds no style encoder"):
+        style_app.client.predict(style_app.other, "a", "b", api_name="/style_compare")
+    readout, *_ = _search(style_app)                                   # still serving
+    assert "16-d" in readout
