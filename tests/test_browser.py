@@ -1,6 +1,6 @@
 """Click through the app in headless Chromium (Debian's package, driven by Playwright) and save a
 screenshot of each tab: build a corpus, train stage 1 and switch tabs while it trains, look up a voice
-description, speak and hear the LLM's answer.
+description and compare two, speak and read the LLM's answer.
 
 Screenshots go to $IRA_SCREENSHOTS (default: the test's temporary folder).
 """
@@ -42,9 +42,19 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tiny_stage3, bundled_llm, tmp_path_factory):
+    from ira.config import load_config
+    from ira.data.dummy import create_dummy_corpus
+    from ira.training.stage_style import run_style_training
+    from test_ui_style import TINY_STYLE
+
     root = tmp_path_factory.mktemp("workspace")
     (root / "runs" / "aligned").mkdir(parents=True)
     shutil.copy(tiny_stage3.last_checkpoint, root / "runs" / "aligned" / Path(tiny_stage3.last_checkpoint).name)
+    corpus = create_dummy_corpus(root / "data" / "voices", num_clips=9, seed=0)
+    style = run_style_training(load_config("cpu", TINY_STYLE + [f"data.dir={corpus}",
+                                                                f"training.output_dir={root / 'runs' / 'voice'}"]),
+                               cpu=True)
+    assert style.ok, style.message
     demo = build_app(root, preset="cpu", overrides=APP_OVERRIDES, hardware=detect_hardware())
     launched = launch_app(demo, port=_free_port(), prevent_thread_lock=True, quiet=True)
     yield root, launched.local_url, f"runs/aligned/{Path(tiny_stage3.last_checkpoint).name}"
@@ -90,9 +100,8 @@ def test_click_through_the_tabs(served, page, shots):
     page.get_by_label("Dummy corpus (a few clips, seconds)").check()
     page.get_by_label("Corpus name").fill("clicked")
     page.get_by_role("button", name="Build corpus").click()
-    page.get_by_text("clips", exact=False).first.wait_for()
-    page.wait_for_function("() => document.body.innerText.includes('workspace/data/clicked') || "
-                           "document.body.innerText.match(/\\d+ clips/)")
+    page.wait_for_function("() => document.body.innerText.includes('Corpus clicked') && "
+                           "/\\d+ clips kept/.test(document.body.innerText)", timeout=120_000)
     assert (root / "data" / "clicked" / "metadata.csv").is_file()
     page.screenshot(path=str(shots / "1-data.png"), full_page=True)
 
@@ -104,6 +113,7 @@ def test_click_through_the_tabs(served, page, shots):
     page.get_by_role("button", name="Start", exact=True).click()
     page.wait_for_function("() => document.body.innerText.includes('RUNNING')", timeout=120_000)
     page.wait_for_function("() => /step [1-9]/.test(document.body.innerText)", timeout=120_000)
+    page.wait_for_timeout(5_000)   # a few refreshes of the plots (every 2 s)
     page.screenshot(path=str(shots / "2-train.png"), full_page=True)
     started = time.perf_counter()
     _tab(page, "Generate")
@@ -114,6 +124,17 @@ def test_click_through_the_tabs(served, page, shots):
     page.wait_for_function("() => document.body.innerText.includes('STOPPED')", timeout=120_000)
     assert list((root / "runs" / "clicked").glob("stage1_*.safetensors"))
     assert switch_s < 5.0
+
+    # Voice Style: a description -> the nearest clips of a corpus and the map.
+    _tab(page, "Voice Style")
+    _choose(page, "Corpus to search", "voices")
+    page.get_by_label("Voice description", exact=True).fill("a fast, high-pitched female voice")
+    page.get_by_role("button", name="Find voices").click()
+    page.wait_for_function("() => /similarity/i.test(document.body.innerText) && "
+                           "document.querySelectorAll('table tbody tr').length > 0", timeout=120_000)
+    page.get_by_role("button", name="Compare").click()
+    page.wait_for_function("() => /cosine/i.test(document.body.innerText)", timeout=60_000)
+    page.screenshot(path=str(shots / "3-voice-style.png"), full_page=True)
 
     # Generate: speak with the aligned checkpoint and read the LLM's answer.
     _tab(page, "Generate")
