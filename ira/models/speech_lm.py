@@ -310,13 +310,13 @@ class SpeechLM(nn.Module):
         """[style] [text] per sample, left-padded: (embeddings [B, P, d], valid [B, P])."""
         batch, d = drop_text.shape[0], self.cfg.d_model
         if style is None:  # still run the projection (all rows dropped) so DDP sees every parameter used
-            style = torch.zeros(batch, self.cfg.style_dim, device=self.device, dtype=self.style_proj.weight.dtype)
+            style = torch.zeros(batch, self.cfg.style_dim, device=self.device, dtype=self.null_style.dtype)
             drop_style = torch.ones_like(drop_style)
         if style.shape != (batch, self.cfg.style_dim):
             raise ValueError(f"style must have shape [{batch}, {self.cfg.style_dim}] "
                              f"(speech_lm.style_dim), got {tuple(style.shape)}")
         # zero the dropped rows first: a NaN there would poison the gradient of style_proj
-        style = style.to(self.style_proj.weight.dtype).masked_fill(drop_style[:, None], 0.0)
+        style = style.to(self.null_style.dtype).masked_fill(drop_style[:, None], 0.0)
         projected = self.style_proj(style)
         null = self.null_style.to(projected.dtype).expand(batch, d)
         style_tok = torch.where(drop_style[:, None], null, projected)
