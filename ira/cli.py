@@ -184,7 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ira.inference import IRAPipeline
     from ira.speaker import SamplingSettings, Speaker
 
-    pipeline = IRAPipeline(Speaker.from_checkpoint(args.checkpoint, device=args.device))  # speaking needs no LLM
+    pipeline = IRAPipeline(Speaker.from_checkpoint(args.checkpoint, device=args.device, int8=args.int8))
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 cfg_scale=args.cfg_scale, max_seconds=args.max_seconds, seed=args.seed)
     result = pipeline.speak(args.text, style=args.style, reference_audio=args.reference, settings=settings)
@@ -232,6 +232,24 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     from ira.bench import bench_generate, print_and_save
     presets = [p.strip() for p in args.sizes.split(",") if p.strip()]
     print_and_save(bench_generate(presets, frames=args.frames, repeats=args.repeats), args.json)
+    return 0
+
+
+def add_bench_all_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", default="cpu,laptop", help="comma-separated presets whose model sizes to time")
+    parser.add_argument("--frames", type=int, default=150, help="frames per generation run (75 = one second)")
+    parser.add_argument("--llm", default="bundled", help="the LLM of the end-to-end figures")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the figures to FILE")
+
+
+def cmd_bench_all(args: argparse.Namespace) -> int:
+    from ira.bench import bench_all, print_and_save
+    from ira.config import LLMConfig
+    from ira.models.llm import load_llm
+
+    presets = [p.strip() for p in args.sizes.split(",") if p.strip()]
+    llm = load_llm(LLMConfig(name=args.llm), device="cpu")
+    print_and_save(bench_all(presets, llm, frames=args.frames), args.json)
     return 0
 
 
@@ -299,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style", default=None, help='a voice description, e.g. "a slow, deep voice with a British accent"')
     p.add_argument("--reference", default=None, help="a short clip whose voice to imitate (instead of --style)")
     p.add_argument("-o", "--output", default="output.wav")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 dynamic quantization of the SpeechLM (CPU only): faster, slightly different tokens")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -311,8 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.set_defaults(func=cmd_understand)
 
-    bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(dest="bench_command",
-                                                                                           required=True)
+    bench_parser = sub.add_parser("bench", help="benchmarks that print figures (no subcommand: all of them)")
+    add_bench_all_args(bench_parser)
+    bench_parser.set_defaults(func=cmd_bench_all)
+    bench = bench_parser.add_subparsers(dest="bench_command", required=False)
+    p = bench.add_parser("all", help="every figure: generation paths, streaming, batches, training, end to end")
+    add_bench_all_args(p)
+    p.set_defaults(func=cmd_bench_all)
     p = bench.add_parser("generate", help="real-time factor of generation with and without the KV cache")
     p.add_argument("--sizes", default="cpu,laptop", help="comma-separated presets whose model sizes to time")
     p.add_argument("--frames", type=int, default=150, help="frames per run (75 = one second of audio)")
