@@ -54,19 +54,15 @@ def time_generation(model: SpeechLM, tokenizer: CharTokenizer, frames: int, use_
 
 
 def bench_generate(presets: list[str], frames: int = 150, repeats: int = 2) -> dict[str, float | str]:
-    """RTF with and without the KV cache for each preset's model size; keys like `laptop.rtf_kv_cache`."""
+    """Every generation figure per preset size: the fast paths and their gains, time to first audio
+    (fp32 and int8), and batch throughput; keys like `laptop.rtf_int8_kv_cache`."""
     results: dict[str, float | str] = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                                        "torch_threads": torch.get_num_threads(), "frames": frames}
-    audio_s = frames / FRAME_RATE
     for preset in presets:
-        model, tokenizer = build_model(preset)
-        time_generation(model, tokenizer, 8, use_cache=True)        # warm-up (allocations, kernels)
-        cached = time_generation(model, tokenizer, frames, use_cache=True, repeats=repeats)
-        naive = time_generation(model, tokenizer, frames, use_cache=False, repeats=1)
-        results[f"{preset}.params_m"] = round(model.num_parameters() / 1e6, 2)
-        results[f"{preset}.rtf_kv_cache"] = round(cached / audio_s, 4)
-        results[f"{preset}.rtf_no_cache"] = round(naive / audio_s, 4)
-        results[f"{preset}.kv_cache_speedup"] = round(naive / cached, 2)
+        results.update(bench_generation_paths(preset, frames=frames, repeats=repeats))
+        results.update(bench_time_to_first_audio(preset))
+        results.update(bench_time_to_first_audio(preset, int8=True))
+        results.update(bench_batch_throughput(preset))
     return results
 
 
@@ -155,3 +151,122 @@ def bench_checkpoint(checkpoint: str | Path, llm: Any = None, max_new_tokens: in
     out.update({k: round(v, 3) for k, v in result["timings"].items()})
     out["llm_response"] = result["llm_response"] or result["warning"] or ""
     return out
+
+
+# --- generation: each fast path's gain, streaming, batches ---------------------------------------
+
+def bench_generation_paths(preset: str, frames: int = 150, repeats: int = 2) -> dict[str, float | str]:
+    """Real-time factor of the naive baseline (no cache), the static KV cache, and int8 with the cache,
+    with each step's gain as a ratio from this one run; and the int8 model's agreement with fp32."""
+    from ira.models.quantize import quantization_quality, quantize_int8
+
+    model, tokenizer = build_model(preset)
+    int8 = quantize_int8(model)
+    audio_s = frames / FRAME_RATE
+    for m in (model, int8):
+        time_generation(m, tokenizer, 8, use_cache=True)                       # warm-up
+    naive = time_generation(model, tokenizer, frames, use_cache=False, repeats=1)
+    cached = time_generation(model, tokenizer, frames, use_cache=True, repeats=repeats)
+    quick = time_generation(int8, tokenizer, frames, use_cache=True, repeats=repeats)
+    torch.manual_seed(1)
+    codes = torch.randint(0, model.codebook_size, (2, model.n_codebooks, 100))
+    text_ids, text_mask = tokenizer.batch_encode([TEN_WORDS, TEN_WORDS[:30]])
+    quality = quantization_quality(model, int8, codes, None, text_ids, text_mask)
+    p = f"{preset}."
+    return {p + "params_m": round(model.num_parameters() / 1e6, 2),
+            p + "rtf_no_cache": round(naive / audio_s, 4), p + "rtf_kv_cache": round(cached / audio_s, 4),
+            p + "rtf_int8_kv_cache": round(quick / audio_s, 4),
+            p + "gain_kv_cache": round(naive / cached, 2), p + "gain_int8": round(cached / quick, 2),
+            p + "gain_total": round(naive / quick, 2),
+            p + "int8_token_agreement": round(quality.token_agreement, 4),
+            p + "int8_loss_fp32": round(quality.loss_fp32, 4), p + "int8_loss_int8": round(quality.loss_int8, 4)}
+
+
+def bench_time_to_first_audio(preset: str, chunk_frames: int = 15, int8: bool = False, repeats: int = 3
+                              ) -> dict[str, float]:
+    """Seconds from the call to the first decoded chunk of streamed speech (best of `repeats`)."""
+    from ira.models.quantize import quantize_int8
+
+    model, tokenizer = build_model(preset)
+    model = quantize_int8(model) if int8 else model
+    codec = untrained_codec(preset)
+    best = float("inf")
+    with torch.inference_mode():
+        for r in range(repeats + 1):                                            # the first is a warm-up
+            start = time.perf_counter()
+            chunks = model.stream(texts=[TEN_WORDS], tokenizer=tokenizer, chunk_frames=chunk_frames,
+                                  max_frames=300, min_frames=300, temperature=1.0, top_k=50, seed=r)
+            codec.decode(next(chunks))
+            if r:
+                best = min(best, time.perf_counter() - start)
+            chunks.close()
+    tag = "_int8" if int8 else ""
+    return {f"{preset}.time_to_first_audio_s{tag}": round(best, 4), f"{preset}.stream_chunk_frames": chunk_frames}
+
+
+def bench_batch_throughput(preset: str, batches: tuple[int, ...] = (1, 4, 16), frames: int = 75
+                           ) -> dict[str, float]:
+    """Audio seconds generated per compute second at each batch size (KV cache, fp32)."""
+    model, tokenizer = build_model(preset)
+    time_generation(model, tokenizer, 4, use_cache=True)
+    out: dict[str, float] = {}
+    for batch in batches:
+        seconds = time_generation(model, tokenizer, frames, use_cache=True, batch=batch)
+        out[f"{preset}.batch{batch}_audio_s_per_s"] = round(batch * frames / FRAME_RATE / seconds, 2)
+    return out
+
+
+# --- training throughput and the token cache -----------------------------------------------------
+
+def bench_training(preset: str, batch: int = 8, frames: int = 300, steps: int = 3) -> dict[str, float]:
+    """Stage-1 training steps (forward, backward, AdamW) on random codes: frames per second, peak memory,
+    and the gain of the token cache (training from cached tokens vs encoding the audio at every step)."""
+    import resource
+
+    from ira.training.optim import build_adamw
+
+    model, tokenizer = build_model(preset)
+    model.train()
+    optimizer = build_adamw([{"params": list(model.parameters())}], 1e-4, "cpu")
+    torch.manual_seed(0)
+    codes = torch.randint(0, model.codebook_size, (batch, model.n_codebooks, frames))
+    text_ids, text_mask = tokenizer.batch_encode([TEN_WORDS] * batch)
+    codec = untrained_codec(preset)
+    wavs = [torch.randn(int(frames / FRAME_RATE * codec.sample_rate)) * 0.1 for _ in range(batch)]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(text_ids, text_mask, None, codes, None).loss.backward()
+        optimizer.step()
+
+    step()                                                                      # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    step_s = (time.perf_counter() - start) / steps
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for wav in wavs:
+            codec.encode(wav, codec.sample_rate)
+    encode_s = time.perf_counter() - start
+    p = f"{preset}."
+    out = {p + "train_frames_per_s": round(batch * frames / step_s, 1), p + "train_step_s": round(step_s, 3),
+           p + "token_cache_gain": round((step_s + encode_s) / step_s, 2),
+           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def bench_all(presets: list[str], llm: Any, frames: int = 150) -> dict[str, float | str]:
+    """Every figure of `ira bench`: generation paths, streaming, batches, training, end to end."""
+    results: dict[str, float | str] = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                                       "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                                       "frames": frames}
+    results.update({k: v for k, v in bench_generate(presets, frames=frames).items() if "." in k})
+    for preset in presets:
+        results.update(bench_training(preset))
+    pipeline = bench_pipeline(presets, llm)
+    results.update({k: v for k, v in pipeline.items() if "." in k})
+    results["llm"] = pipeline["llm"]
+    return results

@@ -13,8 +13,11 @@ def test_bench_generate_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "generate", "--sizes", "cpu", "--frames", "6", "--repeats", "1", "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
-    for key in ("cpu.rtf_kv_cache", "cpu.rtf_no_cache", "cpu.kv_cache_speedup", "cpu.params_m"):
-        assert figures[key] > 0
+    for key in ("cpu.rtf_kv_cache", "cpu.rtf_no_cache", "cpu.rtf_int8_kv_cache", "cpu.gain_kv_cache",
+                "cpu.gain_int8", "cpu.params_m", "cpu.time_to_first_audio_s", "cpu.time_to_first_audio_s_int8",
+                "cpu.batch1_audio_s_per_s", "cpu.batch16_audio_s_per_s"):
+        assert figures[key] > 0, key
+    assert 0.0 <= figures["cpu.int8_token_agreement"] <= 1.0
 
 
 def test_cached_and_naive_generation_agree_at_preset_size():
