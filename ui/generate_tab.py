@@ -21,7 +21,7 @@ import torch
 
 from ira.inference import RESPOND_PROMPT, IRAPipeline, create_pipeline_from_checkpoints
 from ira.speaker import SamplingSettings
-from ira.training.checkpoint import CheckpointError, read_metadata
+from ira.training.checkpoint import checkpoint_modules, read_metadata
 from ui.data_tab import guarded
 from ui.ffmpeg import ensure_ffmpeg_on_path
 from ui.workspace import Workspace
@@ -38,25 +38,17 @@ MAX_CACHED_PIPELINES = 2
 
 
 def speaking_checkpoints(ws: Workspace) -> list[str]:
-    """Workspace checkpoints that can speak (stage 1, 2 or 3), newest first, with what each can do."""
-    found = []
-    for rel in ws.list_checkpoints():
-        try:
-            meta = read_metadata(ws.root / rel)
-        except CheckpointError:
-            continue
-        if meta.get("stage") in SPEAKING_STAGES:
-            found.append(rel)
-    return found
+    """Workspace checkpoints that can speak (stage 1, 2 or 3), newest first."""
+    return [rel for rel, meta in ws.checkpoint_headers() if meta.get("stage") in SPEAKING_STAGES]
 
 
 def checkpoint_summary(ws: Workspace, rel: str) -> str:
     """One line on what a checkpoint can do here: speak, follow descriptions, answer."""
     meta = read_metadata(ws.resolve(rel, must_exist=True))
-    modules = meta.get("modules", "")
+    modules = checkpoint_modules(meta)
     parts = [f"stage {meta.get('stage')}, step {meta.get('step')}",
-             "follows voice descriptions" if '"style"' in modules else "no style encoder (descriptions ignored)",
-             "the LLM can answer about its audio" if '"adapter"' in modules else
+             "follows voice descriptions" if "style" in modules else "no style encoder (descriptions ignored)",
+             "the LLM can answer about its audio" if "adapter" in modules else
              "no adapter: speaks, but the LLM cannot answer (train stage 2)"]
     return " · ".join(parts)
 

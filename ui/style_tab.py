@@ -9,7 +9,6 @@ also cached on disk in the corpus folder (`ira.style_search`). API endpoints (gr
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from ira.data.corpus import METADATA
 from ira.models.style import StyleEncoder
 from ira.style_search import (DEFAULT_MAX_CLIPS, Neighbour, Progress, StyleIndex, compare, index_key,
                               nearest, style_index, style_map)
-from ira.training.checkpoint import CheckpointError, load_checkpoint, read_metadata
+from ira.training.checkpoint import checkpoint_modules, load_checkpoint, read_metadata
 from ira.training.components import style_encoder_from_checkpoint
 from ui.data_tab import clip_audio_path, guarded
 from ui.workspace import Workspace
@@ -46,15 +45,7 @@ MAX_INDEXES = 4
 
 def style_checkpoints(ws: Workspace) -> list[str]:
     """Workspace checkpoints that hold a style encoder (any stage), newest first."""
-    found = []
-    for rel in ws.list_checkpoints():
-        try:
-            modules = json.loads(read_metadata(ws.root / rel).get("modules", "[]"))
-        except (CheckpointError, json.JSONDecodeError):
-            continue
-        if "style" in modules:
-            found.append(rel)
-    return found
+    return [rel for rel, meta in ws.checkpoint_headers() if "style" in checkpoint_modules(meta)]
 
 
 def checkpoint_path(ws: Workspace, rel: Optional[str]) -> Path:
@@ -64,7 +55,7 @@ def checkpoint_path(ws: Workspace, rel: Optional[str]) -> Path:
                          "then press ↻ Refresh)")
     path = ws.resolve(rel, must_exist=True)
     meta = read_metadata(path)
-    modules = json.loads(meta.get("modules", "[]"))
+    modules = checkpoint_modules(meta)
     if "style" not in modules:
         raise ValueError(f"{rel} (stage {meta.get('stage', '?')}) holds no style encoder (modules: "
                          f"{', '.join(modules) or 'none'}); choose a checkpoint of the style stage, or of a "

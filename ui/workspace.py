@@ -98,6 +98,19 @@ class Workspace:
     def list_runs(self) -> list[str]:
         return sorted(p.name for p in self.runs_dir.iterdir() if p.is_dir() and _NAME.match(p.name))
 
+    def checkpoint_headers(self) -> list[tuple[str, dict[str, str]]]:
+        """(relative path, metadata) of every readable IRA checkpoint under runs/, newest first; only
+        the headers are read, so listing stays cheap however large the checkpoints are."""
+        from ira.training.checkpoint import CheckpointError, read_metadata
+
+        headers = []
+        for rel in self.list_checkpoints():
+            try:
+                headers.append((rel, read_metadata(self.root / rel)))
+            except CheckpointError:
+                continue
+        return headers
+
     def list_checkpoints(self) -> list[str]:
         """Every `*.safetensors` under runs/ (relative to the workspace), newest first."""
         found = [p for p in self.runs_dir.glob("*/*.safetensors")

@@ -251,7 +251,7 @@ class Checkpoint:
 
     @property
     def modules(self) -> list[str]:
-        return json.loads(self.metadata["modules"])
+        return checkpoint_modules(self.metadata)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -361,6 +361,11 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
+def checkpoint_modules(meta: Mapping[str, str]) -> list[str]:
+    """The module names a checkpoint's metadata (from `read_metadata`) lists: speech_lm, adapter, style..."""
+    return json.loads(meta.get("modules", "[]"))
+
+
 def _check_path(path: Path) -> Path:
     if path.name.endswith(".tmp"):
         raise CheckpointError(f"{path} is a temporary file left by an interrupted save; it may be "
@@ -380,12 +385,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     """Load every tensor of an IRA checkpoint, grouped by module. Errors are CheckpointError."""
     path = Path(path)
     meta = read_metadata(path)
-    tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in json.loads(meta["modules"])}
+    tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in checkpoint_modules(meta)}
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         for key in f.keys():
             module, _, rest = key.partition(".")
             tensors.setdefault(module, {})[rest] = f.get_tensor(key)
     return Checkpoint(path=path, tensors=tensors, metadata=dict(meta))
+
+
+def read_header(path: str | Path) -> Checkpoint:
+    """A Checkpoint holding only the metadata (no tensors): stage, modules and config, at the cost of the
+    file's header. For deciding what a file is before loading it."""
+    path = Path(path)
+    return Checkpoint(path=path, tensors={}, metadata=dict(read_metadata(path)))
 
 
 def load_train_state(path: str | Path, checkpoint_id: Optional[str] = None) -> dict[str, Any]:
