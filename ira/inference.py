@@ -33,7 +33,7 @@ from ira.audio import save_audio as _write_wav
 from ira.listener import DEFAULT_PROMPT, Listener
 from ira.models.llm import LoadedLLM
 from ira.speaker import SamplingSettings, Speaker, SpeechResult
-from ira.training.checkpoint import CheckpointError, load_checkpoint, require_stage
+from ira.training.checkpoint import CheckpointError, read_header, require_stage
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def create_pipeline_from_checkpoints(speech_lm_checkpoint: str | Path, llm_name_
     else:
         llm_config = None
         if llm is None and (llm_name_or_path is not None or llm_quantization is not None):
-            recorded = load_checkpoint(listener_source).ira_config().llm
+            recorded = read_header(listener_source).ira_config().llm
             llm_config = replace(recorded, name=llm_name_or_path or recorded.name,
                                  quantization=llm_quantization or recorded.quantization)
         listener = Listener.from_checkpoint(listener_source, device=str(speaker.device), llm=llm,
@@ -78,12 +78,11 @@ def create_pipeline_from_checkpoints(speech_lm_checkpoint: str | Path, llm_name_
 def _adapter_source(speech_checkpoint: str | Path, adapter_checkpoint: Optional[str | Path]) -> Optional[Path]:
     """The checkpoint to take the adapter (and the SpeechLM that feeds it) from, or None if there is none."""
     if adapter_checkpoint is not None:
-        ckpt = require_stage(load_checkpoint(adapter_checkpoint), ("2", "3"), purpose="the adapter")
+        ckpt = require_stage(read_header(adapter_checkpoint), ("2", "3"), purpose="the adapter")
         if "adapter" not in ckpt.modules:
             raise CheckpointError(f"{adapter_checkpoint} holds no adapter; give a stage 2 or 3 checkpoint")
         return Path(adapter_checkpoint)
-    ckpt = load_checkpoint(speech_checkpoint)
-    return Path(speech_checkpoint) if "adapter" in ckpt.modules else None
+    return Path(speech_checkpoint) if "adapter" in read_header(speech_checkpoint).modules else None
 
 
 class IRAPipeline:
