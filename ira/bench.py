@@ -23,6 +23,12 @@ FRAME_RATE = 75.0
 TEN_WORDS = "The quick brown fox jumps over the lazy dog again today."
 
 
+def machine() -> dict[str, str | int]:
+    """What the figures were measured on."""
+    return {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "torch_threads": torch.get_num_threads()}
+
+
 def codec_shape(preset: str) -> tuple[int, int]:
     """(n_codebooks, codebook_size) the preset trains with: MelCodec for cpu, EnCodec 6 kbps otherwise."""
     cfg = preset_config(preset)
@@ -56,8 +62,7 @@ def time_generation(model: SpeechLM, tokenizer: CharTokenizer, frames: int, use_
 def bench_generate(presets: list[str], frames: int = 150, repeats: int = 2) -> dict[str, float | str]:
     """Every generation figure per preset size: the fast paths and their gains, time to first audio
     (fp32 and int8), and batch throughput; keys like `laptop.rtf_int8_kv_cache`."""
-    results: dict[str, float | str] = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                                       "torch_threads": torch.get_num_threads(), "frames": frames}
+    results: dict[str, float | str] = {**machine(), "frames": frames}
     for preset in presets:
         results.update(bench_generation_paths(preset, frames=frames, repeats=repeats))
         results.update(bench_time_to_first_audio(preset))
@@ -104,8 +109,7 @@ def bench_pipeline(presets: list[str], llm: Any, seconds: float = 4.0, max_new_t
     from ira.listener import Listener
     from ira.models.adapter import PerceiverAdapter
 
-    results: dict[str, float | str] = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                                       "torch_threads": torch.get_num_threads(), "llm": llm.name,
+    results: dict[str, float | str] = {**machine(), "llm": llm.name,
                                        "llm_dtype": str(llm.dtype).replace("torch.", ""), "text": TEN_WORDS}
     for preset in presets:
         model, tokenizer = build_model(preset)
@@ -260,9 +264,7 @@ def bench_training(preset: str, batch: int = 8, frames: int = 300, steps: int = 
 
 def bench_all(presets: list[str], llm: Any, frames: int = 150) -> dict[str, float | str]:
     """Every figure of `ira bench`: generation paths, streaming, batches, training, end to end."""
-    results: dict[str, float | str] = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                                       "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                                       "frames": frames}
+    results: dict[str, float | str] = {**machine(), "torch": torch.__version__, "frames": frames}
     results.update({k: v for k, v in bench_generate(presets, frames=frames).items() if "." in k})
     for preset in presets:
         results.update(bench_training(preset))
