@@ -111,3 +111,26 @@ def tiny_stage3(tiny_stage2, bundled_llm, tmp_path_factory):
         return result
     finally:
         torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for an app launched in a test."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+TINY_APP = ["codec.mel_codebook_size=16", "codec.mel_kmeans_iters=2", "codec.mel_n_codebooks=2",
+            "speech_lm.d_model=32", "speech_lm.n_layers=1", "speech_lm.n_heads=2", "training.log_every=1",
+            "training.warmup_steps=1"]
+"""App overrides: a tiny codec and model, so that the app builds a corpus and trains stage 1 in seconds."""
+
+
+TINY_STYLE = ["codec.name=mel", "codec.mel_n_codebooks=2", "codec.mel_codebook_size=16", "codec.mel_kmeans_iters=2",
+              "speech_lm.style_dim=16", "style.embed_dim=16", "style.audio_dim=16", "style.audio_layers=1",
+              "style.audio_heads=2", "style.text_hidden=0", "style.batch_size=4", "style.max_steps=2",
+              "style.warmup_steps=1", "training.eval_every=1000", "training.save_every=1000",
+              "training.mixed_precision=no"]
+"""A style encoder trained for two steps: seconds on a CPU."""

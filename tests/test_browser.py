@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
+from conftest import TINY_APP, TINY_STYLE, free_port  # noqa: E402
 from ira.hardware import detect_hardware  # noqa: E402
 from ui.app import build_app, launch_app  # noqa: E402
 
@@ -26,18 +26,9 @@ CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-br
                  if p and Path(p).exists()), None)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-APP_OVERRIDES = ["codec.mel_codebook_size=16", "codec.mel_kmeans_iters=2", "codec.mel_n_codebooks=2",
-                 "speech_lm.d_model=32", "speech_lm.n_layers=1", "speech_lm.n_heads=2", "training.log_every=1",
-                 "training.warmup_steps=1"]
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (Debian package 'chromium'; "
                                                          "scripts/setup_browser.sh installs it as root)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +36,6 @@ def served(tiny_stage3, bundled_llm, tmp_path_factory):
     from ira.config import load_config
     from ira.data.dummy import create_dummy_corpus
     from ira.training.stage_style import run_style_training
-    from test_ui_style import TINY_STYLE
 
     root = tmp_path_factory.mktemp("workspace")
     (root / "runs" / "aligned").mkdir(parents=True)
@@ -55,8 +45,8 @@ def served(tiny_stage3, bundled_llm, tmp_path_factory):
                                                                 f"training.output_dir={root / 'runs' / 'voice'}"]),
                                cpu=True)
     assert style.ok, style.message
-    demo = build_app(root, preset="cpu", overrides=APP_OVERRIDES, hardware=detect_hardware())
-    launched = launch_app(demo, port=_free_port(), prevent_thread_lock=True, quiet=True)
+    demo = build_app(root, preset="cpu", overrides=TINY_APP, hardware=detect_hardware())
+    launched = launch_app(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     yield root, launched.local_url, f"runs/aligned/{Path(tiny_stage3.last_checkpoint).name}"
     demo.close()
 

@@ -29,13 +29,7 @@ TINY = ["codec.name=mel", "codec.mel_n_codebooks=2", "codec.mel_codebook_size=16
         "style.audio_heads=2", "style.text_hidden=0", "style.dropout=0.0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from gradio_client.utils import Status  # noqa: E402
 
+from conftest import free_port  # noqa: E402
 from ira.data.dummy import create_dummy_corpus  # noqa: E402
 from ira.hardware import detect_hardware  # noqa: E402
 from ui.app import build_app, launch_app, parse_auth  # noqa: E402
@@ -62,11 +62,6 @@ def value(output):
     """A component returned as an update ({"__type__": "update", "value": ...}) -> its value."""
     return output.get("value") if isinstance(output, dict) and output.get("__type__") == "update" else output
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

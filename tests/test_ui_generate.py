@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -17,21 +16,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
+from conftest import TINY_APP, free_port  # noqa: E402
 from ira.hardware import detect_hardware  # noqa: E402
 from ui.app import build_app, launch_app  # noqa: E402
 
-APP_OVERRIDES = ["codec.mel_codebook_size=16", "codec.mel_kmeans_iters=2", "codec.mel_n_codebooks=2",
-                 "speech_lm.d_model=32", "speech_lm.n_layers=1", "speech_lm.n_heads=2", "training.log_every=1",
-                 "training.warmup_steps=1"]
-"""A tiny codec and model, so that the app builds a corpus and trains stage 1 in seconds."""
 SPEAK_DEFAULTS = dict(style="", reference=None, question="", temp=0.8, k=50, p=1.0, cfg=1.5, seed_value=0,
                       seconds=1.0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +31,8 @@ def generate_app(tiny_stage2, tiny_stage3, bundled_llm, tmp_path_factory):
         (root / "runs" / run).mkdir(parents=True)
         shutil.copy(source, root / "runs" / run / Path(source).name)
     hardware = detect_hardware()
-    demo = build_app(root, preset="cpu", overrides=APP_OVERRIDES, hardware=hardware)
-    launched = launch_app(demo, port=_free_port(), prevent_thread_lock=True, quiet=True)
+    demo = build_app(root, preset="cpu", overrides=TINY_APP, hardware=hardware)
+    launched = launch_app(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     client = Client(launched.local_url, verbose=False, analytics_enabled=False,
                     download_files=str(tmp_path_factory.mktemp("downloads")))
     names = {run: f"runs/{run}/{Path(source).name}" for run, source in

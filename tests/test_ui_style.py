@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
+from conftest import TINY_STYLE, free_port  # noqa: E402
 from ira.config import load_config  # noqa: E402
 from ira.data.dummy import create_dummy_corpus  # noqa: E402
 from ira.hardware import detect_hardware  # noqa: E402
@@ -28,19 +28,8 @@ from ui.app import build_app, launch_app  # noqa: E402
 
 N_CLIPS = 9
 K = 4
-TINY_STYLE = ["codec.name=mel", "codec.mel_n_codebooks=2", "codec.mel_codebook_size=16", "codec.mel_kmeans_iters=2",
-              "speech_lm.style_dim=16", "style.embed_dim=16", "style.audio_dim=16", "style.audio_layers=1",
-              "style.audio_heads=2", "style.text_hidden=0", "style.batch_size=4", "style.max_steps=2",
-              "style.warmup_steps=1", "training.eval_every=1000", "training.save_every=1000",
-              "training.mixed_precision=no"]
-"""A style encoder trained for two steps: seconds on a CPU."""
 QUERY = "a slow, deep voice with a British accent"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _value(output):
@@ -70,7 +59,7 @@ def style_app(tmp_path_factory):
     shutil.copy(trained.last_checkpoint, outside)
 
     demo = build_app(root, preset="cpu", hardware=detect_hardware())
-    launched = launch_app(demo, port=_free_port(), prevent_thread_lock=True, quiet=True)
+    launched = launch_app(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     client = Client(launched.local_url, verbose=False, analytics_enabled=False,
                     download_files=str(tmp_path_factory.mktemp("downloads")))
     yield SimpleNamespace(root=Path(root), client=client, corpus=corpus, checkpoint=Path(trained.last_checkpoint),
