@@ -214,13 +214,11 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 # --- ira understand -------------------------------------------------------------------------------
 
 def cmd_understand(args: argparse.Namespace) -> int:
-    from ira.inference import IRAPipeline
     from ira.listener import Listener
-    from ira.speaker import Speaker
 
+    # IRAPipeline.understand is this same Listener.understand; the pipeline's speaking half is not needed here.
     listener = Listener.from_checkpoint(args.checkpoint, device=args.device)
-    pipeline = IRAPipeline(Speaker.from_checkpoint(args.checkpoint, device=str(listener.device)), listener)
-    answer = pipeline.understand(args.audio, args.prompt, max_new_tokens=args.max_new_tokens)
+    answer = listener.understand(args.audio, args.prompt, max_new_tokens=args.max_new_tokens)
     print(f"{args.audio} | {args.prompt}")
     print(answer.replace("\n", " ").strip() or "(the LLM gave no answer)")
     return 0
