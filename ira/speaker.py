@@ -162,12 +162,16 @@ class Speaker:
         for _, wav in self.stream_with_codes(text, style, reference, settings, chunk_frames):
             yield wav
 
+    @torch.inference_mode()
     def stream_with_codes(self, text: str, style: Optional[str] = None, reference: Any = None,
                           settings: Optional[SamplingSettings] = None, chunk_frames: int = 25
                           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(codes [K, t], waveform) per chunk: the UI plays the audio and keeps the tokens for the LLM."""
+        """(codes [K, t], waveform) per chunk: the UI plays the audio and keeps the tokens for the LLM.
+
+        Inference mode as a decorator, not a `with` block: torch re-enters it at every resume of the
+        generator, and the UI resumes it from whichever worker thread is free (the mode is per thread;
+        a `with` block held across `yield` left later steps writing to the KV cache outside it)."""
         settings = settings or SamplingSettings()
-        with torch.inference_mode():
-            args = self._generation_args(text, style, reference, settings)
-            for codes in self.model.stream(**args, chunk_frames=chunk_frames):
-                yield codes, self.codec.decode(codes).float().cpu()
+        args = self._generation_args(text, style, reference, settings)
+        for codes in self.model.stream(**args, chunk_frames=chunk_frames):
+            yield codes, self.codec.decode(codes).float().cpu()

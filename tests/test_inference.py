@@ -138,3 +138,31 @@ def test_a_pipeline_needs_no_listener_to_speak(tiny_stage2):
     pipeline = IRAPipeline(Speaker.from_checkpoint(tiny_stage2[2].last_checkpoint, device="cpu"))
     with pytest.raises(PipelineError):
         pipeline.understand(np.zeros(24000, dtype=np.float32), sample_rate=24000)
+
+
+def test_streaming_can_be_resumed_from_other_threads(tiny_stage2):
+    """The UI's server resumes a streaming generator from whichever worker thread is free; each step
+    must still run in inference mode (it is per thread) and give the same speech as one thread."""
+    import threading
+
+    from ira.speaker import Speaker
+
+    speaker = Speaker.from_checkpoint(tiny_stage2[2].last_checkpoint, device="cpu")
+    settings = SamplingSettings(max_seconds=0.5, seed=3)
+    same_thread = [codes for codes, _ in speaker.stream_with_codes("the door is open", settings=settings,
+                                                                 chunk_frames=4)]
+    chunks, pulled, errors = speaker.stream_with_codes("the door is open", settings=settings, chunk_frames=4), [], []
+
+    def pull() -> None:
+        try:
+            pulled.append(next(chunks))
+        except Exception as exc:   # StopIteration included: recorded, then checked below
+            errors.append(exc)
+
+    while not errors:
+        worker = threading.Thread(target=pull)
+        worker.start()
+        worker.join()
+    assert isinstance(errors[0], StopIteration), errors[0]
+    assert len(pulled) == len(same_thread) > 1
+    assert all(torch.equal(a, b) for (a, _), b in zip(pulled, same_thread))
