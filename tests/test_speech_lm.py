@@ -8,7 +8,7 @@ import torch
 from ira.config import SpeechLMConfig
 from ira.models.delay_pattern import apply_delay
 from ira.models.kv_cache import StaticKVCache
-from ira.models.speech_lm import SpeechLM, _positions, sample_logits
+from ira.models.speech_lm import Rotary, SpeechLM, _positions, apply_rotary, sample_logits
 from ira.text_tokenizer import CharTokenizer
 
 K, V, STYLE = 4, 16, 8
@@ -199,12 +199,15 @@ def test_cached_steps_match_full_recomputation():
 
 
 @pytest.mark.parametrize("cfg_scale", [None, 2.5])
-def test_greedy_generate_with_and_without_cache_is_identical(cfg_scale):
+@pytest.mark.parametrize("rows", [3, 1], ids=["padded batch", "one sample, no mask"])
+def test_greedy_generate_with_and_without_cache_is_identical(cfg_scale, rows):
     model, data = tiny(), batch()
+    if rows == 1:   # no padding anywhere: the cached steps run without any attention mask
+        data = sample(data, 2)
     kwargs = dict(style=data["style"], max_frames=10, temperature=0.0, cfg_scale=cfg_scale)
     cached = model.generate(data["text_ids"], data["text_mask"], **kwargs)
     naive = model.generate(data["text_ids"], data["text_mask"], use_cache=False, **kwargs)
-    assert len(cached) == 3
+    assert len(cached) == rows
     for a, b in zip(cached, naive):
         assert a.dtype == torch.long and a.shape[0] == K and a.shape[1] <= 10
         assert torch.equal(a, b)
@@ -232,6 +235,53 @@ def test_frame_limits_and_unconditional_generation():
         model.generate(texts=["a", "b"], tokenizer=TOK, style=torch.randn(3, STYLE))
     with pytest.raises(ValueError, match="one sample"):
         next(model.stream(texts=["a", "b"], tokenizer=TOK))
+
+
+def test_rotary_rotates_each_half_pair_by_its_angle():
+    head_dim, positions = 8, torch.tensor([[0, 3, 7]])
+    x = torch.randn(1, 2, 3, head_dim)
+    out = apply_rotary(x, *Rotary(head_dim, 10_000.0)(positions))
+    inv_freq = 1.0 / 10_000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angle = positions[0, :, None].float() * inv_freq                     # [T, head_dim / 2]
+    x1, x2 = x[..., :head_dim // 2], x[..., head_dim // 2:]
+    expected = torch.cat([x1 * angle.cos() - x2 * angle.sin(), x1 * angle.sin() + x2 * angle.cos()], dim=-1)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.allclose(out.norm(dim=-1), x.norm(dim=-1), atol=1e-5)   # a rotation keeps lengths
+
+
+def test_checkpoint_with_one_head_per_codebook_loads_into_the_fused_heads(tmp_path):
+    """Checkpoints written before the heads were fused hold heads.{k}.weight; both ways of loading
+    (Checkpoint.load_into, with the module nested as in stage 3, and plain load_state_dict) take them."""
+    from ira.config import IRAConfig
+    from ira.training.checkpoint import load_checkpoint, save_checkpoint
+
+    model, data = tiny(), batch()
+    old = tiny()
+    old.heads = torch.nn.ModuleList(torch.nn.Linear(64, V + 1, bias=False) for _ in range(K))
+    for head, rows in zip(old.heads, model.heads.weight.detach().split(V + 1)):
+        head.weight.data.copy_(rows)
+    assert "heads.0.weight" in old.state_dict()
+    path = save_checkpoint(tmp_path / "old.safetensors", {"policy": torch.nn.ModuleDict({"lm": old})}, stage="3",
+                           epoch=0, step=1, config=IRAConfig(), metadata={})
+    fresh = torch.nn.ModuleDict({"lm": tiny(seed=1)})
+    load_checkpoint(path).load_into("policy", fresh)
+    assert torch.equal(fresh["lm"](**data).logits, model(**data).logits)
+    plain = tiny(seed=2)
+    plain.load_state_dict(old.state_dict())
+    assert torch.equal(plain(**data).logits, model(**data).logits)
+
+
+def test_top_k_and_top_p_sample_from_the_renormalised_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]]).expand(20_000, -1)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_logits(logits, top_k=3, generator=gen), minlength=6).float()
+    expected = torch.zeros(6)
+    expected[[5, 0, 1]] = torch.tensor([3.0, 2.0, 1.0]).softmax(0)
+    assert torch.allclose(counts / counts.sum(), expected, atol=0.015)
+    # top_p 0.8 inside the top 3: 0.665 + 0.245 crosses 0.8, so ids 5 and 0 stay, renormalised
+    counts = torch.bincount(sample_logits(logits, top_k=3, top_p=0.8, generator=gen), minlength=6).float()
+    kept = torch.tensor([3.0, 2.0]).softmax(0)
+    assert torch.allclose(counts[[5, 0]] / counts.sum(), kept, atol=0.015) and counts[[1, 2, 3, 4]].sum() == 0
 
 
 def test_sampling_filters():

@@ -78,14 +78,21 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, 1, T, head_dim / 2]."""
+        """positions [B, T] -> cos, sin [B, 1, T, head_dim]: both halves' factors, sin signed for
+        `apply_rotary` (first half -sin, second half +sin)."""
         angles = positions.float()[..., None] * self.inv_freq
-        return angles.cos()[:, None], angles.sin()[:, None]
+        cos, sin = angles.cos(), angles.sin()
+        return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    """Rotate each pair (x1[i], x2[i]) of x = [x1, x2] by its angle: [x1 cos - x2 sin, x2 cos + x1 sin].
+
+    Written as x * cos + roll(x) * sin (roll swaps the halves) because at one token per step the
+    chunk/cat form's eight small ops per call were a visible part of a generation step.
+    """
+    xf = x.float()
+    return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
 def make_norm(cfg: SpeechLMConfig) -> nn.Module:
@@ -101,14 +108,16 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: StaticKVCache | None, layer: int) -> torch.Tensor:
-        """mask: bool [B, 1, T, keys] (True = attend), or None for plain causal from position 0."""
+                cache: StaticKVCache | None, layer: int, causal: bool = True) -> torch.Tensor:
+        """mask: bool [B, 1, T, keys] (True = attend), or None: plain causal from position 0 when
+        `causal`, else every query sees every key (one new token over a cache without padding)."""
         batch, n, width = x.shape
-        q, k, v = self.qkv(x).view(batch, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        qkv = self.qkv(x).view(batch, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(qkv[:2], *rope)   # one call rotates queries and keys
+        v = qkv[2]
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(batch, n, width))
 
@@ -140,8 +149,8 @@ class Block(nn.Module):
         self.attn, self.mlp = Attention(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, mask, cache, layer):
-        x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache, layer))
+    def forward(self, x, rope, mask, cache, layer, causal=True):
+        x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache, layer, causal))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -167,15 +176,17 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    ids = None
+    if 0 < top_k < logits.shape[-1]:   # sample among the k best only: softmax and draw over k, not all
+        logits, ids = logits.topk(top_k, dim=-1)   # sorted, most likely first
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
+        if ids is None:
+            logits, ids = logits.sort(dim=-1, descending=True)
+        probs = logits.softmax(dim=-1)
         outside = probs.cumsum(dim=-1) - probs > top_p  # the most likely id always stays
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+        logits = logits.masked_fill(outside, float("-inf"))
+    choice = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,10 +241,12 @@ class SpeechLM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
-        self.heads = nn.ModuleList(nn.Linear(d, self.codebook_size + 1, bias=False)
-                                   for _ in range(self.n_codebooks))
+        # the K codebook heads as one matrix (rows k*(V+1) .. (k+1)*(V+1) are codebook k's): one matmul
+        # per generation step instead of K small ones
+        self.heads = nn.Linear(d, self.n_codebooks * (self.codebook_size + 1), bias=False)
         self.length_head = nn.Linear(d, 1)
         self._init_weights()
+        self._register_load_state_dict_pre_hook(self.upgrade_state_dict)
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -247,6 +260,17 @@ class SpeechLM(nn.Module):
                 nn.init.normal_(weight, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
 
     # -- construction and metadata ---------------------------------------------------------------
+
+    @staticmethod
+    def upgrade_state_dict(state_dict: dict, prefix: str = "", *args: Any) -> None:
+        """Rename, in place, what older checkpoints saved in another layout: `heads.{k}.weight` (one
+        head per codebook, before they were fused) become rows of `heads.weight`, in codebook order.
+        Runs as a load_state_dict hook and from `Checkpoint.load_into` before its key check."""
+        head = prefix + "heads."
+        ks = sorted(int(key[len(head):-len(".weight")]) for key in state_dict
+                    if key.startswith(head) and key.endswith(".weight") and key[len(head):-len(".weight")].isdigit())
+        if ks:
+            state_dict[head + "weight"] = torch.cat([state_dict.pop(f"{head}{k}.weight") for k in ks], dim=0)
 
     @classmethod
     def from_parts(cls, cfg: SpeechLMConfig, codec: Any, tokenizer: Any) -> "SpeechLM":
@@ -352,18 +376,23 @@ class SpeechLM(nn.Module):
     def _bos(self, batch: int) -> torch.Tensor:
         return torch.full((batch, self.n_codebooks, 1), self.fill_id, dtype=torch.long, device=self.device)
 
-    def _transformer(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+    def _transformer(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None,
                      cache: StaticKVCache | None = None) -> torch.Tensor:
-        """x [B, T, d] at RoPE `positions` [B, T]; key_valid [B, keys so far + T]. Final-norm output."""
+        """x [B, T, d] at RoPE `positions` [B, T]; key_valid [B, keys so far + T], or None when no key
+        is padding (then no mask is built: one new token sees all keys, more are causal from 0).
+        Returns the final-norm output."""
         start = cache.length if cache is not None else 0
-        if cache is None and bool(key_valid.all()):
-            mask = None  # plain causal: lets SDPA pick its fastest kernel
-        else:
+        if key_valid is not None and cache is None and bool(key_valid.all()):
+            key_valid = None  # plain causal: lets SDPA pick its fastest kernel
+        mask, causal = None, x.shape[1] > 1
+        if key_valid is not None:
             mask = attention_mask(key_valid, start, x.shape[1])
+        elif causal and start > 0:
+            raise ValueError("several new tokens after a filled cache need key_valid (the causal mask is offset)")
         rope = self.rope(positions)
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, mask, cache, layer)
+            x = block(x, rope, mask, cache, layer, causal)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.norm(x)
@@ -378,7 +407,9 @@ class SpeechLM(nn.Module):
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, S, d] -> [B, K, S, V + 1]."""
-        return torch.stack([head(hidden) for head in self.heads], dim=1)
+        batch, steps = hidden.shape[:2]
+        logits = self.heads(hidden).view(batch, steps, self.n_codebooks, self.codebook_size + 1)
+        return logits.transpose(1, 2).contiguous()
 
     def _log_frames_per_token(self, bos_hidden: torch.Tensor) -> torch.Tensor:
         """The length head on the BOS step's output [B, d] -> [B] (fp32)."""
@@ -577,10 +608,13 @@ class SpeechLM(nn.Module):
             if use_cache:  # prefill: the prefix and BOS in one pass
                 cache = StaticKVCache(self.cfg.n_layers, rows, self.cfg.n_heads,
                                       self.cfg.d_model // self.cfg.n_heads, n_prefix + n_cols_max)
-                key_valid = torch.cat([prefix_valid, prefix_valid.new_ones(rows, n_cols_max)], dim=1)
+                key_valid = None  # no mask at all unless some prefix is left-padded (checked once, not per step)
+                if not bool(prefix_valid.all()):
+                    key_valid = torch.cat([prefix_valid, prefix_valid.new_ones(rows, n_cols_max)], dim=1)
                 bos_position = prefix_valid.sum(dim=1, keepdim=True)
                 x = torch.cat([prefix, self._embed_audio(self._bos(rows)).to(prefix.dtype)], dim=1)
-                hidden = self._transformer(x, _positions(prefix_valid, 1), key_valid[:, :n_prefix + 1], cache)
+                hidden = self._transformer(x, _positions(prefix_valid, 1),
+                                           None if key_valid is None else key_valid[:, :n_prefix + 1], cache)
             else:
                 hidden = self._run(prefix, prefix_valid, self._bos(rows))
             first, last = self._length_bounds(hidden[:batch, -1], prefix_valid[:batch], min_frames, max_frames,
@@ -601,7 +635,7 @@ class SpeechLM(nn.Module):
                 if use_cache:  # one step: this column in, the next column's logits out
                     step_in = column.repeat(2, 1) if guided else column
                     hidden = self._transformer(self._embed_audio(step_in[:, :, None]), bos_position + step + 1,
-                                               key_valid[:, :cache.length + 1], cache)
+                                               None if key_valid is None else key_valid[:, :cache.length + 1], cache)
                 else:
                     inputs = torch.cat([self._bos(batch), columns[:, :, :step + 1]], dim=2)
                     hidden = self._run(prefix, prefix_valid, inputs.repeat(2, 1, 1) if guided else inputs)

@@ -286,7 +286,11 @@ class Checkpoint:
         Pass `current_config` (the IRAConfig the model was built from) to have a shape mismatch
         explained by the config keys that differ from the checkpoint's.
         """
-        state = self.state_dict(name)
+        state = dict(self.state_dict(name))
+        for prefix, part in module.named_modules():   # older layouts renamed to the current one first
+            upgrade = getattr(part, "upgrade_state_dict", None)
+            if callable(upgrade):
+                upgrade(state, f"{prefix}." if prefix else "")
         own = module.state_dict()
         for key, tensor in state.items():
             if key in own and tuple(own[key].shape) != tuple(tensor.shape):
