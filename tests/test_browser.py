@@ -88,6 +88,8 @@ def test_click_through_the_tabs(served, page, shots):
     # Data: build the dummy corpus with the button, see its summary and clips.
     _tab(page, "Data")
     page.get_by_label("Dummy corpus (a few clips, seconds)").check()
+    # choosing a source fills in its default name from the server: wait for it, or it may overwrite ours
+    page.wait_for_function("() => [...document.querySelectorAll('input, textarea')].some(e => e.value === 'dummy')")
     page.get_by_label("Corpus name").fill("clicked")
     page.get_by_role("button", name="Build corpus").click()
     page.wait_for_function("() => document.body.innerText.includes('Corpus clicked') && "
