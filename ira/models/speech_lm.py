@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
@@ -266,11 +267,10 @@ class SpeechLM(nn.Module):
         """Rename, in place, what older checkpoints saved in another layout: `heads.{k}.weight` (one
         head per codebook, before they were fused) become rows of `heads.weight`, in codebook order.
         Runs as a load_state_dict hook and from `Checkpoint.load_into` before its key check."""
-        head = prefix + "heads."
-        ks = sorted(int(key[len(head):-len(".weight")]) for key in state_dict
-                    if key.startswith(head) and key.endswith(".weight") and key[len(head):-len(".weight")].isdigit())
-        if ks:
-            state_dict[head + "weight"] = torch.cat([state_dict.pop(f"{head}{k}.weight") for k in ks], dim=0)
+        per_codebook = re.compile(re.escape(prefix + "heads.") + r"(\d+)\.weight")
+        found = sorted((int(m.group(1)), m.group(0)) for m in map(per_codebook.fullmatch, list(state_dict)) if m)
+        if found:
+            state_dict[prefix + "heads.weight"] = torch.cat([state_dict.pop(key) for _, key in found], dim=0)
 
     @classmethod
     def from_parts(cls, cfg: SpeechLMConfig, codec: Any, tokenizer: Any) -> "SpeechLM":
@@ -611,10 +611,13 @@ class SpeechLM(nn.Module):
                 key_valid = None  # no mask at all unless some prefix is left-padded (checked once, not per step)
                 if not bool(prefix_valid.all()):
                     key_valid = torch.cat([prefix_valid, prefix_valid.new_ones(rows, n_cols_max)], dim=1)
+
+                def keys_valid(n: int) -> torch.Tensor | None:
+                    return None if key_valid is None else key_valid[:, :n]
+
                 bos_position = prefix_valid.sum(dim=1, keepdim=True)
                 x = torch.cat([prefix, self._embed_audio(self._bos(rows)).to(prefix.dtype)], dim=1)
-                hidden = self._transformer(x, _positions(prefix_valid, 1),
-                                           None if key_valid is None else key_valid[:, :n_prefix + 1], cache)
+                hidden = self._transformer(x, _positions(prefix_valid, 1), keys_valid(n_prefix + 1), cache)
             else:
                 hidden = self._run(prefix, prefix_valid, self._bos(rows))
             first, last = self._length_bounds(hidden[:batch, -1], prefix_valid[:batch], min_frames, max_frames,
@@ -635,7 +638,7 @@ class SpeechLM(nn.Module):
                 if use_cache:  # one step: this column in, the next column's logits out
                     step_in = column.repeat(2, 1) if guided else column
                     hidden = self._transformer(self._embed_audio(step_in[:, :, None]), bos_position + step + 1,
-                                               None if key_valid is None else key_valid[:, :cache.length + 1], cache)
+                                               keys_valid(cache.length + 1), cache)
                 else:
                     inputs = torch.cat([self._bos(batch), columns[:, :, :step + 1]], dim=2)
                     hidden = self._run(prefix, prefix_valid, inputs.repeat(2, 1, 1) if guided else inputs)
