@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="a short clip whose voice to imitate (instead of --style)")
     p.add_argument("-o", "--output", default="output.wav")
     p.add_argument("--int8", action="store_true",
-                   help="int8 dynamic quantization of the SpeechLM (CPU only): faster, slightly different tokens")
+                   help="int8 weights for the SpeechLM's linear layers (CPU only): faster, slightly different tokens")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 

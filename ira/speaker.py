@@ -73,7 +73,7 @@ class Speaker:
     def from_checkpoint(cls, path: str | Path, device: str = "auto", int8: bool = False) -> "Speaker":
         """A stage 1, 2 or 3 checkpoint; a missing file or another kind of checkpoint is a clear error.
 
-        int8: the SpeechLM's linear layers in int8 dynamic quantization (CPU only; faster generation,
+        int8: the SpeechLM's linear layers with int8 weights (CPU only; faster generation,
         see `ira bench generate` for its speed and its agreement with fp32)."""
         ckpt = require_stage(load_checkpoint(path), SPEECH_STAGES, purpose="speaking")
         dev = resolve_device(device)

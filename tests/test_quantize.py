@@ -1,9 +1,9 @@
-"""Int8 dynamic quantization of the SpeechLM (ira/models/quantize.py): what it changes and by how much."""
+"""Int8 weight quantization of the SpeechLM (ira/models/quantize.py): what it changes and by how much."""
 
 import pytest
 import torch
 
-from ira.models.quantize import quantization_quality, quantize_int8
+from ira.models.quantize import Int8Linear, quantization_quality, quantize_int8
 from ira.training.checkpoint import load_checkpoint
 from ira.training.components import speech_lm_from_checkpoint, tokenizer_from_checkpoint
 
@@ -21,8 +21,10 @@ def test_int8_copies_and_leaves_the_original_alone(trained):
     model, _ = trained
     before = {k: v.clone() for k, v in model.state_dict().items()}
     quantized = quantize_int8(model)
-    assert any("Quantized" in type(m).__name__ or "quantized" in type(m).__module__ for m in quantized.modules())
-    assert all(isinstance(m, torch.nn.Linear) for m in model.modules() if "Linear" in type(m).__name__)
+    bias_free = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is None]
+    int8 = [name for name, m in quantized.named_modules() if isinstance(m, Int8Linear)]
+    assert bias_free and int8 == bias_free        # every bias-free linear, and only those
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
 
@@ -44,3 +46,25 @@ def test_speaker_speaks_with_int8(tiny_stage2):
     speaker = Speaker.from_checkpoint(tiny_stage2[2].last_checkpoint, device="cpu", int8=True)
     result = speaker.speak("the door is open", settings=SamplingSettings(max_seconds=0.5, temperature=0))
     assert result.codes.shape[1] > 0 and result.waveform.numel() > 0
+
+
+@pytest.mark.parametrize("in_features", [128, 100], ids=["multiple of 64", "padded to 128"])
+def test_int8_linear_computes_with_its_dequantized_weight(in_features):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, 96, bias=False)
+    layer = Int8Linear(linear)
+    assert layer.weight_int8.dtype == torch.int8 and layer.weight_int8.shape == (96, in_features + layer.pad)
+    assert layer.weight_int8.shape[1] % 64 == 0
+    # rounding to int8 with a per-row scale moves no weight by more than half a step of that scale
+    assert ((layer.dequantized_weight() - linear.weight).abs() <= layer.scale.float()[:, None] * 0.501).all()
+    x = torch.randn(2, 3, in_features)
+    y = layer(x)
+    assert y.shape == (2, 3, 96) and y.dtype == torch.float32
+    reference = x @ layer.dequantized_weight().t()
+    assert (y - reference).abs().max() < 0.02 * reference.abs().max()   # bf16 compute
+    assert torch.equal(layer.forward_bf16(x.reshape(6, in_features)).float(), y.reshape(6, 96))
+
+
+def test_int8_linear_refuses_a_bias():
+    with pytest.raises(ValueError, match="bias"):
+        Int8Linear(torch.nn.Linear(64, 8))
