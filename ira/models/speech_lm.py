@@ -618,14 +618,16 @@ class SpeechLM(nn.Module):
                 bos_position = prefix_valid.sum(dim=1, keepdim=True)
                 x = torch.cat([prefix, self._embed_audio(self._bos(rows)).to(prefix.dtype)], dim=1)
                 hidden = self._transformer(x, _positions(prefix_valid, 1), keys_valid(n_prefix + 1), cache)
+                from ira.models.cached_step import CachedStep   # it builds on this module's parts
+                cached_step = CachedStep(self)
             else:
                 hidden = self._run(prefix, prefix_valid, self._bos(rows))
             first, last = self._length_bounds(hidden[:batch, -1], prefix_valid[:batch], min_frames, max_frames,
                                               length_tolerance)
             ends = last.clone()
+            logits = self._logits(hidden[:, -1:])[:, :, 0].float()                 # [rows, K, V + 1]
 
             for step in range(n_cols_max):
-                logits = self._logits(hidden[:, -1:])[:, :, 0].float()             # [rows, K, V + 1]
                 if guided:
                     cond, uncond = logits[:batch], logits[batch:]
                     logits = uncond + cfg_scale * (cond - uncond)
@@ -637,11 +639,11 @@ class SpeechLM(nn.Module):
                     return
                 if use_cache:  # one step: this column in, the next column's logits out
                     step_in = column.repeat(2, 1) if guided else column
-                    hidden = self._transformer(self._embed_audio(step_in[:, :, None]), bos_position + step + 1,
-                                               keys_valid(cache.length + 1), cache)
+                    logits = cached_step(step_in, bos_position + step + 1, cache, keys_valid(cache.length + 1))
                 else:
                     inputs = torch.cat([self._bos(batch), columns[:, :, :step + 1]], dim=2)
                     hidden = self._run(prefix, prefix_valid, inputs.repeat(2, 1, 1) if guided else inputs)
+                    logits = self._logits(hidden[:, -1:])[:, :, 0].float()
         finally:
             self.train(was_training)
 

@@ -1,0 +1,81 @@
+"""The flat cached generation step (ira/models/cached_step.py) against the module path it replaces."""
+
+import pytest
+import torch
+
+from ira.models.cached_step import CachedStep, _rms_norm_fused
+from ira.models.delay_pattern import apply_delay
+from ira.models.kv_cache import StaticKVCache
+from ira.models.quantize import quantize_int8
+from ira.models.speech_lm import _positions
+from test_speech_lm import K, V, batch, tiny
+
+
+def teacher_forced_cached_logits(model, data) -> torch.Tensor:
+    """Prefill through the modules, then every later column through CachedStep: [B, K, S, V + 1]."""
+    rows = data["codes"].shape[0]
+    no_drop = torch.zeros(rows, dtype=torch.bool)
+    prefix, valid = model._prefix(data["text_ids"], data["text_mask"], data["style"], no_drop, no_drop)
+    delayed = apply_delay(data["codes"], model.fill_id, data["codes_lengths"], eos_id=model.eos_id)
+    inputs = torch.cat([model._bos(rows), delayed[:, :, :-1]], dim=2)
+    steps, n_prefix = inputs.shape[2], prefix.shape[1]
+    cfg = model.cfg
+    cache = StaticKVCache(cfg.n_layers, rows, cfg.n_heads, cfg.d_model // cfg.n_heads, n_prefix + steps)
+    key_valid = torch.cat([valid, torch.ones(rows, steps, dtype=torch.bool)], dim=1)
+    positions = _positions(valid, steps)
+    step = CachedStep(model)
+    with torch.no_grad():
+        x = torch.cat([prefix, model._embed_audio(inputs[:, :, :1])], dim=1)
+        hidden = model._transformer(x, positions[:, :n_prefix + 1], key_valid[:, :n_prefix + 1], cache)
+        logits = [model._logits(hidden[:, -1:])[:, :, 0]]
+        for s in range(1, steps):
+            logits.append(step(inputs[:, :, s], positions[:, n_prefix + s:n_prefix + s + 1], cache,
+                               key_valid[:, :cache.length + 1]))
+    return torch.stack(logits, dim=2)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"norm": "layer", "mlp": "gelu"}], ids=["rms+swiglu", "layer+gelu"])
+def test_cached_step_matches_the_full_forward(overrides):
+    model, data = tiny(**overrides), batch()
+    with torch.no_grad():
+        full = model(**data).logits
+    cached = teacher_forced_cached_logits(model, data)
+    assert cached.shape == full.shape
+    assert torch.allclose(cached, full, atol=1e-5), (cached - full).abs().max()
+
+
+def test_cached_step_of_an_int8_model_matches_its_module_path():
+    model = quantize_int8(tiny(seed=1))
+    data = batch()
+    with torch.no_grad():
+        full = model(**data).logits
+    cached = teacher_forced_cached_logits(model, data)
+    # the flat step keeps bf16 where the modules return fp32 between layers: equal up to bf16 rounding
+    assert (cached - full).abs().max() < 0.02 * full.abs().max()
+    assert (cached.argmax(-1) == full.argmax(-1)).float().mean() > 0.98
+
+
+def test_cached_step_leaves_the_cache_one_longer_and_the_model_untouched():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cache = StaticKVCache(2, 1, 4, 16, 8)
+    with torch.no_grad():
+        logits = CachedStep(model)(torch.full((1, K), model.fill_id), torch.tensor([[0]]), cache, None)
+    assert logits.shape == (1, K, V + 1) and logits.dtype == torch.float32
+    assert cache.length == 1 and cache.keys[0][:, :, 0].abs().sum() > 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("eps", [1e-6, None])
+def test_rms_norm_through_layer_norm_is_rms_norm(eps):
+    torch.manual_seed(0)
+    norm = torch.nn.RMSNorm(48, eps=eps)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 48) * 3
+    used_eps = eps if eps is not None else torch.finfo(x.dtype).eps
+    fused = _rms_norm_fused(x, norm.weight.repeat(2), used_eps)
+    assert torch.allclose(fused, norm(x), atol=1e-5)
+    tiny_x = torch.full((1, 48), 1e-4)   # where eps matters: the same eps inside the root
+    assert torch.allclose(_rms_norm_fused(tiny_x, norm.weight.repeat(2), 1e-6),
+                          torch.nn.functional.rms_norm(tiny_x, (48,), norm.weight, 1e-6), atol=1e-6)
