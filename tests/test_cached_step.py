@@ -4,34 +4,16 @@ import pytest
 import torch
 
 from ira.models.cached_step import CachedStep, _rms_norm_fused
-from ira.models.delay_pattern import apply_delay
 from ira.models.kv_cache import StaticKVCache
 from ira.models.quantize import quantize_int8
-from ira.models.speech_lm import _positions
-from test_speech_lm import K, V, batch, tiny
+from test_speech_lm import K, V, batch, cached_teacher_forced_logits, tiny
 
 
 def teacher_forced_cached_logits(model, data) -> torch.Tensor:
     """Prefill through the modules, then every later column through CachedStep: [B, K, S, V + 1]."""
-    rows = data["codes"].shape[0]
-    no_drop = torch.zeros(rows, dtype=torch.bool)
-    prefix, valid = model._prefix(data["text_ids"], data["text_mask"], data["style"], no_drop, no_drop)
-    delayed = apply_delay(data["codes"], model.fill_id, data["codes_lengths"], eos_id=model.eos_id)
-    inputs = torch.cat([model._bos(rows), delayed[:, :, :-1]], dim=2)
-    steps, n_prefix = inputs.shape[2], prefix.shape[1]
-    cfg = model.cfg
-    cache = StaticKVCache(cfg.n_layers, rows, cfg.n_heads, cfg.d_model // cfg.n_heads, n_prefix + steps)
-    key_valid = torch.cat([valid, torch.ones(rows, steps, dtype=torch.bool)], dim=1)
-    positions = _positions(valid, steps)
     step = CachedStep(model)
-    with torch.no_grad():
-        x = torch.cat([prefix, model._embed_audio(inputs[:, :, :1])], dim=1)
-        hidden = model._transformer(x, positions[:, :n_prefix + 1], key_valid[:, :n_prefix + 1], cache)
-        logits = [model._logits(hidden[:, -1:])[:, :, 0]]
-        for s in range(1, steps):
-            logits.append(step(inputs[:, :, s], positions[:, n_prefix + s:n_prefix + s + 1], cache,
-                               key_valid[:, :cache.length + 1]))
-    return torch.stack(logits, dim=2)
+    return cached_teacher_forced_logits(model, data, lambda cache, column, position, key_valid:
+                                        step(column, position, cache, key_valid))
 
 
 @pytest.mark.parametrize("overrides", [{}, {"norm": "layer", "mlp": "gelu"}], ids=["rms+swiglu", "layer+gelu"])

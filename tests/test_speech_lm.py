@@ -174,27 +174,39 @@ def test_config_dict_round_trip():
 # -- caching and generation -------------------------------------------------------------------
 
 
+def cached_teacher_forced_logits(model, data, next_logits) -> torch.Tensor:
+    """Prefill (prefix + BOS) through the modules, then each later grid column of the teacher-forced
+    input through `next_logits(cache, column [B, K], position [B, 1], key_valid)` -> [B, K, V + 1].
+    Returns [B, K, S, V + 1], comparable with one forward pass's logits."""
+    rows = data["codes"].shape[0]
+    no_drop = torch.zeros(rows, dtype=torch.bool)
+    prefix, valid = model._prefix(data["text_ids"], data["text_mask"], data["style"], no_drop, no_drop)
+    delayed = apply_delay(data["codes"], model.fill_id, data["codes_lengths"], eos_id=model.eos_id)
+    inputs = torch.cat([model._bos(rows), delayed[:, :, :-1]], dim=2)
+    steps, n_prefix, cfg = inputs.shape[2], prefix.shape[1], model.cfg
+    cache = StaticKVCache(cfg.n_layers, rows, cfg.n_heads, cfg.d_model // cfg.n_heads, n_prefix + steps)
+    key_valid = torch.cat([valid, torch.ones(rows, steps, dtype=torch.bool)], dim=1)
+    positions = _positions(valid, steps)
+    with torch.no_grad():
+        x = torch.cat([prefix, model._embed_audio(inputs[:, :, :1])], dim=1)
+        hidden = model._transformer(x, positions[:, :n_prefix + 1], key_valid[:, :n_prefix + 1], cache)
+        logits = [model._logits(hidden[:, -1:])[:, :, 0]]
+        for s in range(1, steps):
+            logits.append(next_logits(cache, inputs[:, :, s], positions[:, n_prefix + s:n_prefix + s + 1],
+                                      key_valid[:, :cache.length + 1]))
+    return torch.stack(logits, dim=2)
+
+
 def test_cached_steps_match_full_recomputation():
     """Prefill + one cached step per column gives the logits of one teacher-forced forward pass."""
     model, data = tiny(), batch()
     full = model(**data).logits                                           # [B, K, S, V + 1]
-    no_drop = torch.zeros(3, dtype=torch.bool)
-    prefix, valid = model._prefix(data["text_ids"], data["text_mask"], data["style"], no_drop, no_drop)
-    delayed = apply_delay(data["codes"], model.fill_id, data["codes_lengths"], eos_id=model.eos_id)
-    inputs = torch.cat([model._bos(3), delayed[:, :, :-1]], dim=2)
-    steps = inputs.shape[2]
-    cache = StaticKVCache(2, 3, 4, 16, prefix.shape[1] + steps)
-    key_valid = torch.cat([valid, torch.ones(3, steps, dtype=torch.bool)], dim=1)
-    positions = _positions(valid, steps)
-    x = torch.cat([prefix, model._embed_audio(inputs[:, :, :1])], dim=1)
-    with torch.no_grad():
-        hidden = [model._transformer(x, positions[:, :prefix.shape[1] + 1], key_valid[:, :cache.length + x.shape[1]],
-                                     cache)[:, -1:]]
-        for s in range(1, steps):
-            x = model._embed_audio(inputs[:, :, s:s + 1])
-            p = positions[:, prefix.shape[1] + s:prefix.shape[1] + s + 1]
-            hidden.append(model._transformer(x, p, key_valid[:, :cache.length + 1], cache))
-    cached = model._logits(torch.cat(hidden, dim=1))
+
+    def module_step(cache, column, position, key_valid):
+        hidden = model._transformer(model._embed_audio(column[:, :, None]), position, key_valid, cache)
+        return model._logits(hidden)[:, :, 0]
+
+    cached = cached_teacher_forced_logits(model, data, module_step)
     assert torch.allclose(cached, full, atol=1e-5)
 
 
