@@ -1,7 +1,7 @@
 """Int8 weight quantization of a SpeechLM for CPU generation (opt-in), and how much it changes.
 
 At batch 1 a generation step is a chain of matrix-vector products, and their time goes into reading the
-weights. `Int8Linear` stores each linear layer's weight in int8 with one fp32-derived scale per output row
+weights. `Int8Linear` stores each linear layer's weight in int8 with one bf16 scale per output row
 (four times less to read than fp32) and multiplies in bf16 with PyTorch's int8 weight-only kernel
 (`torch._weight_int8pack_mm`, the one torchao and gpt-fast use on CPU). Activations stay bf16 rather than
 being quantized per step: on this machine that kernel ran the laptop model's 33 products per step in
@@ -93,6 +93,8 @@ def _replace_linears(module: nn.Module) -> None:
             setattr(module, name, Int8Linear(child))
         else:
             _replace_linears(child)
+
+
 @dataclass
 class QuantizationQuality:
     token_agreement: float

@@ -411,6 +411,10 @@ class SpeechLM(nn.Module):
         logits = self.heads(hidden).view(batch, steps, self.n_codebooks, self.codebook_size + 1)
         return logits.transpose(1, 2).contiguous()
 
+    def _last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The last step's float logits: [B, S, d] -> [B, K, V + 1]."""
+        return self._logits(hidden[:, -1:])[:, :, 0].float()
+
     def _log_frames_per_token(self, bos_hidden: torch.Tensor) -> torch.Tensor:
         """The length head on the BOS step's output [B, d] -> [B] (fp32)."""
         return self.length_head(bos_hidden).squeeze(-1).float()
@@ -625,7 +629,7 @@ class SpeechLM(nn.Module):
             first, last = self._length_bounds(hidden[:batch, -1], prefix_valid[:batch], min_frames, max_frames,
                                               length_tolerance)
             ends = last.clone()
-            logits = self._logits(hidden[:, -1:])[:, :, 0].float()                 # [rows, K, V + 1]
+            logits = self._last_logits(hidden)
 
             for step in range(n_cols_max):
                 if guided:
@@ -643,7 +647,7 @@ class SpeechLM(nn.Module):
                 else:
                     inputs = torch.cat([self._bos(batch), columns[:, :, :step + 1]], dim=2)
                     hidden = self._run(prefix, prefix_valid, inputs.repeat(2, 1, 1) if guided else inputs)
-                    logits = self._logits(hidden[:, -1:])[:, :, 0].float()
+                    logits = self._last_logits(hidden)
         finally:
             self.train(was_training)
 
