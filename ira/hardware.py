@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import platform
 from dataclasses import dataclass
 
@@ -102,3 +103,9 @@ def resolve_device(requested: str = "auto") -> torch.device:
     if requested not in ("cpu", "mps") and not requested.startswith("cuda"):
         raise RuntimeError(f"unknown device '{requested}'; use auto, cpu, cuda, cuda:N or mps")
     return torch.device(requested)
+
+
+def compiled_cpu_kernels_enabled() -> bool:
+    """Whether CPU generation may use the numba-compiled step and sampler (`IRA_NUMBA=0` turns them off,
+    e.g. to compare with the PyTorch path or where numba misbehaves on a platform)."""
+    return os.environ.get("IRA_NUMBA", "1") != "0"

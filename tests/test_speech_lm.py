@@ -283,9 +283,13 @@ def test_checkpoint_with_one_head_per_codebook_loads_into_the_fused_heads(tmp_pa
     assert torch.equal(plain(**data).logits, model(**data).logits)
 
 
-def test_top_k_and_top_p_sample_from_the_renormalised_distribution():
+@pytest.mark.parametrize("compiled", ["1", "0"], ids=["numba top-k", "pytorch top-k"])
+def test_top_k_and_top_p_sample_from_the_renormalised_distribution(compiled, monkeypatch):
+    monkeypatch.setenv("IRA_NUMBA", compiled)
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]]).expand(20_000, -1)
     gen = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_logits(logits, generator=gen), minlength=6).float()   # no filter
+    assert torch.allclose(counts / counts.sum(), logits[0].softmax(0), atol=0.015)
     counts = torch.bincount(sample_logits(logits, top_k=3, generator=gen), minlength=6).float()
     expected = torch.zeros(6)
     expected[[5, 0, 1]] = torch.tensor([3.0, 2.0, 1.0]).softmax(0)

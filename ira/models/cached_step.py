@@ -92,3 +92,12 @@ class CachedStep:
                 x = x + down(F.gelu(h))
         cache.advance(1)
         return self.heads(self.norm(x)).view(rows, self.n_codebooks, self.n_classes).float()
+
+
+def cached_step_for(model: SpeechLM, cache: StaticKVCache) -> Callable:
+    """The fastest one-column step for this model after its prefill into `cache`: the compiled CPU step
+    (`numba_step.NumbaCachedStep`) where it applies (CPU, fp32 parameters and cache), else `CachedStep`."""
+    from ira.models import numba_step   # numba loads in ~0.5 s: only when generating
+    if numba_step.supports(model, cache):
+        return numba_step.NumbaCachedStep(model)
+    return CachedStep(model)

@@ -1,0 +1,110 @@
+"""The numba-compiled CPU step (ira/models/numba_step.py) and top-k sampler against the PyTorch paths."""
+
+import numpy as np
+import pytest
+import torch
+
+from ira.models.cached_step import CachedStep, cached_step_for
+from ira.models.kv_cache import StaticKVCache
+from ira.models.numba_sampling import _kth_largest, top_k_gumbel
+from ira.models.numba_step import NumbaCachedStep, supports
+from ira.models.quantize import quantize_int8
+from test_speech_lm import K, V, batch, cached_teacher_forced_logits, tiny
+
+
+def compiled_teacher_forced_logits(model, data) -> torch.Tensor:
+    step = NumbaCachedStep(model)
+    return cached_teacher_forced_logits(model, data, lambda cache, column, position, key_valid:
+                                        step(column, position, cache, key_valid))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"norm": "layer", "mlp": "gelu"}], ids=["rms+swiglu", "layer+gelu"])
+def test_compiled_step_matches_the_full_forward(overrides):
+    """A padded batch (so the key mask is used), every column after the prefill through the compiled step."""
+    model, data = tiny(**overrides), batch()
+    with torch.no_grad():
+        full = model(**data).logits
+    compiled = compiled_teacher_forced_logits(model, data)
+    assert compiled.shape == full.shape
+    assert torch.allclose(compiled, full, atol=1e-5), (compiled - full).abs().max()
+
+
+def test_compiled_step_of_an_int8_model_matches_its_module_path():
+    model = quantize_int8(tiny(seed=1))
+    data = batch()
+    with torch.no_grad():
+        full = model(**data).logits
+    compiled = compiled_teacher_forced_logits(model, data)
+    # fp32 products here, bf16 products in the modules: equal up to bf16 rounding
+    assert (compiled - full).abs().max() < 0.02 * full.abs().max()
+    assert (compiled.argmax(-1) == full.argmax(-1)).float().mean() > 0.98
+
+
+def test_compiled_step_without_a_mask_equals_the_flat_pytorch_step():
+    model = tiny()
+    logits, caches = [], []
+    for make in (CachedStep, NumbaCachedStep):
+        cache = StaticKVCache(2, 1, 4, 16, 8)
+        with torch.no_grad():
+            cache.update(0, torch.randn(1, 4, 3, 16, generator=torch.Generator().manual_seed(0)),
+                         torch.randn(1, 4, 3, 16, generator=torch.Generator().manual_seed(1)))
+            cache.update(1, torch.randn(1, 4, 3, 16, generator=torch.Generator().manual_seed(2)),
+                         torch.randn(1, 4, 3, 16, generator=torch.Generator().manual_seed(3)))
+            cache.advance(3)
+            step = make(model)
+            logits.append(torch.stack([step(torch.tensor([[5, 1, 7, 2]]), torch.tensor([[3 + i]]), cache, None)
+                                       for i in range(4)]))
+        caches.append(cache)
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+    assert caches[1].length == 7
+    assert torch.allclose(caches[0].keys[1][:, :, :7], caches[1].keys[1][:, :, :7], atol=1e-5)
+    assert torch.allclose(caches[0].values[0][:, :, :7], caches[1].values[0][:, :, :7], atol=1e-6)
+
+
+def test_compiled_step_refuses_a_full_cache_and_an_unfilled_one():
+    model = tiny()
+    step = NumbaCachedStep(model)
+    column, position = torch.full((1, K), model.fill_id), torch.tensor([[0]])
+    with pytest.raises(ValueError, match="prefilled fp32 KV cache"):
+        step(column, position, StaticKVCache(2, 1, 4, 16, 4), None)
+    cache = StaticKVCache(2, 1, 4, 16, 1)
+    with torch.no_grad():
+        for layer in range(2):
+            cache.update(layer, torch.zeros(1, 4, 1, 16), torch.zeros(1, 4, 1, 16))
+    cache.advance(1)
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        step(column, position, cache, None)
+    assert cache.length == 1
+
+
+def test_the_step_is_chosen_by_device_dtype_and_switch(monkeypatch):
+    model = tiny()
+    fp32_cache, bf16_cache = StaticKVCache(2, 1, 4, 16, 4), StaticKVCache(2, 1, 4, 16, 4)
+    fp32_cache.keys[0], bf16_cache.keys[0] = torch.zeros(1, 4, 4, 16), torch.zeros(1, 4, 4, 16, dtype=torch.bfloat16)
+    assert supports(model, fp32_cache) and isinstance(cached_step_for(model, fp32_cache), NumbaCachedStep)
+    assert not supports(model, bf16_cache)                        # prefilled under autocast
+    assert isinstance(cached_step_for(model, bf16_cache), CachedStep)
+    monkeypatch.setenv("IRA_NUMBA", "0")
+    assert isinstance(cached_step_for(model, fp32_cache), CachedStep)
+
+
+def test_kth_largest_agrees_with_a_sort_with_and_without_ties():
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(1, 200))
+        k = int(rng.integers(1, n + 1))
+        values = (rng.integers(-3, 3, n) if trial % 2 else rng.standard_normal(n)).astype(np.float32)
+        assert _kth_largest(values, k) == np.sort(values)[::-1][k - 1]
+
+
+def test_top_k_gumbel_draws_from_the_renormalised_top_k():
+    logits = np.tile(np.array([2.0, 1.0, 0.5, 0.0, -1.0, 3.0, 0.5], dtype=np.float32), (40_000, 1))
+    uniform = np.random.default_rng(0).random((40_000, 3), dtype=np.float32)
+    counts = np.bincount(top_k_gumbel(logits, 3, uniform), minlength=7) / 40_000
+    expected = np.zeros(7)
+    expected[[5, 0, 1]] = np.exp([3.0, 2.0, 1.0]) / np.exp([3.0, 2.0, 1.0]).sum()
+    assert np.abs(counts - expected).max() < 0.01
+    # a tie at the k-th value: exactly k ids take part (the lower id), never a -inf one
+    tied = np.array([[0.5, -np.inf, 2.0, 0.5]], dtype=np.float32)
+    drawn = {int(top_k_gumbel(tied, 2, np.array([[u, 1 - u]], dtype=np.float32))[0]) for u in (0.01, 0.5, 0.99)}
+    assert drawn <= {0, 2} and 2 in drawn
