@@ -7,11 +7,13 @@ weights, and EOS is disabled (min_frames) so every run produces exactly the same
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -159,19 +161,36 @@ def bench_checkpoint(checkpoint: str | Path, llm: Any = None, max_new_tokens: in
 
 # --- generation: each fast path's gain, streaming, batches ---------------------------------------
 
+@contextlib.contextmanager
+def pytorch_step_only() -> Iterator[None]:
+    """Generation without the numba-compiled step and sampler (`IRA_NUMBA=0`), for comparison."""
+    before = os.environ.get("IRA_NUMBA")
+    os.environ["IRA_NUMBA"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["IRA_NUMBA"]
+        else:
+            os.environ["IRA_NUMBA"] = before
+
+
 def bench_generation_paths(preset: str, frames: int = 150, repeats: int = 2) -> dict[str, float | str]:
     """Real-time factor of the naive baseline (no cache), the static KV cache, and int8 with the cache,
-    with each step's gain as a ratio from this one run; and the int8 model's agreement with fp32."""
+    with each step's gain as a ratio from this one run; the int8 model's agreement with fp32; and int8
+    with the cache through the PyTorch step instead of the compiled one."""
     from ira.models.quantize import quantization_quality, quantize_int8
 
     model, tokenizer = build_model(preset)
     int8 = quantize_int8(model)
     audio_s = frames / FRAME_RATE
     for m in (model, int8):
-        time_generation(m, tokenizer, 8, use_cache=True)                       # warm-up
+        time_generation(m, tokenizer, 8, use_cache=True)                       # warm-up (and compilation)
     naive = time_generation(model, tokenizer, frames, use_cache=False, repeats=1)
     cached = time_generation(model, tokenizer, frames, use_cache=True, repeats=repeats)
     quick = time_generation(int8, tokenizer, frames, use_cache=True, repeats=repeats)
+    with pytorch_step_only():
+        pytorch_step = time_generation(int8, tokenizer, frames, use_cache=True, repeats=repeats)
     torch.manual_seed(1)
     codes = torch.randint(0, model.codebook_size, (2, model.n_codebooks, 100))
     text_ids, text_mask = tokenizer.batch_encode([TEN_WORDS, TEN_WORDS[:30]])
@@ -182,6 +201,8 @@ def bench_generation_paths(preset: str, frames: int = 150, repeats: int = 2) -> 
             p + "rtf_int8_kv_cache": round(quick / audio_s, 4),
             p + "gain_kv_cache": round(naive / cached, 2), p + "gain_int8": round(cached / quick, 2),
             p + "gain_total": round(naive / quick, 2),
+            p + "rtf_int8_kv_cache_pytorch_step": round(pytorch_step / audio_s, 4),
+            p + "gain_compiled_step": round(pytorch_step / quick, 2),
             p + "int8_token_agreement": round(quality.token_agreement, 4),
             p + "int8_loss_fp32": round(quality.loss_fp32, 4), p + "int8_loss_int8": round(quality.loss_int8, 4)}
 
