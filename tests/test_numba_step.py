@@ -108,3 +108,29 @@ def test_top_k_gumbel_draws_from_the_renormalised_top_k():
     tied = np.array([[0.5, -np.inf, 2.0, 0.5]], dtype=np.float32)
     drawn = {int(top_k_gumbel(tied, 2, np.array([[u, 1 - u]], dtype=np.float32))[0]) for u in (0.01, 0.5, 0.99)}
     assert drawn <= {0, 2} and 2 in drawn
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_next_column_equals_the_pytorch_one(seed, monkeypatch):
+    """top_k 1 makes both deterministic: the same column, ends and ended over every phase of the delay
+    pattern (start, middle, EOS sampled, forced end at max_frames, flush after it, min_frames ban)."""
+    from ira.models.speech_lm import Sampler
+
+    model = tiny()
+    gen = torch.Generator().manual_seed(seed)
+    batch, sample = 3, Sampler(1.0, 1, 1.0, None)
+    for step in range(3 * K):
+        logits = torch.randn(batch, K, V + 1, generator=gen)
+        logits[:, 0, model.eos_id] += torch.randn(batch, generator=gen) * 3     # EOS sometimes on top
+        ended = torch.rand(batch, generator=gen) < 0.3
+        ends = torch.where(ended, torch.randint(0, step + 1, (batch,), generator=gen), torch.full((batch,), 99))
+        first = torch.randint(0, 2 * K, (batch,), generator=gen)
+        last = torch.randint(K, 3 * K, (batch,), generator=gen)
+        assert sample.compiled_top_k(logits)
+        compiled = model._next_column(logits, step, ends, ended, first, last, sample)
+        monkeypatch.setenv("IRA_NUMBA", "0")
+        assert not sample.compiled_top_k(logits)
+        reference = model._next_column(logits, step, ends, ended, first, last, sample)
+        monkeypatch.delenv("IRA_NUMBA")
+        for got, want in zip(compiled, reference):
+            assert torch.equal(got, want), (step, got, want)

@@ -49,7 +49,6 @@ turn the randomness off in training mode (PPO log-probs, evaluation).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 from dataclasses import dataclass
@@ -680,12 +679,14 @@ class SpeechLM(nn.Module):
         return first, last
 
     def _next_column(self, logits, step, ends, ended, min_frames: torch.Tensor, max_frames: torch.Tensor,
-                     sample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     sample: Sampler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sample column `step` of the delayed grid, forcing fill and EOS where the pattern fixes them.
 
         min_frames / max_frames [B]: no EOS before, and the end at the latest, per sample. In the middle
         of a generation (every codebook on a frame, no sample ended) the sampled column is used as is:
         that skips ~15 small operations per step, a visible share of a CPU step."""
+        if sample.compiled_top_k(logits):
+            return self._next_column_compiled(logits, step, ends, ended, min_frames, max_frames, sample)
         batch, n_codebooks, n_classes = logits.shape
         logits = logits.clone()
         logits[:, 1:, self.eos_id] = float("-inf")  # only codebook 0 decides the end
@@ -703,9 +704,38 @@ class SpeechLM(nn.Module):
         column = torch.where(frame == end, self.eos_id, column)
         return column, ends, ended
 
+    def _next_column_compiled(self, logits, step, ends, ended, min_frames, max_frames, sample: Sampler
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_next_column` for top-k sampling on a CPU as one numba call (~0.1 ms less per step)."""
+        from ira.models.numba_sampling import next_column_top_k   # numba loads in ~0.5 s: only here
+        batch, n_codebooks, _ = logits.shape
+        logits = logits.float() if sample.temperature == 1.0 else logits.float() / sample.temperature
+        uniform = torch.rand(batch * n_codebooks, sample.top_k, generator=sample.generator)
+        column, ends, ended = next_column_top_k(
+            logits.detach().contiguous().numpy(), step, ends.numpy(), ended.numpy(), min_frames.numpy(),
+            max_frames.numpy(), uniform.numpy(), sample.top_k, self.eos_id, self.fill_id)
+        return torch.from_numpy(column), torch.from_numpy(ends), torch.from_numpy(ended)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Checked sampling settings bound together: `sampler(logits [N, C])` -> ids [N]."""
+    temperature: float
+    top_k: int
+    top_p: float
+    generator: torch.Generator | None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return sample_logits(logits, self.temperature, self.top_k, self.top_p, self.generator)
+
+    def compiled_top_k(self, logits: torch.Tensor) -> bool:
+        """Whether the numba-compiled top-k path applies to these logits [..., C]."""
+        return (logits.device.type == "cpu" and self.temperature > 0 and self.top_p >= 1.0
+                and 0 < self.top_k < logits.shape[-1] and compiled_cpu_kernels_enabled())
+
 
 def _sampler(temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
-             seed: int | None, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+             seed: int | None, device: torch.device) -> Sampler:
     """Check the sampling settings once and bind them: logits [N, C] -> ids [N]."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -715,8 +745,7 @@ def _sampler(temperature: float, top_k: int, top_p: float, generator: torch.Gene
         raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
     if seed is not None and generator is None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
-    return functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                             generator=generator)
+    return Sampler(temperature, top_k, top_p, generator)
 
 
 def _positions(prefix_valid: torch.Tensor, n_audio: int) -> torch.Tensor:
