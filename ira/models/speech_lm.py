@@ -177,11 +177,6 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() if temperature == 1.0 else logits.float() / temperature
-    if (logits.device.type == "cpu" and top_p >= 1.0 and 0 < top_k < logits.shape[-1]
-            and compiled_cpu_kernels_enabled()):
-        from ira.models.numba_sampling import top_k_gumbel   # numba loads in ~0.5 s: only when sampling
-        uniform = torch.rand(logits.shape[0], top_k, generator=generator)
-        return torch.from_numpy(top_k_gumbel(logits.detach().contiguous().numpy(), top_k, uniform.numpy()))
     ids = None
     if 0 < top_k < logits.shape[-1]:   # sample among the k best only: draw over k, not all
         logits, ids = logits.topk(top_k, dim=-1, sorted=top_p < 1.0)   # top-p needs them most likely first
