@@ -7,13 +7,13 @@ weights, and EOS is disabled (min_frames) so every run produces exactly the same
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from unittest import mock
 
 import torch
 
@@ -161,20 +161,6 @@ def bench_checkpoint(checkpoint: str | Path, llm: Any = None, max_new_tokens: in
 
 # --- generation: each fast path's gain, streaming, batches ---------------------------------------
 
-@contextlib.contextmanager
-def pytorch_step_only() -> Iterator[None]:
-    """Generation without the numba-compiled step and sampler (`IRA_NUMBA=0`), for comparison."""
-    before = os.environ.get("IRA_NUMBA")
-    os.environ["IRA_NUMBA"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["IRA_NUMBA"]
-        else:
-            os.environ["IRA_NUMBA"] = before
-
-
 def bench_generation_paths(preset: str, frames: int = 150, repeats: int = 2) -> dict[str, float | str]:
     """Real-time factor of the naive baseline (no cache), the static KV cache, and int8 with the cache,
     with each step's gain as a ratio from this one run; the int8 model's agreement with fp32; and int8
@@ -189,7 +175,7 @@ def bench_generation_paths(preset: str, frames: int = 150, repeats: int = 2) -> 
     naive = time_generation(model, tokenizer, frames, use_cache=False, repeats=1)
     cached = time_generation(model, tokenizer, frames, use_cache=True, repeats=repeats)
     quick = time_generation(int8, tokenizer, frames, use_cache=True, repeats=repeats)
-    with pytorch_step_only():
+    with mock.patch.dict(os.environ, {"IRA_NUMBA": "0"}):   # the PyTorch step and sampling, to compare
         pytorch_step = time_generation(int8, tokenizer, frames, use_cache=True, repeats=repeats)
     torch.manual_seed(1)
     codes = torch.randint(0, model.codebook_size, (2, model.n_codebooks, 100))

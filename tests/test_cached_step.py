@@ -1,38 +1,46 @@
-"""The flat cached generation step (ira/models/cached_step.py) against the module path it replaces."""
+"""The cached generation steps -- flat PyTorch (ira/models/cached_step.py) and numba-compiled
+(ira/models/numba_step.py) -- against the module path they replace."""
 
 import pytest
 import torch
 
 from ira.models.cached_step import CachedStep, _rms_norm_fused
 from ira.models.kv_cache import StaticKVCache
+from ira.models.numba_step import NumbaCachedStep
 from ira.models.quantize import quantize_int8
 from test_speech_lm import K, V, batch, cached_teacher_forced_logits, tiny
 
+STEPS = pytest.mark.parametrize("make_step", [CachedStep, NumbaCachedStep], ids=["pytorch", "numba"])
 
-def teacher_forced_cached_logits(model, data) -> torch.Tensor:
-    """Prefill through the modules, then every later column through CachedStep: [B, K, S, V + 1]."""
-    step = CachedStep(model)
+
+def teacher_forced_cached_logits(model, data, make_step=CachedStep) -> torch.Tensor:
+    """Prefill through the modules, then every later column through the step: [B, K, S, V + 1]."""
+    step = make_step(model)
     return cached_teacher_forced_logits(model, data, lambda cache, column, position, key_valid:
                                         step(column, position, cache, key_valid))
 
 
+@STEPS
 @pytest.mark.parametrize("overrides", [{}, {"norm": "layer", "mlp": "gelu"}], ids=["rms+swiglu", "layer+gelu"])
-def test_cached_step_matches_the_full_forward(overrides):
+def test_cached_step_matches_the_full_forward(overrides, make_step):
+    """A padded batch (so the key mask is used), every column after the prefill through the step."""
     model, data = tiny(**overrides), batch()
     with torch.no_grad():
         full = model(**data).logits
-    cached = teacher_forced_cached_logits(model, data)
+    cached = teacher_forced_cached_logits(model, data, make_step)
     assert cached.shape == full.shape
     assert torch.allclose(cached, full, atol=1e-5), (cached - full).abs().max()
 
 
-def test_cached_step_of_an_int8_model_matches_its_module_path():
+@STEPS
+def test_cached_step_of_an_int8_model_matches_its_module_path(make_step):
     model = quantize_int8(tiny(seed=1))
     data = batch()
     with torch.no_grad():
         full = model(**data).logits
-    cached = teacher_forced_cached_logits(model, data)
-    # the flat step keeps bf16 where the modules return fp32 between layers: equal up to bf16 rounding
+    cached = teacher_forced_cached_logits(model, data, make_step)
+    # the flat step keeps bf16 where the modules return fp32 between layers, the compiled one multiplies
+    # in fp32 where the modules use bf16: equal up to bf16 rounding
     assert (cached - full).abs().max() < 0.02 * full.abs().max()
     assert (cached.argmax(-1) == full.argmax(-1)).float().mean() > 0.98
 

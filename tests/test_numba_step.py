@@ -1,4 +1,5 @@
-"""The numba-compiled CPU step (ira/models/numba_step.py) and top-k sampler against the PyTorch paths."""
+"""The numba-compiled CPU step (ira/models/numba_step.py) and next-column choice (numba_sampling.py)
+against the PyTorch paths; tests/test_cached_step.py checks both steps against the modules."""
 
 import numpy as np
 import pytest
@@ -8,36 +9,7 @@ from ira.models.cached_step import CachedStep, cached_step_for
 from ira.models.kv_cache import StaticKVCache
 from ira.models.numba_sampling import _kth_largest, draw_top_k
 from ira.models.numba_step import NumbaCachedStep, supports
-from ira.models.quantize import quantize_int8
-from test_speech_lm import K, V, batch, cached_teacher_forced_logits, tiny
-
-
-def compiled_teacher_forced_logits(model, data) -> torch.Tensor:
-    step = NumbaCachedStep(model)
-    return cached_teacher_forced_logits(model, data, lambda cache, column, position, key_valid:
-                                        step(column, position, cache, key_valid))
-
-
-@pytest.mark.parametrize("overrides", [{}, {"norm": "layer", "mlp": "gelu"}], ids=["rms+swiglu", "layer+gelu"])
-def test_compiled_step_matches_the_full_forward(overrides):
-    """A padded batch (so the key mask is used), every column after the prefill through the compiled step."""
-    model, data = tiny(**overrides), batch()
-    with torch.no_grad():
-        full = model(**data).logits
-    compiled = compiled_teacher_forced_logits(model, data)
-    assert compiled.shape == full.shape
-    assert torch.allclose(compiled, full, atol=1e-5), (compiled - full).abs().max()
-
-
-def test_compiled_step_of_an_int8_model_matches_its_module_path():
-    model = quantize_int8(tiny(seed=1))
-    data = batch()
-    with torch.no_grad():
-        full = model(**data).logits
-    compiled = compiled_teacher_forced_logits(model, data)
-    # fp32 products here, bf16 products in the modules: equal up to bf16 rounding
-    assert (compiled - full).abs().max() < 0.02 * full.abs().max()
-    assert (compiled.argmax(-1) == full.argmax(-1)).float().mean() > 0.98
+from test_speech_lm import K, V, tiny
 
 
 def test_compiled_step_without_a_mask_equals_the_flat_pytorch_step():

@@ -50,6 +50,14 @@ def _direct(module: nn.Module) -> Op:
     return module
 
 
+def stacked_audio_embedding(model: SpeechLM) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K codebook tables stacked into one [K * (V + 2), d] (a copy) and each codebook's row offset
+    [K]: one lookup of column + offsets embeds a whole grid column."""
+    tables = [emb.weight for emb in model.audio_emb]                      # K x [V + 2, d] (EOS, fill)
+    embedding = torch.cat(tables)
+    return embedding, torch.arange(model.n_codebooks, device=embedding.device) * tables[0].shape[0]
+
+
 class CachedStep:
     """Bound to one model for one generation: `step(column, positions, cache, key_valid)` -> logits."""
 
@@ -58,9 +66,7 @@ class CachedStep:
         self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
         self.n_codebooks, self.n_classes = model.n_codebooks, model.codebook_size + 1
         self.rope = model.rope
-        tables = [emb.weight for emb in model.audio_emb]                  # K x [V + 2, d] (EOS, fill)
-        self.embedding = torch.cat(tables)
-        self.offsets = torch.arange(model.n_codebooks, device=self.embedding.device) * tables[0].shape[0]
+        self.embedding, self.offsets = stacked_audio_embedding(model)
         self.layers = []
         for block in model.blocks:
             mlp: MLP = block.mlp

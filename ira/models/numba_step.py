@@ -26,6 +26,7 @@ from numba import njit, prange
 from torch import nn
 
 from ira.hardware import compiled_cpu_kernels_enabled
+from ira.models.cached_step import stacked_audio_embedding
 from ira.models.kv_cache import StaticKVCache
 from ira.models.quantize import Int8Linear
 from ira.models.speech_lm import SpeechLM
@@ -179,11 +180,16 @@ def _step(column, offsets, positions, inv_freq, embedding, norm_w, norm_b, qkv_w
     return _matvec(heads_w, heads_s, h)
 
 
+def _is_supported_linear(module: nn.Module) -> bool:
+    return isinstance(module, Int8Linear) or (type(module) is nn.Linear and module.bias is None
+                                              and module.weight.dtype == torch.float32)
+
+
 def _weight_and_scale(module: nn.Module) -> tuple[np.ndarray, np.ndarray]:
     """The numpy view of a linear layer's weight and its per-row scale (ones for fp32 weights)."""
     if isinstance(module, Int8Linear):
         return module.weight_int8.numpy(), module.scale.float().numpy()
-    if type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.float32:
+    if _is_supported_linear(module):
         return module.weight.detach().numpy(), np.ones(module.out_features, dtype=np.float32)
     raise TypeError(f"no compiled CPU step for {module!r} (bias-free fp32 nn.Linear or Int8Linear only)")
 
@@ -207,25 +213,21 @@ def supports(model: SpeechLM, cache: StaticKVCache) -> bool:
     if model.audio_emb[0].weight.dtype != torch.float32 or cache.keys[0] is None \
             or cache.keys[0].dtype != torch.float32:
         return False
-    try:
-        NumbaCachedStep._check(model)
-    except TypeError:
-        return False
-    return True
+    linears = [model.heads] + [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
+    norms = [model.norm] + [n for b in model.blocks for n in (b.norm1, b.norm2)]
+    return all(map(_is_supported_linear, linears)) and all(type(n) in (nn.RMSNorm, nn.LayerNorm) for n in norms)
 
 
 class NumbaCachedStep:
     """Same contract as `CachedStep`: `step(column, positions, cache, key_valid)` -> logits [rows, K, V + 1]."""
 
     def __init__(self, model: SpeechLM):
-        self._check(model)
         cfg = model.cfg
         self.n_heads = cfg.n_heads
         self.n_codebooks, self.n_classes = model.n_codebooks, model.codebook_size + 1
         self.inv_freq = model.rope.inv_freq.float().numpy()
-        tables = [emb.weight.detach() for emb in model.audio_emb]
-        self.embedding = torch.cat(tables).numpy()
-        self.offsets = np.arange(model.n_codebooks) * tables[0].shape[0]
+        embedding, offsets = stacked_audio_embedding(model)
+        self.embedding, self.offsets = embedding.detach().numpy(), offsets.numpy()
         self._cache: StaticKVCache | None = None
         self._keys: tuple[np.ndarray, ...] = ()
         self._values: tuple[np.ndarray, ...] = ()
@@ -242,24 +244,14 @@ class NumbaCachedStep:
         self.weights = {name: (tuple(w for w, _ in p), tuple(s for _, s in p)) for name, p in pairs.items()}
         self.heads = _weight_and_scale(model.heads)
 
-    @staticmethod
-    def _check(model: SpeechLM) -> None:
-        for block in model.blocks:
-            for module in (block.attn.qkv, block.attn.proj, block.mlp.up, block.mlp.down):
-                _weight_and_scale(module)
-            for norm in (block.norm1, block.norm2):
-                _norm_params(norm)
-        _weight_and_scale(model.heads)
-        _norm_params(model.norm)
-
     def __call__(self, column: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
                  key_valid: torch.Tensor | None) -> torch.Tensor:
         rows = column.shape[0]
-        if cache.keys[0] is None or cache.keys[0].dtype != torch.float32:
-            raise ValueError("the compiled CPU step needs a prefilled fp32 KV cache")
         if cache.length + 1 > cache.max_len:
             raise RuntimeError(f"KV cache full: {cache.length + 1} positions needed, {cache.max_len} allocated")
         if cache is not self._cache:   # numpy views of its buffers, made once per cache
+            if cache.keys[0] is None or cache.keys[0].dtype != torch.float32:
+                raise ValueError("the compiled CPU step needs a prefilled fp32 KV cache")
             self._cache = cache
             self._keys = tuple(k.numpy() for k in cache.keys)
             self._values = tuple(v.numpy() for v in cache.values)
