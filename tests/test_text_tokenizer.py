@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from ira.text_tokenizer import (CHAR_VOCAB, CharTokenizer, HFTextTokenizer, build_text_tokenizer,
-                                text_tokenizer_from_dict)
+from ira.text_tokenizer import (CHAR_VOCAB, CharTokenizer, HFTextTokenizer, PhonemeTokenizer, TextNotReadableError,
+                                build_text_tokenizer, text_tokenizer_from_dict, unreadable_characters)
 
 
 def test_char_round_trip_and_normalisation():
@@ -83,3 +83,59 @@ def test_hf_missing_tokenizer_is_a_clear_error(tmp_path):
         HFTextTokenizer(str(tmp_path / "no-such-tokenizer"), local_files_only=True)
     with pytest.raises(ValueError, match="'char'"):
         build_text_tokenizer("  ")
+
+
+# -- phonemes ---------------------------------------------------------------------------------------
+
+def test_phonemes_keep_stress_word_boundaries_and_clause_punctuation():
+    tok = build_text_tokenizer("phoneme")
+    assert isinstance(tok, PhonemeTokenizer) and tok.voice == "en-us"
+    phonemes = tok.phonemize("Hello, world! How are you today?")
+    assert phonemes == "həlˈoʊ, wˈɜːld! hˌaʊ ɑːɹ juː tədˈeɪ?"
+    assert "ˈ" in phonemes and "ˌ" in phonemes and "ː" in phonemes           # primary, secondary stress; length
+    assert tok.decode(tok.encode("Hello, world! How are you today?")) == phonemes
+    assert tok.phonemize("I read it; yes: now.").count(";") == 1 and tok.phonemize("Wait... what?!").endswith("!")
+    assert tok.pad_id == 0 and 0 not in tok.encode("Hello")
+
+
+def test_numbers_and_abbreviations_are_read_by_espeak():
+    tok = PhonemeTokenizer()
+    assert tok.phonemize("47 sheep") == tok.phonemize("forty seven sheep")
+    assert tok.phonemize("Dr. Smith").startswith("dˈɑːktɚ")
+    year = tok.phonemize("in 1987")   # "nineteen hundred eighty seven", as eSpeak says it
+    assert tok.phonemize("nineteen") in year and tok.phonemize("eighty seven") in year
+
+
+def test_phoneme_tokenizer_round_trips_through_its_dict_and_a_checkpoint(tmp_path):
+    from ira.config import IRAConfig, SpeechLMConfig
+    from ira.models.speech_lm import SpeechLM
+    from ira.training.checkpoint import load_checkpoint, save_checkpoint
+    from ira.training.components import tokenizer_from_checkpoint
+
+    tok = PhonemeTokenizer("en-gb-scotland")
+    again = text_tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
+    assert isinstance(again, PhonemeTokenizer) and again.voice == "en-gb-scotland"
+    text = "The 3rd train leaves at 7:30, doesn't it?"
+    assert again.encode(text) == tok.encode(text) and again.vocab_size == tok.vocab_size
+    model = SpeechLM(SpeechLMConfig(d_model=32, n_layers=1, n_heads=2), 2, 8, tok.vocab_size)
+    path = save_checkpoint(tmp_path / "x.safetensors", {"speech_lm": model}, stage="1", epoch=0, step=0,
+                           config=IRAConfig(), metadata={"tokenizer": json.dumps(tok.to_dict())})
+    loaded = tokenizer_from_checkpoint(load_checkpoint(path))
+    assert loaded.encode(text) == tok.encode(text)
+
+
+@pytest.mark.parametrize("text, named", [("你好", "'你' (U+4F60)"), ("😀😀", "'😀' (U+1F600)"),
+                                         ("hello 😀", "U+1F600"), ("Привет", "U+041F")])
+def test_text_the_phonemizer_cannot_read_is_a_clear_error(text, named):
+    tok = PhonemeTokenizer()
+    with pytest.raises(TextNotReadableError, match="cannot read") as info:
+        tok.encode(text)
+    assert named in str(info.value)
+    with pytest.raises(TextNotReadableError, match="nothing to speak"):
+        tok.encode("... --")
+    assert unreadable_characters("Café naïve, 5 € & 10% — ok?") == []
+
+
+def test_an_unknown_espeak_voice_is_named():
+    with pytest.raises(Exception, match="no voice 'xx-nowhere'"):
+        build_text_tokenizer("phoneme:xx-nowhere")

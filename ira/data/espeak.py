@@ -10,6 +10,7 @@ from __future__ import annotations
 import _ctypes
 import ctypes
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -280,3 +281,91 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
         raise EspeakError(f"eSpeak NG failed to speak {text[:60]!r} with voice {voice!r} (code {code})")
     samples = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
     return samples.astype(np.float32) / 32768.0, rate_hz
+
+
+# ---------------------------------------------------------------------------------------------
+# Grapheme-to-phoneme
+
+
+CLAUSE_PUNCTUATION = ",.;:!?"
+"""Punctuation that ends a clause for eSpeak; kept in the phoneme string after the clause it ends."""
+
+_phonemizer: tuple[ctypes.CDLL, str] | None = None   # (library, voice) kept loaded for G2P
+_phonemizer_dir: tempfile.TemporaryDirectory | None = None
+
+
+def _phonemizer_library(voice: str) -> ctypes.CDLL:
+    """A copy of the library loaded once and kept for G2P (caller holds the lock).
+
+    It is a copy of its own, in another folder than `_private_copy`'s: the synthesiser unloads its copy
+    after every utterance to drop eSpeak's state, which it could not do while this one held the same file.
+    Phonemes do not depend on the synthesiser's state, so one loaded instance serves every call.
+    """
+    global _phonemizer, _phonemizer_dir
+    if _phonemizer is not None and _phonemizer[1] == voice:
+        return _phonemizer[0]
+    if _phonemizer is None:
+        lib_path, data_path = _paths()
+        if not Path(lib_path).is_file():
+            raise EspeakError(f"the eSpeak NG library {lib_path} is missing; reinstall it with "
+                              "`pip install --force-reinstall espeakng-loader`")
+        _phonemizer_dir = tempfile.TemporaryDirectory(prefix="ira-espeak-g2p-")
+        copy = Path(_phonemizer_dir.name) / Path(lib_path).name
+        shutil.copy2(lib_path, copy)
+        try:
+            lib = ctypes.CDLL(str(copy), mode=getattr(os, "RTLD_LOCAL", 0))
+        except OSError as exc:
+            raise EspeakError(f"cannot load the eSpeak NG library ({exc}); reinstall it with "
+                              "`pip install --force-reinstall espeakng-loader`") from exc
+        _declare(lib)
+        lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+        lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
+        if lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), _INITIALIZE_DONT_EXIT) <= 0:
+            raise EspeakError(f"eSpeak NG failed to initialise with its data folder {data_path}; "
+                              "reinstall espeakng-loader")
+    else:
+        lib = _phonemizer[0]
+    if lib.espeak_SetVoiceByName(voice.encode()) != _EE_OK:
+        raise EspeakError(f"eSpeak NG has no voice {voice!r} to read text with; English voices here: "
+                          f"{', '.join(english_voices())}")
+    _phonemizer = (lib, voice)
+    return lib
+
+
+_PHONEMES_IPA = 0x02   # espeak_TextToPhonemes phonememode: IPA (UTF-8), no separators between phonemes
+
+
+def text_to_phonemes(text: str, voice: str = "en-us") -> list[tuple[str, str]]:
+    """eSpeak NG's reading of `text` as IPA, clause by clause: [(phonemes, punctuation that ended the
+    clause, or "")]. Numbers, abbreviations and symbols come out as eSpeak speaks them ("$5" -> dollars).
+
+    Phonemes carry stress marks (ˈ primary, ˌ secondary) and length marks; words are separated by spaces.
+    """
+    data = text.encode("utf-8")
+    out: list[tuple[str, str]] = []
+    with _lock:
+        lib = _phonemizer_library(voice)
+        buf = ctypes.create_string_buffer(data)
+        start = ctypes.addressof(buf)
+        pointer = ctypes.c_void_p(start)
+        while pointer.value:
+            before = pointer.value - start
+            phonemes = lib.espeak_TextToPhonemes(ctypes.byref(pointer), _CHARS_UTF8, _PHONEMES_IPA)
+            after = (pointer.value - start) if pointer.value else len(data)
+            clause = data[before:after].decode("utf-8", "replace")
+            out.append(((phonemes or b"").decode("utf-8", "replace").strip(),
+                        _clause_mark(clause, final=not pointer.value)))
+    return out
+
+
+_LOOK_AHEAD = re.compile(r"[^\s" + re.escape(CLAUSE_PUNCTUATION) + r"]+$")
+
+
+def _clause_mark(clause: str, final: bool) -> str:
+    """The punctuation that ended a clause eSpeak read. eSpeak's pointer stops a character or so into
+    the next clause (its look-ahead), so that partial word is cut first; quotes and brackets closing the
+    clause are skipped."""
+    if not final:
+        clause = _LOOK_AHEAD.sub("", clause)
+    clause = clause.rstrip().rstrip("\"')]}\u201d\u2019").rstrip()
+    return clause[-1] if clause and clause[-1] in CLAUSE_PUNCTUATION else ""
