@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ira.audio import load_audio, save_audio  # noqa: E402
 from ira.codec import mel_codec_path  # noqa: E402
 from ira.codec.mel import MelCodec, log_mel, log_mel_distance_db, mean_frame_baseline  # noqa: E402
+from ira.data.corpus import read_metadata  # noqa: E402
 from ira.data.prepare import split_of  # noqa: E402
 
 
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     wavs = sorted((args.dir / "wavs").glob("*.wav"))
     if not wavs:
         parser.error(f"{args.dir / 'wavs'} holds no .wav file")
-    held_out = [p for p in wavs if split_of(p.stem, args.val_fraction) == "val"]
+    texts = {clip.id: clip.normalized_text for clip in read_metadata(args.dir)}
+    held_out = [p for p in wavs if p.stem in texts and split_of(texts[p.stem], args.val_fraction) == "val"]
     if not held_out:
         print("no clip falls in the validation split; evaluating on training clips", file=sys.stderr)
         held_out = wavs

@@ -160,7 +160,7 @@ def test_espeak_pitch_and_rate_settings_change_the_audio():
 
 def test_sentence_list():
     sentences = load_sentences()
-    assert len(sentences) >= 400 and len(set(sentences)) == len(sentences)
+    assert len(sentences) >= 20_000 and len(set(sentences)) == len(sentences)
     assert all(3 <= len(s.split()) <= 25 and "|" not in s for s in sentences)
     assert sum(s.endswith("?") for s in sentences) >= 40
 
@@ -228,6 +228,19 @@ def test_synthesize_corpus_labels_determinism_and_resume(tmp_path):
     for i in range(12):
         name = f"wavs/synth_{i:05d}.wav"
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "c" / name).read_bytes(), name
+
+
+def test_worker_processes_synthesise_the_same_corpus_and_no_sentence_twice(tmp_path, monkeypatch):
+    import ira.data.synth as synth
+
+    synthesize_corpus(tmp_path / "one", num_utterances=9, seed=5, workers=1)
+    monkeypatch.setattr(synth, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(synth, "CHUNK", 4)
+    synthesize_corpus(tmp_path / "two", num_utterances=9, seed=5, workers=2)
+    for name in ["metadata.csv", "labels.jsonl"] + [f"wavs/synth_{i:05d}.wav" for i in range(9)]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    texts = [c.text for c in read_metadata(tmp_path / "one")]
+    assert len(set(texts)) == len(texts)
 
 
 def test_synthesize_corpus_refuses_another_corpus(tmp_path):

@@ -6,11 +6,12 @@ import shutil
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from ira.config import load_config
 from ira.data.corpus import read_metadata
 from ira.data.dummy import create_dummy_corpus
-from ira.data.prepare import cache_is_fresh, prepare_corpus, split_of
+from ira.data.prepare import cache_is_fresh, prepare_corpus, sentence_key, split_of
 from ira.data.token_cache import load_split
 
 FAST_MEL = ["codec.name=mel", "codec.mel_n_codebooks=2", "codec.mel_codebook_size=16", "codec.mel_kmeans_iters=3",
@@ -118,11 +119,15 @@ def test_empty_transcript_and_missing_column_are_clear(tmp_path, corpus, line, m
     assert not (data / "cache").exists()                 # nothing half-built
 
 
-def test_split_is_deterministic_and_stable():
-    ids = [f"clip{i:04d}" for i in range(2000)]
-    splits = [split_of(i, 0.05) for i in ids]
-    assert splits == [split_of(i, 0.05) for i in ids]
+def test_split_is_by_sentence_deterministic_and_stable():
+    texts = [f"This is sentence number {i}." for i in range(2000)]
+    splits = [split_of(t, 0.05) for t in texts]
+    assert splits == [split_of(t, 0.05) for t in texts]
     assert 50 < splits.count("val") < 150
+    # the same sentence however it is cased or punctuated: always the same side
+    for text in texts[:200]:
+        assert split_of(text.upper().replace(".", "!"), 0.05) == split_of(text, 0.05)
+    assert sentence_key("Hello,  World!  It's me.") == "hello world it's me"
 
 
 def test_other_ranks_wait_for_rank0(tmp_path, corpus, monkeypatch):
@@ -138,3 +143,53 @@ def test_other_ranks_wait_for_rank0(tmp_path, corpus, monkeypatch):
     ensure_prepared(cfg)
     monkeypatch.setenv("RANK", "1")
     assert not ensure_prepared(cfg, wait_s=0.1).rebuilt  # fresh now: rank 1 reads it
+
+
+def test_clips_of_one_sentence_never_straddle_the_split(tmp_path, corpus):
+    """Every sentence spoken twice (another clip id, the same text): both clips land on the same side."""
+    data = tmp_path / "c"
+    shutil.copytree(corpus, data)
+    for clip in read_metadata(data):
+        shutil.copy(clip.wav_path, data / "wavs" / f"{clip.id}_again.wav")
+        with open(data / "metadata.csv", "a", encoding="utf-8") as handle:
+            handle.write(f"{clip.id}_again|{clip.text.upper()}|{clip.normalized_text.upper()}\n")
+    result = prepare_corpus(_cfg(data))
+    train = load_split(result.cache_files["train"])
+    val = load_split(result.cache_files["val"])
+    assert len(val) >= 2
+    assert not {sentence_key(t) for t in train.texts} & {sentence_key(t) for t in val.texts}
+
+
+def test_worker_processes_build_the_same_cache(tmp_path, corpus, monkeypatch):
+    import ira.data.prepare as prepare
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    shutil.copytree(corpus, here)
+    shutil.copytree(corpus, there)
+    assert prepare.prepare_workers(10) == 1
+    one = prepare_corpus(_cfg(here))
+    monkeypatch.setattr(prepare, "PARALLEL_FROM", 2)
+    monkeypatch.setattr(prepare.os, "cpu_count", lambda: 2)
+    assert prepare.prepare_workers(10) == 2
+    two = prepare_corpus(_cfg(there))
+    for split in ("train", "val"):
+        a, b = load_split(one.cache_files[split]), load_split(two.cache_files[split])
+        assert a.ids == b.ids and a.texts == b.texts and torch.equal(a.codes, b.codes)
+    def annotations(d):
+        return [json.loads(line) for line in (d / "annotations.jsonl").read_text().splitlines()]
+    assert annotations(here) == annotations(there)
+
+
+def test_transcripts_the_phonemizer_cannot_read_are_dropped_with_the_reason(tmp_path, corpus):
+    data = tmp_path / "c"
+    shutil.copytree(corpus, data)
+    first = read_metadata(data)[0]
+    for clip_id, text in (("chinese", "你好，世界"), ("emoji", "😀 😀"), ("long", "word " * 300)):
+        shutil.copy(first.wav_path, data / "wavs" / f"{clip_id}.wav")
+        with open(data / "metadata.csv", "a", encoding="utf-8") as handle:
+            handle.write(f"{clip_id}|{text}|{text}\n")
+    result = prepare_corpus(load_config("cpu", FAST_MEL + [f"data.dir={data}", "data.max_text_chars=2000"]))
+    reasons = {d["id"]: d["reason"] for d in result.dropped}
+    assert set(reasons) == {"chinese", "emoji", "long"} and result.kept == 10
+    assert "U+4F60" in reasons["chinese"] and "U+1F600" in reasons["emoji"]
+    assert "speech_lm.max_text_tokens" in reasons["long"]

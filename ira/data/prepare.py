@@ -7,16 +7,21 @@ silently. Re-running on unchanged data and codec settings is a no-op (the cache 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import random
+import re
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from ira.audio import AudioError, load_audio, rms_db, trim_silence
@@ -29,12 +34,17 @@ from ira.data.annotate import annotate_clip, fit_annotation_stats
 from ira.data.corpus import Clip, read_labels, read_metadata
 from ira.data.descriptions import describe
 from ira.data.token_cache import SPLITS, is_fresh, split_path, write_split
+from ira.text_tokenizer import TextNotReadableError, build_text_tokenizer
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
 SILENCE_DB = -55.0
 DESCRIPTIONS_PER_CLIP = 4
-WAV_MEMO_BYTES = 2 * 2**30   # keep trimmed clips in memory up to this size (a 600-clip corpus is ~170 MB)
+SPLIT_RULE = "split-by-sentence-v1"
+"""Part of the data hash: a cache made under another train/val rule (by clip id, before) is stale."""
+WAV_MEMO_BYTES = 2 * 2**30
+PARALLEL_FROM = 1000
+"""Corpora of at least this many clips are checked and encoded in worker processes."""   # keep trimmed clips in memory up to this size (a 600-clip corpus is ~170 MB)
 
 
 @dataclass
@@ -54,15 +64,21 @@ class PrepareResult:
                 f"{len(self.dropped)} dropped; token cache {state} with {self.codec.describe()}")
 
 
-def split_of(clip_id: str, val_fraction: float) -> str:
-    """Deterministic split from the id alone: adding clips never moves old ones."""
-    bucket = int(hashlib.sha1(clip_id.encode("utf-8")).hexdigest(), 16) % 10_000
+def sentence_key(text: str) -> str:
+    """What makes two transcripts the same sentence for the split: lowercase words, no punctuation."""
+    return " ".join(re.findall(r"[\w']+", text.lower()))
+
+
+def split_of(text: str, val_fraction: float) -> str:
+    """Deterministic split from the normalised sentence alone: every clip of a sentence lands on the same
+    side (validation then measures speaking text never trained on), and adding clips never moves old ones."""
+    bucket = int(hashlib.sha1(sentence_key(text).encode("utf-8")).hexdigest(), 16) % 10_000
     return "val" if bucket < val_fraction * 10_000 else "train"
 
 
 def data_hash(data_dir: Path, cfg: IRAConfig) -> str:
     """Hash of everything the cache depends on besides the codec: files and preprocessing settings."""
-    h = hashlib.sha1()
+    h = hashlib.sha1(SPLIT_RULE.encode())
     for name in ("metadata.csv", "labels.jsonl"):
         path = data_dir / name
         if path.is_file():
@@ -75,7 +91,29 @@ def data_hash(data_dir: Path, cfg: IRAConfig) -> str:
     d = cfg.data
     h.update(json.dumps([d.min_duration, d.max_duration, d.val_fraction, d.max_text_chars,
                          d.trim_silence_db, SILENCE_DB]).encode())
+    if cfg.speech_lm.text_tokenizer.split(":")[0] == "phoneme":   # it decides which transcripts are kept
+        h.update(json.dumps([cfg.speech_lm.text_tokenizer, cfg.speech_lm.max_text_tokens]).encode())
     return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(name: str) -> Any:
+    return build_text_tokenizer(name)
+
+
+def _text_problem(text: str, cfg: IRAConfig) -> str | None:
+    """Why the SpeechLM could not read this transcript (None: it can): the phoneme tokenizer cannot read
+    it (another script, emoji), or it is longer than speech_lm.max_text_tokens."""
+    if cfg.speech_lm.text_tokenizer.split(":")[0] != "phoneme":
+        return None     # characters and BPE read anything; their length is checked when training
+    try:
+        n_tokens = len(_tokenizer(cfg.speech_lm.text_tokenizer).encode(text))
+    except TextNotReadableError as exc:
+        return f"unreadable transcript: {exc}"
+    if n_tokens > cfg.speech_lm.max_text_tokens:
+        return (f"transcript of {n_tokens} phonemes is over speech_lm.max_text_tokens="
+                f"{cfg.speech_lm.max_text_tokens}")
+    return None
 
 
 def _check_clip(clip: Clip, cfg: IRAConfig, sample_rate: int) -> tuple[torch.Tensor | None, str | None]:
@@ -85,6 +123,9 @@ def _check_clip(clip: Clip, cfg: IRAConfig, sample_rate: int) -> tuple[torch.Ten
         return None, "empty transcript"
     if len(text) > cfg.data.max_text_chars:
         return None, f"transcript of {len(text)} characters is over data.max_text_chars={cfg.data.max_text_chars}"
+    problem = _text_problem(text, cfg)
+    if problem:
+        return None, problem
     try:
         wav = load_audio(clip.wav_path, sample_rate)
     except AudioError as exc:
@@ -121,6 +162,76 @@ class _TrimmedClips:
             self.memo[clip.id] = wav
             self.bytes += wav.numel() * 4
         return wav, reason
+
+
+# -- the per-clip passes, in worker processes for large corpora ---------------------------------------
+# Each clip is checked, trimmed and annotated (pass 1), then encoded (pass 2) on its own: the result is
+# the same whether it runs here or in a worker, so a corpus gets the same cache for any worker count.
+
+_worker: dict = {}
+
+
+def _init_worker(cfg: IRAConfig, data_dir: Path | None, threads: int = 1) -> None:
+    torch.set_num_threads(threads)
+    _worker.clear()
+    _worker.update(cfg=cfg, data_dir=data_dir, codec=None)
+
+
+def _annotate_one(clip: Clip, labels: dict | None) -> tuple[dict | None, str | None]:
+    """Pass 1 for one clip: (annotation, None) or (None, why it is dropped)."""
+    wav, reason = _check_clip(clip, _worker["cfg"], MEL_SAMPLE_RATE)
+    if wav is None:
+        return None, reason
+    ann = annotate_clip(wav, MEL_SAMPLE_RATE, clip.normalized_text, labels)
+    ann.update({"id": clip.id, "text": clip.normalized_text})
+    return ann, None
+
+
+def _encode_one(clip: Clip) -> tuple[np.ndarray, float]:
+    """Pass 2 for one clip: (codes [K, T] int16, seconds) with the corpus's codec. A numpy array, not a
+    tensor: torch sends tensors between processes through shared-memory file descriptors, one per
+    tensor, and a corpus of 20,000 clips ran out of them."""
+    if _worker["codec"] is None:
+        _worker["codec"] = build_codec(_worker["cfg"].codec, _worker["data_dir"])
+    codec = _worker["codec"]
+    wav, reason = _check_clip(clip, _worker["cfg"], codec.sample_rate)
+    if wav is None:
+        raise RuntimeError(f"{clip.id}: usable in the first pass but not now ({reason}); did the file change?")
+    with torch.inference_mode():
+        codes = codec.encode(wav, codec.sample_rate)
+    return codes.to(torch.int16).numpy(), wav.numel() / codec.sample_rate
+
+
+def _star(args: tuple) -> Any:
+    fn, rest = args[0], args[1:]
+    return fn(*rest)
+
+
+def _map_clips(fn: Callable, items: list[tuple], cfg: IRAConfig, data_dir: Path, workers: int,
+               on_done: Callable[[int], None]) -> list:
+    """[fn(*item) for item in items], in order, in `workers` processes (here when 1); `on_done(i)` after each."""
+    if workers <= 1:
+        _init_worker(cfg, data_dir, torch.get_num_threads())
+        out = []
+        for i, item in enumerate(items):
+            out.append(fn(*item))
+            on_done(i)
+        return out
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(cfg, data_dir)) as pool:
+        out = []
+        for i, result in enumerate(pool.map(_star, [(fn, *item) for item in items], chunksize=32)):
+            out.append(result)
+            on_done(i)
+        return out
+
+
+def prepare_workers(n_clips: int) -> int:
+    """Worker processes for the per-clip passes: one per CPU core (at most 4) for corpora large enough to
+    pay for starting them (~3 s each), else none (1 = in this process, which also remembers the trimmed
+    audio between passes)."""
+    return min(4, os.cpu_count() or 1) if n_clips >= PARALLEL_FROM else 1
 
 
 def _emit(progress: Progress | None, fraction: float, message: str) -> None:
@@ -213,21 +324,36 @@ def prepare_corpus(cfg: IRAConfig, data_dir: str | Path | None = None, progress:
     # Pass 1: validate, trim and annotate every clip.
     sample_rate = MEL_SAMPLE_RATE  # both codecs run at 24 kHz
     trimmed = _TrimmedClips(cfg, sample_rate)
+    workers = prepare_workers(len(clips))
+
+    def checked(i: int) -> None:
+        if i % 10 == 0 or i == len(clips) - 1:
+            _emit(progress, 0.35 * (i + 1) / len(clips), f"checking and annotating clips {i + 1}/{len(clips)}")
+
+    if workers > 1:
+        results = _map_clips(_annotate_one, [(clip, labels.get(clip.id)) for clip in clips], cfg, data_dir,
+                             workers, checked)
+    else:   # here, remembering the trimmed audio for the codec fit and the encoding
+        results = []
+        for i, clip in enumerate(clips):
+            wav, reason = trimmed.get(clip)
+            if wav is not None:
+                ann = annotate_clip(wav, sample_rate, clip.normalized_text, labels.get(clip.id))
+                ann.update({"id": clip.id, "text": clip.normalized_text})
+                results.append((ann, None))
+            else:
+                results.append((None, reason))
+            checked(i)
     annotations: list[dict] = []
     kept: list[tuple[Clip, str]] = []
     dropped: list[dict] = []
-    for i, clip in enumerate(clips):
-        wav, reason = trimmed.get(clip)
-        if wav is None:
+    for clip, (ann, reason) in zip(clips, results):
+        if ann is None:
             dropped.append({"id": clip.id, "file": str(clip.wav_path), "reason": reason})
             log.warning("dropping %s: %s", clip.id, reason)
         else:
-            ann = annotate_clip(wav, sample_rate, clip.normalized_text, labels.get(clip.id))
-            ann.update({"id": clip.id, "text": clip.normalized_text})
             annotations.append(ann)
-            kept.append((clip, split_of(clip.id, cfg.data.val_fraction)))
-        if i % 10 == 0 or i == len(clips) - 1:
-            _emit(progress, 0.35 * (i + 1) / len(clips), f"checking and annotating clips {i + 1}/{len(clips)}")
+            kept.append((clip, split_of(clip.normalized_text, cfg.data.val_fraction)))
     if not kept:
         raise RuntimeError(f"{data_dir}: no usable clip among {len(clips)} (see {data_dir / 'prepare_report.json'}); "
                            f"first problem: {dropped[0]['id']}: {dropped[0]['reason']}" if dropped else
@@ -235,9 +361,14 @@ def prepare_corpus(cfg: IRAConfig, data_dir: str | Path | None = None, progress:
     _write_json_atomic(data_dir / "prepare_report.json",
                        {"kept": len(kept), "dropped": dropped, "status": "annotating"})
     if cfg.data.val_fraction > 0 and len(kept) >= 2 and not any(s == "val" for _, s in kept):
-        # A tiny corpus may hash no clip into val: move the one closest to the threshold.
-        closest = min(range(len(kept)), key=lambda j: hashlib.sha1(kept[j][0].id.encode()).hexdigest())
-        kept[closest] = (kept[closest][0], "val")
+        # A tiny corpus may hash no sentence into val: move the sentence closest to the threshold (all its
+        # clips, so no sentence is on both sides), unless that would leave nothing to train on.
+        def key(j: int) -> str:
+            return hashlib.sha1(sentence_key(kept[j][0].normalized_text).encode()).hexdigest()
+        chosen = key(min(range(len(kept)), key=key))
+        moved = [(clip, "val" if key(j) == chosen else split) for j, (clip, split) in enumerate(kept)]
+        if any(split == "train" for _, split in moved):
+            kept = moved
 
     # Descriptions, relative to this corpus.
     stats = fit_annotation_stats(annotations)
@@ -256,21 +387,30 @@ def prepare_corpus(cfg: IRAConfig, data_dir: str | Path | None = None, progress:
         trimmed = _TrimmedClips(cfg, codec.sample_rate)
 
     # Pass 2: encode every kept clip once.
+    def encoded(i: int) -> None:
+        if i % 10 == 0 or i == len(kept) - 1:
+            _emit(progress, 0.6 + 0.38 * (i + 1) / len(kept), f"encoding clips {i + 1}/{len(kept)}")
+
+    if workers > 1:
+        coded = [(torch.from_numpy(codes), seconds) for codes, seconds in
+                 _map_clips(_encode_one, [(clip,) for clip, _ in kept], cfg, data_dir, workers, encoded)]
+    else:
+        coded = []
+        for i, (clip, _) in enumerate(kept):
+            wav, _ = trimmed.get(clip)
+            assert wav is not None  # it passed the same check in pass 1
+            with torch.inference_mode():
+                coded.append((codec.encode(wav, codec.sample_rate), wav.numel() / codec.sample_rate))
+            encoded(i)
     by_split: dict[str, dict[str, list]] = {s: {"codes": [], "ids": [], "texts": [], "desc": []} for s in SPLITS}
     total_seconds = 0.0
-    for i, ((clip, split), ann) in enumerate(zip(kept, annotations)):
-        wav, _ = trimmed.get(clip)
-        assert wav is not None  # it passed the same check in pass 1
-        total_seconds += wav.numel() / codec.sample_rate
-        with torch.inference_mode():
-            codes = codec.encode(wav, codec.sample_rate)
+    for (clip, split), ann, (codes, seconds) in zip(kept, annotations, coded):
+        total_seconds += seconds
         part = by_split[split]
         part["codes"].append(codes)
         part["ids"].append(clip.id)
         part["texts"].append(clip.normalized_text)
         part["desc"].append(ann["descriptions"])
-        if i % 10 == 0 or i == len(kept) - 1:
-            _emit(progress, 0.6 + 0.38 * (i + 1) / len(kept), f"encoding clips {i + 1}/{len(kept)}")
 
     files = {}
     for split in SPLITS:
