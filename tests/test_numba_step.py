@@ -13,7 +13,7 @@ from test_speech_lm import K, V, tiny
 
 
 def test_compiled_step_without_a_mask_equals_the_flat_pytorch_step():
-    model = tiny()
+    model = tiny(align_heads=0)
     logits, caches = [], []
     for make in (CachedStep, NumbaCachedStep):
         cache = StaticKVCache(2, 1, 4, 16, 8)
@@ -34,7 +34,7 @@ def test_compiled_step_without_a_mask_equals_the_flat_pytorch_step():
 
 
 def test_compiled_step_refuses_a_full_cache_and_an_unfilled_one():
-    model = tiny()
+    model = tiny(align_heads=0)
     step = NumbaCachedStep(model)
     column, position = torch.full((1, K), model.fill_id), torch.tensor([[0]])
     with pytest.raises(ValueError, match="prefilled fp32 KV cache"):
@@ -50,7 +50,7 @@ def test_compiled_step_refuses_a_full_cache_and_an_unfilled_one():
 
 
 def test_the_step_is_chosen_by_device_dtype_and_switch(monkeypatch):
-    model = tiny()
+    model = tiny(align_heads=0)
     fp32_cache, bf16_cache = StaticKVCache(2, 1, 4, 16, 4), StaticKVCache(2, 1, 4, 16, 4)
     fp32_cache.keys[0], bf16_cache.keys[0] = torch.zeros(1, 4, 4, 16), torch.zeros(1, 4, 4, 16, dtype=torch.bfloat16)
     assert supports(model, fp32_cache) and isinstance(cached_step_for(model, fp32_cache), NumbaCachedStep)

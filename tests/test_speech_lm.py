@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ira.config import SpeechLMConfig
+from ira.models.alignment import StepPrior
 from ira.models.delay_pattern import apply_delay
 from ira.models.kv_cache import StaticKVCache
 from ira.models.speech_lm import Rotary, SpeechLM, _positions, apply_rotary, sample_logits
@@ -187,13 +188,15 @@ def cached_teacher_forced_logits(model, data, next_logits) -> torch.Tensor:
     cache = StaticKVCache(cfg.n_layers, rows, cfg.n_heads, cfg.d_model // cfg.n_heads, n_prefix + steps)
     key_valid = torch.cat([valid, torch.ones(rows, steps, dtype=torch.bool)], dim=1)
     positions = _positions(valid, steps)
+    prior = StepPrior(valid, data["codes_lengths"], cfg.align_sigma) if cfg.align_heads else None
     with torch.no_grad():
         x = torch.cat([prefix, model._embed_audio(inputs[:, :, :1])], dim=1)
-        hidden = model._transformer(x, positions[:, :n_prefix + 1], key_valid[:, :n_prefix + 1], cache)
+        hidden = model._transformer(x, positions[:, :n_prefix + 1], key_valid[:, :n_prefix + 1], cache,
+                                    align=model._align_bias(valid, None, 1))
         logits = [model._logits(hidden[:, -1:])[:, :, 0]]
         for s in range(1, steps):
             logits.append(next_logits(cache, inputs[:, :, s], positions[:, n_prefix + s:n_prefix + s + 1],
-                                      key_valid[:, :cache.length + 1]))
+                                      key_valid[:, :cache.length + 1], prior))
     return torch.stack(logits, dim=2)
 
 
@@ -202,8 +205,9 @@ def test_cached_steps_match_full_recomputation():
     model, data = tiny(), batch()
     full = model(**data).logits                                           # [B, K, S, V + 1]
 
-    def module_step(cache, column, position, key_valid):
-        hidden = model._transformer(model._embed_audio(column[:, :, None]), position, key_valid, cache)
+    def module_step(cache, column, position, key_valid, prior):
+        hidden = model._transformer(model._embed_audio(column[:, :, None]), position, key_valid, cache,
+                                    align=prior.mask(cache.length))
         return model._logits(hidden)[:, :, 0]
 
     cached = cached_teacher_forced_logits(model, data, module_step)

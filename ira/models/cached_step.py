@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ira.models.alignment import StepPrior
 from ira.models.kv_cache import StaticKVCache
 from ira.models.quantize import Int8Linear
 from ira.models.speech_lm import MLP, SpeechLM, apply_rotary, attention_mask
@@ -61,9 +62,12 @@ def stacked_audio_embedding(model: SpeechLM) -> tuple[torch.Tensor, torch.Tensor
 class CachedStep:
     """Bound to one model for one generation: `step(column, positions, cache, key_valid)` -> logits."""
 
-    def __init__(self, model: SpeechLM):
+    def __init__(self, model: SpeechLM, prior: StepPrior | None = None):
         cfg = model.cfg
         self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.align_heads, self.prior = cfg.align_heads, prior
+        if self.align_heads and prior is None:
+            raise ValueError("this SpeechLM has alignment heads: its cached step needs their StepPrior")
         self.n_codebooks, self.n_classes = model.n_codebooks, model.codebook_size + 1
         self.rope = model.rope
         self.embedding, self.offsets = stacked_audio_embedding(model)
@@ -83,6 +87,8 @@ class CachedStep:
         x = F.embedding(column + self.offsets, self.embedding).sum(dim=1)          # [rows, d]
         cos, sin = self.rope(positions)                                            # [rows, 1, 1, D]
         mask = None if key_valid is None else attention_mask(key_valid, cache.length, 1)
+        if self.align_heads:
+            mask = self._mask_with_prior(mask, rows, cache.length)
         shape = (rows, 3, self.n_heads, 1, self.head_dim)
         for layer, (norm1, qkv, proj, norm2, up, down, swiglu) in enumerate(self.layers):
             q_k_v = qkv(norm1(x)).float().view(shape).transpose(0, 1)              # [3, rows, H, 1, D]
@@ -99,11 +105,22 @@ class CachedStep:
         cache.advance(1)
         return self.heads(self.norm(x)).view(rows, self.n_codebooks, self.n_classes).float()
 
+    def _mask_with_prior(self, mask: torch.Tensor | None, rows: int, length: int) -> torch.Tensor:
+        """Per-head additive mask [rows, H, 1, length + 1]: the alignment heads see the prefix with the
+        prior and no audio key; the other heads see what `mask` allows."""
+        align = self.prior.mask(length)
+        free = torch.zeros(rows, 1, 1, length + 1, device=align.device)
+        if mask is not None:
+            free = free.masked_fill(~mask, float("-inf"))
+        return torch.cat([align.expand(-1, self.align_heads, -1, -1),
+                          free.expand(-1, self.n_heads - self.align_heads, -1, -1)], dim=1)
 
-def cached_step_for(model: SpeechLM, cache: StaticKVCache) -> Callable:
+
+def cached_step_for(model: SpeechLM, cache: StaticKVCache, prior: StepPrior | None = None) -> Callable:
     """The fastest one-column step for this model after its prefill into `cache`: the compiled CPU step
-    (`numba_step.NumbaCachedStep`) where it applies (CPU, fp32 parameters and cache), else `CachedStep`."""
+    (`numba_step.NumbaCachedStep`) where it applies (CPU, fp32 parameters and cache), else `CachedStep`.
+    `prior`: the alignment heads' prior for this generation (models with alignment heads)."""
     from ira.models import numba_step   # numba loads in ~0.5 s: only when generating
     if numba_step.supports(model, cache):
-        return numba_step.NumbaCachedStep(model)
-    return CachedStep(model)
+        return numba_step.NumbaCachedStep(model, prior)
+    return CachedStep(model, prior)

@@ -26,6 +26,7 @@ from numba import njit, prange
 from torch import nn
 
 from ira.hardware import compiled_cpu_kernels_enabled
+from ira.models.alignment import StepPrior
 from ira.models.cached_step import stacked_audio_embedding
 from ira.models.kv_cache import StaticKVCache
 from ira.models.quantize import Int8Linear
@@ -74,10 +75,16 @@ def _matvec(weight, scale, x):
 
 
 @njit(fastmath=_FAST, cache=True, parallel=True)
-def _attend(qkv, cos, sin, keys, values, length, key_valid, masked, n_heads):
+def _attend(qkv, cos, sin, keys, values, length, key_valid, masked, n_heads, align_heads, prior_index,
+            prior_n_text, prior_frames, prior_scale):
     """Rotate q and k of qkv [rows, 3 * H * D] (RoPE, cos/sin [rows, D/2]), write k and v at `length` of
     the cache [rows, H, max_len, D], attend over keys 0..length (those where key_valid [rows, >= length
-    + 1] is True when `masked`, else all) and return [rows, H * D]."""
+    + 1] is True when `masked`, else all) and return [rows, H * D].
+
+    The first `align_heads` heads attend only to the prefix (prior_index [rows, P]: text index, -1 style,
+    -2 padding), each text key's score plus the Gaussian log-prior of alignment.py around
+    min(step * N / T, N) (N = prior_n_text[r], T = prior_frames[r], step = length - P; prior_scale =
+    1 / (2 sigma^2))."""
     rows = qkv.shape[0]
     head_dim = keys.shape[3]
     half = head_dim // 2
@@ -96,24 +103,41 @@ def _attend(qkv, cos, sin, keys, values, length, key_valid, masked, n_heads):
             keys[r, h, length, i], keys[r, h, length, half + i] = k1 * c - k2 * s, k2 * c + k1 * s
         for i in range(head_dim):
             values[r, h, length, i] = qkv[r, base_v + i]
-        scores = np.empty(length + 1, dtype=np.float32)
+        aligned = h < align_heads
+        n_keys = prior_index.shape[1] if aligned else length + 1
+        centre = np.float32(0.0)
+        if aligned:
+            n_text = prior_n_text[r]
+            centre = min(np.float32(length - n_keys) * n_text / max(prior_frames[r], np.float32(1.0)), n_text)
+        scores = np.zeros(n_keys, dtype=np.float32)
+        use = np.zeros(n_keys, dtype=np.bool_)
         best = np.float32(-np.inf)
-        for t in range(length + 1):
-            if not masked or key_valid[r, t]:
-                acc = np.float32(0.0)
-                for i in range(head_dim):
-                    acc += q[i] * keys[r, h, t, i]
-                scores[t] = acc * scale
-                best = max(best, scores[t])
+        for t in range(n_keys):
+            bias = np.float32(0.0)
+            if aligned:
+                index = prior_index[r, t]
+                if index == -2:
+                    continue
+                if index >= 0:
+                    distance = centre - np.float32(index) - np.float32(0.5)
+                    bias = -distance * distance * prior_scale
+            elif masked and not key_valid[r, t]:
+                continue
+            acc = np.float32(0.0)
+            for i in range(head_dim):
+                acc += q[i] * keys[r, h, t, i]
+            scores[t] = acc * scale + bias
+            use[t] = True
+            best = max(best, scores[t])
         total = np.float32(0.0)
-        for t in range(length + 1):
-            if not masked or key_valid[r, t]:
+        for t in range(n_keys):
+            if use[t]:
                 scores[t] = np.exp(scores[t] - best)
                 total += scores[t]
             else:
                 scores[t] = 0.0
         y = np.zeros(head_dim, dtype=np.float32)
-        for t in range(length + 1):
+        for t in range(n_keys):
             p = scores[t]
             if p != 0.0:
                 for i in range(head_dim):
@@ -156,7 +180,7 @@ def _rope(positions, inv_freq):
 @njit(fastmath=_FAST, cache=True)
 def _step(column, offsets, positions, inv_freq, embedding, norm_w, norm_b, qkv_w, qkv_s, proj_w, proj_s,
           up_w, up_s, down_w, down_s, heads_w, heads_s, keys, values, length, key_valid, masked, n_heads,
-          rms, eps, swiglu):
+          rms, eps, swiglu, align_heads, prior_index, prior_n_text, prior_frames, prior_scale):
     """column [rows, K] (ids into each codebook's table; `offsets` place them in the stacked `embedding`),
     positions [rows, 1]; norm_w/norm_b [2 * layers + 1, d] (norm1, norm2 per layer, then the final norm);
     per-layer weights and the cache's keys/values as tuples. Returns logits [rows, heads_w rows] (fp32)."""
@@ -171,7 +195,8 @@ def _step(column, offsets, positions, inv_freq, embedding, norm_w, norm_b, qkv_w
     for layer in range(len(qkv_w)):
         h = _norm(x, norm_w[2 * layer], norm_b[2 * layer], rms, eps)
         qkv = _matvec(qkv_w[layer], qkv_s[layer], h)
-        y = _attend(qkv, cos, sin, keys[layer], values[layer], length, key_valid, masked, n_heads)
+        y = _attend(qkv, cos, sin, keys[layer], values[layer], length, key_valid, masked, n_heads, align_heads,
+                    prior_index, prior_n_text, prior_frames, prior_scale)
         x += _matvec(proj_w[layer], proj_s[layer], y)
         h = _norm(x, norm_w[2 * layer + 1], norm_b[2 * layer + 1], rms, eps)
         a = _activate(_matvec(up_w[layer], up_s[layer], h), swiglu)
@@ -221,9 +246,16 @@ def supports(model: SpeechLM, cache: StaticKVCache) -> bool:
 class NumbaCachedStep:
     """Same contract as `CachedStep`: `step(column, positions, cache, key_valid)` -> logits [rows, K, V + 1]."""
 
-    def __init__(self, model: SpeechLM):
+    def __init__(self, model: SpeechLM, prior: StepPrior | None = None):
         cfg = model.cfg
         self.n_heads = cfg.n_heads
+        self.align_heads = cfg.align_heads
+        if self.align_heads and prior is None:
+            raise ValueError("this SpeechLM has alignment heads: its cached step needs their StepPrior")
+        rows = 1
+        self.prior = prior.numpy_parts() if self.align_heads else (
+            np.full((rows, 1), -2, dtype=np.int64), np.zeros(rows, np.float32), np.ones(rows, np.float32),
+            np.float32(0.0))
         self.n_codebooks, self.n_classes = model.n_codebooks, model.codebook_size + 1
         self.inv_freq = model.rope.inv_freq.float().numpy()
         embedding, offsets = stacked_audio_embedding(model)
@@ -262,6 +294,7 @@ class NumbaCachedStep:
             logits = _step(column.numpy(), self.offsets, positions.numpy(), self.inv_freq, self.embedding,
                            self.norm_w, self.norm_b, *self.weights["qkv"], *self.weights["proj"],
                            *self.weights["up"], *self.weights["down"], *self.heads, self._keys, self._values,
-                           cache.length, key_valid, masked, self.n_heads, self.rms, self.eps, self.swiglu)
+                           cache.length, key_valid, masked, self.n_heads, self.rms, self.eps, self.swiglu,
+                           self.align_heads, *self.prior)
         cache.advance(1)
         return torch.from_numpy(logits).view(rows, self.n_codebooks, self.n_classes)

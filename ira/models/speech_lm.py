@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from ira.config import SpeechLMConfig, section_from_dict
 from ira.hardware import compiled_cpu_kernels_enabled
+from ira.models import alignment
 from ira.models.delay_pattern import apply_delay, delay_masks, undo_delay
 from ira.models.kv_cache import StaticKVCache
 
@@ -104,22 +105,31 @@ class Attention(nn.Module):
     def __init__(self, cfg: SpeechLMConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
+        self.align_heads = cfg.align_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.dropout = cfg.dropout
+        self.dropout = cfg.attn_dropout
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: StaticKVCache | None, layer: int, causal: bool = True) -> torch.Tensor:
+                cache: StaticKVCache | None, layer: int, causal: bool = True,
+                align: torch.Tensor | None = None) -> torch.Tensor:
         """mask: bool [B, 1, T, keys] (True = attend), or None: plain causal from position 0 when
-        `causal`, else every query sees every key (one new token over a cache without padding)."""
+        `causal`, else every query sees every key (one new token over a cache without padding).
+        align: the additive float mask [B, 1, T, keys] of the first `align_heads` heads (alignment.py)."""
         batch, n, width = x.shape
         qkv = self.qkv(x).view(batch, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(qkv[:2], *rope)   # one call rotates queries and keys
         v = qkv[2]
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        a = self.align_heads if align is not None else 0
+        y = F.scaled_dot_product_attention(q[:, a:], k[:, a:], v[:, a:], attn_mask=mask,
+                                           is_causal=mask is None and causal, dropout_p=dropout)
+        if a:
+            y_align = F.scaled_dot_product_attention(q[:, :a], k[:, :a], v[:, :a], attn_mask=align.to(q.dtype),
+                                                     dropout_p=dropout)
+            y = torch.cat([y_align, y], dim=1)
         return self.proj(y.transpose(1, 2).reshape(batch, n, width))
 
 
@@ -150,8 +160,8 @@ class Block(nn.Module):
         self.attn, self.mlp = Attention(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, mask, cache, layer, causal=True):
-        x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache, layer, causal))
+    def forward(self, x, rope, mask, cache, layer, causal=True, align=None):
+        x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache, layer, causal, align))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -222,7 +232,8 @@ class SpeechLMOutput:
 
 
 class SpeechLM(nn.Module):
-    BATCH_KEYS = ("text_ids", "text_mask", "style", "codes", "codes_lengths", "drop_text", "drop_style")
+    BATCH_KEYS = ("text_ids", "text_mask", "style", "codes", "codes_lengths", "drop_text", "drop_style",
+                  "align_frames")
 
     def __init__(self, cfg: SpeechLMConfig, n_codebooks: int, codebook_size: int, text_vocab_size: int):
         super().__init__()
@@ -291,7 +302,9 @@ class SpeechLM(nn.Module):
         missing = [k for k in ("speech_lm", "n_codebooks", "codebook_size", "text_vocab_size") if k not in data]
         if missing:
             raise ValueError(f"SpeechLM metadata lacks {', '.join(missing)}; was it written by config_dict()?")
-        cfg = section_from_dict("speech_lm", dict(data["speech_lm"]), source="SpeechLM metadata")
+        stored = dict(data["speech_lm"])
+        stored.setdefault("align_heads", 0)   # saved before alignment heads existed: a model without them
+        cfg = section_from_dict("speech_lm", stored, source="SpeechLM metadata")
         return cls(cfg, int(data["n_codebooks"]), int(data["codebook_size"]), int(data["text_vocab_size"]))
 
     def num_parameters(self, trainable_only: bool = False) -> int:
@@ -381,10 +394,13 @@ class SpeechLM(nn.Module):
         return torch.full((batch, self.n_codebooks, 1), self.fill_id, dtype=torch.long, device=self.device)
 
     def _transformer(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None,
-                     cache: StaticKVCache | None = None) -> torch.Tensor:
+                     cache: StaticKVCache | None = None, align: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, d] at RoPE `positions` [B, T]; key_valid [B, keys so far + T], or None when no key
-        is padding (then no mask is built: one new token sees all keys, more are causal from 0).
+        is padding (then no mask is built: one new token sees all keys, more are causal from 0);
+        align: the alignment heads' mask (`_align_bias`), needed when the model has them.
         Returns the final-norm output."""
+        if self.cfg.align_heads and align is None:
+            raise ValueError("this SpeechLM has alignment heads: pass their mask (align=...)")
         start = cache.length if cache is not None else 0
         if key_valid is not None and cache is None and bool(key_valid.all()):
             key_valid = None  # plain causal: lets SDPA pick its fastest kernel
@@ -396,18 +412,32 @@ class SpeechLM(nn.Module):
         rope = self.rope(positions)
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, mask, cache, layer, causal)
+            x = block(x, rope, mask, cache, layer, causal, align)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.norm(x)
 
-    def _run(self, prefix: torch.Tensor, prefix_valid: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        """Full (uncached) pass over prefix + audio input columns [B, K, S] -> audio hidden [B, S, d]."""
+    def _align_bias(self, prefix_valid: torch.Tensor, n_frames: torch.Tensor | None,
+                    n_audio: int) -> torch.Tensor | None:
+        """The alignment heads' mask for a pass over the prefix and `n_audio` audio steps from BOS
+        (None when the model has none). n_frames [B]: the T the prior spreads the text over."""
+        if not self.cfg.align_heads:
+            return None
+        if n_frames is None:
+            n_frames = torch.ones(prefix_valid.shape[0], device=prefix_valid.device)
+        return alignment.attention_bias(prefix_valid, n_frames.to(prefix_valid.device), n_audio,
+                                        self.cfg.align_sigma)
+
+    def _run(self, prefix: torch.Tensor, prefix_valid: torch.Tensor, columns: torch.Tensor,
+             n_frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Full (uncached) pass over prefix + audio input columns [B, K, S] -> audio hidden [B, S, d].
+        n_frames [B]: the frame count the alignment heads' prior spreads the text over."""
         audio = self._embed_audio(columns)
         x = torch.cat([prefix.to(audio.dtype), audio], dim=1)
         valid = torch.cat([prefix_valid, torch.ones(audio.shape[:2], dtype=torch.bool, device=self.device)], 1)
         positions = _positions(prefix_valid, audio.shape[1])
-        return self._transformer(x, positions, valid)[:, prefix.shape[1]:]
+        align = self._align_bias(prefix_valid, n_frames, audio.shape[1])
+        return self._transformer(x, positions, valid, align=align)[:, prefix.shape[1]:]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, S, d] -> [B, K, S, V + 1]."""
@@ -448,8 +478,11 @@ class SpeechLM(nn.Module):
     def forward(self, text_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
                 style: torch.Tensor | None, codes: torch.Tensor, codes_lengths: torch.Tensor | None,
                 drop_text: torch.Tensor | None = None, drop_style: torch.Tensor | None = None,
-                return_hidden: bool = False) -> SpeechLMOutput:
-        """Teacher-forced next-column prediction over the delayed grid; see the module docstring."""
+                return_hidden: bool = False, align_frames: torch.Tensor | None = None) -> SpeechLMOutput:
+        """Teacher-forced next-column prediction over the delayed grid; see the module docstring.
+
+        align_frames [B]: the frame count the alignment heads spread the text over; default the clips'
+        lengths. PPO passes the count the samples were generated with (the length head's prediction)."""
         codes, lengths = self._check_codes(codes, codes_lengths)
         batch, n_codebooks, n_frames = codes.shape
         drop_text, drop_style = self._drops(batch, drop_text, drop_style, text_ids is None, style is None)
@@ -457,7 +490,7 @@ class SpeechLM(nn.Module):
 
         delayed = apply_delay(codes, self.fill_id, lengths, eos_id=self.eos_id)       # [B, K, T + K]
         inputs = torch.cat([self._bos(batch), delayed[:, :, :-1]], dim=2)
-        hidden = self._run(prefix, prefix_valid, inputs)
+        hidden = self._run(prefix, prefix_valid, inputs, lengths if align_frames is None else align_frames)
         logits = self._logits(hidden)
 
         n_text = prefix_valid.sum(dim=1) - 1                                           # minus the style token
@@ -509,7 +542,8 @@ class SpeechLM(nn.Module):
                  batch_size: int | None = None, max_frames: int | None = None, min_frames: int = 0,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_scale: float | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
-                 use_cache: bool = True, length_tolerance: float | None = None) -> list[torch.Tensor]:
+                 use_cache: bool = True, length_tolerance: float | None = None,
+                 align_frames: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Sample speech for a batch: a list of LongTensor[K, T_i] (undelayed, EOS and fill removed, CPU).
 
         Text: `text_ids` [B, L] + `text_mask`, or `texts` + `tokenizer`; neither = no text. style
@@ -521,12 +555,15 @@ class SpeechLM(nn.Module):
         length_tolerance t (e.g. 0.2): each sample with text ends within (1 -+ t) x the length head's
         prediction (inside min_frames..max_frames); None leaves the end to sampled EOS alone.
         temperature 0 = greedy; top_k 0 / top_p 1 = off. use_cache False recomputes the whole sequence
-        at every step (the naive baseline, for benchmarks). The model is in eval mode meanwhile.
+        at every step (the naive baseline, for benchmarks). align_frames [B]: the frame count the
+        alignment heads spread each text over (and the length the tolerance is taken around); default
+        the length head's prediction (`predicted_frames`). The model is in eval mode meanwhile.
         """
         last = None
         for last in self._decode(text_ids, text_mask, texts, tokenizer, style, batch_size, max_frames,
                                  min_frames, _sampler(temperature, top_k, top_p, generator, seed, self.device),
-                                 cfg_scale, use_cache, length_tolerance=length_tolerance):
+                                 cfg_scale, use_cache, length_tolerance=length_tolerance,
+                                 align_frames=align_frames):
             pass
         columns, n_cols, ends, _ = last
         grid = columns[:, :, :n_cols].cpu()
@@ -579,7 +616,8 @@ class SpeechLM(nn.Module):
         return text_ids, text_mask, style, (sizes.pop() if sizes else 1)
 
     def _decode(self, text_ids, text_mask, texts, tokenizer, style, batch_size, max_frames, min_frames,
-                sample, cfg_scale, use_cache, single: bool = False, length_tolerance: float | None = None):
+                sample, cfg_scale, use_cache, single: bool = False, length_tolerance: float | None = None,
+                align_frames: torch.Tensor | None = None):
         """Yield (columns [B, K, max_frames + K], columns written, ends [B], done [B]) after each step.
 
         ends[b] is the sample's frame count once it has ended (max_frames until then); done[b] once its
@@ -625,13 +663,20 @@ class SpeechLM(nn.Module):
 
                 bos_position = prefix_valid.sum(dim=1, keepdim=True)
                 x = torch.cat([prefix, self._embed_audio(self._bos(rows)).to(prefix.dtype)], dim=1)
-                hidden = self._transformer(x, _positions(prefix_valid, 1), keys_valid(n_prefix + 1), cache)
-                from ira.models.cached_step import cached_step_for   # it builds on this module's parts
-                cached_step = cached_step_for(self, cache)
+                # the BOS step's prior sits at the text's start whatever T is: the prediction comes after
+                hidden = self._transformer(x, _positions(prefix_valid, 1), keys_valid(n_prefix + 1), cache,
+                                           align=self._align_bias(prefix_valid, None, 1))
             else:
                 hidden = self._run(prefix, prefix_valid, self._bos(rows))
-            first, last = self._length_bounds(hidden[:batch, -1], prefix_valid[:batch], min_frames, max_frames,
+            expected = self._expected_frames(hidden[:batch, -1], prefix_valid[:batch], align_frames)
+            first, last = self._length_bounds(expected, prefix_valid[:batch], min_frames, max_frames,
                                               length_tolerance)
+            frames_rows = expected.repeat(2) if guided else expected   # the unconditional rows have no text
+            if use_cache:
+                from ira.models.cached_step import cached_step_for   # it builds on this module's parts
+                prior = (alignment.StepPrior(prefix_valid, frames_rows, self.cfg.align_sigma)
+                         if self.cfg.align_heads else None)
+                cached_step = cached_step_for(self, cache, prior)
             ends = last.clone()
             logits = self._last_logits(hidden)
 
@@ -650,22 +695,52 @@ class SpeechLM(nn.Module):
                     logits = cached_step(step_in, bos_position + step + 1, cache, keys_valid(cache.length + 1))
                 else:
                     inputs = torch.cat([self._bos(batch), columns[:, :, :step + 1]], dim=2)
-                    hidden = self._run(prefix, prefix_valid, inputs.repeat(2, 1, 1) if guided else inputs)
+                    hidden = self._run(prefix, prefix_valid, inputs.repeat(2, 1, 1) if guided else inputs,
+                                       frames_rows)
                     logits = self._last_logits(hidden)
         finally:
             self.train(was_training)
 
-    def _length_bounds(self, bos_hidden: torch.Tensor, prefix_valid: torch.Tensor, min_frames: int,
+    def _expected_frames(self, bos_hidden: torch.Tensor, prefix_valid: torch.Tensor,
+                         given: torch.Tensor | None = None) -> torch.Tensor:
+        """The frame count each sample is expected to take [B] (float): `given`, else the length head's
+        prediction (frames per text token x text tokens; at least 1)."""
+        if given is not None:
+            given = torch.as_tensor(given, dtype=torch.float32, device=bos_hidden.device).reshape(-1)
+            if given.shape[0] != bos_hidden.shape[0] or bool((given <= 0).any()):
+                raise ValueError(f"align_frames must hold {bos_hidden.shape[0]} positive frame counts, "
+                                 f"got {given.tolist()}")
+            return given
+        n_text = prefix_valid.sum(dim=1) - 1
+        return (self._log_frames_per_token(bos_hidden).exp() * n_text.float()).clamp(min=1.0)
+
+    @torch.no_grad()
+    def predicted_frames(self, text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None, *,
+                         texts: list[str] | None = None, tokenizer: Any = None,
+                         style: torch.Tensor | None = None) -> torch.Tensor:
+        """The length head's frame count for each text [B] (float): what `generate` spreads the text
+        over by default. Pass it back as `align_frames` to score samples as they were generated."""
+        text_ids, text_mask, style, batch = self._conditions(text_ids, text_mask, texts, tokenizer, style, None)
+        was_training = self.training
+        self.eval()
+        try:
+            drop_text, drop_style = self._drops(batch, None, None, text_ids is None, style is None)
+            prefix, prefix_valid = self._prefix(text_ids, text_mask, style, drop_text, drop_style)
+            hidden = self._run(prefix, prefix_valid, self._bos(batch))
+            return self._expected_frames(hidden[:, -1], prefix_valid)
+        finally:
+            self.train(was_training)
+
+    def _length_bounds(self, expected: torch.Tensor, prefix_valid: torch.Tensor, min_frames: int,
                        max_frames: int, tolerance: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per sample (no EOS before, end at the latest): min/max_frames, narrowed around the length
-        head's prediction when a tolerance is given and the sample has text."""
-        batch, device = bos_hidden.shape[0], bos_hidden.device
+        """Per sample (no EOS before, end at the latest): min/max_frames, narrowed around the expected
+        frame count when a tolerance is given and the sample has text."""
+        batch, device = expected.shape[0], expected.device
         first = torch.full((batch,), min(min_frames, max_frames), dtype=torch.long, device=device)
         last = torch.full((batch,), max_frames, dtype=torch.long, device=device)
         if tolerance is None:
             return first, last
         n_text = prefix_valid.sum(dim=1) - 1
-        expected = self._log_frames_per_token(bos_hidden).exp() * n_text.float()
         lo = torch.floor(expected * (1.0 - tolerance)).long()
         hi = torch.ceil(expected * (1.0 + tolerance)).long()
         has_text = n_text > 0

@@ -77,7 +77,7 @@ def step_logprobs(model: SpeechLM, batch: dict[str, Any]) -> tuple[torch.Tensor,
     n = batch["codes"].shape[0]
     keep = torch.zeros(n, dtype=torch.bool, device=batch["codes"].device)
     out = model(batch["text_ids"], batch["text_mask"], batch.get("style"), batch["codes"], batch["codes_lengths"],
-                drop_text=keep, drop_style=keep, return_hidden=True)
+                drop_text=keep, drop_style=keep, return_hidden=True, align_frames=batch.get("align_frames"))
     log_probs = F.log_softmax(out.logits.float(), dim=-1)                          # [B, K, S, C]
     targets = out.targets.clamp(max=log_probs.shape[-1] - 1)
     picked = log_probs.gather(-1, targets[..., None]).squeeze(-1) * out.target_mask
@@ -218,14 +218,19 @@ class Stage3Task(TrainingTask):
         min_frames = min(min_frames_for(min(texts, key=len), rate), max_frames)
         was_training = model.training
         model.eval()
+        # the frame count the alignment heads spread each text over: scoring the samples later (the
+        # policy's and the reference's log-probabilities) must use the same one
+        align_frames = model.predicted_frames(conditions["text_ids"], conditions["text_mask"],
+                                              style=conditions["style"])
         codes = model.generate(text_ids=conditions["text_ids"], text_mask=conditions["text_mask"],
                                style=conditions["style"], max_frames=max_frames, min_frames=min_frames,
                                temperature=self.cfg.ppo.temperature, top_k=self.cfg.ppo.top_k, seed=seed,
-                               length_tolerance=0.2)
+                               length_tolerance=0.2, align_frames=align_frames)
         model.train(was_training)
         codes = [c if c.shape[1] else torch.zeros(c.shape[0], 1, dtype=torch.long) for c in codes]
         padded, lengths = pad_codes(codes)
-        return {**conditions, "codes": padded.to(model.device), "codes_lengths": lengths.to(model.device)}
+        return {**conditions, "codes": padded.to(model.device), "codes_lengths": lengths.to(model.device),
+                "align_frames": align_frames.to(model.device)}
 
     @torch.no_grad()
     def judge(self, samples: dict[str, Any], texts: list[str], descriptions: list[str]) -> dict[str, torch.Tensor]:
