@@ -13,7 +13,7 @@ from torch import nn
 from ira.config import IRAConfig
 from ira.training.checkpoint import (CheckpointError, check_compatible, checkpoint_path, find_latest,
                                      latest_path, link_latest, load_checkpoint, load_train_state,
-                                     prune_step_checkpoints, read_metadata, require_stage,
+                                     prune_checkpoints, read_metadata, require_stage,
                                      save_checkpoint, train_state_path)
 
 
@@ -73,7 +73,7 @@ def test_names_latest_link_and_pruning(tmp_path):
     for step in (100, 200, 300):
         path = _save(checkpoint_path(tmp_path, "1", step=step), step=step, state={})
         link_latest(path, latest_path(tmp_path, "1"))
-    removed = prune_step_checkpoints(tmp_path, "1", keep=2)
+    removed = prune_checkpoints(tmp_path, "1", keep=2)
     assert sorted(p.name for p in removed) == ["stage1_step100.safetensors", "stage1_step100.train_state.pt"]
     latest = load_checkpoint(find_latest(tmp_path, "1"))
     assert latest.step == 300

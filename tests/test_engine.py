@@ -99,8 +99,10 @@ def test_fit_logs_metrics_checkpoints_and_samples(tmp_path):
     assert result.status == "done" and result.ok and result.step == 6
     assert result.epoch == pytest.approx(6 / 8)
     assert not all(torch.equal(a, b) for a, b in zip(before, _params(task)))
-    # save_every=5 wrote step5, the end wrote step6; keep_step_checkpoints=1 pruned step5.
+    # the first validation's best wrote step4, save_every=5 wrote step5, the end wrote step6;
+    # keep_step_checkpoints=1 pruned step4 and step5 (stage1_best keeps the best's content).
     assert not (tmp_path / "stage1_step5.safetensors").exists()
+    assert not (tmp_path / "stage1_step4.safetensors").exists()
     assert (tmp_path / "stage1_step6.safetensors").exists()
     latest = load_checkpoint(tmp_path / "stage1_latest.safetensors")
     assert (latest.stage, latest.step, latest.epoch) == ("1", 6, 0)
@@ -124,7 +126,10 @@ def test_fit_logs_metrics_checkpoints_and_samples(tmp_path):
     assert [r["step"] for r in val] == [4, 6] and all("val_loss" in r for r in val)
     events = [r["event"] for r in records if "event" in r]
     assert events[0] == "start" and events[-1] == "done"
-    assert events.count("checkpoint") == 2 and events.count("samples") == 2
+    assert events.count("checkpoint") == 3 and events.count("samples") == 2
+    best_step = min(val, key=lambda r: r["val_loss"])["step"]
+    assert load_checkpoint(tmp_path / "stage1_best.safetensors").step == best_step
+    assert val[-1]["best_val_loss"] == min(r["val_loss"] for r in val)
     sample = next(r for r in records if r.get("event") == "samples")
     assert Path(sample["paths"][0]).read_text() == "step 4\n"
 
@@ -356,7 +361,10 @@ def test_ddp_two_cpu_processes_shard_the_data_and_only_rank0_writes(tmp_path):
     assert len(r0["ids"]) == len(r1["ids"]) == 32
     assert not set(r0["ids"]) & set(r1["ids"]) and set(r0["ids"]) | set(r1["ids"]) == set(range(64))
     assert r0["params"] == r1["params"]                  # gradients were synchronised
-    assert r0["written"] == [str(tmp_path / "stage1_epoch1.safetensors")] and r1["written"] == []
+    # rank 0 alone writes: the best of the validation at step 2, then the epoch's end
+    assert r0["written"] == [str(tmp_path / "stage1_step2.safetensors"),
+                             str(tmp_path / "stage1_epoch1.safetensors")] and r1["written"] == []
+    assert (tmp_path / "stage1_best.safetensors").is_file()
     ckpt = load_checkpoint(tmp_path / "stage1_latest.safetensors")
     assert ckpt.step == 4 and load_train_state(ckpt.path)["data"]["num_processes"] == 2
     assert len(load_train_state(ckpt.path)["rng"]) == 2   # every rank's RNG state is kept
@@ -376,3 +384,75 @@ def test_throughput_counts_the_whole_log_window():
     window.exclude(5.0)                     # 5 s of it went to validation and a checkpoint
     elapsed = time.perf_counter() - window.t0
     assert 4.9 < elapsed < 5.5 and window.samples == 40
+
+
+# ---------------------------------------------------------------- best, early stop, retention, budget
+
+class _ScriptedVal(ToyTask):
+    """A toy task whose validation reports scripted values of `metric` (one per validation)."""
+
+    def __init__(self, cfg, values, metric=("val_score", "min"), **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.values, self.best_metric, self.validations = list(values), metric, 0
+
+    def validate(self, loader):
+        value = self.values[min(self.validations, len(self.values) - 1)]
+        self.validations += 1
+        return {self.best_metric[0]: value}
+
+
+@pytest.mark.parametrize("mode, values, best_at", [("min", [3.0, 2.0, 2.5, 2.2, 2.1], 4),
+                                                   ("max", [0.1, 0.5, 0.4, 0.3, 0.2], 4)])
+def test_early_stop_after_patience_keeps_the_best(tmp_path, mode, values, best_at):
+    cfg = toy_config(tmp_path, max_steps=40, eval_every=2, early_stop_patience=3)
+    result = _fit(cfg, _ScriptedVal(cfg, values, ("val_score", mode)))
+    assert result.status == "done" and result.step == 10                 # best at step 4, then 3 worse
+    assert "early stop" in result.message and "val_score" in result.message and "step 4" in result.message
+    assert load_checkpoint(tmp_path / "stage1_best.safetensors").step == best_at
+    state = load_train_state(tmp_path / "stage1_latest.safetensors")
+    assert state["best"] == {"value": values[1], "step": 4, "since": 3}
+
+
+def test_no_early_stop_without_patience_and_a_resume_keeps_the_best_so_far(tmp_path):
+    cfg = toy_config(tmp_path, max_steps=8, eval_every=2)
+    first = _fit(cfg, _ScriptedVal(cfg, [3.0, 1.0, 2.0], stop_at=5))
+    assert first.status == "stopped"
+    second = _fit(cfg, _ScriptedVal(cfg, [2.0, 1.5]), resume=first.last_checkpoint)   # never below 1.0
+    assert second.status == "done" and second.step == 8
+    assert load_checkpoint(tmp_path / "stage1_best.safetensors").step == 4
+
+
+def test_only_the_newest_epoch_checkpoints_are_kept(tmp_path):
+    cfg = toy_config(tmp_path, num_epochs=5, keep_epoch_checkpoints=2)
+    assert _fit(cfg, ToyTask(cfg, n=16, with_val=False)).status == "done"
+    assert sorted(p.name for p in tmp_path.glob("stage1_epoch*.safetensors")) == [
+        "stage1_epoch4.safetensors", "stage1_epoch5.safetensors"]
+    assert sorted(p.name for p in tmp_path.glob("stage1_epoch*.train_state.pt")) == [
+        "stage1_epoch4.train_state.pt", "stage1_epoch5.train_state.pt"]
+    assert (tmp_path / "stage1_latest.safetensors").is_file()
+
+
+class _Slow(ToyTask):
+    def training_step(self, batch):
+        time.sleep(0.05)
+        return super().training_step(batch)
+
+
+def test_a_time_budget_ends_the_run_with_a_low_learning_rate(tmp_path):
+    cfg = toy_config(tmp_path, num_epochs=50, max_minutes=0.02, log_every=1)   # 1.2 s of 50 ms steps
+    start = time.perf_counter()
+    result = _fit(cfg, _Slow(cfg, with_val=False))
+    assert result.status == "done" and "budget" in result.message
+    assert time.perf_counter() - start < 10 and 5 < result.step < 40
+    lrs = [r["lr"] for r in read_metrics(result.metrics_path) if r.get("split") == "train"]
+    peak = max(lrs)
+    assert lrs[-1] < 0.3 * peak                        # the cosine followed the clock, not the 400 steps
+    assert load_train_state(result.last_checkpoint)["elapsed_s"] >= 1.2
+
+
+def test_the_budget_schedule_follows_whichever_is_further_along():
+    from ira.training.schedule import budget_lr_factor
+    assert budget_lr_factor(2, 0.0, 60.0, 5, 100) == pytest.approx(0.6)                 # warm-up by steps
+    assert budget_lr_factor(10, 30.0, 60.0, 5, 1000) == pytest.approx(0.55)             # half the time: mid-cosine
+    assert budget_lr_factor(10, 120.0, 60.0, 5, 1000) == pytest.approx(0.1)             # past the budget
+    assert budget_lr_factor(900, 1.0, 60.0, 5, 1000) == pytest.approx(lr_factor(900, 5, 1000))      # steps lead

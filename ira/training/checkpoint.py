@@ -135,14 +135,19 @@ def link_latest(path: str | Path, latest: str | Path) -> Path:
     return latest
 
 
-def prune_step_checkpoints(output_dir: str | Path, stage: str, keep: int) -> list[Path]:
-    """Delete all but the `keep` newest `stage{stage}_step*.safetensors` (and their side files).
+def best_path(output_dir: str | Path, stage: str) -> Path:
+    """`stage{stage}_best.safetensors`: the checkpoint with the best validation figure so far."""
+    return Path(output_dir) / f"stage{stage}_best{SUFFIX}"
 
-    Epoch checkpoints and `_latest` are never touched; keep=0 keeps everything.
+
+def prune_checkpoints(output_dir: str | Path, stage: str, keep: int, kind: str = "step") -> list[Path]:
+    """Delete all but the `keep` newest `stage{stage}_{kind}*.safetensors` (and their side files); kind is
+    "step" or "epoch". `_latest` and `_best` are never touched (hard links keep their content whatever
+    happens to the file they were linked from); keep=0 keeps everything.
     """
     if keep <= 0:
         return []
-    pattern = re.compile(rf"^stage{re.escape(stage)}_step(\d+){re.escape(SUFFIX)}$")
+    pattern = re.compile(rf"^stage{re.escape(stage)}_{kind}(\d+){re.escape(SUFFIX)}$")
     found = sorted((int(m.group(1)), p) for p in Path(output_dir).iterdir()
                    if (m := pattern.match(p.name)))
     removed = []

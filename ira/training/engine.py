@@ -36,14 +36,13 @@ from accelerate.utils.environment import parse_flag_from_env
 from torch import nn
 from tqdm.auto import tqdm
 
-from ira.training.checkpoint import (Checkpoint, CheckpointError, check_compatible, checkpoint_path,
-                                     find_latest, latest_path, link_latest, load_checkpoint,
-                                     load_train_state, prune_step_checkpoints, require_stage,
-                                     save_checkpoint)
+from ira.training.checkpoint import (Checkpoint, CheckpointError, best_path, check_compatible,
+                                     checkpoint_path, find_latest, latest_path, link_latest, load_checkpoint,
+                                     load_train_state, prune_checkpoints, require_stage, save_checkpoint)
 from ira.training.metrics_log import MetricsLogger, memory_stats
 from ira.training.optim import build_adamw, param_groups
 from ira.training.rng import capture_rng_state, restore_rng_state, rng_isolated
-from ira.training.schedule import warmup_cosine
+from ira.training.schedule import budget_lr_factor, warmup_cosine
 from ira.training.stop import StopRequest
 from ira.training.task import COUNT_KEYS, StageTask, batch_size
 
@@ -192,6 +191,12 @@ class _Progress:
     last_eval_step: int = -1
     last_checkpoint: Optional[Path] = None
     skipped_fp16: int = 0
+    elapsed_before: float = 0.0   # wall-clock seconds of earlier runs this one resumed (time budget)
+    best_value: Optional[float] = None   # the task's best_metric at its best validation so far
+    best_step: int = -1
+    since_best: int = 0           # validations since that best (early stopping)
+    best_pending: bool = False    # this step's validation is a new best: save it as stage{S}_best
+    early_stop: Optional[str] = None  # why the run ends early (patience exhausted)
 
 
 class _Window:
@@ -450,6 +455,9 @@ class Trainer:
                 f"process count differs); the position in epoch {p.epoch} is approximated "
                 f"({old} -> {p.batches_in_epoch} batches), so the resume is not bit-exact"))
         p.last_saved_step = p.step
+        best = state.get("best") or {}
+        p.best_value, p.best_step = best.get("value"), int(best.get("step", -1))
+        p.since_best, p.elapsed_before = int(best.get("since", 0)), float(state.get("elapsed_s", 0.0))
         rngs = state.get("rng") or []
         if acc.process_index < len(rngs):
             return rngs[acc.process_index]
@@ -465,6 +473,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         bar = tqdm(total=self.total_steps, initial=p.step, disable=not acc.is_main_process,
                    desc=f"stage {self.stage}", unit="step", dynamic_ncols=True, mininterval=1.0)
+        self._t0 = time.perf_counter()
         try:
             while True:
                 self.n_batches = self._epoch_len(p.epoch)
@@ -497,6 +506,7 @@ class Trainer:
                         lr = self.optimizer.param_groups[0]["lr"]
                         self.optimizer.step()
                         self.scheduler.step()
+                        self._apply_time_budget(p.step + 1)
                         self.optimizer.zero_grad(set_to_none=True)
                     p.step += 1
                     bar.update(1)
@@ -507,7 +517,8 @@ class Trainer:
                     if epoch_end:
                         p.epoch += 1
                         p.batches_in_epoch = 0
-                    finished = p.step >= self.total_steps
+                    out_of_time = self._out_of_time()
+                    finished = p.step >= self.total_steps or out_of_time
 
                     if p.step % tc.log_every == 0 or finished:
                         self._log_train(window, lr, bar)
@@ -515,15 +526,18 @@ class Trainer:
                     paused = time.perf_counter()
                     if (p.step % tc.eval_every == 0 and not stop_reason) or finished:
                         self._validate()
+                        finished = finished or p.early_stop is not None
                     if epoch_end or finished or stop_reason or p.step % tc.save_every == 0:
                         reason = ("epoch" if epoch_end else "stop" if stop_reason
                                   else "end" if finished else "every")
                         self._save(reason)
+                    if p.best_pending:
+                        self._save("best")
                     window.exclude(time.perf_counter() - paused)
                     if stop_reason:
                         return self._stopped(stop_reason)
                     if finished:
-                        return self._done()
+                        return self._done(out_of_time)
                 if p.batches_in_epoch:  # the epoch-end step never came: a loader shorter than len()
                     raise RuntimeError(
                         f"the training loader yielded {p.batches_in_epoch} batches in epoch {p.epoch} "
@@ -604,10 +618,14 @@ class Trainer:
                           checkpoint=p.last_checkpoint, message=message)
         return "stopped", message
 
-    def _done(self) -> tuple[Status, str]:
+    def _done(self, out_of_time: bool = False) -> tuple[Status, str]:
         p = self.progress
-        message = (f"Finished {p.step} steps ({self._epoch_float():.2f} epochs); "
-                   f"checkpoint {p.last_checkpoint}.")
+        why = (f" ({p.early_stop})" if p.early_stop else
+               f" (the {self.cfg.training.max_minutes:g}-minute budget is spent)" if out_of_time else "")
+        best = (f"; best {self.task.best_metric[0]} {p.best_value:.4g} at step {p.best_step}: "
+                f"{best_path(self.output_dir, self.stage)}" if p.best_value is not None else "")
+        message = (f"Finished {p.step} steps ({self._epoch_float():.2f} epochs){why}; "
+                   f"checkpoint {p.last_checkpoint}{best}.")
         self.logger.event("done", step=p.step, epoch=self._epoch_float(), checkpoint=p.last_checkpoint,
                           val=self.val_metrics, message=message)
         return "done", message
@@ -678,6 +696,7 @@ class Trainer:
                 with acc.autocast():
                     metrics = self.task.validate(_OnDevice(self.val_loader, acc.device))
                 self.val_metrics = {k: float(v) for k, v in metrics.items()}
+                self._track_best()
                 self.logger.metrics("val", p.step, self._epoch_float(), self.val_metrics)
                 out_dir = self.output_dir / "samples" / f"stage{self.stage}_step{p.step}"
                 out_dir.mkdir(parents=True, exist_ok=True)
@@ -690,10 +709,62 @@ class Trainer:
                 except OSError:
                     pass
         acc.wait_for_everyone()
+        if acc.num_processes > 1:   # every rank saves the best and stops early with rank 0
+            flags = torch.tensor([float(p.best_pending), float(p.early_stop is not None)], device=acc.device)
+            dist.broadcast(flags, src=0)
+            p.best_pending = bool(flags[0])
+            if bool(flags[1]) and p.early_stop is None:
+                p.early_stop = "early stop decided on the main process"
+
+    def _track_best(self) -> None:
+        """Compare this validation with the best so far (the task's best_metric); decide early stopping."""
+        p, tc = self.progress, self.cfg.training
+        key, mode = self.task.best_metric
+        value = self.val_metrics.get(key)
+        if value is None or not math.isfinite(value):
+            return
+        better = p.best_value is None or (value < p.best_value if mode == "min" else value > p.best_value)
+        if better:
+            p.best_value, p.best_step, p.since_best, p.best_pending = value, p.step, 0, True
+            self.val_metrics[f"best_{key}"] = value
+            return
+        p.since_best += 1
+        self.val_metrics[f"best_{key}"] = p.best_value
+        if tc.early_stop_patience and p.since_best >= tc.early_stop_patience:
+            p.early_stop = (f"early stop: {key} has not improved for {p.since_best} validations; "
+                            f"the best was {p.best_value:.4g} at step {p.best_step}")
+
+    def _elapsed(self) -> float:
+        """Wall-clock seconds of this run so far, earlier runs it resumed included."""
+        return self.progress.elapsed_before + time.perf_counter() - self._t0
+
+    def _out_of_time(self) -> bool:
+        """Whether training.max_minutes is spent (decided on rank 0, so every rank ends at the same step)."""
+        budget, acc = self.cfg.training.max_minutes, self.accelerator
+        if budget is None:
+            return False
+        over = torch.tensor(float(self._elapsed() >= budget * 60.0), device=acc.device)
+        if acc.num_processes > 1:
+            dist.broadcast(over, src=0)
+        return bool(over)
+
+    def _apply_time_budget(self, next_step: int) -> None:
+        """With training.max_minutes, set the learning rate of the next step from `budget_lr_factor`."""
+        tc = self.cfg.training
+        if tc.max_minutes is None:
+            return
+        factor = budget_lr_factor(next_step, self._elapsed(), tc.max_minutes * 60.0, tc.warmup_steps,
+                                  self.total_steps, tc.min_lr_ratio)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor
 
     def _save(self, reason: str) -> None:
         acc, p, tc = self.accelerator, self.progress, self.cfg.training
         if p.last_saved_step == p.step and p.last_checkpoint is not None:
+            if p.best_pending:   # this step is saved already: the best is that file
+                if acc.is_main_process:
+                    link_latest(latest_path(self.output_dir, self.stage), best_path(self.output_dir, self.stage))
+                p.best_pending = False
             return
         rng = capture_rng_state()
         rngs = gather_object([rng]) if acc.num_processes > 1 else [rng]
@@ -712,12 +783,17 @@ class Trainer:
                          "n_batches": self.n_batches, "num_processes": acc.num_processes},
                 "total_steps": self.total_steps,
                 "run_name": self.run_name,
+                "elapsed_s": self._elapsed(),
+                "best": {"value": p.best_value, "step": p.best_step, "since": p.since_best},
             }
             save_checkpoint(path, self.modules, stage=self.stage, epoch=p.epoch, step=p.step,
                             config=self.cfg, metadata=self.task.checkpoint_metadata(),
                             train_state=train_state)
             link_latest(path, latest)
-            prune_step_checkpoints(self.output_dir, self.stage, tc.keep_step_checkpoints)
+            if p.best_pending:
+                link_latest(path, best_path(self.output_dir, self.stage))
+            prune_checkpoints(self.output_dir, self.stage, tc.keep_step_checkpoints)
+            prune_checkpoints(self.output_dir, self.stage, tc.keep_epoch_checkpoints, kind="epoch")
             self.checkpoints_written.append(path)
             self.logger.event("checkpoint", step=p.step, epoch=self._epoch_float(), reason=reason,
                               path=path, latest=latest)
@@ -725,6 +801,7 @@ class Trainer:
         # The step file may be pruned later; latest always holds this save.
         p.last_checkpoint = path if reason == "epoch" else latest
         p.last_saved_step = p.step
+        p.best_pending = False
 
     # ------------------------------------------------------------------ helpers
 

@@ -25,6 +25,17 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: floa
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def budget_lr_factor(step: int, elapsed_s: float, budget_s: float, warmup_steps: int, total_steps: int,
+                     min_lr_ratio: float = 0.1) -> float:
+    """`lr_factor` for a run with a wall-clock budget: the cosine follows whichever is further along, the
+    steps (of `total_steps`) or the time (of `budget_s`), so a run cut by its budget ends at a low rate."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, max((step - warmup_steps) / decay_steps, elapsed_s / max(budget_s, 1e-9)))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int,
                   min_lr_ratio: float = 0.1) -> LambdaLR:
     """A LambdaLR applying `lr_factor` to every param group's own learning rate.

@@ -42,6 +42,7 @@ COUNT_KEYS = ("samples", "frames")
 class StageTask(Protocol):
     stage: str
     find_unused_parameters: bool
+    best_metric: tuple[str, str]
 
     def setup(self, device: torch.device) -> None: ...
     def modules(self) -> dict[str, nn.Module]: ...
@@ -62,6 +63,9 @@ class TrainingTask(ABC):
     stage: str = ""
     find_unused_parameters: bool = False
     """Set True if some trainable parameters get no gradient in some steps (DDP must know)."""
+    best_metric: tuple[str, str] = ("val_loss", "min")
+    """(validation metric, "min" or "max") that picks `stage{S}_best` and drives early stopping; a
+    validation without that key leaves the best as it is."""
 
     def setup(self, device: torch.device) -> None:
         """Called once before training, with the device of this process. Default: nothing."""
