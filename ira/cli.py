@@ -224,6 +224,31 @@ def cmd_understand(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- ira eval -------------------------------------------------------------------------------------
+
+def cmd_eval_speech(args: argparse.Namespace) -> int:
+    from ira.eval import asr
+    from ira.eval.speech import evaluate_speech, heldout_sentences
+    from ira.speaker import SamplingSettings, Speaker
+
+    speaker = Speaker.from_checkpoint(args.checkpoint, device=args.device, int8=args.int8)
+    sentences = heldout_sentences(args.sentences, limit=args.limit)
+    settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                cfg_scale=args.cfg_scale, max_seconds=args.max_seconds)
+    result = evaluate_speech(speaker, sentences, asr.transcriber(), settings, seed=args.seed,
+                             style=args.style, ceiling=not args.no_ceiling)
+    if args.verbose_items:
+        for item in result.model.items:
+            print(f"  WER {item.wer:4.2f} | {item.text}\n           heard: {item.heard}")
+    print(f"{args.checkpoint}")
+    print(result.summary())
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint), "settings": vars(settings),
+                                               **result.to_dict()}, indent=2))
+    return 0
+
+
 # --- ira bench ------------------------------------------------------------------------------------
 
 def cmd_bench_generate(args: argparse.Namespace) -> int:
@@ -328,6 +353,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.set_defaults(func=cmd_understand)
+
+    evaluate = sub.add_parser("eval", help="quality figures of a trained checkpoint").add_subparsers(
+        dest="eval_command", required=True)
+    p = evaluate.add_parser("speech", help="intelligibility: held-out sentences spoken, heard by an offline ASR "
+                                           "(WER / CER), next to the codec's own ceiling")
+    p.add_argument("--checkpoint", required=True, help="a stage 1, 2 or 3 checkpoint")
+    p.add_argument("--sentences", default=None, help="a file of sentences, one a line (default: the bundled "
+                                                     "held-out set)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N sentences")
+    p.add_argument("--style", default=None, help="a voice description to speak them with (default: none)")
+    p.add_argument("--no-ceiling", dest="no_ceiling", action="store_true", help="skip the eSpeak / codec ceiling")
+    p.add_argument("--int8", action="store_true", help="int8 weights for the SpeechLM (CPU only)")
+    p.add_argument("--show", dest="verbose_items", action="store_true", help="print what the ASR heard")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write every figure and transcript to FILE")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_eval_speech)
 
     bench_parser = sub.add_parser("bench", help="benchmarks that print figures (no subcommand: all of them)")
     add_bench_all_args(bench_parser)

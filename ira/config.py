@@ -97,10 +97,15 @@ class SpeechLMConfig:
     n_heads: int = 8
     ffn_mult: float = 4.0
     dropout: float = 0.1
+    """Dropout on the embeddings and on each block's residual branches."""
+    attn_dropout: float = 0.0
+    """Dropout on the attention weights. Off by default: on a CPU any attention dropout sends PyTorch to
+    its unfused attention (the weights materialised, plus a random mask), 40% of a `cpu`-preset step."""
     max_text_tokens: int = 256
     max_audio_frames: int = 1024
-    text_tokenizer: str = "char"
-    """'char' (default) or a Hugging Face tokenizer id / folder."""
+    text_tokenizer: str = "phoneme"
+    """'phoneme' (default: eSpeak NG's en-us reading as IPA), 'phoneme:<eSpeak voice>' for another language
+    or dialect, 'char' (characters), or a Hugging Face tokenizer id / folder."""
     cond_drop_prob: float = 0.1
     """Probability of dropping the text and style conditions together in training (for CFG)."""
     text_drop_prob: float = 0.05
@@ -117,6 +122,11 @@ class SpeechLMConfig:
     norm: Literal["rms", "layer"] = "rms"
     mlp: Literal["swiglu", "gelu"] = "swiglu"
     rope_theta: float = 10000.0
+    align_heads: int = 1
+    """Heads per layer that read only the text, with a prior on where (ira/models/alignment.py): the
+    text-to-frame alignment a decoder-only model otherwise learns late. 0 = none."""
+    align_sigma: float = 2.0
+    """Width of the alignment heads' prior, in text tokens around where uniform progress puts a frame."""
 
     def validate(self, check: "_Checker") -> None:
         check.positive("d_model", self.d_model)
@@ -128,6 +138,7 @@ class SpeechLMConfig:
                    "d_model / n_heads must be even (rotary embeddings)")
         check.positive("ffn_mult", self.ffn_mult)
         check.that("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)")
+        check.that("attn_dropout", 0.0 <= self.attn_dropout < 1.0, "must be in [0, 1)")
         check.positive("max_text_tokens", self.max_text_tokens)
         check.positive("max_audio_frames", self.max_audio_frames)
         check.that("cond_drop_prob", 0.0 <= self.cond_drop_prob < 1.0, "must be in [0, 1)")
@@ -140,6 +151,9 @@ class SpeechLMConfig:
         check.that("style_from_audio_prob", 0.0 <= self.style_from_audio_prob <= 1.0, "must be in [0, 1]")
         check.that("length_loss_weight", self.length_loss_weight >= 0.0, "must be >= 0 (0 = no length head training)")
         check.positive("rope_theta", self.rope_theta)
+        check.that("align_heads", 0 <= self.align_heads <= self.n_heads,
+                   f"must be between 0 and speech_lm.n_heads ({self.n_heads})")
+        check.positive("align_sigma", self.align_sigma)
 
 
 @dataclass
@@ -216,6 +230,15 @@ class TrainingConfig:
     save_every: int = 1000
     keep_step_checkpoints: int = 2
     """Mid-epoch checkpoints (stageN_stepS) kept besides epoch checkpoints and stageN_latest; 0 keeps all."""
+    keep_epoch_checkpoints: int = 3
+    """Epoch checkpoints (stageN_epochE) kept, the newest; 0 keeps all. stageN_best and _latest always stay."""
+    max_minutes: Optional[float] = None
+    """Wall-clock budget of the run, validation included (a resumed run counts the time before its stop).
+    The learning rate then decays with the time spent as well as the steps, so it ends low when time is
+    up; the run ends at whichever of the budget and max_steps / num_epochs comes first."""
+    early_stop_patience: int = 0
+    """Stop after this many validations in a row without a new best (the stage's best metric, e.g.
+    val_wer for stage 1); 0 = never stop early."""
     log_every: int = 10
     max_batch_frames: int = 0
     """0: plain batch_size; >0: cap frames per batch (length bucketing)."""
@@ -223,6 +246,10 @@ class TrainingConfig:
     tensorboard: bool = False
     num_samples: int = 3
     """Audio samples written after each validation."""
+    val_asr_sentences: int = 16
+    """Stage 1: validation sentences (never trained on) spoken and transcribed by the offline ASR at each
+    validation, giving val_wer / val_cer and picking stage1_best; 0 (or no `ira[eval]` extra) = off, and
+    the best is then the lowest val_loss."""
 
     def validate(self, check: "_Checker") -> None:
         check.positive("num_epochs", self.num_epochs)
@@ -235,6 +262,11 @@ class TrainingConfig:
         check.that("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "must be in [0, 1]")
         check.positive("grad_accum_steps", self.grad_accum_steps)
         check.positive("grad_clip", self.grad_clip)
+        check.that("keep_epoch_checkpoints", self.keep_epoch_checkpoints >= 0, "must be >= 0 (0 keeps all)")
+        if self.max_minutes is not None:
+            check.positive("max_minutes", self.max_minutes)
+        check.that("early_stop_patience", self.early_stop_patience >= 0, "must be >= 0 (0 = off)")
+        check.that("val_asr_sentences", self.val_asr_sentences >= 0, "must be >= 0 (0 = off)")
         check.positive("eval_every", self.eval_every)
         check.positive("save_every", self.save_every)
         check.that("keep_step_checkpoints", self.keep_step_checkpoints >= 0, "must be >= 0 (0 keeps all)")

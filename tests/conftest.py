@@ -50,7 +50,7 @@ TINY_STAGES = ["codec.name=mel", "codec.mel_n_codebooks=2", "codec.mel_codebook_
                "adapter.dim=32", "adapter.n_latents=4", "adapter.n_layers=1", "adapter.n_heads=2",
                "align.batch_size=3", "align.max_steps=2", "align.warmup_steps=1", "align.teacher_max_new_tokens=6",
                "align.eval_clips=2", "llm.max_new_tokens=6", "llm.dtype=fp32", "llm.quantization=none",
-               "training.eval_every=2"]
+               "training.eval_every=2", "training.val_asr_sentences=0"]
 """A tiny model of every stage (seconds per run on a CPU) with the real bundled LLM."""
 
 
@@ -124,7 +124,7 @@ def free_port() -> int:
 
 TINY_APP = ["codec.mel_codebook_size=16", "codec.mel_kmeans_iters=2", "codec.mel_n_codebooks=2",
             "speech_lm.d_model=32", "speech_lm.n_layers=1", "speech_lm.n_heads=2", "training.log_every=1",
-            "training.warmup_steps=1"]
+            "training.warmup_steps=1", "training.val_asr_sentences=0"]
 """App overrides: a tiny codec and model, so that the app builds a corpus and trains stage 1 in seconds."""
 
 

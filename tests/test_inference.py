@@ -110,6 +110,8 @@ def test_bad_text_and_audio_are_clear_errors(pipeline, tmp_path):
         pipeline.end_to_end_pipeline("   ")
     with pytest.raises(ValueError, match="split it into sentences"):
         pipeline.speak("word " * 2000)
+    with pytest.raises(ValueError, match=r"cannot read '😀' \(U\+1F600\)"):   # the phonemes of the checkpoint
+        pipeline.speak("😀😀")
     silent = tmp_path / "empty.wav"
     sf.write(silent, np.zeros(0, dtype=np.float32), 24000)
     with pytest.raises(AudioError, match="empty"):

@@ -11,6 +11,7 @@ import torch
 from ira.config import load_config
 from ira.data.dummy import create_dummy_corpus
 from ira.data.token_cache import TokenSplit
+from ira.eval import asr
 from ira.training.checkpoint import (CheckpointError, check_compatible, load_checkpoint, read_metadata,
                                      train_state_path)
 from ira.training.components import codec_from_checkpoint, speech_lm_from_checkpoint, tokenizer_from_checkpoint
@@ -21,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["codec.name=mel", "codec.mel_n_codebooks=2", "codec.mel_codebook_size=16", "codec.mel_kmeans_iters=3",
         "codec.mel_griffin_lim_iters=4", "speech_lm.d_model=64", "speech_lm.n_layers=2", "speech_lm.n_heads=2",
         "speech_lm.style_dim=16", "training.batch_size=4", "training.learning_rate=3e-3", "training.warmup_steps=2",
-        "data.val_fraction=0.2", "training.num_samples=2", "training.mixed_precision=no"]
+        "data.val_fraction=0.2", "training.num_samples=2", "training.mixed_precision=no",
+        "training.val_asr_sentences=0"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,8 @@ def _cfg(corpus, out, *extra):
 
 
 def test_trains_writes_samples_and_a_self_describing_checkpoint(tmp_path, corpus):
-    cfg = _cfg(corpus, tmp_path / "run", "training.max_steps=24", "training.eval_every=12")
+    cfg = _cfg(corpus, tmp_path / "run", "training.max_steps=24", "training.eval_every=12",
+               *(["training.val_asr_sentences=2"] if asr.is_available() else []))
     result = run_stage1(cfg, cpu=True)
     assert result.status == "done" and result.step == 24
     rows = read_metrics(result.metrics_path)
@@ -47,6 +50,12 @@ def test_trains_writes_samples_and_a_self_describing_checkpoint(tmp_path, corpus
     assert {"val_loss", "val_unigram_ce", "val_ce_cb0", "val_ce_cb1"} <= set(val[-1])
     samples = [r for r in rows if r.get("event") == "samples"]
     assert samples and all(Path(p).is_file() for p in samples[-1]["paths"])
+    if asr.is_available():   # the validation sentences spoken and heard by the offline ASR pick the best
+        assert all(0.0 <= r["val_wer"] for r in val) and "best_val_wer" in val[-1]
+        heard = Path(samples[-1]["dir"]) / "heard.jsonl"
+        assert len(heard.read_text().splitlines()) == 2
+        best = min(val, key=lambda r: r["val_wer"])["step"]
+        assert load_checkpoint(tmp_path / "run" / "stage1_best.safetensors").step == best
 
     ckpt = load_checkpoint(result.last_checkpoint)
     assert ckpt.stage == "1" and set(ckpt.modules) == {"speech_lm", "codec"}

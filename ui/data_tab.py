@@ -30,7 +30,8 @@ SOURCES = (
     ("Dummy corpus (a few clips, seconds)", "dummy"),
 )
 DEFAULT_NAMES = {"synth": "synth", "ljspeech": "LJSpeech-1.1", "folder": "my_corpus", "dummy": "dummy"}
-DEFAULT_COUNTS = {"synth": 600, "dummy": 12}
+DEFAULT_COUNTS = {"synth": 20_000, "dummy": 12}
+"""The synthetic corpus's size is the preset's `data.synth_num_utterances` (this is its fallback)."""
 SHOWN_CLIPS = 12
 CLIP_COLUMNS = ["id", "text", "seconds", "voice", "accent", "description"]
 PROBLEM_COLUMNS = ["id", "reason", "file"]
@@ -215,6 +216,7 @@ class DataTab:
 def build_data_tab(ws: Workspace, preset: str, overrides: list[str]) -> DataTab:
     """Lay out the Data tab inside the current gr.Tab and wire its events."""
     corpora = ws.list_corpora()
+    counts = {**DEFAULT_COUNTS, "synth": load_config(preset, overrides).data.synth_num_utterances}
     gr.Markdown("Build a corpus: its clips are checked, trimmed, annotated (pitch, rate, loudness -> "
                 "voice descriptions) and encoded once by the codec of the "
                 f"**{preset}** preset. Everything lands in `{ws.relative(ws.data_dir)}/` of the workspace.")
@@ -226,8 +228,9 @@ def build_data_tab(ws: Workspace, preset: str, overrides: list[str]) -> DataTab:
         with gr.Column(scale=1):
             name = gr.Textbox(value=DEFAULT_NAMES["synth"], label="Corpus name",
                               info="becomes workspace/data/<name>")
-            num = gr.Number(value=DEFAULT_COUNTS["synth"], precision=0, minimum=1, maximum=100_000,
-                            label="Number of utterances")
+            num = gr.Number(value=counts["synth"], precision=0, minimum=1, maximum=100_000,
+                            label="Number of utterances",
+                            info="20,000 (about 10 min on 2 cores) is what a model needs to speak new text")
             seed = gr.Number(value=0, precision=0, label="Seed")
     build = gr.Button("Build corpus", variant="primary")
     with gr.Row():
@@ -254,7 +257,7 @@ def build_data_tab(ws: Workspace, preset: str, overrides: list[str]) -> DataTab:
     def on_source(choice: str) -> tuple:
         return (gr.Textbox(visible=choice == "folder"),
                 gr.Textbox(value=DEFAULT_NAMES.get(choice, choice), interactive=choice != "ljspeech"),
-                gr.Number(value=DEFAULT_COUNTS[choice], visible=True) if choice in DEFAULT_COUNTS
+                gr.Number(value=counts[choice], visible=True) if choice in counts
                 else gr.Number(visible=False))
 
     def on_build(source: str, name: str, num: float, folder: str, seed: float, force: bool,

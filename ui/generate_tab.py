@@ -120,7 +120,7 @@ def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[
                                   placeholder=f"empty: \"{RESPOND_PROMPT}\"")
             with gr.Accordion("Sampling settings", open=False):
                 with gr.Row():
-                    temperature = gr.Slider(0.0, 1.5, value=0.8, step=0.05, label="Temperature (0 = greedy)")
+                    temperature = gr.Slider(0.0, 1.5, value=SamplingSettings.temperature, step=0.05, label="Temperature (0 = greedy)")
                     top_k = gr.Slider(0, 500, value=50, step=1, label="Top-k (0 = off)")
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (1 = off)")
                 with gr.Row():

@@ -115,7 +115,7 @@ def metric_frames(rows: list[dict[str, Any]], stage: Optional[str], metric: Opti
             series.setdefault((key, row["split"]), []).append((row["step"], value, row["split"]))
     names = sorted({key for key, _ in series if key != "loss"})
     if metric not in names:
-        metric = default_metric(names)
+        metric = default_metric(names, stage)
 
     def frame(key: Optional[str]) -> pd.DataFrame:
         points = [p for split in ("train", "val") for p in _thin(series.get((key, split), []))]
@@ -126,8 +126,16 @@ def metric_frames(rows: list[dict[str, Any]], stage: Optional[str], metric: Opti
     return frame("loss"), frame(metric), names
 
 
-def default_metric(names: list[str]) -> Optional[str]:
-    """The first stage-specific metric (not lr, grad norm, throughput or memory), else lr."""
+QUALITY_METRICS = {"1": "wer"}
+"""The figure each stage is judged by, plotted first when the run logs it (stage 1: the held-out word
+error rate heard by the offline ASR)."""
+
+
+def default_metric(names: list[str], stage: Optional[str] = None) -> Optional[str]:
+    """The stage's quality figure when logged, else the first stage-specific metric (not lr, grad norm,
+    throughput or memory), else lr."""
+    if QUALITY_METRICS.get(str(stage)) in names:
+        return QUALITY_METRICS[str(stage)]
     generic = ("lr", "grad_norm", "throughput.", "memory.")
     specific = [n for n in names if not n.startswith(generic) and n not in generic]
     return specific[0] if specific else ("lr" if "lr" in names else (names[0] if names else None))
@@ -287,7 +295,7 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         if key == seen:
             return (gr.skip(),) * 7
         loss_df, metric_df, names = metric_frames(rows, status.stage, metric_name)
-        chosen = metric_name if metric_name in names else default_metric(names)
+        chosen = metric_name if metric_name in names else default_metric(names, status.stage)
         samples = [s for s in status.samples if _inside(ws, s)]
         sample_choices = [(Path(s).name, s) for s in samples]
         seen_samples = seen[-1] if isinstance(seen, list) else None

@@ -8,7 +8,9 @@ next to the checkpoint so a person can hear progress.
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +24,9 @@ from ira.data.prepare import PrepareResult, ensure_prepared
 from ira.data.token_cache import TokenSplit, load_split
 from ira.models.speech_lm import SpeechLM
 from ira.text_tokenizer import build_text_tokenizer
-from ira.speaker import min_frames_for
+from ira.eval import asr
+from ira.eval.speech import Heard, score_speaker
+from ira.speaker import Speaker, min_frames_for
 from ira.training.checkpoint import load_checkpoint, require_stage
 from ira.training.components import CodecState, component_metadata, style_encoder_from_checkpoint
 from ira.training.engine import FitResult, Trainer
@@ -124,6 +128,8 @@ class Stage1Task(TrainingTask):
         self.collate = SpeechCollator(self.tokenizer, cfg.speech_lm.max_text_tokens)
         self.unigram_ce = unigram_cross_entropy(self.train_split, self.val_split, self.codec.codebook_size)
         self.style_encoder = style_encoder
+        self.best_metric = ("val_wer", "min") if self._asr_sentences() and asr.is_available() else ("val_loss", "min")
+        self.last_heard: list[Heard] = []
         self.style_tables: dict[str, StyleTable] = {}
         if style_encoder is not None:
             if style_encoder.embed_dim != cfg.speech_lm.style_dim:
@@ -172,9 +178,28 @@ class Stage1Task(TrainingTask):
             metrics[f"ce_cb{k}"] = ce
         return metrics
 
+    def _asr_sentences(self) -> list[str]:
+        """The validation sentences spoken for val_wer: the first `training.val_asr_sentences` distinct
+        texts of the validation split (held out by sentence, so never trained on)."""
+        seen: dict[str, None] = {}
+        for text in self.val_split.texts:
+            seen.setdefault(text, None)
+        return list(seen)[: self.cfg.training.val_asr_sentences]
+
+    def _intelligibility(self) -> dict[str, float]:
+        """val_wer / val_cer: the validation sentences spoken as `ira generate` would (no style), heard by
+        the offline ASR. Empty when the ASR is not installed or the setting is 0."""
+        sentences = self._asr_sentences()
+        if not sentences or not asr.is_available():
+            return {}
+        speaker = Speaker(self.model, self.tokenizer, self.codec)
+        score = score_speaker(speaker, sentences, asr.transcriber())
+        self.last_heard = score.items
+        return {"val_wer": score.wer, "val_cer": score.cer}
+
     def validate(self, loader: Any) -> dict[str, float]:
-        """Cross-entropy per codebook over all validation tokens, with every condition present, and the
-        length head's mean relative error on the clips' durations."""
+        """Cross-entropy per codebook over all validation tokens, with every condition present, the
+        length head's mean relative error on the clips' durations, and (with the ASR) val_wer / val_cer."""
         ce_sum = torch.zeros(self.model.n_codebooks, dtype=torch.float64)
         tokens = torch.zeros(self.model.n_codebooks, dtype=torch.float64)
         length_errors: list[torch.Tensor] = []
@@ -196,6 +221,7 @@ class Stage1Task(TrainingTask):
         for k, (ce, base) in enumerate(zip(per_codebook, self.unigram_ce)):
             metrics[f"val_ce_cb{k}"] = ce
             metrics[f"val_unigram_ce_cb{k}"] = base
+        metrics.update(self._intelligibility())
         return metrics
 
     def on_validation_end(self, step: int, out_dir: Path) -> list[str]:
@@ -224,6 +250,9 @@ class Stage1Task(TrainingTask):
             paths.append(str(path))
             lines.append(f"sample{i}.wav\t{clip.shape[1] / self.codec.frame_rate:.2f}s\t{voice}\t{sentence}")
         (out_dir / "samples.txt").write_text("\n".join(lines) + "\n")
+        if self.last_heard:   # what the ASR heard of the validation sentences (val_wer)
+            (out_dir / "heard.jsonl").write_text("".join(
+                json.dumps(asdict(item), ensure_ascii=False) + "\n" for item in self.last_heard))
         return paths
 
     def checkpoint_metadata(self) -> dict[str, str]:
