@@ -153,14 +153,15 @@ def _speak_to_files(utterances: list[Utterance], out_dir: Path) -> int:
 
 def _speak_all(utterances: list[Utterance], out_dir: Path, workers: int | None) -> Iterator[int]:
     """Write every utterance's WAV, in `workers` processes (default: one per CPU core, at most 4) when there
-    are enough to pay for starting them; yields the count finished after each chunk. Each clip depends on
-    its utterance alone, so the corpus is the same for any number of workers."""
+    are enough to pay for starting them; yields the count finished after each clip (in this process) or
+    each chunk (in workers). Each clip depends on its utterance alone, so the corpus is the same for any
+    number of workers."""
     workers = workers or min(4, os.cpu_count() or 1)
-    chunks = [utterances[i:i + CHUNK] for i in range(0, len(utterances), CHUNK)]
     if workers <= 1 or len(utterances) < PARALLEL_FROM:
-        for chunk in chunks:
-            yield _speak_to_files(chunk, out_dir)
+        for utt in utterances:
+            yield _speak_to_files([utt], out_dir)
         return
+    chunks = [utterances[i:i + CHUNK] for i in range(0, len(utterances), CHUNK)]
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for future in as_completed([pool.submit(_speak_to_files, chunk, out_dir) for chunk in chunks]):
             yield future.result()
