@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Callable, Sequence
 
 _NOT_WORD = re.compile(r"[^\w\s']")
 _SPACES = re.compile(r"\s+")
@@ -42,10 +43,15 @@ def character_error_rate(reference: str, hypothesis: str, normalize: bool = True
 
 def corpus_cer(references: list[str], hypotheses: list[str]) -> float:
     """Total edits / total reference characters over a set of clips (long clips weigh more)."""
+    return _corpus_rate(references, hypotheses, normalize_text)
+
+
+def _corpus_rate(references: list[str], hypotheses: list[str], units: Callable[[str], Sequence]) -> float:
+    """Total edits / total reference units, each text cut into units by `units`."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
-    refs = [normalize_text(r) for r in references]
-    edits = sum(edit_distance(r, normalize_text(h)) for r, h in zip(refs, hypotheses))
+    refs = [units(r) for r in references]
+    edits = sum(edit_distance(r, units(h)) for r, h in zip(refs, hypotheses))
     return edits / max(1, sum(len(r) for r in refs))
 
 
@@ -105,8 +111,4 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 
 def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
     """Total word edits / total reference words over a set of clips (in `spoken_form`)."""
-    if len(references) != len(hypotheses):
-        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
-    refs = [spoken_form(r).split() for r in references]
-    edits = sum(edit_distance(r, spoken_form(h).split()) for r, h in zip(refs, hypotheses))
-    return edits / max(1, sum(len(r) for r in refs))
+    return _corpus_rate(references, hypotheses, lambda text: spoken_form(text).split())
