@@ -128,7 +128,10 @@ class Stage1Task(TrainingTask):
         self.collate = SpeechCollator(self.tokenizer, cfg.speech_lm.max_text_tokens)
         self.unigram_ce = unigram_cross_entropy(self.train_split, self.val_split, self.codec.codebook_size)
         self.style_encoder = style_encoder
-        self.best_metric = ("val_wer", "min") if self._asr_sentences() and asr.is_available() else ("val_loss", "min")
+        # val_wer's sentences: the first `training.val_asr_sentences` distinct validation texts (held out
+        # by sentence, so never trained on)
+        self.asr_sentences = list(dict.fromkeys(self.val_split.texts))[: cfg.training.val_asr_sentences]
+        self.best_metric = ("val_wer", "min") if self.asr_sentences and asr.is_available() else ("val_loss", "min")
         self.last_heard: list[Heard] = []
         self.style_tables: dict[str, StyleTable] = {}
         if style_encoder is not None:
@@ -178,18 +181,10 @@ class Stage1Task(TrainingTask):
             metrics[f"ce_cb{k}"] = ce
         return metrics
 
-    def _asr_sentences(self) -> list[str]:
-        """The validation sentences spoken for val_wer: the first `training.val_asr_sentences` distinct
-        texts of the validation split (held out by sentence, so never trained on)."""
-        seen: dict[str, None] = {}
-        for text in self.val_split.texts:
-            seen.setdefault(text, None)
-        return list(seen)[: self.cfg.training.val_asr_sentences]
-
     def _intelligibility(self) -> dict[str, float]:
         """val_wer / val_cer: the validation sentences spoken as `ira generate` would (no style), heard by
         the offline ASR. Empty when the ASR is not installed or the setting is 0."""
-        sentences = self._asr_sentences()
+        sentences = self.asr_sentences
         if not sentences or not asr.is_available():
             return {}
         speaker = Speaker(self.model, self.tokenizer, self.codec)
