@@ -249,6 +249,27 @@ def cmd_eval_speech(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_understanding(args: argparse.Namespace) -> int:
+    from ira.eval.speech import heldout_sentences
+    from ira.eval.understanding import evaluate_understanding
+    from ira.listener import Listener
+
+    listener = Listener.from_checkpoint(args.checkpoint, device=args.device)
+    sentences = heldout_sentences(args.sentences, limit=args.limit)
+    result = evaluate_understanding(listener, sentences)
+    if args.verbose_items:
+        for row in result.rows:
+            mark = "right" if row["chosen"] else "WRONG"
+            print(f"  {mark} margin {row['margin']:+.2f} CER {row['cer']:4.2f} | {row['transcript']}\n"
+                  f"{'':>34}LLM: {row['reply']}")
+    print(f"{args.checkpoint}")
+    print(result.summary())
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint), **result.to_dict()}, indent=2))
+    return 0
+
+
 # --- ira bench ------------------------------------------------------------------------------------
 
 def cmd_bench_generate(args: argparse.Namespace) -> int:
@@ -369,6 +390,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="also write every figure and transcript to FILE")
     add_sampling_args(p)
     p.set_defaults(func=cmd_eval_speech)
+    p = evaluate.add_parser("understanding", help="does the LLM hear? held-out speech through the adapter: "
+                                                  "4-way choice accuracy, judge margin, repeat CER, adapter cosine")
+    p.add_argument("--checkpoint", required=True, help="a stage 2 or 3 checkpoint")
+    p.add_argument("--sentences", default=None, help="a file of sentences, one a line (default: the bundled "
+                                                     "held-out set)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N sentences (at least 4)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--show", dest="verbose_items", action="store_true", help="print every reply")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write every figure and reply to FILE")
+    p.set_defaults(func=cmd_eval_understanding)
 
     bench_parser = sub.add_parser("bench", help="benchmarks that print figures (no subcommand: all of them)")
     add_bench_all_args(bench_parser)

@@ -311,9 +311,23 @@ class AdapterConfig:
     max_audio_frames: int = 1024
     """Longest feature sequence accepted (size of the sinusoidal position table); must be at least
     speech_lm.max_audio_frames, the longest sequence the SpeechLM gives."""
+    feature_layer: int = 0
+    """Which SpeechLM hidden states the adapter reads: 0 = the final output, k = after block k."""
+    frame_stack: int = 1
+    """Consecutive feature frames concatenated before the projection (4: 75 Hz -> 18.75 Hz): SLAM-ASR's
+    and Ultravox's downsampler, so that each position holds a piece of a syllable."""
+    encoder_layers: int = 0
+    """Self-attention layers over the (stacked) frames before the latents read them: context for words."""
+    window: float = 0.0
+    """Monotonic reading: latent i of N attends around the relative position (i + 0.5) / N of the clip,
+    with a Gaussian prior of width window / N (in clip lengths); 0 = no prior, learned queries only."""
 
     def validate(self, check: "_Checker") -> None:
         check.that("n_latents", 4 <= self.n_latents <= 256, f"must be between 4 and 256 (got {self.n_latents!r})")
+        check.that("feature_layer", self.feature_layer >= 0, f"must be >= 0 (got {self.feature_layer!r})")
+        check.positive("frame_stack", self.frame_stack)
+        check.that("encoder_layers", self.encoder_layers >= 0, f"must be >= 0 (got {self.encoder_layers!r})")
+        check.that("window", self.window >= 0.0, f"must be >= 0 (0 = off; got {self.window!r})")
         check.positive("dim", self.dim)
         check.positive("n_layers", self.n_layers)
         check.positive("n_heads", self.n_heads)
@@ -337,11 +351,27 @@ class AlignConfig:
     """Length limit of the teacher's cached replies."""
     teacher_batch_size: int = 16
     eval_clips: int = 16
-    """Validation clips whose "repeat" reply is generated and scored (CER) at each validation; 0 = off."""
+    """Validation clips heard at each validation: "repeat" CER, 4-way choice accuracy, judge margin and
+    adapter cosine (`ira eval understanding`'s figures); 0 = off."""
+    ctc_steps: int = 0
+    """The alignment phase: the first steps train the adapter by CTC onto the LLM's embedding table, without
+    running the LLM (ira/training/adapter_ctc.py); distillation follows. 0 = distillation from the start."""
+    ctc_weight: float = 0.0
+    """Weight of that CTC loss after the alignment phase (keeps the soft tokens on the words)."""
+    phoneme_ctc_weight: float = 0.0
+    """Weight of a CTC loss of the transcript's phonemes on the adapter's encoded frames (alignment phase)."""
+    llm_batch_size: int = 0
+    """After the alignment phase, the LLM losses use only the first this-many samples of each batch (the CTC
+    losses use all): the LLM pass costs ~20x the adapter's, so the CTC's large batches would make its
+    steps slow and few. 0 = the whole batch."""
     batch_size: int = 8
     learning_rate: float = 1e-3
     max_steps: int = 2000
     warmup_steps: int = 100
+    max_minutes: Optional[float] = None
+    """Wall-clock budget of stage 2 (None = training.max_minutes)."""
+    eval_every: Optional[int] = None
+    """Steps between validations in stage 2 (None = training.eval_every)."""
 
     def validate(self, check: "_Checker") -> None:
         names = [t.strip() for t in self.tasks.split(",") if t.strip()]
@@ -354,7 +384,15 @@ class AlignConfig:
         check.that("kd_weight", self.kd_weight + self.ce_weight > 0.0, "kd_weight + ce_weight must be > 0")
         check.positive("teacher_max_new_tokens", self.teacher_max_new_tokens)
         check.positive("teacher_batch_size", self.teacher_batch_size)
-        check.that("eval_clips", self.eval_clips >= 0, "must be >= 0 (0 = off)")
+        check.that("eval_clips", self.eval_clips >= 0, "must be >= 0 (0 = off; scored when at least 4 clips)")
+        check.that("ctc_steps", self.ctc_steps >= 0, "must be >= 0 (0 = no alignment phase)")
+        check.that("ctc_weight", self.ctc_weight >= 0.0, "must be >= 0")
+        check.that("phoneme_ctc_weight", self.phoneme_ctc_weight >= 0.0, "must be >= 0")
+        check.that("llm_batch_size", self.llm_batch_size >= 0, "must be >= 0 (0 = the whole batch)")
+        if self.max_minutes is not None:
+            check.positive("max_minutes", self.max_minutes)
+        if self.eval_every is not None:
+            check.positive("eval_every", self.eval_every)
         check.positive("batch_size", self.batch_size)
         check.positive("learning_rate", self.learning_rate)
         check.positive("max_steps", self.max_steps)
@@ -453,6 +491,9 @@ class IRAConfig:
         own = getattr(self, section)
         training = dataclasses.replace(self.training, batch_size=own.batch_size, learning_rate=own.learning_rate,
                                        max_steps=own.max_steps, warmup_steps=own.warmup_steps)
+        for key in ("max_minutes", "eval_every"):  # a stage's own, where it sets them
+            if getattr(own, key, None) is not None:
+                training = dataclasses.replace(training, **{key: getattr(own, key)})
         return dataclasses.replace(self, training=training)
 
     def save(self, path: str | Path) -> None:

@@ -106,7 +106,8 @@ class Listener:
         """Codec codes (one LongTensor[K, T] per clip) -> the adapter's LLM-space vectors [B, N, H]."""
         from ira.data.dataset import pad_codes
         padded, lengths = pad_codes([c.long() for c in codes])
-        features, mask = self.speech_lm.audio_features(padded.to(self.device), lengths.to(self.device))
+        features, mask = self.speech_lm.audio_features(padded.to(self.device), lengths.to(self.device),
+                                                       layer=self.adapter.cfg.feature_layer)
         return self.adapter(features, mask)
 
     @torch.inference_mode()

@@ -47,7 +47,10 @@ TINY_STAGES = ["codec.name=mel", "codec.mel_n_codebooks=2", "codec.mel_codebook_
                "codec.mel_griffin_lim_iters=4", "speech_lm.d_model=32", "speech_lm.n_layers=1", "speech_lm.n_heads=2",
                "speech_lm.style_dim=16", "style.embed_dim=16", "training.batch_size=4", "training.warmup_steps=1",
                "data.val_fraction=0.25", "training.num_samples=1", "training.mixed_precision=no",
-               "adapter.dim=32", "adapter.n_latents=4", "adapter.n_layers=1", "adapter.n_heads=2",
+               "adapter.dim=32", "adapter.n_latents=24", "adapter.n_layers=1", "adapter.n_heads=2",
+               "adapter.feature_layer=1", "adapter.frame_stack=2", "adapter.encoder_layers=1", "adapter.window=1.5",
+               "align.ctc_steps=1", "align.ctc_weight=0.5", "align.phoneme_ctc_weight=1.0", "align.llm_batch_size=2",
+               "align.tasks=repeat,summarise,question",
                "align.batch_size=3", "align.max_steps=2", "align.warmup_steps=1", "align.teacher_max_new_tokens=6",
                "align.eval_clips=2", "llm.max_new_tokens=6", "llm.dtype=fp32", "llm.quantization=none",
                "training.eval_every=2", "training.val_asr_sentences=0"]

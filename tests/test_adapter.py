@@ -32,8 +32,9 @@ def test_shapes_and_output_norm():
     assert torch.allclose(adapter(features, mask).norm(dim=-1), torch.full((3, 6), 2 * TARGET), rtol=1e-3)
 
 
-def test_padding_does_not_change_a_sample():
-    adapter = make_adapter()
+@pytest.mark.parametrize("options", [{}, {"frame_stack": 4, "encoder_layers": 1, "window": 2.0}])
+def test_padding_does_not_change_a_sample(options):
+    adapter = make_adapter(**options)
     short, long = torch.randn(1, 7, IN_DIM), torch.randn(1, 15, IN_DIM)
     alone = adapter(short, torch.ones(1, 7, dtype=torch.bool))
     padded = torch.cat([torch.cat([short, torch.full((1, 8, IN_DIM), float("nan"))], dim=1), long])
@@ -99,7 +100,31 @@ def test_adapter_config_errors_name_the_key(override, key):
         load_config("cpu", [override])
 
 
-def test_presets_adapter_sizes():
-    sizes = {name: (cfg.adapter.dim, cfg.adapter.n_latents, cfg.adapter.n_layers)
-             for name, cfg in ((n, load_config(n)) for n in ("cpu", "laptop", "a100"))}
-    assert sizes == {"cpu": (128, 16, 2), "laptop": (256, 32, 2), "a100": (512, 64, 3)}
+@pytest.mark.parametrize("preset", ["cpu", "laptop", "a100"])
+def test_presets_adapter_fits_its_speech_lm_and_spells_long_sentences(preset):
+    cfg = load_config(preset)
+    assert 1 <= cfg.adapter.feature_layer <= cfg.speech_lm.n_layers     # a middle block of its own SpeechLM
+    assert cfg.adapter.n_latents >= 64          # the pool's longest sentence is 31 LLM tokens: room for CTC blanks
+    assert cfg.adapter.window > 0 and cfg.align.ctc_steps > 0
+
+
+def test_window_prior_makes_latents_read_their_part_of_the_clip_in_order():
+    from ira.models.adapter import window_bias
+    valid = torch.arange(40)[None] < torch.tensor([[40], [20]])
+    bias = window_bias(valid, n_latents=4, width=1.0)
+    assert bias.shape == (2, 4, 40)
+    peaks = bias[:, :, :].argmax(-1)
+    # latent i peaks at the i-th quarter of each clip's own length
+    assert peaks[0].tolist() == [4, 14, 24, 34]
+    assert peaks[1].tolist() == [2, 7, 12, 17]
+
+
+def test_stacked_frames_keep_their_count_and_padding():
+    from ira.models.adapter import stack_frames
+    x = torch.arange(2 * 7 * 2, dtype=torch.float).reshape(2, 7, 2)
+    mask = torch.arange(7)[None] < torch.tensor([[7], [3]])
+    stacked, valid = stack_frames(x.masked_fill(~mask[..., None], 0), mask, 4)
+    assert stacked.shape == (2, 2, 8)
+    assert valid.tolist() == [[True, True], [True, False]]
+    assert stacked[0, 1, 6:].tolist() == [0.0, 0.0]          # the clip's tail is zero-filled
+    assert stacked[0, 0].tolist() == x[0, :4].flatten().tolist()

@@ -36,9 +36,10 @@ def test_metrics_log_kd_agreement_and_cer(runs):
     rows = read_metrics(stage2.metrics_path)
     train = [r for r in rows if r.get("split") == "train"]
     val = [r for r in rows if r.get("split") == "val"]
-    assert train and {"kd_loss", "ce_loss", "agreement"} <= set(train[-1])
-    assert val and {"val_kd_loss", "val_agreement", "val_repeat_cer"} <= set(val[-1])
-    assert 0.0 <= val[-1]["val_agreement"] <= 1.0 and val[-1]["val_kd_loss"] >= 0.0
+    # step 1 is the alignment phase (CTC only), step 2 distils: the log window holds one of each
+    assert train and train[-1]["alignment_phase"] == 0.5
+    assert {"ctc_loss", "phoneme_ctc_loss", "kd_loss", "ce_loss", "agreement"} <= set(train[-1])
+    assert val and {"val_ctc_loss", "val_phoneme_ctc_loss"} <= set(val[-1]) and val[-1]["val_ctc_loss"] >= 0.0
 
 
 def test_teacher_replies_are_cached_once(runs, bundled_llm):
@@ -67,9 +68,10 @@ def test_student_input_does_not_depend_on_the_transcript(runs, bundled_llm):
     root, cfg, stage1, _, _ = runs
     task = Stage2Task(cfg, load_checkpoint(stage1.last_checkpoint), llm=bundled_llm, cpu=True)
     batch = next(iter(task.train_dataloader()))
-    audio = task.audio_tokens(batch["codes"], batch["codes_lengths"])
-    other = {**batch, "transcripts": ["something else entirely"] * len(batch["transcripts"])}
-    again = task.audio_tokens(other["codes"], other["codes_lengths"])
+    audio = task.batch_soft_tokens(batch)[0]
+    other = {**batch, "transcripts": ["something else entirely"] * len(batch["transcripts"]),
+             "llm_ids": [[1, 2]] * len(batch["transcripts"]), "phonemes": [[3]] * len(batch["transcripts"])}
+    again = task.batch_soft_tokens(other)[0]
     assert torch.equal(audio, again)
     a = build_student_inputs(bundled_llm, batch["instructions"], audio, batch["responses"])
     b = build_student_inputs(bundled_llm, other["instructions"], again, other["responses"])
@@ -111,5 +113,117 @@ def test_ira_understand_prints_the_answer_last(runs, bundled_llm, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].endswith("Who is speaking?") and lines[-1].strip()
     args[2] = str(stage1.last_checkpoint)   # a stage-1 checkpoint has no adapter: a clear error
+    assert main(args) == 1
+    assert "stage" in capsys.readouterr().err
+
+
+def test_feature_cache_is_rebuilt_when_stale_and_never_half_read(runs, tmp_path):
+    from ira.data.prepare import ensure_prepared
+    from ira.data.token_cache import load_split
+    from ira.training import feature_cache
+    from ira.training.components import speech_lm_from_checkpoint
+
+    root, cfg, stage1, _, _ = runs
+    model = speech_lm_from_checkpoint(load_checkpoint(stage1.last_checkpoint)).eval()
+    prepared = ensure_prepared(cfg)
+    split = load_split(prepared.cache_files["train"])
+    path = tmp_path / "speech_features_train.safetensors"
+    features = feature_cache.load_or_build(path, model, split, layer=0, max_frames=1024)
+    with torch.no_grad():
+        expected, _ = model.audio_features(split.clip_codes(1)[None], torch.tensor([split.lengths()[1]]))
+    assert len(features) == len(split)
+    assert torch.allclose(features.clip_features(1).float(), expected[0], atol=2e-2)   # float16 copy
+    stamp = path.stat().st_mtime_ns
+    feature_cache.load_or_build(path, model, split, layer=0, max_frames=1024)
+    assert path.stat().st_mtime_ns == stamp                         # fresh: read, not recomputed
+    feature_cache.load_or_build(path, model, split, layer=1, max_frames=1024)
+    assert path.stat().st_mtime_ns != stamp                         # another layer: rebuilt
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)                          # other weights: stale
+    key = feature_cache.cache_key(model, 1, split, 1024)
+    assert not feature_cache.is_fresh(path, key)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # cut short: never read as fresh
+    assert not feature_cache.is_fresh(path, feature_cache.cache_key(model, 0, split, 1024))
+
+
+def test_embedding_ctc_scores_and_reads_tokens_against_the_llm_table():
+    from ira.training.adapter_ctc import EmbeddingCTC
+
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 16, generator=gen)
+    ctc = EmbeddingCTC(table, vocab=[3, 7, 9, 20])
+    # soft tokens that ARE the embeddings of 7, 9, 9 with blank directions between: read as [7, 9, 9]
+    blank = ctc.blank.detach()
+    soft = torch.stack([table[7], blank, table[9], blank, table[9], table[9]])[None]
+    with torch.no_grad():
+        ctc.log_scale.fill_(5.0)
+    assert ctc.decode(soft) == [[7, 9, 9]]
+    good = ctc.loss(soft, [[7, 9, 9]])
+    assert good < ctc.loss(soft, [[3, 20]]) and good < 0.5
+    with pytest.raises(ValueError, match="alignment vocabulary"):
+        ctc.loss(soft, [[4]])
+
+
+def test_alignment_phase_makes_the_soft_tokens_depend_on_the_audio(runs, bundled_llm):
+    root, cfg, stage1, _, _ = runs
+    torch.manual_seed(0)
+    task = Stage2Task(cfg, load_checkpoint(stage1.last_checkpoint), llm=bundled_llm, cpu=True)
+    batch = next(iter(task.train_dataloader()))
+    params = task.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+
+    def spread() -> float:
+        with torch.no_grad():
+            tokens = task.batch_soft_tokens(batch)[0]
+        flat = torch.nn.functional.normalize(tokens.flatten(1), dim=-1)
+        return float(1.0 - (flat @ flat.T)[0, 1:].mean())           # 1 - cosine to the other clips
+
+    before = spread()
+    for _ in range(8):
+        task._steps_done = 0                                         # stay in the alignment phase
+        assert task.in_alignment_phase
+        out = task.training_step(batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    assert "kd_loss" not in out and out["ctc_loss"] > 0
+    assert spread() > before and spread() > 1e-3                     # different clips, different tokens
+
+
+def test_understanding_figures_with_the_real_llm(bundled_llm):
+    from ira.eval.understanding import score_understanding
+
+    gen = torch.Generator().manual_seed(0)
+    texts = ["The cat sat on the mat.", "Open the window, please.", "It will rain tomorrow.", "I like green tea."]
+    # soft tokens that are the transcripts' own embeddings (padded with the embedding of a space)
+    ids = [bundled_llm.encode(t) for t in texts]
+    n = max(len(i) for i in ids)
+    space = bundled_llm.encode(" ")[0]
+    rows = torch.tensor([i + [space] * (n - len(i)) for i in ids])
+    exact = bundled_llm.embed(rows).float()
+    score = score_understanding(bundled_llm, lambda idx: exact[idx], texts, batch_size=4, max_new_tokens=12,
+                                ceiling=True)
+    assert score.choice_accuracy == 1.0 and score.judge_margin > 1.0 and score.repeat_cer < 1.0
+    assert score.text_repeat_cer is not None and score.text_repeat_cer < 1.0
+    assert all("reply_from_text" in row for row in score.rows)
+    noise = torch.randn(4, n, exact.shape[-1], generator=gen) * exact.norm(dim=-1).mean() / exact.shape[-1] ** 0.5
+    blind = score_understanding(bundled_llm, lambda idx: noise[0:1].expand(len(idx), -1, -1), texts,
+                                batch_size=4, max_new_tokens=4)
+    assert blind.adapter_cosine == pytest.approx(1.0) and abs(blind.judge_margin) < 0.5
+
+
+def test_ira_eval_understanding_prints_and_saves_the_figures(runs, bundled_llm, tmp_path, capsys):
+    from ira.cli import main
+
+    _, _, stage1, stage2, _ = runs
+    out = tmp_path / "understanding.json"
+    args = ["eval", "understanding", "--checkpoint", str(stage2.last_checkpoint), "--limit", "4",
+            "--device", "cpu", "--json", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "4-way choice" in printed and "judge margin" in printed and "repeat CER" in printed
+    saved = json.loads(out.read_text())
+    assert saved["clips"] == 4 and len(saved["rows"]) == 4 and 0.0 <= saved["choice_accuracy"] <= 1.0
+    args[3] = str(stage1.last_checkpoint)          # no adapter: a clear error, not a crash
     assert main(args) == 1
     assert "stage" in capsys.readouterr().err

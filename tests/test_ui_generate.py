@@ -137,3 +137,16 @@ def _plot_rows(plot: dict) -> list[dict]:
     if not value or not value.get("data"):
         return []
     return [dict(zip(value["columns"], row)) for row in value["data"]]
+
+
+def test_the_app_says_the_llm_understands_only_with_its_measured_figure():
+    import json as _json
+
+    from ui.generate_tab import understanding_summary
+
+    assert "not measured" in understanding_summary({})
+    heard = understanding_summary({"understanding": _json.dumps({"choice_accuracy": 0.93, "clips": 32,
+                                                                 "repeat_cer": 0.41})})
+    assert "understands" in heard and "0.93" in heard and "32" in heard and "0.41" in heard
+    deaf = understanding_summary({"understanding": _json.dumps({"choice_accuracy": 0.28, "clips": 32})})
+    assert "does not hear" in deaf and "0.28" in deaf

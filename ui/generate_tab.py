@@ -8,6 +8,7 @@ them (`load_llm` reuses one copy per process). API endpoints: /speak, /understan
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -48,9 +49,24 @@ def checkpoint_summary(ws: Workspace, rel: str) -> str:
     modules = checkpoint_modules(meta)
     parts = [f"stage {meta.get('stage')}, step {meta.get('step')}",
              "follows voice descriptions" if "style" in modules else "no style encoder (descriptions ignored)",
-             "the LLM can answer about its audio" if "adapter" in modules else
+             understanding_summary(meta) if "adapter" in modules else
              "no adapter: speaks, but the LLM cannot answer (train stage 2)"]
     return " · ".join(parts)
+
+
+def understanding_summary(meta: dict[str, str]) -> str:
+    """What the LLM hears through this checkpoint's adapter, as its stage-2 validation measured it."""
+    try:
+        figures = json.loads(meta.get("understanding", ""))
+        accuracy, clips = float(figures["choice_accuracy"]), int(figures["clips"])
+    except (ValueError, KeyError, TypeError):
+        return "adapter not measured: run `ira eval understanding` before trusting its answers"
+    measured = f"4-way choice {accuracy:.2f} on {clips} held-out clips, chance 0.25"
+    if accuracy < 0.5:
+        return f"the LLM does not hear its audio yet ({measured}): train stage 2 longer"
+    cer = figures.get("repeat_cer")
+    repeat = f", repeats with CER {float(cer):.2f}" if cer is not None else ""
+    return f"the LLM understands its audio ({measured}{repeat})"
 
 
 class PipelineCache:

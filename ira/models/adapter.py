@@ -50,11 +50,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_valid: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_valid: torch.Tensor | None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """bias: an additive score [B, N, S] (every head), -inf where context_valid is False."""
         batch, n, dim = x.shape
         q = self.q(x).view(batch, n, self.n_heads, -1).transpose(1, 2)
         k, v = self.kv(context).view(batch, context.shape[1], 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
         mask = None if context_valid is None else context_valid[:, None, None, :]  # True = attend
+        if bias is not None:
+            valid = torch.ones_like(bias, dtype=torch.bool) if context_valid is None else context_valid[:, None, :]
+            mask = bias.to(q.dtype).masked_fill(~valid, float("-inf"))[:, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(batch, n, dim))
@@ -72,14 +77,60 @@ class ResamplerLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, latents: torch.Tensor, frames: torch.Tensor, frames_valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, frames: torch.Tensor, frames_valid: torch.Tensor,
+                window: torch.Tensor | None = None) -> torch.Tensor:
+        """window: the reading prior [B, N, T] over the frames (see `window_bias`), or None."""
         q = self.norm_latents(latents)
         context = torch.cat([self.norm_frames(frames), q], dim=1)
         valid = torch.cat([frames_valid, frames_valid.new_ones(q.shape[:2])], dim=1)
-        latents = latents + self.drop(self.cross(q, context, valid))
+        bias = None if window is None else torch.cat([window, window.new_zeros(q.shape[0], q.shape[1], q.shape[1])], 2)
+        latents = latents + self.drop(self.cross(q, context, valid, bias))
         h = self.norm_self(latents)
         latents = latents + self.drop(self.self_attn(h, h, None))
         return latents + self.drop(self.mlp(self.norm_mlp(latents)))
+
+
+class FrameLayer(nn.Module):
+    """Pre-norm self-attention (padding masked) and MLP over the frames: context before the latents read."""
+
+    def __init__(self, cfg: AdapterConfig):
+        super().__init__()
+        d = cfg.dim
+        self.norm_attn, self.norm_mlp = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = Attention(d, cfg.n_heads, cfg.dropout)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, frames: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        h = self.norm_attn(frames)
+        frames = frames + self.drop(self.attn(h, h, valid))
+        return frames + self.drop(self.mlp(self.norm_mlp(frames)))
+
+
+def stack_frames(x: torch.Tensor, mask: torch.Tensor, stack: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T, D] (padding zeroed) -> [B, ceil(T / stack), stack * D]; a stacked frame is real when any of
+    its frames is (the tail of the last one is zeros, as padding is, so batching changes nothing)."""
+    if stack == 1:
+        return x, mask
+    batch, frames, dim = x.shape
+    stacked = -(-frames // stack)
+    x = F.pad(x, (0, 0, 0, stacked * stack - frames)).reshape(batch, stacked, stack * dim)
+    lengths = -(-mask.sum(1) // stack)
+    return x, torch.arange(stacked, device=x.device)[None] < lengths[:, None]
+
+
+def window_bias(valid: torch.Tensor, n_latents: int, width: float) -> torch.Tensor:
+    """The monotonic reading prior [B, N, T]: latent i's score for frame t is -(r_t - c_i)^2 / (2 s^2), with
+    r_t = (t + 0.5) / length the frame's relative position, c_i = (i + 0.5) / N and s = width / N.
+
+    Latent i thus starts out reading the i-th N-th of the clip, whatever its length, in order, as a
+    transcript is laid out: the alignment is given, not searched for (the stage-1 alignment heads' idea).
+    """
+    lengths = valid.sum(1, keepdim=True).clamp(min=1).float()
+    r = (torch.arange(valid.shape[1], device=valid.device)[None].float() + 0.5) / lengths       # [B, T]
+    c = (torch.arange(n_latents, device=valid.device).float() + 0.5) / n_latents                # [N]
+    s = width / n_latents
+    return -((r[:, None, :] - c[None, :, None]) ** 2) / (2 * s * s)
 
 
 class PerceiverAdapter(nn.Module):
@@ -104,9 +155,10 @@ class PerceiverAdapter(nn.Module):
         self.cfg = cfg
         self.in_dim, self.out_dim, self.target_norm = int(in_dim), int(out_dim), float(target_norm)
         d = cfg.dim
-        self.in_norm = nn.LayerNorm(self.in_dim)
-        self.in_proj = nn.Linear(self.in_dim, d)
+        self.in_norm = nn.LayerNorm(self.in_dim * cfg.frame_stack)
+        self.in_proj = nn.Linear(self.in_dim * cfg.frame_stack, d)
         self.register_buffer("positions", sinusoids(cfg.max_audio_frames, d), persistent=False)
+        self.encoder = nn.ModuleList(FrameLayer(cfg) for _ in range(cfg.encoder_layers))
         self.latents = nn.Parameter(torch.randn(cfg.n_latents, d) * 0.02)
         self.layers = nn.ModuleList(ResamplerLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(d)
@@ -120,9 +172,13 @@ class PerceiverAdapter(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        for layer in self.layers:  # GPT-2: residual projections scaled down with depth (3 per layer)
+        depth = 3 * self.cfg.n_layers + 2 * self.cfg.encoder_layers
+        for layer in self.layers:  # GPT-2: residual projections scaled down with depth
             for weight in (layer.cross.proj.weight, layer.self_attn.proj.weight, layer.mlp[2].weight):
-                nn.init.normal_(weight, std=0.02 / math.sqrt(3 * self.cfg.n_layers))
+                nn.init.normal_(weight, std=0.02 / math.sqrt(depth))
+        for frame_layer in self.encoder:
+            for weight in (frame_layer.attn.proj.weight, frame_layer.mlp[2].weight):
+                nn.init.normal_(weight, std=0.02 / math.sqrt(depth))
 
     # -- construction and metadata ---------------------------------------------------------------
 
@@ -163,12 +219,29 @@ class PerceiverAdapter(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """features [B, T, in_dim], mask BoolTensor[B, T] (True = real frame) -> [B, n_latents, out_dim]."""
+        return self.read(*self.encode_frames(features, mask))
+
+    def encode_frames(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frames the latents read: ([B, T', dim] after stacking, projection and the frame encoder,
+        their mask [B, T']). Stage 2's phoneme CTC reads them too."""
         mask = self._check(features, mask)
         x = features.masked_fill(~mask[..., None], 0.0)  # padding is never read; this keeps NaN/inf out too
+        x, mask = stack_frames(x, mask, self.cfg.frame_stack)
         frames = self.in_proj(self.in_norm(x)) + self.positions[: x.shape[1]].to(x.dtype)
-        latents = self.latents.expand(x.shape[0], -1, -1)
+        for frame_layer in self.encoder:
+            frames = frame_layer(frames, mask)
+        return frames, mask
+
+    def read(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encoded frames -> the soft tokens [B, n_latents, out_dim] (float32, fixed norm)."""
+        window, latents = None, self.latents.expand(frames.shape[0], -1, -1)
+        if self.cfg.window > 0:
+            window = window_bias(mask, self.cfg.n_latents, self.cfg.window)
+            # each latent starts as its window's average of the frames: clip-dependent from the first step
+            weights = window.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)
+            latents = latents + weights.to(frames.dtype) @ frames
         for layer in self.layers:
-            latents = layer(latents, frames, mask)
+            latents = layer(latents, frames, mask, window)
         y = self.out(self.norm(latents)).float()
         scale = self.gain.float() * (self.target_norm / math.sqrt(self.out_dim))
         return y * torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + 1e-6) * scale

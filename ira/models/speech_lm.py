@@ -394,11 +394,13 @@ class SpeechLM(nn.Module):
         return torch.full((batch, self.n_codebooks, 1), self.fill_id, dtype=torch.long, device=self.device)
 
     def _transformer(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None,
-                     cache: StaticKVCache | None = None, align: torch.Tensor | None = None) -> torch.Tensor:
+                     cache: StaticKVCache | None = None, align: torch.Tensor | None = None,
+                     n_blocks: int | None = None) -> torch.Tensor:
         """x [B, T, d] at RoPE `positions` [B, T]; key_valid [B, keys so far + T], or None when no key
         is padding (then no mask is built: one new token sees all keys, more are causal from 0);
         align: the alignment heads' mask (`_align_bias`), needed when the model has them.
-        Returns the final-norm output."""
+        Returns the final-norm output, or with `n_blocks` (no cache) the residual stream after that
+        many blocks."""
         if self.cfg.align_heads and align is None:
             raise ValueError("this SpeechLM has alignment heads: pass their mask (align=...)")
         start = cache.length if cache is not None else 0
@@ -412,6 +414,8 @@ class SpeechLM(nn.Module):
         rope = self.rope(positions)
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
+            if n_blocks is not None and layer == n_blocks:
+                return x
             x = block(x, rope, mask, cache, layer, causal, align)
         if cache is not None:
             cache.advance(x.shape[1])
@@ -429,7 +433,7 @@ class SpeechLM(nn.Module):
                                         self.cfg.align_sigma)
 
     def _run(self, prefix: torch.Tensor, prefix_valid: torch.Tensor, columns: torch.Tensor,
-             n_frames: torch.Tensor | None = None) -> torch.Tensor:
+             n_frames: torch.Tensor | None = None, n_blocks: int | None = None) -> torch.Tensor:
         """Full (uncached) pass over prefix + audio input columns [B, K, S] -> audio hidden [B, S, d].
         n_frames [B]: the frame count the alignment heads' prior spreads the text over."""
         audio = self._embed_audio(columns)
@@ -437,7 +441,7 @@ class SpeechLM(nn.Module):
         valid = torch.cat([prefix_valid, torch.ones(audio.shape[:2], dtype=torch.bool, device=self.device)], 1)
         positions = _positions(prefix_valid, audio.shape[1])
         align = self._align_bias(prefix_valid, n_frames, audio.shape[1])
-        return self._transformer(x, positions, valid, align=align)[:, prefix.shape[1]:]
+        return self._transformer(x, positions, valid, align=align, n_blocks=n_blocks)[:, prefix.shape[1]:]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, S, d] -> [B, K, S, V + 1]."""
@@ -517,9 +521,12 @@ class SpeechLM(nn.Module):
             raise KeyError(f"the batch has no 'codes' (keys: {sorted(batch)}); expected {self.BATCH_KEYS}")
         return self(**{key: batch.get(key) for key in self.BATCH_KEYS}, return_hidden=return_hidden)
 
-    def audio_features(self, codes: torch.Tensor, lengths: torch.Tensor | None = None
+    def audio_features(self, codes: torch.Tensor, lengths: torch.Tensor | None = None, layer: int = 0
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states over the audio alone (text AND style dropped): ([B, T, d], mask BoolTensor[B, T]).
+
+        layer: 0 = the final (normed) output; k = the residual stream after block k, and only k blocks run
+        (a middle layer holds more of what was said and less of the next frame's detail).
 
         Feature t is the step whose input holds frame t's last codebook (step t + K), so it has seen
         every codebook of frame t (and the coarse codebooks of up to K - 1 frames after it). Call
@@ -530,7 +537,10 @@ class SpeechLM(nn.Module):
         all_dropped = torch.ones(batch, dtype=torch.bool, device=self.device)
         prefix, prefix_valid = self._prefix(None, None, None, all_dropped, all_dropped)
         delayed = apply_delay(codes, self.fill_id, lengths, eos_id=self.eos_id)
-        hidden = self._run(prefix, prefix_valid, torch.cat([self._bos(batch), delayed[:, :, :-1]], dim=2))
+        if not 0 <= layer <= len(self.blocks):
+            raise ValueError(f"layer must be 0 (the output) or a block number 1..{len(self.blocks)}, got {layer}")
+        hidden = self._run(prefix, prefix_valid, torch.cat([self._bos(batch), delayed[:, :, :-1]], dim=2),
+                           n_blocks=layer or None)
         mask = torch.arange(n_frames, device=codes.device)[None] < lengths[:, None]
         return hidden[:, n_codebooks:n_codebooks + n_frames], mask
 

@@ -33,6 +33,8 @@ import torch
 from ira.models.llm import LLMError, LoadedLLM
 
 IGNORE_INDEX = -100
+REPEAT_INSTRUCTION = "Repeat exactly what was said, word for word."
+"""Stage 2's "repeat" task, stage 3's judge and the understanding evaluation all ask this."""
 AUDIO_OPEN = "<audio>"
 AUDIO_CLOSE = "</audio>"
 PLACEHOLDER = "\u2063IRA-AUDIO-PLACEHOLDER\u2063"  # no template rewrites it; never in a real message
@@ -151,6 +153,23 @@ def _assemble(llm: LoadedLLM, instructions: Sequence[str], audio_ids: list[list[
     return SplicedBatch(inputs_embeds=embeds, attention_mask=attention,
                         position_ids=(attention.cumsum(1) - 1).clamp_min(0), labels=labels.to(device),
                         response_mask=response_mask.to(device), audio_mask=audio_mask.to(device))
+
+
+def reply_log_likelihood(llm: LoadedLLM, instructions: Sequence[str], audio_embeds: torch.Tensor,
+                         replies: Sequence[str]) -> torch.Tensor:
+    """The LLM's mean log-likelihood per token (nats, float32 [B]) of each reply after the soft tokens.
+
+    The judge of stage 3 and the understanding evaluation score audio with it: "how likely does the
+    LLM find this text as its answer about this audio". The end-of-turn token counts as a reply token.
+    Gradients flow into `audio_embeds` unless the caller disables them.
+    """
+    inputs = build_student_inputs(llm, instructions, audio_embeds, replies)
+    logits = llm.model(**inputs.model_inputs(), use_cache=False).logits
+    targets = inputs.labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(
+        -1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return (log_probs * keep).sum(1) / keep.sum(1).clamp(min=1)
 
 
 def generate_reply(llm: LoadedLLM, batch: SplicedBatch, max_new_tokens: int, greedy: bool = True,

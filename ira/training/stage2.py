@@ -30,18 +30,22 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ira.config import IRAConfig
-from ira.data.dataset import LengthBucketBatchSampler, pad_codes
+from ira.data.dataset import LengthBucketBatchSampler
 from ira.data.prepare import ensure_prepared
-from ira.data.token_cache import TokenSplit, load_split
+from ira.data.token_cache import TokenSplit, cache_dir, load_split
+from ira.eval.understanding import score_understanding
 from ira.hardware import resolve_device
 from ira.models.adapter import PerceiverAdapter
 from ira.models.llm import LoadedLLM, load_llm
 from ira.models.splice import SplicedBatch, build_student_inputs, build_teacher_inputs, generate_reply
-from ira.text_metrics import character_error_rate, corpus_cer
+from ira.text_metrics import corpus_cer
 from ira.training.checkpoint import Checkpoint, load_checkpoint, require_stage
 from ira.training.components import (CodecState, codec_from_checkpoint, speech_lm_from_checkpoint,
                                      style_encoder_from_checkpoint, tokenizer_from_checkpoint)
+from ira.training.adapter_ctc import EmbeddingCTC
 from ira.training.engine import FitResult, Trainer
+from ira.training.feature_cache import FeatureSplit
+from ira.training.feature_cache import load_or_build as load_or_build_features
 from ira.training.task import TrainingTask
 from ira.training.teacher_responses import TASK_INSTRUCTIONS, cache_path, load_or_build, parse_tasks, reply_for
 
@@ -51,11 +55,13 @@ REPEAT = "repeat"
 
 
 class ClipTaskDataset(Dataset):
-    """Every (clip, task) pair of a split: item i is clip i // n_tasks with task i % n_tasks."""
+    """Every (clip, task) pair of a split: item i is clip i // n_tasks with task i % n_tasks. Items carry
+    the clip's cached SpeechLM features and its transcript's LLM token ids."""
 
     def __init__(self, split: TokenSplit, tasks: list[str], replies: dict[tuple[str, str], str],
-                 max_frames: int):
+                 max_frames: int, features: FeatureSplit, llm_ids: list[list[int]], phonemes: list[list[int]]):
         self.split, self.tasks, self.replies, self.max_frames = split, tasks, replies, max_frames
+        self.features, self.llm_ids, self.phonemes = features, llm_ids, phonemes
 
     def __len__(self) -> int:
         return len(self.split) * len(self.tasks)
@@ -67,15 +73,18 @@ class ClipTaskDataset(Dataset):
         clip, task = divmod(i, len(self.tasks))
         task_name = self.tasks[task]
         text = self.split.texts[clip]
-        return {"codes": self.split.clip_codes(clip)[:, : self.max_frames], "clip": clip,
-                "instruction": TASK_INSTRUCTIONS[task_name], "transcript": text,
+        return {"features": self.features.clip_features(clip), "clip": clip, "llm_ids": self.llm_ids[clip],
+                "phonemes": self.phonemes[clip], "instruction": TASK_INSTRUCTIONS[task_name], "transcript": text,
                 "response": reply_for(self.replies, self.split.ids[clip], task_name, text),
                 "is_repeat": task_name == REPEAT}
 
 
 def collate_clip_tasks(items: list[dict[str, Any]]) -> dict[str, Any]:
-    codes, lengths = pad_codes([item["codes"] for item in items])
-    return {"codes": codes, "codes_lengths": lengths, "clip": torch.tensor([item["clip"] for item in items]),
+    features = torch.nn.utils.rnn.pad_sequence([item["features"] for item in items], batch_first=True)
+    lengths = torch.tensor([item["features"].shape[0] for item in items])
+    return {"features": features, "features_lengths": lengths,
+            "clip": torch.tensor([item["clip"] for item in items]),
+            "llm_ids": [item["llm_ids"] for item in items], "phonemes": [item["phonemes"] for item in items],
             "is_repeat": torch.tensor([item["is_repeat"] for item in items]),
             "instructions": [item["instruction"] for item in items],
             "transcripts": [item["transcript"] for item in items],
@@ -114,6 +123,8 @@ class Stage2Task(TrainingTask):
     """Adapter alignment. Built from a stage-1 (or later) checkpoint, whose parts stay frozen."""
 
     stage = "2"
+    best_metric = ("val_choice_accuracy", "max")
+    find_unused_parameters = True  # the phoneme head rests when its weight is 0, the CTC head after the phase
 
     def __init__(self, cfg: IRAConfig, source: Checkpoint, llm: Optional[LoadedLLM] = None, cpu: bool = False):
         self.cfg = cfg
@@ -126,10 +137,16 @@ class Stage2Task(TrainingTask):
         self.style_encoder = style_encoder_from_checkpoint(source) if "style" in source.modules else None
         self.codec_state = CodecState(self.codec)
         self.llm = llm or load_llm(cfg.llm, device=process_device(cpu))
+        n_blocks = self.speech_lm.cfg.n_layers
+        if cfg.adapter.feature_layer > n_blocks:
+            raise ValueError(f"adapter.feature_layer is {cfg.adapter.feature_layer} but the SpeechLM of {source.path} "
+                             f"has {n_blocks} blocks; use 0 (its output) or 1..{n_blocks}")
         self.adapter = PerceiverAdapter(cfg.adapter, in_dim=self.speech_lm.cfg.d_model,
                                         out_dim=self.llm.hidden_size, target_norm=self.llm.embed_norm)
         self.tasks = parse_tasks(cfg.align.tasks)
         self._last_replies: list[dict[str, Any]] = []
+        self._steps_done = 0  # training_step calls so far: the alignment phase is the first align.ctc_steps
+        self._understanding: Optional[dict[str, Any]] = None  # the last validation's figures, for the checkpoint
 
         prepared = ensure_prepared(cfg)
         if prepared.codec.fingerprint != self.codec.fingerprint:
@@ -145,12 +162,30 @@ class Stage2Task(TrainingTask):
         self.replies = load_or_build(self.llm, clips, self.tasks, self.replies_path,
                                      cfg.align.teacher_max_new_tokens, cfg.align.teacher_batch_size,
                                      progress=_ThrottledLog())
+        max_frames = self.speech_lm.cfg.max_audio_frames
+        self.features = {name: load_or_build_features(
+            cache_dir(cfg.data.dir, self.codec.fingerprint) / f"speech_features_{name}.safetensors",
+            self.speech_lm, split, cfg.adapter.feature_layer, max_frames, progress=_ThrottledLog())
+            for name, split in (("train", self.train_split), ("val", self.val_split))}
+        self.llm_ids = {name: [self.llm.encode(t) for t in split.texts]
+                        for name, split in (("train", self.train_split), ("val", self.val_split))}
+        self.phonemes = {name: [self.tokenizer.encode(t) for t in split.texts]
+                         for name, split in (("train", self.train_split), ("val", self.val_split))}
+        too_long = sum(len(row) > cfg.adapter.n_latents for row in self.llm_ids["train"])
+        if too_long and cfg.align.ctc_steps:
+            log.warning("%d of %d training transcripts have more LLM tokens than the adapter's %d soft tokens: "
+                        "the alignment phase cannot spell them (raise adapter.n_latents)", too_long,
+                        len(self.train_split), cfg.adapter.n_latents)
+        vocab = sorted({t for ids in self.llm_ids.values() for row in ids for t in row})
+        self.ctc = EmbeddingCTC(self.llm.model.get_input_embeddings().weight, vocab)
+        self.phoneme_head = torch.nn.Linear(cfg.adapter.dim, self.tokenizer.vocab_size + 1)
 
     # -- the engine's interface -------------------------------------------------------------------
 
     def modules(self) -> dict[str, torch.nn.Module]:
         parts: dict[str, torch.nn.Module] = {"speech_lm": self.speech_lm, "codec": self.codec_state,
-                                             "adapter": self.adapter}
+                                             "adapter": self.adapter, "align_ctc": self.ctc,
+                                             "align_phonemes": self.phoneme_head}
         if self.style_encoder is not None:
             parts["style"] = self.style_encoder
         return parts
@@ -161,10 +196,12 @@ class Stage2Task(TrainingTask):
         self.llm.model.to(device)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.adapter.parameters())
+        return [*self.adapter.parameters(), *self.ctc.parameters(), *self.phoneme_head.parameters()]
 
     def _loader(self, split: TokenSplit, shuffle: bool) -> DataLoader:
-        dataset = ClipTaskDataset(split, self.tasks, self.replies, self.speech_lm.cfg.max_audio_frames)
+        name = "train" if split is self.train_split else "val"
+        dataset = ClipTaskDataset(split, self.tasks, self.replies, self.speech_lm.cfg.max_audio_frames,
+                                  self.features[name], self.llm_ids[name], self.phonemes[name])
         tc = self.cfg.training
         sampler = LengthBucketBatchSampler(dataset.lengths(), tc.batch_size, tc.max_batch_frames,
                                            shuffle=shuffle, seed=tc.seed)
@@ -182,67 +219,102 @@ class Stage2Task(TrainingTask):
     def audio_tokens(self, codes: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Codes -> the adapter's LLM-space vectors [B, n_latents, H] (SpeechLM frozen, audio alone)."""
         with torch.no_grad():
-            features, mask = self.speech_lm.audio_features(codes, lengths)
+            features, mask = self.speech_lm.audio_features(codes, lengths, layer=self.adapter.cfg.feature_layer)
         return self.adapter(features, mask)
 
-    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        audio = self.audio_tokens(batch["codes"], batch["codes_lengths"])
-        student_in = build_student_inputs(self.llm, batch["instructions"], audio, batch["responses"])
+    @property
+    def in_alignment_phase(self) -> bool:
+        return self._steps_done < self.cfg.align.ctc_steps
+
+    def _ctc_losses(self, batch: dict[str, Any], soft: torch.Tensor, frames: torch.Tensor,
+                    frames_valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"ctc_loss": self.ctc.loss(soft, batch["llm_ids"])}
+        if self.cfg.align.phoneme_ctc_weight > 0:
+            targets = [torch.tensor(p, dtype=torch.long) + 1 for p in batch["phonemes"]]  # 0 = blank
+            log_probs = self.phoneme_head(frames).float().log_softmax(-1)
+            out["phoneme_ctc_loss"] = F.ctc_loss(
+                log_probs.transpose(0, 1), torch.cat(targets).to(log_probs.device), frames_valid.sum(1).cpu(),
+                torch.tensor([len(t) for t in targets]), reduction="mean", zero_infinity=True)
+        return out
+
+    def batch_soft_tokens(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch's cached features -> (soft tokens [B, N, H], encoded frames, their mask)."""
+        features = batch["features"]
+        mask = torch.arange(features.shape[1], device=features.device)[None] \
+            < batch["features_lengths"][:, None].to(features.device)
+        frames, frames_valid = self.adapter.encode_frames(features.float(), mask)
+        return self.adapter.read(frames, frames_valid), frames, frames_valid
+
+    def _losses(self, batch: dict[str, Any], alignment_phase: bool) -> dict[str, torch.Tensor]:
+        audio, frames, frames_valid = self.batch_soft_tokens(batch)
+        out = self._ctc_losses(batch, audio, frames, frames_valid)
+        if alignment_phase:
+            return out
+        k = self.cfg.align.llm_batch_size or len(batch["instructions"])
+        instructions, transcripts, responses = (batch[key][:k] for key in ("instructions", "transcripts", "responses"))
+        student_in = build_student_inputs(self.llm, instructions, audio[:k], responses)
         with torch.no_grad():
-            teacher_in = build_teacher_inputs(self.llm, batch["instructions"], batch["transcripts"], batch["responses"])
+            teacher_in = build_teacher_inputs(self.llm, instructions, transcripts, responses)
             teacher = response_logits(self._forward_llm(teacher_in), teacher_in.labels)[0]
         student, targets, rows = response_logits(self._forward_llm(student_in), student_in.labels)
         if student.shape != teacher.shape:
             raise RuntimeError(f"teacher and student replies differ in length ({teacher.shape[0]} vs "
                                f"{student.shape[0]} tokens): the splice layout is inconsistent")
-        ce_rows = batch["is_repeat"].to(rows.device)[rows]
-        return distillation_losses(student, teacher, targets, ce_rows, self.cfg.align.kd_temperature)
+        ce_rows = batch["is_repeat"][:k].to(rows.device)[rows]
+        out.update(distillation_losses(student, teacher, targets, ce_rows, self.cfg.align.kd_temperature))
+        return out
 
     def _forward_llm(self, inputs: SplicedBatch) -> torch.Tensor:
         return self.llm.model(**inputs.model_inputs(), use_cache=False).logits
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = self._losses(batch)
+        alignment_phase = self.in_alignment_phase
+        self._steps_done += 1
+        out = self._losses(batch, alignment_phase)
         a = self.cfg.align
-        loss = a.kd_weight * out["kd_loss"] + a.ce_weight * out["ce_loss"]
-        return {"loss": loss, "kd_loss": out["kd_loss"].detach(), "ce_loss": out["ce_loss"].detach(),
-                "agreement": out["agreement"].detach(), "frames": int(batch["codes_lengths"].sum())}
+        phoneme = a.phoneme_ctc_weight * out["phoneme_ctc_loss"] if "phoneme_ctc_loss" in out else 0.0
+        if alignment_phase:
+            loss = out["ctc_loss"] + phoneme
+        else:
+            loss = a.kd_weight * out["kd_loss"] + a.ce_weight * out["ce_loss"] + a.ctc_weight * out["ctc_loss"]
+        logged = {key: value.detach() for key, value in out.items()}
+        return {"loss": loss, **logged, "alignment_phase": float(alignment_phase),
+                "frames": int(batch["features_lengths"].sum())}
 
     def validate(self, loader: Any) -> dict[str, float]:
-        """KD loss and agreement over the validation pairs, and the CER of "repeat" from audio alone
-        on the first `align.eval_clips` validation clips."""
-        sums, count = {"kd_loss": 0.0, "ce_loss": 0.0, "agreement": 0.0}, 0
+        """The alignment losses over the validation clips, and what the LLM hears in the first
+        `align.eval_clips` of them: 4-way choice accuracy (the best checkpoint's figure), judge margin,
+        "repeat" CER and adapter cosine (`ira eval understanding`'s figures), and what the soft tokens
+        spell when each is read as its nearest LLM token (CTC CER)."""
+        sums: dict[str, float] = {}
+        count = 0
         for batch in loader:
-            out = self._losses(batch)
+            out = self._losses(batch, alignment_phase=True)
             n = len(batch["instructions"])
-            for key in sums:
-                sums[key] += float(out[key]) * n
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * n
             count += n
         metrics = {f"val_{k}": v / max(count, 1) for k, v in sums.items()}
         self._last_replies = []
-        if self.cfg.align.eval_clips and REPEAT in self.tasks:
-            metrics["val_repeat_cer"], self._last_replies = self.repeat_cer(self.cfg.align.eval_clips)
+        n_clips = min(self.cfg.align.eval_clips, len(self.val_split))
+        if n_clips >= 4:
+            score = score_understanding(self.llm, self._val_audio_tokens, self.val_split.texts[:n_clips],
+                                        max_new_tokens=self.cfg.llm.max_new_tokens)
+            metrics.update(score.metrics(prefix="val_"))
+            self._understanding = {**score.metrics(), "clips": n_clips, "on": "validation clips"}
+            spelled = self.ctc.decode(self._val_audio_tokens(list(range(n_clips))))
+            metrics["val_ctc_cer"] = corpus_cer(self.val_split.texts[:n_clips],
+                                                [self.llm.tokenizer.decode(ids) for ids in spelled])
+            self._last_replies = [{"id": self.val_split.ids[i], **row} for i, row in enumerate(score.rows)]
         return metrics
 
-    @torch.no_grad()
-    def repeat_cer(self, n_clips: int, batch_size: int = 8) -> tuple[float, list[dict[str, Any]]]:
-        """CER of the LLM's "repeat" reply from audio alone vs the transcript, on validation clips."""
+    def _val_audio_tokens(self, indices: list[int]) -> torch.Tensor:
         device = next(self.adapter.parameters()).device
-        rows: list[dict[str, Any]] = []
-        indices = list(range(min(n_clips, len(self.val_split))))
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            codes, lengths = pad_codes([self.val_split.clip_codes(i)[:, : self.speech_lm.cfg.max_audio_frames]
-                                        for i in chunk])
-            audio = self.audio_tokens(codes.to(device), lengths.to(device))
-            inputs = build_student_inputs(self.llm, [TASK_INSTRUCTIONS[REPEAT]] * len(chunk), audio, None)
-            replies = generate_reply(self.llm, inputs, max_new_tokens=self.cfg.llm.max_new_tokens)
-            for i, reply in zip(chunk, replies):
-                text = self.val_split.texts[i]
-                rows.append({"id": self.val_split.ids[i], "transcript": text, "reply": reply,
-                             "cer": character_error_rate(text, reply)})
-        cer = corpus_cer([r["transcript"] for r in rows], [r["reply"] for r in rows]) if rows else float("nan")
-        return cer, rows
+        features = [self.features["val"].clip_features(i).float() for i in indices]
+        lengths = torch.tensor([f.shape[0] for f in features], device=device)
+        padded = torch.nn.utils.rnn.pad_sequence(features, batch_first=True).to(device)
+        mask = torch.arange(padded.shape[1], device=device)[None] < lengths[:, None]
+        return self.adapter(padded, mask)
 
     def on_validation_end(self, step: int, out_dir: Path) -> list[str]:
         """Write what the LLM heard in the validation clips just scored (transcript vs reply)."""
@@ -251,6 +323,12 @@ class Stage2Task(TrainingTask):
         path = out_dir / "replies.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in self._last_replies))
         return [str(path)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps_done": self._steps_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._steps_done = int(state.get("steps_done", 0))
 
     def checkpoint_metadata(self) -> dict[str, str]:
         meta = {key: self.source.metadata[key] for key in ("codec_fingerprint", "codec_meta", "tokenizer",
@@ -261,6 +339,8 @@ class Stage2Task(TrainingTask):
         meta["llm"] = json.dumps({"name": self.llm.name, "source": self.llm.source, "bundled": self.llm.bundled,
                                   "hidden_size": self.llm.hidden_size})
         meta["align_tasks"] = ",".join(self.tasks)
+        if self._understanding is not None:  # what the app shows next to "the LLM can answer about its audio"
+            meta["understanding"] = json.dumps(self._understanding)
         return meta
 
 

@@ -40,14 +40,14 @@ from ira.data.prepare import ensure_prepared
 from ira.data.token_cache import TokenSplit, load_split
 from ira.models.llm import LoadedLLM, load_llm
 from ira.models.speech_lm import SpeechLM
-from ira.models.splice import build_student_inputs, generate_reply
+from ira.models.splice import build_student_inputs, generate_reply, reply_log_likelihood
 from ira.speaker import min_frames_for
 from ira.text_metrics import corpus_cer
 from ira.training.checkpoint import Checkpoint, load_checkpoint, require_stage
 from ira.training.components import (CodecState, codec_from_checkpoint, speech_lm_from_checkpoint,
                                      style_encoder_from_checkpoint, tokenizer_from_checkpoint)
 from ira.training.engine import FitResult, Trainer
-from ira.training.ppo import (AdaptiveKLController, explained_variance, gae, masked_mean, masked_whiten,
+from ira.training.ppo import (AdaptiveKLController, explained_variance, gae, masked_whiten,
                               ppo_losses, shaped_rewards)
 from ira.training.stage2 import process_device
 from ira.training.task import TrainingTask
@@ -235,15 +235,10 @@ class Stage3Task(TrainingTask):
     @torch.no_grad()
     def judge(self, samples: dict[str, Any], texts: list[str], descriptions: list[str]) -> dict[str, torch.Tensor]:
         """Semantic score (LLM's mean log-likelihood per token of the text, from the audio) and style score."""
-        features, mask = self.reference.audio_features(samples["codes"], samples["codes_lengths"])
+        features, mask = self.reference.audio_features(samples["codes"], samples["codes_lengths"],
+                                                       layer=self.adapter.cfg.feature_layer)
         audio = self.adapter(features, mask)
-        inputs = build_student_inputs(self.llm, [JUDGE_INSTRUCTION] * len(texts), audio, texts)
-        logits = self.llm.model(**inputs.model_inputs(), use_cache=False).logits
-        targets = inputs.labels[:, 1:]
-        keep = targets != -100
-        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(
-            -1, targets.clamp(min=0)[..., None]).squeeze(-1)
-        semantic = masked_mean(log_probs, keep, dim=1)
+        semantic = reply_log_likelihood(self.llm, [JUDGE_INSTRUCTION] * len(texts), audio, texts)
         style = torch.zeros_like(semantic)
         if self.style_encoder is not None and samples.get("style") is not None:
             style = (self._audio_style(samples) * samples["style"].to(semantic.device)).sum(-1)
@@ -326,7 +321,8 @@ class Stage3Task(TrainingTask):
             scores = self.judge(samples, batch["texts"], batch["descriptions"])
             logprobs, _, mask, _ = step_logprobs(self.policy, samples)
             ref_logprobs, _, _, _ = step_logprobs(self.reference, samples)
-            features, feature_mask = self.reference.audio_features(samples["codes"], samples["codes_lengths"])
+            features, feature_mask = self.reference.audio_features(
+                samples["codes"], samples["codes_lengths"], layer=self.adapter.cfg.feature_layer)
             inputs = build_student_inputs(self.llm, [JUDGE_INSTRUCTION] * len(batch["texts"]),
                                           self.adapter(features, feature_mask), None)
             heard = generate_reply(self.llm, inputs, max_new_tokens=self.cfg.llm.max_new_tokens)
@@ -352,7 +348,8 @@ class Stage3Task(TrainingTask):
     # -- checkpoint -------------------------------------------------------------------------------
 
     def checkpoint_metadata(self) -> dict[str, str]:
-        keys = ("codec_fingerprint", "codec_meta", "tokenizer", "speech_lm", "adapter", "llm", "align_tasks")
+        keys = ("codec_fingerprint", "codec_meta", "tokenizer", "speech_lm", "adapter", "llm", "align_tasks",
+                "understanding")
         meta = {key: self.source.metadata[key] for key in keys if key in self.source.metadata}
         if self.style_encoder is not None:
             meta.update(self.style_encoder.metadata())

@@ -21,10 +21,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ira.models.splice import REPEAT_INSTRUCTION
+
 Progress = Callable[[float, str], None]
 
 TASK_INSTRUCTIONS: dict[str, str] = {
-    "repeat": "Repeat exactly what was said, word for word.",
+    "repeat": REPEAT_INSTRUCTION,
     "summarise": "Summarise what was said in one short sentence.",
     "question": "What is the speaker talking about? Answer in a few words.",
 }
