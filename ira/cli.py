@@ -198,6 +198,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_heldout_args(parser: argparse.ArgumentParser, checkpoint_help: str, minimum: int = 1) -> None:
+    """--checkpoint, --sentences and --limit of the `ira eval` commands."""
+    parser.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    parser.add_argument("--sentences", default=None, help="a file of sentences, one a line (default: the "
+                                                          "bundled held-out set)")
+    at_least = f" (at least {minimum})" if minimum > 1 else ""
+    parser.add_argument("--limit", type=int, default=None, help=f"only the first N sentences{at_least}")
+
+
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     from ira.speaker import SamplingSettings
     d = SamplingSettings()
@@ -379,10 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="eval_command", required=True)
     p = evaluate.add_parser("speech", help="intelligibility: held-out sentences spoken, heard by an offline ASR "
                                            "(WER / CER), next to the codec's own ceiling")
-    p.add_argument("--checkpoint", required=True, help="a stage 1, 2 or 3 checkpoint")
-    p.add_argument("--sentences", default=None, help="a file of sentences, one a line (default: the bundled "
-                                                     "held-out set)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N sentences")
+    add_heldout_args(p, "a stage 1, 2 or 3 checkpoint")
     p.add_argument("--style", default=None, help="a voice description to speak them with (default: none)")
     p.add_argument("--no-ceiling", dest="no_ceiling", action="store_true", help="skip the eSpeak / codec ceiling")
     p.add_argument("--int8", action="store_true", help="int8 weights for the SpeechLM (CPU only)")
@@ -392,10 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_speech)
     p = evaluate.add_parser("understanding", help="does the LLM hear? held-out speech through the adapter: "
                                                   "4-way choice accuracy, judge margin, repeat CER, adapter cosine")
-    p.add_argument("--checkpoint", required=True, help="a stage 2 or 3 checkpoint")
-    p.add_argument("--sentences", default=None, help="a file of sentences, one a line (default: the bundled "
-                                                     "held-out set)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N sentences (at least 4)")
+    add_heldout_args(p, "a stage 2 or 3 checkpoint", minimum=4)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--show", dest="verbose_items", action="store_true", help="print every reply")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every figure and reply to FILE")

@@ -37,7 +37,7 @@ from ira.eval.understanding import score_understanding
 from ira.hardware import resolve_device
 from ira.models.adapter import PerceiverAdapter
 from ira.models.llm import LoadedLLM, load_llm
-from ira.models.splice import SplicedBatch, build_student_inputs, build_teacher_inputs, generate_reply
+from ira.models.splice import SplicedBatch, build_student_inputs, build_teacher_inputs
 from ira.text_metrics import corpus_cer
 from ira.training.checkpoint import Checkpoint, load_checkpoint, require_stage
 from ira.training.components import (CodecState, codec_from_checkpoint, speech_lm_from_checkpoint,
@@ -216,12 +216,6 @@ class Stage2Task(TrainingTask):
 
     # -- one step ---------------------------------------------------------------------------------
 
-    def audio_tokens(self, codes: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Codes -> the adapter's LLM-space vectors [B, n_latents, H] (SpeechLM frozen, audio alone)."""
-        with torch.no_grad():
-            features, mask = self.speech_lm.audio_features(codes, lengths, layer=self.adapter.cfg.feature_layer)
-        return self.adapter(features, mask)
-
     @property
     def in_alignment_phase(self) -> bool:
         return self._steps_done < self.cfg.align.ctc_steps
@@ -298,23 +292,24 @@ class Stage2Task(TrainingTask):
         self._last_replies = []
         n_clips = min(self.cfg.align.eval_clips, len(self.val_split))
         if n_clips >= 4:
-            score = score_understanding(self.llm, self._val_audio_tokens, self.val_split.texts[:n_clips],
+            tokens = self._val_soft_tokens(n_clips)
+            score = score_understanding(self.llm, lambda indices: tokens[indices], self.val_split.texts[:n_clips],
                                         max_new_tokens=self.cfg.llm.max_new_tokens)
             metrics.update(score.metrics(prefix="val_"))
             self._understanding = {**score.metrics(), "clips": n_clips, "on": "validation clips"}
-            spelled = self.ctc.decode(self._val_audio_tokens(list(range(n_clips))))
+            spelled = self.ctc.decode(tokens)
             metrics["val_ctc_cer"] = corpus_cer(self.val_split.texts[:n_clips],
                                                 [self.llm.tokenizer.decode(ids) for ids in spelled])
             self._last_replies = [{"id": self.val_split.ids[i], **row} for i, row in enumerate(score.rows)]
         return metrics
 
-    def _val_audio_tokens(self, indices: list[int]) -> torch.Tensor:
+    def _val_soft_tokens(self, n_clips: int) -> torch.Tensor:
+        """The adapter's soft tokens [n_clips, N, H] of the first validation clips (from the feature cache)."""
         device = next(self.adapter.parameters()).device
-        features = [self.features["val"].clip_features(i).float() for i in indices]
-        lengths = torch.tensor([f.shape[0] for f in features], device=device)
-        padded = torch.nn.utils.rnn.pad_sequence(features, batch_first=True).to(device)
-        mask = torch.arange(padded.shape[1], device=device)[None] < lengths[:, None]
-        return self.adapter(padded, mask)
+        features = [self.features["val"].clip_features(i) for i in range(n_clips)]
+        batch = {"features": torch.nn.utils.rnn.pad_sequence(features, batch_first=True).to(device),
+                 "features_lengths": torch.tensor([f.shape[0] for f in features])}
+        return self.batch_soft_tokens(batch)[0]
 
     def on_validation_end(self, step: int, out_dir: Path) -> list[str]:
         """Write what the LLM heard in the validation clips just scored (transcript vs reply)."""
