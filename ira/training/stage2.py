@@ -37,7 +37,7 @@ from ira.eval.understanding import score_understanding
 from ira.hardware import resolve_device
 from ira.models.adapter import PerceiverAdapter
 from ira.models.llm import LoadedLLM, load_llm
-from ira.models.splice import SplicedBatch, build_student_inputs, build_teacher_inputs
+from ira.models.splice import build_student_inputs, build_teacher_inputs, reply_logits
 from ira.text_metrics import corpus_cer
 from ira.training.checkpoint import Checkpoint, load_checkpoint, require_stage
 from ira.training.components import (CodecState, codec_from_checkpoint, speech_lm_from_checkpoint,
@@ -249,17 +249,14 @@ class Stage2Task(TrainingTask):
         student_in = build_student_inputs(self.llm, instructions, audio[:k], responses)
         with torch.no_grad():
             teacher_in = build_teacher_inputs(self.llm, instructions, transcripts, responses)
-            teacher = response_logits(self._forward_llm(teacher_in), teacher_in.labels)[0]
-        student, targets, rows = response_logits(self._forward_llm(student_in), student_in.labels)
+            teacher = response_logits(*reply_logits(self.llm, teacher_in))[0]
+        student, targets, rows = response_logits(*reply_logits(self.llm, student_in))
         if student.shape != teacher.shape:
             raise RuntimeError(f"teacher and student replies differ in length ({teacher.shape[0]} vs "
                                f"{student.shape[0]} tokens): the splice layout is inconsistent")
         ce_rows = batch["is_repeat"][:k].to(rows.device)[rows]
         out.update(distillation_losses(student, teacher, targets, ce_rows, self.cfg.align.kd_temperature))
         return out
-
-    def _forward_llm(self, inputs: SplicedBatch) -> torch.Tensor:
-        return self.llm.model(**inputs.model_inputs(), use_cache=False).logits
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         alignment_phase = self.in_alignment_phase
