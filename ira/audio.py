@@ -105,9 +105,17 @@ def trim_silence(wav: torch.Tensor, sr: int, top_db: float = 40.0, pad_ms: float
     return wav[start:end]
 
 
+def check_output_file(path: str | Path) -> Path:
+    """A path audio may be written to (checked before minutes of generation, not after)."""
+    path = Path(path)
+    if path.is_dir():
+        raise AudioError(f"{path} is a folder; give the file to write, e.g. {path / 'speech.wav'}")
+    return path
+
+
 def save_audio(path: str | Path, wav: torch.Tensor | np.ndarray, sample_rate: int) -> Path:
     """Write a mono 16-bit WAV atomically; samples are clipped to [-1, 1] (never wrapped)."""
-    path = Path(path)
+    path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = to_mono(torch.as_tensor(wav).detach().cpu()).numpy()
     if not np.isfinite(data).all():

@@ -8,7 +8,7 @@ import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from tqdm import tqdm
 
@@ -147,8 +147,15 @@ TRAIN_STAGES = {
 }
 
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
+"""`ira` exit codes: finished; failed (NaN, out of memory, an unreadable file...); a bad config key or
+argument; a training stopped before its end (STOP file, Ctrl-C, SIGTERM: resume it with
+--resume_checkpoint <output_dir>/stage<N>_latest.safetensors)."""
+
+
 def run_training(stage: str, cfg: IRAConfig, resume_from: str | None = None) -> int:
-    """Run one stage; exit code 0 when it finished or was stopped cleanly, 1 on NaN / out of memory."""
+    """Run one stage; exit code EXIT_OK when it finished (steps, epochs or time budget), EXIT_STOPPED when
+    it was stopped before that, EXIT_FAILED on NaN / out of memory."""
     import importlib
 
     module_name, function_name = TRAIN_STAGES[stage].split(":")
@@ -158,7 +165,7 @@ def run_training(stage: str, cfg: IRAConfig, resume_from: str | None = None) -> 
     if result.last_checkpoint:
         print(f"checkpoint: {result.last_checkpoint}")
     print(f"metrics: {result.metrics_path}")
-    return 0 if result.ok else 1
+    return {"done": EXIT_OK, "stopped": EXIT_STOPPED}.get(result.status, EXIT_FAILED)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -181,9 +188,11 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 # --- ira generate ---------------------------------------------------------------------------------
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from ira.audio import check_output_file
     from ira.inference import IRAPipeline
     from ira.speaker import SamplingSettings, Speaker
 
+    check_output_file(args.output)
     pipeline = IRAPipeline(Speaker.from_checkpoint(args.checkpoint, device=args.device, int8=args.int8))
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 cfg_scale=args.cfg_scale, max_seconds=args.max_seconds, seed=args.seed)
@@ -356,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_args(q)
     p = data.add_parser("prepare", help="validate, annotate, fit the codec and cache the tokens")
     p.add_argument("--dir", default=None, help="corpus folder (default: data.dir)")
-    p.add_argument("--force", action="store_true", help="rebuild even when the cache is fresh")
+    p.add_argument("--force", action="store_true", help="rebuild even when the cache is fresh, and refit the MelCodec "
+                   "(a corpus that grew keeps its codec otherwise, so its checkpoints still resume)")
     add_config_args(p)
     p.set_defaults(func=cmd_data_prepare)
 
@@ -436,14 +446,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    return run_reporting_errors(lambda: args.func(args))
+
+
+def run_reporting_errors(command: Callable[[], Optional[int]]) -> int:
+    """Run a command the way `ira` runs its own (the scripts/ tools too): a mistake the package explains
+    (a bad config key, a missing or wrong checkpoint, unreadable audio) is one `error:` line on stderr and
+    its exit code, never a traceback."""
     try:
-        return int(args.func(args) or 0)
+        return int(command() or 0)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

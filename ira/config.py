@@ -12,7 +12,7 @@ import difflib
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -496,6 +496,15 @@ class IRAConfig:
                 training = dataclasses.replace(training, **{key: getattr(own, key)})
         return dataclasses.replace(self, training=training)
 
+    def with_sections_of(self, stored: "IRAConfig", names: Sequence[str]) -> tuple["IRAConfig", list[str]]:
+        """This config with sections `names` taken from `stored` (a checkpoint's config: the parts those
+        sections describe are loaded from it, not built), and the settings of this config that are
+        therefore not used, as "speech_lm.d_model=512 (the checkpoint's: 256)"."""
+        unused = [f"{name}.{key}={value!r} (the checkpoint's: {getattr(getattr(stored, name), key)!r})"
+                  for name in names for key, value in dataclasses.asdict(getattr(self, name)).items()
+                  if getattr(getattr(stored, name), key) != value]
+        return dataclasses.replace(self, **{name: getattr(stored, name) for name in names}).validate(), unused
+
     def save(self, path: str | Path) -> None:
         """Write the config as YAML (atomically)."""
         path = Path(path)
@@ -663,7 +672,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> IRAConf
                           f"{', '.join(str(CONFIG_DIR / f) for f in PRESET_FILES.values())} "
                           f"or a preset name ({', '.join(PRESETS)})", str(path))
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError("<file>", f"is not a text file (byte {exc.start} is not UTF-8); a config is a YAML "
+                          f"file like {CONFIG_DIR / PRESET_FILES['cpu']}", str(path)) from exc
     except yaml.YAMLError as exc:
         raise ConfigError("<file>", f"is not valid YAML: {exc}", str(path)) from exc
     config = config_from_dict(raw, source=str(path))

@@ -24,7 +24,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from ira.audio import save_audio as _write_wav
 from ira.listener import DEFAULT_PROMPT, Listener
 from ira.models.llm import LoadedLLM
 from ira.speaker import SamplingSettings, Speaker, SpeechResult
-from ira.training.checkpoint import CheckpointError, read_header, require_stage
+from ira.checkpoint import CheckpointError, read_header, require_stage
 
 log = logging.getLogger(__name__)
 
@@ -48,30 +48,36 @@ class PipelineError(RuntimeError):
 
 def create_pipeline_from_checkpoints(speech_lm_checkpoint: str | Path, llm_name_or_path: Optional[str] = None,
                                      adapter_checkpoint: Optional[str | Path] = None, device: str = "auto",
-                                     llm: Optional[LoadedLLM] = None, llm_quantization: Optional[str] = None
-                                     ) -> "IRAPipeline":
+                                     llm: Optional[LoadedLLM] = None, llm_quantization: Optional[str] = None,
+                                     progress: Optional[Callable[[float, str], None]] = None) -> "IRAPipeline":
     """Build a pipeline from a stage 1, 2 or 3 checkpoint (speaking) and, for answering, the adapter of a
     stage 2 or 3 checkpoint (`adapter_checkpoint`, or the speech checkpoint itself when it holds one).
 
     `llm_name_or_path`: "bundled", a hub id or a local folder; None uses the LLM the adapter was aligned
     to (recorded in its checkpoint). `llm` passes an LLM already loaded (the app and tests share one).
     A speech checkpoint without an adapter, and no `adapter_checkpoint`, gives a pipeline that speaks
-    and says clearly, when asked to answer, that it cannot.
+    and says clearly, when asked to answer, that it cannot. `progress(fraction, message)` hears what loads.
     """
+    report = progress or (lambda fraction, message: None)
+    report(0.0, f"loading the SpeechLM, codec and style encoder of {Path(speech_lm_checkpoint).name}")
     speaker = Speaker.from_checkpoint(speech_lm_checkpoint, device=device)
     listener_source = _adapter_source(speech_lm_checkpoint, adapter_checkpoint)
     listener, why_not = None, None
     if listener_source is None:
-        why_not = (f"{speech_lm_checkpoint} holds no adapter, so the LLM cannot hear its speech; pass "
-                   f"adapter_checkpoint=<a stage 2 or 3 checkpoint> (train one with `ira train --stage 2`)")
+        # Plain words, no <placeholder>: the app shows this text as Markdown, where <...> vanishes as a tag.
+        why_not = (f"{Path(speech_lm_checkpoint).name} holds no adapter, so the LLM cannot hear its speech: use a "
+                   f"stage-2 or stage-3 checkpoint (train stage 2 from this one), or in Python pass "
+                   f"adapter_checkpoint=PATH of one")
     else:
         llm_config = None
         if llm is None and (llm_name_or_path is not None or llm_quantization is not None):
             recorded = read_header(listener_source).ira_config().llm
             llm_config = replace(recorded, name=llm_name_or_path or recorded.name,
                                  quantization=llm_quantization or recorded.quantization)
+        report(0.5, f"loading the LLM and the adapter of {Path(listener_source).name} (the LLM once per app)")
         listener = Listener.from_checkpoint(listener_source, device=str(speaker.device), llm=llm,
                                             llm_config=llm_config)
+    report(1.0, "loaded")
     return IRAPipeline(speaker, listener, why_not)
 
 

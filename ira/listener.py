@@ -16,37 +16,19 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ira.audio import load_audio, prepare_waveform
+from ira.checkpoint import Checkpoint, CheckpointError, load_checkpoint, require_stage
 from ira.codec.base import Codec
 from ira.config import IRAConfig, LLMConfig
 from ira.hardware import resolve_device
 from ira.models.adapter import PerceiverAdapter
+from ira.models.hub import adapter_from_checkpoint, codec_from_checkpoint, feature_speech_lm_from_checkpoint
 from ira.models.llm import LoadedLLM, load_llm
 from ira.models.speech_lm import SpeechLM
 from ira.models.splice import build_student_inputs, generate_reply
-from ira.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, require_stage
-from ira.training.components import codec_from_checkpoint, speech_lm_from_checkpoint
 
 UNDERSTANDING_STAGES = ("2", "3")
 DEFAULT_PROMPT = "What did the speaker say?"
 MIN_SECONDS = 0.25
-
-
-def adapter_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") -> PerceiverAdapter:
-    if "adapter" not in ckpt.modules or "adapter" not in ckpt.metadata:
-        raise CheckpointError(f"{ckpt.path} (stage {ckpt.stage}) holds no adapter; understanding speech needs a "
-                              f"stage-2 checkpoint (`ira train --stage 2 --resume_checkpoint <stage 1>`)")
-    adapter = PerceiverAdapter.from_config_dict(json.loads(ckpt.metadata["adapter"]))
-    ckpt.load_into("adapter", adapter)
-    for p in adapter.parameters():
-        p.requires_grad_(False)
-    return adapter.to(device).eval()
-
-
-def feature_speech_lm_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") -> SpeechLM:
-    """The SpeechLM whose features the adapter was trained on: the stage-2 model. In a stage-3 checkpoint
-    that is the frozen reference, not the PPO policy (whose hidden states have drifted from it)."""
-    module = "reference" if "reference" in ckpt.modules else "speech_lm"
-    return speech_lm_from_checkpoint(ckpt, device, module=module)
 
 
 def llm_config_for(ckpt: Checkpoint, override: Optional[LLMConfig] = None) -> LLMConfig:

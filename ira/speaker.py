@@ -15,22 +15,17 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ira.audio import load_audio, prepare_waveform
+from ira.checkpoint import load_checkpoint, require_stage
 from ira.codec.base import Codec
 from ira.hardware import resolve_device
+from ira.models.hub import (codec_from_checkpoint, speech_lm_from_checkpoint, style_encoder_from_checkpoint,
+                            tokenizer_from_checkpoint)
+from ira.models.reading_rate import min_frames_for
 from ira.models.speech_lm import SpeechLM
-from ira.training.checkpoint import load_checkpoint, require_stage
-from ira.training.components import (codec_from_checkpoint, speech_lm_from_checkpoint, style_encoder_from_checkpoint,
-                                     tokenizer_from_checkpoint)
 
 SPEECH_STAGES = ("1", "2", "3")
 CHARS_PER_SECOND = 10.0       # a slow speaking rate: bounds the length of generated speech
-FASTEST_CHARS_PER_SECOND = 25.0  # faster than anyone reads: speech may not end before this
 MIN_SECONDS = 2.0
-
-
-def min_frames_for(text: str, frame_rate: float) -> int:
-    """No end of speech before the fastest plausible reading of `text` (an early EOS cuts words off)."""
-    return int(len(text.strip()) / FASTEST_CHARS_PER_SECOND * frame_rate)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from ira.audio import AudioError, load_audio
 from ira.codec.mel import SAMPLE_RATE, log_mel
 from ira.data.corpus import METADATA, read_metadata, wav_path
 from ira.models.style import FRAME_RATE, StyleEncoder, log_mel_input
-from ira.training.checkpoint import atomic_write, read_metadata as read_checkpoint_metadata
+from ira.checkpoint import atomic_write, read_metadata as read_checkpoint_metadata
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]

@@ -81,4 +81,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    raise SystemExit(main())
+    from ira.cli import run_reporting_errors
+
+    raise SystemExit(run_reporting_errors(main))

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from ira.training.checkpoint import load_checkpoint, require_stage
+from ira.checkpoint import load_checkpoint, require_stage
 from ira.training.stage3 import Stage3Task
 
 
@@ -54,4 +54,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ira.cli import run_reporting_errors
+
+    sys.exit(run_reporting_errors(main))

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config:
             cfg = load_config(args.config, args.set)
         else:
-            from ira.training.checkpoint import load_checkpoint
+            from ira.checkpoint import load_checkpoint
 
             cfg = load_checkpoint(args.checkpoint).ira_config().with_overrides(args.set)
     m = evaluate_checkpoint(args.checkpoint, cfg, split=args.split, family=args.family,
@@ -68,4 +68,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ira.cli import run_reporting_errors
+
+    sys.exit(run_reporting_errors(main))

@@ -70,4 +70,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ira.cli import run_reporting_errors
+
+    sys.exit(run_reporting_errors(main))

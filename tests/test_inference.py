@@ -168,3 +168,13 @@ def test_streaming_can_be_resumed_from_other_threads(tiny_stage2):
     assert isinstance(errors[0], StopIteration), errors[0]
     assert len(pulled) == len(same_thread) > 1
     assert all(torch.equal(a, b) for (a, _), b in zip(pulled, same_thread))
+
+
+def test_loading_a_pipeline_says_what_it_loads(tiny_stage2, bundled_llm):
+    """The app's first Generate waits on this: it must say what loads, not sit at 0%."""
+    seen: list[tuple[float, str]] = []
+    create_pipeline_from_checkpoints(tiny_stage2[3].last_checkpoint, device="cpu", llm=bundled_llm,
+                                     progress=lambda fraction, message: seen.append((fraction, message)))
+    assert seen[0][0] == 0.0 and "SpeechLM" in seen[0][1] and "stage2_" in seen[0][1]
+    assert any("LLM" in message for _, message in seen) and seen[-1] == (1.0, "loaded")
+    assert [f for f, _ in seen] == sorted(f for f, _ in seen)

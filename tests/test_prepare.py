@@ -11,7 +11,7 @@ import torch
 from ira.config import load_config
 from ira.data.corpus import read_metadata
 from ira.data.dummy import create_dummy_corpus
-from ira.data.prepare import cache_is_fresh, prepare_corpus, sentence_key, split_of
+from ira.data.prepare import cache_is_fresh, data_hash, prepare_corpus, sentence_key, split_of
 from ira.data.token_cache import load_split
 
 FAST_MEL = ["codec.name=mel", "codec.mel_n_codebooks=2", "codec.mel_codebook_size=16", "codec.mel_kmeans_iters=3",
@@ -92,6 +92,23 @@ def test_stale_cache_is_rebuilt_when_data_changes(tmp_path, corpus):
     assert not cache_is_fresh(cfg)
     second = prepare_corpus(cfg)
     assert second.rebuilt and second.kept == first.kept + 1
+
+
+def test_a_grown_corpus_keeps_its_codec_so_checkpoints_still_resume(tmp_path, corpus):
+    data = tmp_path / "c"
+    shutil.copytree(corpus, data)
+    cfg = _cfg(data)
+    first = prepare_corpus(cfg)
+    speech, sr = sf.read(str(next((data / "wavs").glob("*.wav"))), dtype="float32")
+    _append_clip(data, "extra", "one more clip", speech, sr)
+    grown = prepare_corpus(cfg)
+    assert grown.rebuilt and grown.kept == first.kept + 1
+    assert grown.codec.fingerprint == first.codec.fingerprint          # tokens of the same codec
+    assert sorted(grown.cache_files) == sorted(first.cache_files) and cache_is_fresh(cfg)
+    stamp = data / "codec" / "mel_codec.json"
+    assert json.loads(stamp.read_text())["data_hash"] != data_hash(data, cfg)   # fitted on the corpus before
+    refit = prepare_corpus(cfg, force=True)                                      # a refit on request only
+    assert refit.rebuilt and json.loads(stamp.read_text())["data_hash"] == data_hash(data, cfg)
 
 
 def test_interrupted_cache_file_is_rebuilt(tmp_path, corpus):

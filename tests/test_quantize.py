@@ -5,7 +5,7 @@ import torch
 
 from ira.models.quantize import Int8Linear, quantization_quality, quantize_int8
 from ira.training.checkpoint import load_checkpoint
-from ira.training.components import speech_lm_from_checkpoint, tokenizer_from_checkpoint
+from ira.models.hub import speech_lm_from_checkpoint, tokenizer_from_checkpoint
 
 AGREEMENT_THRESHOLD = 0.9
 """Share of teacher-forced (frame, codebook) argmax tokens int8 must keep equal to fp32 on a trained model."""

@@ -14,7 +14,7 @@ from ira.data.token_cache import TokenSplit
 from ira.eval import asr
 from ira.training.checkpoint import (CheckpointError, check_compatible, load_checkpoint, read_metadata,
                                      train_state_path)
-from ira.training.components import codec_from_checkpoint, speech_lm_from_checkpoint, tokenizer_from_checkpoint
+from ira.models.hub import codec_from_checkpoint, speech_lm_from_checkpoint, tokenizer_from_checkpoint
 from ira.training.metrics_log import read_metrics
 from ira.training.stage1 import run_stage1, unigram_cross_entropy
 

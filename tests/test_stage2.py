@@ -11,7 +11,7 @@ from ira.models.splice import build_student_inputs
 from ira.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ira.training.metrics_log import read_metrics
 from ira.training.stage2 import Stage2Task, distillation_losses, run_stage2
-from ira.training.teacher_responses import TASK_INSTRUCTIONS, build_teacher_responses
+from ira.training.teacher_responses import build_teacher_responses
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -121,7 +121,7 @@ def test_feature_cache_is_rebuilt_when_stale_and_never_half_read(runs, tmp_path)
     from ira.data.prepare import ensure_prepared
     from ira.data.token_cache import load_split
     from ira.training import feature_cache
-    from ira.training.components import speech_lm_from_checkpoint
+    from ira.models.hub import speech_lm_from_checkpoint
 
     root, cfg, stage1, _, _ = runs
     model = speech_lm_from_checkpoint(load_checkpoint(stage1.last_checkpoint)).eval()

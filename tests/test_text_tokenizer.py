@@ -110,7 +110,7 @@ def test_phoneme_tokenizer_round_trips_through_its_dict_and_a_checkpoint(tmp_pat
     from ira.config import IRAConfig, SpeechLMConfig
     from ira.models.speech_lm import SpeechLM
     from ira.training.checkpoint import load_checkpoint, save_checkpoint
-    from ira.training.components import tokenizer_from_checkpoint
+    from ira.models.hub import tokenizer_from_checkpoint
 
     tok = PhonemeTokenizer("en-gb-scotland")
     again = text_tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import soundfile as sf
+import torch
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -50,7 +51,9 @@ for step in range(1, steps + 1):
         wav.parent.mkdir(parents=True, exist_ok=True)
         import numpy as np, soundfile as sf
         sf.write(wav, np.zeros(2400, dtype="float32"), 24000)
-        write({"event": "samples", "step": step, "paths": [str(wav)]})
+        replies = wav.parent / "replies.jsonl"
+        replies.write_text(json.dumps({"transcript": "a cat", "reply": "a cap", "cer": 0.2}) + "\n")
+        write({"event": "samples", "step": step, "paths": [str(replies), str(wav)]})
     if (out / "STOP").exists():
         write({"event": "stopped", "step": step, "message": f"Stopped at step {step}"})
         (out / "STOP").unlink(); sys.exit(0)
@@ -158,6 +161,21 @@ def test_workspace_resolve_unit(tmp_path: Path):
         ws.corpus_dir("a/b")
 
 
+def test_corpora_linked_from_outside_are_not_listed_and_are_named(tmp_path: Path):
+    from ui.data_tab import outside_links_note
+
+    ws = Workspace.create(tmp_path / "ws")
+    create_dummy_corpus(tmp_path / "elsewhere", num_clips=2)
+    create_dummy_corpus(ws.root / "uploads" / "mine", num_clips=2)
+    (ws.data_dir / "outside").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (ws.data_dir / "inside").symlink_to(ws.root / "uploads" / "mine", target_is_directory=True)
+    assert ws.list_corpora() == ["inside"]            # listed only when every use of it would be allowed
+    assert ws.links_outside() == ["outside"]
+    assert "`outside`" in outside_links_note(ws) and "never follows" in outside_links_note(ws)
+    with pytest.raises(WorkspaceError, match="not followed. Copy the files"):
+        ws.resolve("data/outside")
+
+
 def test_train_tab_watches_and_stops_a_job(app):
     create_dummy_corpus(app.root / "data" / "for_training", num_clips=3)
     form = dict(stage="1", run_name="watched", preset="cpu", corpus="for_training", checkpoint="(none)", epochs=1,
@@ -178,7 +196,7 @@ def test_train_tab_watches_and_stops_a_job(app):
 
     deadline = time.time() + 30
     while True:
-        status, loss, metric, metric_plot, log, sample = app.client.predict("watched", None,
+        status, loss, metric, metric_plot, log, sample, replies = app.client.predict("watched", None,
                                                                            api_name="/training_status")
         if value(sample) or time.time() > deadline:
             break
@@ -187,7 +205,9 @@ def test_train_tab_watches_and_stops_a_job(app):
     series = {row["series"] for row in _plot_rows(loss)}
     assert series == {"train", "val"}
     assert value(metric) == "accuracy"
-    assert Path(value(sample)).name == "sample_0.wav"
+    assert Path(value(sample)).name == "sample_0.wav"   # the audio player is offered audio only
+    table = value(replies)
+    assert table["headers"] == ["transcript", "reply", "cer"] and table["data"][0][:2] == ["a cat", "a cap"]
 
     assert "STOPPING" in app.client.predict("watched", api_name="/stop_training")
     deadline = time.time() + 30
@@ -255,3 +275,54 @@ def test_plots_have_numeric_axes_before_the_first_point():
     assert names == [] and len(loss) == 0
     sent = gr.LinePlot(x="step", y="value", color="series").postprocess(loss)
     assert sent.datatypes["step"] == "quantitative" and sent.datatypes["value"] == "quantitative"
+
+
+def test_resume_and_reload_use_the_settings_the_run_was_started_with(app):
+    """A reload during a run must not change its settings: the form shows the run's own numbers, and Resume
+    continues with them even when the form says otherwise (issue: a 60-step run resumed toward 200)."""
+    from ui.runner import JobRecord, train_command
+    from ui.train_tab import run_settings, training_overrides
+
+    ws = Workspace.create(app.root)
+    create_dummy_corpus(app.root / "data" / "resumable", num_clips=3)
+    started = training_overrides(ws, "1", "resumable", "resumable_run", 1, 60, 2, 1e-3, FAST)
+    run_dir = app.root / "runs" / "resumable_run"
+    run_dir.mkdir(parents=True)
+    JobRecord(name="resumable_run", stage="1", command=train_command("1", "cpu", started), output_dir=str(run_dir),
+              log_path=str(run_dir / "train.log"), pid=2 ** 22 + 7, create_time=0.0, started=time.time() - 60,
+              ended=time.time() - 30, returncode=3).save()
+    settings = run_settings(ws, "resumable_run")
+    assert (settings.preset, settings.corpus, settings.max_steps, settings.batch_size, settings.learning_rate) == \
+        ("cpu", "resumable", 60, 2, 1e-3)
+    (run_dir / "stage1_latest.safetensors").write_bytes(b"not read by this test")
+    form = dict(stage="1", run_name="resumable_run", preset="laptop", corpus="resumable", checkpoint="(none)",
+                epochs=3, max_steps=200, batch_size=16, learning_rate=5e-2)
+    status = app.client.predict(**form, api_name="/resume_training")[0]
+    assert "with the settings it was started with" in status
+    command = JobRecord.load(run_dir).command
+    assert command[command.index("--config") + 1] == "cpu"
+    assert "training.max_steps=60" in command and "training.batch_size=2" in command
+    assert "training.max_steps=200" not in command and "training.batch_size=16" not in command
+    assert command[-2:] == ["--resume_checkpoint", str(run_dir / "stage1_latest.safetensors")]
+    deadline = time.time() + 60   # the child fails on the fake checkpoint; let it end before the next test
+    while app.runner.active() is not None and time.time() < deadline:
+        time.sleep(0.2)
+
+
+def test_wrong_checkpoint_stage_and_oversized_batch_are_refused_before_launch(tmp_path: Path):
+    import json as _json
+
+    from ira.checkpoint import save_checkpoint
+    from ui.train_tab import check_before_launch
+
+    ws = Workspace.create(tmp_path / "ws")
+    corpus = ws.data_dir / "small"
+    create_dummy_corpus(corpus, num_clips=3)
+    (corpus / "prepare_report.json").write_text(_json.dumps({"status": "done", "kept": 3, "train": 2, "val": 1}))
+    style = save_checkpoint(ws.runs_dir / "s" / "style_latest.safetensors", {"w": {"x": torch.zeros(1)}},
+                            stage="style", epoch=0, step=1, config={})
+    with pytest.raises(ValueError, match="stage-style checkpoint .* but stage 2 starts from stage 1"):
+        check_before_launch(ws, "2", "small", 2, style)
+    with pytest.raises(ValueError, match="Batch size 16 is larger than corpus 'small' \\(2 training clips\\)"):
+        check_before_launch(ws, "style", "small", 16, None)
+    check_before_launch(ws, "1", "small", 2, style)   # a style encoder is what stage 1 starts from

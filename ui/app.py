@@ -59,6 +59,8 @@ def build_app(workspace: str | Path | Workspace = "workspace", preset: str = "au
         lists = [train.corpus, train.prerequisite]
         data.built.success(train.refresh_lists, [*lists, train.stage], lists, api_visibility="private")
         train_tab.select(train.refresh_lists, [*lists, train.stage], lists, api_visibility="private")
+        # the Data tab's list as of now, not as of the app's start (corpora built since then are listed)
+        demo.load(data.refresh, data.corpus, data.corpus, api_visibility="private")
     demo.queue(max_size=QUEUE_SIZE)
     demo.ira_workspace = ws   # launch_app serves files from here (gr.Audio)
     return demo

@@ -211,6 +211,17 @@ def guarded(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
 class DataTab:
     corpus: gr.Dropdown           # the list of corpora (the Train tab reads the same list)
     built: Any                    # the dependency of the Build event, for `.then(...)`
+    refresh: Any                  # fn(current corpus) -> the dropdown with today's corpora (page load, ↻)
+
+
+def outside_links_note(ws: Workspace) -> str:
+    """Say which links under data/ are not listed (they point outside the workspace) instead of hiding them."""
+    links = ws.links_outside()
+    if not links:
+        return ""
+    names = ", ".join(f"`{name}`" for name in links[:5]) + (" ..." if len(links) > 5 else "")
+    return (f"\n\nNot listed: {names} under `{ws.relative(ws.data_dir)}/` link outside the workspace, which the "
+            "app never follows; copy those corpora into the workspace to use them.")
 
 
 def build_data_tab(ws: Workspace, preset: str, overrides: list[str]) -> DataTab:
@@ -219,7 +230,8 @@ def build_data_tab(ws: Workspace, preset: str, overrides: list[str]) -> DataTab:
     counts = {**DEFAULT_COUNTS, "synth": load_config(preset, overrides).data.synth_num_utterances}
     gr.Markdown("Build a corpus: its clips are checked, trimmed, annotated (pitch, rate, loudness -> "
                 "voice descriptions) and encoded once by the codec of the "
-                f"**{preset}** preset. Everything lands in `{ws.relative(ws.data_dir)}/` of the workspace.")
+                f"**{preset}** preset. Everything lands in `{ws.relative(ws.data_dir)}/` of the workspace."
+                + outside_links_note(ws))
     with gr.Row():
         with gr.Column(scale=2):
             source = gr.Radio(list(SOURCES), value="synth", label="Source")
@@ -306,7 +318,7 @@ def build_data_tab(ws: Workspace, preset: str, overrides: list[str]) -> DataTab:
     clip.input(on_clip, [corpus, clip], audio, api_name="clip_audio")
     clips.select(on_table_select, corpus, [clip, audio], api_visibility="private")
     refresh.click(on_refresh, corpus, corpus, api_name="list_corpora")
-    return DataTab(corpus=corpus, built=built)
+    return DataTab(corpus=corpus, built=built, refresh=on_refresh)
 
 
 def _warn_about(ws: Workspace, view: CorpusView) -> None:

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import gradio as gr
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 
 from ira.inference import RESPOND_PROMPT, IRAPipeline, create_pipeline_from_checkpoints
 from ira.speaker import SamplingSettings
-from ira.training.checkpoint import checkpoint_modules, read_metadata
+from ira.checkpoint import checkpoint_modules, read_metadata
 from ui.data_tab import guarded
 from ui.ffmpeg import ensure_ffmpeg_on_path
 from ui.workspace import Workspace
@@ -77,11 +77,11 @@ class PipelineCache:
         self._pipelines: dict[tuple[str, float], IRAPipeline] = {}
         self._lock = threading.Lock()
 
-    def get(self, path: Path) -> IRAPipeline:
+    def get(self, path: Path, progress: Optional[Callable[[float, str], None]] = None) -> IRAPipeline:
         key = (str(path), path.stat().st_mtime)
         with self._lock:
             if key not in self._pipelines:
-                pipeline = create_pipeline_from_checkpoints(path, device=self.device)
+                pipeline = create_pipeline_from_checkpoints(path, device=self.device, progress=progress)
                 while len(self._pipelines) >= self.limit:
                     self._pipelines.pop(next(iter(self._pipelines)))
                 self._pipelines[key] = pipeline
@@ -160,18 +160,19 @@ def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[
         with gr.Column(scale=2):
             reply = gr.Textbox(label="The LLM's answer", lines=4, interactive=False)
 
-    def pipeline_for(rel: Optional[str]) -> IRAPipeline:
+    def pipeline_for(rel: Optional[str], progress: Optional[gr.Progress] = None) -> IRAPipeline:
         if not rel:
             raise ValueError("choose a checkpoint (train stage 1 in the Train tab, then ↻ Refresh)")
-        return pipelines.get(ws.resolve(rel, must_exist=True))
+        say = (lambda fraction, message: progress(0.25 * fraction, desc=message)) if progress is not None else None
+        return pipelines.get(ws.resolve(rel, must_exist=True), say)
 
     def on_speak(rel: str, text_value: str, style_value: str, reference_path: Optional[str], question_value: str,
                  temp: float, k: float, p: float, cfg: float, seed_value: float, seconds: float,
                  progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
         start = time.perf_counter()
         settings = guarded("Settings", sampling_settings, temp, k, p, cfg, seed_value, seconds)
-        progress(0.0, desc="loading the checkpoint (the first time also the LLM)")
-        pipeline = guarded("Loading the checkpoint", pipeline_for, rel)
+        progress(0.0, desc="loading the checkpoint")
+        pipeline = guarded("Loading the checkpoint", pipeline_for, rel, progress)
         if pipeline.speaker.style_encoder is None and ((style_value or "").strip() or reference_path):
             gr.Warning("This checkpoint has no style encoder: the voice description and reference are ignored "
                        "(train stage 1 from a style checkpoint to use them).")

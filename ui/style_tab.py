@@ -23,8 +23,8 @@ from ira.data.corpus import METADATA
 from ira.models.style import StyleEncoder
 from ira.style_search import (DEFAULT_MAX_CLIPS, Neighbour, Progress, StyleIndex, compare, index_key,
                               nearest, style_index, style_map)
-from ira.training.checkpoint import checkpoint_modules, load_checkpoint, read_metadata
-from ira.training.components import style_encoder_from_checkpoint
+from ira.checkpoint import checkpoint_modules, load_checkpoint, read_metadata
+from ira.models.hub import style_encoder_from_checkpoint
 from ui.data_tab import clip_audio_path, guarded
 from ui.workspace import Workspace
 

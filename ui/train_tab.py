@@ -16,11 +16,11 @@ from typing import Any, Optional
 import gradio as gr
 import pandas as pd
 
-from ira.config import PRESETS, IRAConfig, load_config
+from ira.config import PRESETS, ConfigError, IRAConfig, load_config
 from ira.cli import TRAIN_STAGES
-from ira.training.checkpoint import latest_path
+from ira.checkpoint import CheckpointError, latest_path, read_header
 from ui.data_tab import guarded
-from ui.runner import JobError, JobRunner, JobStatus, format_eta, shell_quote, train_command
+from ui.runner import JobError, JobRecord, JobRunner, JobStatus, format_eta, shell_quote, train_command
 from ui.workspace import Workspace
 
 
@@ -36,7 +36,9 @@ OWN_SECTION = {"style": "style", "2": "align", "3": "ppo"}
 (`style.batch_size`, ...) rather than in `training`."""
 NONE = "(none)"
 REFRESH_S = 2.0
+LOG_LINES = 12
 MAX_POINTS = 1500
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg"}
 NOT_PLOTTED = {"time", "step", "epoch", "stage", "split", "event"}
 PLOT_COLUMNS = ["step", "value", "series"]
 
@@ -75,6 +77,74 @@ def training_overrides(ws: Workspace, stage: str, corpus: str, run: str, epochs:
     elif steps > 0:   # a stage with its own section always has a step budget: 0 keeps the preset's
         items.append(f"{section}.max_steps={steps}")
     return items
+
+
+STARTS_FROM = {"1": ("style", "1"), "2": ("1", "2", "3"), "3": ("2", "3")}
+"""The checkpoints a run of a stage can start from: what `ira train --resume_checkpoint` accepts (the previous
+stage's, or the same stage's to continue it), checked before launching."""
+
+
+def check_before_launch(ws: Workspace, stage: str, corpus: str, batch_size: float, start_checkpoint: Optional[Path]
+                        ) -> None:
+    """The mistakes that would otherwise surface only in the child's log ("FAILED · exit code 1"): a
+    checkpoint of the wrong stage, a batch larger than the prepared corpus's training split."""
+    if start_checkpoint is not None and stage in STARTS_FROM:
+        try:
+            found = read_header(start_checkpoint).stage
+        except CheckpointError as exc:
+            raise ValueError(f"'Start from checkpoint': {exc}") from exc
+        if found not in STARTS_FROM[stage]:
+            wanted = " or ".join(f"stage {s}" if s != "style" else "the voice style encoder" for s in STARTS_FROM[stage])
+            raise ValueError(f"'Start from checkpoint' is a stage-{found} checkpoint ({ws.relative(start_checkpoint)}), "
+                             f"but stage {stage} starts from {wanted}: pick one of those")
+    report = ws.corpus_dir(corpus) / "prepare_report.json"
+    try:
+        train_clips = int(json.loads(report.read_text())["train"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return   # not prepared yet: training prepares it and checks the batch itself
+    if int(batch_size or 0) > train_clips:
+        raise ValueError(f"Batch size {int(batch_size)} is larger than corpus '{corpus}' ({train_clips} training "
+                         f"clips): set Batch size to {train_clips} or less, or build a larger corpus")
+
+
+@dataclass
+class RunSettings:
+    """What a run was started with (its job record's command): the form shows it on re-attach, and Resume
+    continues with it, never with whatever the form holds then."""
+    stage: str
+    preset: str
+    sets: list[str]             # every --set of the command, the app's own overrides included
+    corpus: Optional[str]
+    epochs: int
+    max_steps: int
+    batch_size: int
+    learning_rate: float
+    start_checkpoint: Optional[str]
+
+
+def run_settings(ws: Workspace, run_name: str) -> Optional[RunSettings]:
+    """The settings run `run_name` was started with, read from `runs/<name>/job.json`; None without a record."""
+    try:
+        record = JobRecord.load(ws.run_dir(run_name))
+    except (JobError, ValueError):
+        return None
+    if record is None or "--config" not in record.command:
+        return None
+    command = record.command
+    preset = command[command.index("--config") + 1]
+    sets = [command[i + 1] for i, arg in enumerate(command[:-1]) if arg == "--set"]
+    start = command[command.index("--resume_checkpoint") + 1] if "--resume_checkpoint" in command else None
+    try:
+        cfg = load_config(preset, sets)
+    except (ConfigError, ValueError):
+        return None
+    epochs, steps, batch, lr = form_defaults(cfg, record.stage)
+    data_dir = Path(cfg.data.dir)
+    corpus = data_dir.name if _inside(ws, str(data_dir)) and data_dir.parent == ws.data_dir else None
+    return RunSettings(stage=record.stage, preset=preset, sets=sets, corpus=corpus, epochs=epochs, max_steps=steps,
+                       batch_size=batch, learning_rate=lr,
+                       start_checkpoint=ws.relative(start) if start and Path(start).name.startswith(
+                           f"stage{PREREQUISITE.get(record.stage, '')}_") else None)
 
 
 def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -218,11 +288,13 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         with gr.Column():
             metric = gr.Dropdown([], label="Other metric", allow_custom_value=True)
             metric_plot = gr.LinePlot(x="step", y="value", color="series", x_title="step", height=240)
-    log_box = gr.Textbox(label="Log (train.log, last lines)", lines=12, max_lines=12, interactive=False,
+    log_box = gr.Textbox(label="Log (train.log, last lines)", lines=LOG_LINES, max_lines=LOG_LINES, interactive=False,
                          autoscroll=True)
     with gr.Row():
         sample = gr.Dropdown([], label="Audio samples (latest validation)", allow_custom_value=True, scale=1)
         sample_audio = gr.Audio(type="filepath", label="Sample", interactive=False, scale=2)
+    replies = gr.Dataframe(label="What the LLM answered (latest validation: stage 2's replies, stage 3's judge)",
+                           visible=False, wrap=True, interactive=False)
     last_seen = gr.State(None)
     timer = gr.Timer(REFRESH_S)
 
@@ -239,8 +311,12 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
     def launch(stage_value: str, run_name: str, preset_value: str, corpus_name: str, prereq: str,
                n_epochs: float, steps: float, batch: float, lr: float, resume_run: bool) -> tuple[str, str, str]:
         run_dir = ws.run_dir(run_name)
-        cfg_overrides = training_overrides(ws, stage_value, corpus_name, run_name, n_epochs, steps, batch, lr,
-                                           overrides)
+        started = run_settings(ws, run_name) if resume_run else None
+        if started is not None:   # Resume continues the run as it was started, whatever the form shows now
+            stage_value, preset_value, cfg_overrides = started.stage, started.preset, started.sets
+        else:
+            cfg_overrides = training_overrides(ws, stage_value, corpus_name, run_name, n_epochs, steps, batch, lr,
+                                               overrides)
         load_config(preset_value, cfg_overrides)   # a bad value is a clear error now, not in the log
         latest = latest_path(run_dir, stage_value)
         init = None
@@ -258,11 +334,13 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
             elif stage_value in REQUIRED:
                 raise ValueError(f"stage {stage_value} starts from a stage-{PREREQUISITE[stage_value]} checkpoint: "
                                  "choose one in 'Start from checkpoint' (train that stage first)")
+            check_before_launch(ws, stage_value, corpus_name, batch, Path(init) if init else None)
         command = train_command(stage_value, preset_value, cfg_overrides,
                                 resume_checkpoint=str(latest) if resume_run else None, init_checkpoint=init)
         record = runner.start(run_name, stage_value, command)
         verb = "Resumed" if resume_run else "Started"
-        return (f"{verb} run `{run_name}` (stage {stage_value}, pid {record.pid}).",
+        kept = " with the settings it was started with" if started is not None else ""
+        return (f"{verb} run `{run_name}` (stage {stage_value}, pid {record.pid}){kept}.",
                 f"```\n{shell_quote(command)}\n```", run_name)
 
     def on_start(stage: str, run_name: str, preset: str, corpus: str, checkpoint: str, epochs: float,
@@ -287,38 +365,49 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         try:
             ws.run_dir(run_name)
         except ValueError:
-            return (gr.skip(),) * 7
+            return (gr.skip(),) * 8
         status = runner.status(run_name)
         rows = runner.metrics(run_name)
         key = [run_name, metric_name, len(rows), status.state, status.step, status.message,
-               status.log_tail[-2000:], status.samples]
+               status.log_tail[-2000:], [s for s in status.samples if _inside(ws, s)]]
         if key == seen:
-            return (gr.skip(),) * 7
+            return (gr.skip(),) * 8
         loss_df, metric_df, names = metric_frames(rows, status.stage, metric_name)
         chosen = metric_name if metric_name in names else default_metric(names, status.stage)
-        samples = [s for s in status.samples if _inside(ws, s)]
+        inside = [s for s in status.samples if _inside(ws, s)]
+        samples = [s for s in inside if Path(s).suffix.lower() in AUDIO_SUFFIXES]   # the player plays audio only
+        texts = [s for s in inside if Path(s).suffix == ".jsonl"]
         sample_choices = [(Path(s).name, s) for s in samples]
         seen_samples = seen[-1] if isinstance(seen, list) else None
+        changed = inside != seen_samples
         sample_update = (gr.Dropdown(choices=sample_choices, value=samples[0] if samples else None)
-                         if samples != seen_samples else gr.skip())
+                         if changed else gr.skip())
+        replies_update = (gr.Dataframe(value=replies_table(texts[0]) if texts else None, visible=bool(texts))
+                          if changed else gr.skip())
         # No points yet: no value at all. A plot first sent an empty frame never draws the lines
         # of later updates in the browser (Gradio 6), while one first sent nothing does.
         return (status_markdown(ws, status), loss_df if len(loss_df) else None,
                 gr.Dropdown(choices=names, value=chosen),
                 gr.LinePlot(value=metric_df if len(metric_df) else None, title=chosen or "metric",
                             y_title=chosen or ""),
-                status.log_tail, sample_update, key)
+                last_lines(status.log_tail, LOG_LINES), sample_update, replies_update, key)
 
     def on_sample(path: Optional[str]) -> Optional[str]:
         return path if path and _inside(ws, path) and Path(path).is_file() else None
 
     def on_load(stage_value: str, run_name: str) -> tuple:
-        """A page load re-attaches to the running job, else shows the run started last."""
+        """A page load re-attaches to the running job, else shows the run started last, with the settings
+        that run was started with (preset, corpus, checkpoint and numbers), not the form's defaults."""
         latest = runner.active() or runner.latest()
         if latest is not None:
             stage_value, run_name = latest.stage, latest.name
-        corpus_dd, prereq_dd = refresh_lists(None, None, stage_value)
-        return stage_value, run_name, corpus_dd, prereq_dd
+        started = run_settings(ws, run_name) if latest is not None else None
+        corpus_dd, prereq_dd = refresh_lists(started.corpus if started else None,
+                                             started.start_checkpoint if started else None, stage_value)
+        if started is None:
+            return (stage_value, run_name, corpus_dd, prereq_dd, *(gr.skip(),) * 5)
+        return (stage_value, run_name, corpus_dd, prereq_dd, started.preset, started.epochs, started.max_steps,
+                started.batch_size, started.learning_rate)
 
     def on_stage(stage_value: str, run_name: str, preset_value: str) -> tuple:
         """A new stage: its run name (if still a default), checkpoint and form numbers."""
@@ -337,7 +426,7 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
                  concurrency_id="training_jobs")
     stop.click(on_stop, run, status_md, api_name="stop_training", concurrency_limit=1,
                concurrency_id="training_jobs")
-    tick_outputs = [status_md, loss_plot, metric, metric_plot, log_box, sample, last_seen]
+    tick_outputs = [status_md, loss_plot, metric, metric_plot, log_box, sample, replies, last_seen]
     timer.tick(on_tick, [run, metric, last_seen], tick_outputs, api_name="training_status",
                concurrency_limit=None, show_progress="hidden")
     metric.input(lambda r, m: on_tick(r, m, None), [run, metric], tick_outputs, api_visibility="private",
@@ -347,8 +436,34 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
     numbers = [epochs, max_steps, batch_size, learning_rate]
     stage.input(on_stage, [stage, run, preset_dd], [run, prerequisite, *numbers], api_visibility="private")
     preset_dd.input(on_preset, [stage, preset_dd], numbers, api_visibility="private")
-    demo.load(on_load, [stage, run], [stage, run, corpus, prerequisite], api_visibility="private")
+    demo.load(on_load, [stage, run], [stage, run, corpus, prerequisite, preset_dd, *numbers],
+              api_visibility="private")
     return TrainTab(stage=stage, corpus=corpus, prerequisite=prerequisite, refresh_lists=refresh_lists)
+
+
+def last_lines(text: str, n: int) -> str:
+    """The last `n` lines: the box shows exactly what fits, so the newest line ("Stopped at step 64") is in view
+    without scrolling (a longer value left the browser's box scrolled to its top)."""
+    return "\n".join(text.splitlines()[-n:])
+
+
+def replies_table(path: str, limit: int = 20) -> Optional[pd.DataFrame]:
+    """A samples .jsonl (stage 2's replies, stage 3's judgements) as a table of its first `limit` rows."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    rows.append(json.loads(line))
+                if len(rows) >= limit:
+                    break
+    except (OSError, ValueError):
+        return None
+    table = pd.DataFrame(rows)
+    for column in table.columns:   # floats rounded for reading
+        if table[column].dtype.kind == "f":
+            table[column] = table[column].round(3)
+    return table
 
 
 def _inside(ws: Workspace, path: str) -> bool:

@@ -71,8 +71,8 @@ class Workspace:
         resolved = candidate.resolve()  # follows every symlink, collapses '..'
         if not resolved.is_relative_to(self.root):
             raise WorkspaceError(f"{text!r} is outside the workspace {self.root} (it resolves to {resolved}); "
-                                 "the app only reads and writes files inside its workspace. Copy or link "
-                                 "the files into the workspace first")
+                                 "the app only reads and writes files inside its workspace, and a link that "
+                                 "points outside it is not followed. Copy the files into the workspace first")
         if must_exist and not resolved.exists():
             raise WorkspaceError(f"{text!r} does not exist (looked for {resolved})")
         return resolved
@@ -91,9 +91,18 @@ class Workspace:
             return str(path)
 
     def list_corpora(self) -> list[str]:
-        """Names of the folders under data/ that hold a metadata.csv."""
+        """Names of the folders under data/ that hold a metadata.csv and stay inside the workspace (a link
+        to another folder of the workspace is followed; one that points outside is not listed, since
+        every use of it would be refused: `links_outside` names them)."""
         return sorted(p.name for p in self.data_dir.iterdir()
-                      if p.is_dir() and (p / METADATA).is_file() and _NAME.match(p.name))
+                      if p.is_dir() and (p / METADATA).is_file() and _NAME.match(p.name) and self._inside(p))
+
+    def links_outside(self) -> list[str]:
+        """Names under data/ that are links pointing outside the workspace (not listed, never followed)."""
+        return sorted(p.name for p in self.data_dir.iterdir() if p.is_symlink() and not self._inside(p))
+
+    def _inside(self, path: Path) -> bool:
+        return path.resolve().is_relative_to(self.root)
 
     def list_runs(self) -> list[str]:
         return sorted(p.name for p in self.runs_dir.iterdir() if p.is_dir() and _NAME.match(p.name))
@@ -101,7 +110,7 @@ class Workspace:
     def checkpoint_headers(self) -> list[tuple[str, dict[str, str]]]:
         """(relative path, metadata) of every readable IRA checkpoint under runs/, newest first; only
         the headers are read, so listing stays cheap however large the checkpoints are."""
-        from ira.training.checkpoint import CheckpointError, read_metadata
+        from ira.checkpoint import CheckpointError, read_metadata
 
         headers = []
         for rel in self.list_checkpoints():

@@ -249,6 +249,12 @@ def _write_json_atomic(path: Path, payload: object, jsonl: bool = False) -> None
 
 
 def _mel_codec_is_current(data_dir: Path, cfg: IRAConfig, digest: str) -> bool:
+    """Whether the corpus's fitted MelCodec can be kept: it exists with today's codec settings.
+
+    A corpus that grew or changed since the fit KEEPS its codec (the clips are re-encoded with it): a refit
+    would change the codec's fingerprint and so make every checkpoint trained on this corpus unresumable.
+    `ira data prepare --force` refits on the clips as they are now.
+    """
     stamp = mel_codec_path(data_dir).with_suffix(".json")
     if not (mel_codec_path(data_dir).is_file() and stamp.is_file()):
         return False
@@ -257,8 +263,14 @@ def _mel_codec_is_current(data_dir: Path, cfg: IRAConfig, digest: str) -> bool:
     except json.JSONDecodeError:
         return False
     c = cfg.codec
-    return info == {"data_hash": digest, "n_codebooks": c.mel_n_codebooks, "codebook_size": c.mel_codebook_size,
-                    "n_mels": c.mel_n_mels}
+    settings = {"n_codebooks": c.mel_n_codebooks, "codebook_size": c.mel_codebook_size, "n_mels": c.mel_n_mels}
+    if any(info.get(key) != value for key, value in settings.items()):
+        return False
+    if info.get("data_hash") != digest:
+        log.info("%s changed since its MelCodec was fitted: keeping that codec (fingerprint unchanged, so "
+                 "checkpoints trained on this corpus still resume) and re-encoding the clips with it; "
+                 "`ira data prepare --force` refits it", data_dir)
+    return True
 
 
 def _fit_mel_codec(data_dir: Path, cfg: IRAConfig, kept: list[tuple[Clip, str]], digest: str,

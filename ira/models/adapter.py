@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ira.checkpoint import Checkpoint, CheckpointError, as_checkpoint
 from ira.config import AdapterConfig, section_from_dict
 
 
@@ -194,6 +196,19 @@ class PerceiverAdapter(nn.Module):
             raise ValueError(f"adapter metadata lacks {', '.join(missing)}; was it written by config_dict()?")
         cfg = section_from_dict("adapter", dict(data["adapter"]), source="adapter metadata")
         return cls(cfg, int(data["in_dim"]), int(data["out_dim"]), float(data["target_norm"]))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: "Checkpoint | str | Path", device: str | torch.device = "cpu") -> "PerceiverAdapter":
+        """The trained adapter of a stage-2 or stage-3 checkpoint, frozen, in eval mode."""
+        ckpt = as_checkpoint(checkpoint)
+        if "adapter" not in ckpt.modules or "adapter" not in ckpt.metadata:
+            raise CheckpointError(f"{ckpt.path} (stage {ckpt.stage}) holds no adapter; understanding speech needs "
+                                  f"a stage-2 checkpoint (`ira train --stage 2 --resume_checkpoint <stage 1>`)")
+        adapter = cls.from_config_dict(ckpt.json_metadata("adapter"))
+        ckpt.load_into("adapter", adapter)
+        for p in adapter.parameters():
+            p.requires_grad_(False)
+        return adapter.to(device).eval()
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -52,12 +52,14 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ira.checkpoint import Checkpoint, as_checkpoint
 from ira.config import SpeechLMConfig, section_from_dict
 from ira.hardware import compiled_cpu_kernels_enabled
 from ira.models import alignment
@@ -306,6 +308,16 @@ class SpeechLM(nn.Module):
         stored.setdefault("align_heads", 0)   # saved before alignment heads existed: a model without them
         cfg = section_from_dict("speech_lm", stored, source="SpeechLM metadata")
         return cls(cfg, int(data["n_codebooks"]), int(data["codebook_size"]), int(data["text_vocab_size"]))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: "Checkpoint | str | Path", device: str | torch.device = "cpu",
+                        module: str = "speech_lm") -> "SpeechLM":
+        """The SpeechLM of an IRA checkpoint (a loaded `Checkpoint` or a path), shaped from its metadata,
+        weights loaded, in eval mode. `module="reference"` gives a stage-3 checkpoint's frozen stage-2 model."""
+        ckpt = as_checkpoint(checkpoint)
+        model = cls.from_config_dict(ckpt.json_metadata("speech_lm"))
+        ckpt.load_into(module, model)
+        return model.to(device).eval()
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

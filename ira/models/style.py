@@ -48,7 +48,8 @@ from torch import nn
 
 from ira.audio import AudioError, prepare_waveform, rms_db, trim_silence
 from ira.codec.mel import SAMPLE_RATE, log_mel
-from ira.config import StyleConfig
+from ira.checkpoint import Checkpoint, CheckpointError, as_checkpoint
+from ira.config import StyleConfig, section_from_dict
 from ira.models.text_encoder import SentenceEncoder, load_sentence_encoder
 
 FRAME_RATE = 75                # log-mel frames per second (ira.codec.mel)
@@ -192,6 +193,24 @@ class StyleEncoder(nn.Module):
             self.text_proj = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(text_dim, cfg.embed_dim))
         self.audio = AudioTower(cfg)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / INIT_TEMPERATURE)))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: "Checkpoint | str | Path", device: str | torch.device = "cpu") -> "StyleEncoder":
+        """The frozen-text-tower style encoder stored as module "style" (any stage), frozen, in eval mode."""
+        ckpt = as_checkpoint(checkpoint)
+        if "style" not in ckpt.modules:
+            raise CheckpointError(f"{ckpt.path} (stage {ckpt.stage}) holds no style encoder (modules: "
+                                  f"{', '.join(ckpt.modules)}); train one with `ira train --stage style`")
+        cfg = section_from_dict("style", ckpt.json_metadata("style_config"), source=f"{ckpt.path} (style metadata)")
+        model = cls(cfg)
+        recorded = ckpt.metadata.get("text_encoder")
+        if recorded and recorded != model.sentence_encoder.name:
+            raise CheckpointError(f"{ckpt.path} was trained on the sentence encoder {recorded!r}, but this machine "
+                                  f"loads {model.sentence_encoder.name!r}; the projection only fits the former")
+        ckpt.load_into("style", model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.to(device).eval()
 
     # -------------------------------------------------------------- basics
 
@@ -337,7 +356,4 @@ def pad_mels(items: Sequence[torch.Tensor], max_frames: int | None = None) -> tu
 
 def load_style_encoder(path: str | Path, device: str | torch.device = "cpu") -> StyleEncoder:
     """The style encoder of any IRA checkpoint that holds a "style" module, frozen, in eval mode."""
-    from ira.training.checkpoint import load_checkpoint
-    from ira.training.components import style_encoder_from_checkpoint
-
-    return style_encoder_from_checkpoint(load_checkpoint(path), device)
+    return StyleEncoder.from_checkpoint(path, device)

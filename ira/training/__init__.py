@@ -1,7 +1,7 @@
 """Training: one engine for every stage, checkpoints and the metrics log.
 
-Imports are lazy, so `from ira.training.checkpoint import load_checkpoint` (inference, the UI)
-does not pull in accelerate.
+Imports are lazy, so importing a submodule does not pull in accelerate. Inference and the UI load models
+through `ira/checkpoint.py` and `ira/models/hub.py`, never through this package.
 """
 
 from __future__ import annotations

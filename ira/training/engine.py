@@ -36,9 +36,9 @@ from accelerate.utils.environment import parse_flag_from_env
 from torch import nn
 from tqdm.auto import tqdm
 
-from ira.training.checkpoint import (Checkpoint, CheckpointError, best_path, check_compatible,
-                                     checkpoint_path, find_latest, latest_path, link_latest, load_checkpoint,
-                                     load_train_state, prune_checkpoints, require_stage, save_checkpoint)
+from ira.checkpoint import (Checkpoint, CheckpointError, best_path, check_compatible, checkpoint_path, find_latest,
+                            latest_path, load_checkpoint, remove_stale_temporaries, require_stage)
+from ira.training.checkpoint import link_latest, load_train_state, prune_checkpoints, save_checkpoint
 from ira.training.metrics_log import MetricsLogger, memory_stats
 from ira.training.optim import build_adamw, param_groups
 from ira.training.rng import capture_rng_state, restore_rng_state, rng_isolated
@@ -287,6 +287,7 @@ class Trainer:
                 self.stop = stop
                 if acc.is_main_process:
                     self._drop_stale_stop_file()
+                    self._drop_stale_temporaries()
                 try:
                     status, message = self._run(resume_from)
                 except Exception as exc:
@@ -520,7 +521,7 @@ class Trainer:
                     out_of_time = self._out_of_time()
                     finished = p.step >= self.total_steps or out_of_time
 
-                    if p.step % tc.log_every == 0 or finished:
+                    if p.step % tc.log_every == 0 or p.step == 1 or finished:   # step 1: a curve from the start
                         self._log_train(window, lr, bar)
                         window = _Window()
                     paused = time.perf_counter()
@@ -820,6 +821,14 @@ class Trainer:
         if flag.exists() and flag.stat().st_mtime < psutil.Process().create_time():
             flag.unlink()
             self.logger.event("warning", message=f"removed a stale {flag} left by an earlier run")
+
+    def _drop_stale_temporaries(self) -> None:
+        """Half-written saves of crashed runs (`*.<pid>.tmp`, never loaded) would pile up in the folder."""
+        removed = remove_stale_temporaries(self.output_dir)
+        if removed:
+            self.logger.event("warning", message=f"removed {len(removed)} temporary file(s) left by interrupted "
+                                                 f"saves in {self.output_dir}: {', '.join(p.name for p in removed[:4])}"
+                                                 + (" ..." if len(removed) > 4 else ""))
 
     def _say(self, message: str) -> None:
         if self.accelerator is None or self.accelerator.is_main_process:

@@ -18,17 +18,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from ira.audio import load_audio, save_audio
+from ira.checkpoint import load_checkpoint, require_stage
 from ira.config import IRAConfig
 from ira.data.dataset import LengthBucketBatchSampler, SpeechTokenDataset, pad_codes
 from ira.data.prepare import PrepareResult, ensure_prepared
 from ira.data.token_cache import TokenSplit, load_split
-from ira.models.speech_lm import SpeechLM
-from ira.text_tokenizer import build_text_tokenizer
 from ira.eval import asr
 from ira.eval.speech import Heard, score_speaker
-from ira.speaker import Speaker, min_frames_for
-from ira.training.checkpoint import load_checkpoint, require_stage
-from ira.training.components import CodecState, component_metadata, style_encoder_from_checkpoint
+from ira.models.hub import CodecState, component_metadata, style_encoder_from_checkpoint
+from ira.models.reading_rate import min_frames_for
+from ira.models.speech_lm import SpeechLM
+from ira.speaker import Speaker
+from ira.text_tokenizer import build_text_tokenizer
 from ira.training.engine import FitResult, Trainer
 from ira.training.task import TrainingTask
 

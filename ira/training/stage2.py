@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ira.checkpoint import Checkpoint, load_checkpoint, require_stage
 from ira.config import IRAConfig
 from ira.data.dataset import LengthBucketBatchSampler
 from ira.data.prepare import ensure_prepared
@@ -36,17 +37,16 @@ from ira.data.token_cache import TokenSplit, cache_dir, load_split
 from ira.eval.understanding import score_understanding
 from ira.hardware import resolve_device
 from ira.models.adapter import PerceiverAdapter
+from ira.models.hub import (CodecState, codec_from_checkpoint, speech_lm_from_checkpoint,
+                            style_encoder_from_checkpoint, tokenizer_from_checkpoint)
 from ira.models.llm import LoadedLLM, load_llm
 from ira.models.splice import build_student_inputs, build_teacher_inputs, reply_logits
 from ira.text_metrics import corpus_cer
-from ira.training.checkpoint import Checkpoint, load_checkpoint, require_stage
-from ira.training.components import (CodecState, codec_from_checkpoint, speech_lm_from_checkpoint,
-                                     style_encoder_from_checkpoint, tokenizer_from_checkpoint)
 from ira.training.adapter_ctc import EmbeddingCTC
 from ira.training.engine import FitResult, Trainer
 from ira.training.feature_cache import FeatureSplit
 from ira.training.feature_cache import load_or_build as load_or_build_features
-from ira.training.task import TrainingTask
+from ira.training.task import TrainingTask, inherit_frozen_sections
 from ira.training.teacher_responses import TASK_INSTRUCTIONS, cache_path, load_or_build, parse_tasks, reply_for
 
 log = logging.getLogger(__name__)
@@ -367,6 +367,6 @@ def run_stage2(cfg: IRAConfig, resume_from: str | Path, cpu: bool = False,
         raise ValueError("stage 2 needs --resume_checkpoint: a stage-1 checkpoint (the SpeechLM it aligns), "
                          "or a stage-2 checkpoint to continue")
     source = require_stage(load_checkpoint(resume_from), SPEECH_LM_STAGES, purpose="stage 2")
-    cfg = cfg.with_training_from("align")
+    cfg = inherit_frozen_sections(cfg, source, ("speech_lm", "style")).with_training_from("align")
     task = Stage2Task(cfg, source, llm=llm, cpu=cpu)
     return Trainer(cfg, task, run_name=None, cpu=cpu).fit(resume_from=resume_from if source.stage == "2" else None)

@@ -34,23 +34,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ira.checkpoint import Checkpoint, load_checkpoint, require_stage
 from ira.config import IRAConfig
 from ira.data.dataset import pad_codes
 from ira.data.prepare import ensure_prepared
 from ira.data.token_cache import TokenSplit, load_split
+from ira.models.hub import (CodecState, adapter_from_checkpoint, codec_from_checkpoint,
+                            feature_speech_lm_from_checkpoint, speech_lm_from_checkpoint,
+                            style_encoder_from_checkpoint, tokenizer_from_checkpoint)
 from ira.models.llm import LoadedLLM, load_llm
+from ira.models.reading_rate import min_frames_for
 from ira.models.speech_lm import SpeechLM
 from ira.models.splice import build_student_inputs, generate_reply, reply_log_likelihood
-from ira.speaker import min_frames_for
 from ira.text_metrics import corpus_cer
-from ira.training.checkpoint import Checkpoint, load_checkpoint, require_stage
-from ira.training.components import (CodecState, codec_from_checkpoint, speech_lm_from_checkpoint,
-                                     style_encoder_from_checkpoint, tokenizer_from_checkpoint)
 from ira.training.engine import FitResult, Trainer
 from ira.training.ppo import (AdaptiveKLController, explained_variance, gae, masked_whiten,
                               ppo_losses, shaped_rewards)
 from ira.training.stage2 import process_device
-from ira.training.task import TrainingTask
+from ira.training.task import TrainingTask, inherit_frozen_sections
 from ira.training.teacher_responses import TASK_INSTRUCTIONS
 
 JUDGE_INSTRUCTION = TASK_INSTRUCTIONS["repeat"]
@@ -132,8 +133,6 @@ class Stage3Task(TrainingTask):
     stage = "3"
 
     def __init__(self, cfg: IRAConfig, source: Checkpoint, llm: Optional[LoadedLLM] = None, cpu: bool = False):
-        from ira.listener import adapter_from_checkpoint, feature_speech_lm_from_checkpoint
-
         self.cfg, self.source = cfg, source
         self.codec = codec_from_checkpoint(source, cfg)
         self.tokenizer = tokenizer_from_checkpoint(source)
@@ -376,7 +375,7 @@ def run_stage3(cfg: IRAConfig, resume_from: str | Path, cpu: bool = False,
         raise ValueError("stage 3 needs --resume_checkpoint: a stage-2 checkpoint (its SpeechLM is the starting "
                          "policy, its adapter the judge's ears), or a stage-3 checkpoint to continue")
     source = require_stage(load_checkpoint(resume_from), ("2", "3"), purpose="stage 3")
-    cfg = cfg.with_training_from("ppo")
+    cfg = inherit_frozen_sections(cfg, source, ("speech_lm", "style", "adapter")).with_training_from("ppo")
     # PPO's minibatches are its micro-steps: no gradient accumulation across them
     cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, grad_accum_steps=1, max_batch_frames=0))
     task = Stage3Task(cfg, source, llm=llm, cpu=cpu)

@@ -222,7 +222,7 @@ def evaluate_checkpoint(path: str | Path, cfg: Optional[IRAConfig] = None, split
 
     model = load_style_encoder(path, device)
     if cfg is None:
-        from ira.training.checkpoint import load_checkpoint
+        from ira.checkpoint import load_checkpoint
 
         cfg = load_checkpoint(path).ira_config()
     clips = load_style_clips(cfg, split, query_family=family, n_queries=n_queries)

@@ -150,3 +150,24 @@ def batch_size(batch: Batch) -> int:
                 return n
         return len(batch)
     return 0
+
+
+def inherit_frozen_sections(cfg: Any, source: Any, sections: tuple[str, ...]) -> Any:
+    """`cfg` (an IRAConfig) with the config sections of the parts a stage loads frozen (or continues) from
+    checkpoint `source` replaced by the checkpoint's own, so the new checkpoint records what was trained,
+    not a `--set speech_lm.*` that had no effect; a warning lists the settings that are not used."""
+    import logging
+
+    from ira.checkpoint import CheckpointError
+
+    try:
+        stored = source.ira_config()
+    except CheckpointError as exc:   # an older IRA's config: the parts still load from their own metadata
+        logging.getLogger(__name__).warning("%s; this run records its own %s settings", exc, ", ".join(sections))
+        return cfg
+    inherited, unused = cfg.with_sections_of(stored, sections)
+    if unused:
+        logging.getLogger(__name__).warning(
+            "%s come from %s, so these settings of this run are not used: %s", ", ".join(sections), source.path,
+            "; ".join(unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else ""))
+    return inherited
