@@ -36,8 +36,9 @@ def test_metrics_log_kd_agreement_and_cer(runs):
     rows = read_metrics(stage2.metrics_path)
     train = [r for r in rows if r.get("split") == "train"]
     val = [r for r in rows if r.get("split") == "val"]
-    # step 1 is the alignment phase (CTC only), step 2 distils: the log window holds one of each
-    assert train and train[-1]["alignment_phase"] == 0.5
+    # step 1 is the alignment phase (CTC only, logged on its own: the first step always is), step 2 distils
+    assert [(r["step"], r["alignment_phase"]) for r in train] == [(1, 1.0), (2, 0.0)]
+    assert {"ctc_loss", "phoneme_ctc_loss"} <= set(train[0]) and "kd_loss" not in train[0]
     assert {"ctc_loss", "phoneme_ctc_loss", "kd_loss", "ce_loss", "agreement"} <= set(train[-1])
     assert val and {"val_ctc_loss", "val_phoneme_ctc_loss"} <= set(val[-1]) and val[-1]["val_ctc_loss"] >= 0.0
 
