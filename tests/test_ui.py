@@ -326,3 +326,26 @@ def test_wrong_checkpoint_stage_and_oversized_batch_are_refused_before_launch(tm
     with pytest.raises(ValueError, match="Batch size 16 is larger than corpus 'small' \\(2 training clips\\)"):
         check_before_launch(ws, "style", "small", 16, None)
     check_before_launch(ws, "1", "small", 2, style)   # a style encoder is what stage 1 starts from
+
+
+def test_checkpoints_are_listed_run_by_run_with_best_and_latest_first(tmp_path: Path):
+    ws = Workspace.create(tmp_path / "ws")
+    t = time.time() - 1000
+
+    def touch(rel: str, age: float) -> None:
+        path = ws.runs_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (t + age, t + age))
+
+    for i in range(1, 6):
+        touch(f"old/stage1_step{i}.safetensors", i)
+    touch("old/stage1_best.safetensors", 2)
+    touch("old/stage1_latest.safetensors", 5)
+    touch("new/stage2_step3.safetensors", 100)
+    touch("new/stage2_latest.safetensors", 100)
+    touch("new/stage2_best.safetensors", 90)
+    assert ws.list_checkpoints() == [
+        "runs/new/stage2_best.safetensors", "runs/new/stage2_latest.safetensors", "runs/new/stage2_step3.safetensors",
+        "runs/old/stage1_best.safetensors", "runs/old/stage1_latest.safetensors",
+        *[f"runs/old/stage1_step{i}.safetensors" for i in (5, 4, 3, 2, 1)]]

@@ -121,8 +121,17 @@ class Workspace:
         return headers
 
     def list_checkpoints(self) -> list[str]:
-        """Every `*.safetensors` under runs/ (relative to the workspace), newest first."""
+        """Every `*.safetensors` under runs/ (relative to the workspace), run by run (the run written to last
+        first) and, within a run, its best, then its latest, then the others newest first: the checkpoint a
+        user wants is at the top, not after twenty step saves."""
         found = [p for p in self.runs_dir.glob("*/*.safetensors")
                  if not p.name.startswith(".") and ".tmp" not in p.name]
-        found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-        return [self.relative(p) for p in found]
+        mtime = {p: p.stat().st_mtime for p in found}
+        run_time: dict[Path, float] = {}
+        for p in found:
+            run_time[p.parent] = max(run_time.get(p.parent, 0.0), mtime[p])
+
+        def rank(p: Path) -> tuple:
+            kind = 0 if p.stem.endswith("_best") else 1 if p.stem.endswith("_latest") else 2
+            return (-run_time[p.parent], p.parent.name, kind, -mtime[p])
+        return [self.relative(p) for p in sorted(found, key=rank)]
