@@ -21,14 +21,15 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import re
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
+import psutil
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -160,7 +161,7 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
     removed = []
     for tmp in directory.glob("*.tmp"):
         pid = tmp.suffixes[-2][1:] if len(tmp.suffixes) >= 2 else ""
-        if not pid.isdigit() or _process_alive(int(pid)):
+        if not pid.isdigit() or psutil.pid_exists(int(pid)):
             continue
         try:
             tmp.unlink()
@@ -168,18 +169,6 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
         except OSError:   # another cleaner got there first, or a read-only folder: not ours to fight
             pass
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True   # it exists but belongs to someone else (or the platform cannot tell): keep its file
-    return True
 
 
 def best_path(output_dir: str | Path, stage: str) -> Path:

@@ -64,7 +64,7 @@ def create_pipeline_from_checkpoints(speech_lm_checkpoint: str | Path, llm_name_
     listener_source = _adapter_source(speech_lm_checkpoint, adapter_checkpoint)
     listener, why_not = None, None
     if listener_source is None:
-        # Plain words, no <placeholder>: the app shows this text as Markdown, where <...> vanishes as a tag.
+        # Plain words without angle brackets: the app shows this text as Markdown, where <...> is a tag.
         why_not = (f"{Path(speech_lm_checkpoint).name} holds no adapter, so the LLM cannot hear its speech: use a "
                    f"stage-2 or stage-3 checkpoint (train stage 2 from this one), or in Python pass "
                    f"adapter_checkpoint=PATH of one")

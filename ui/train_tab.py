@@ -140,7 +140,7 @@ def run_settings(ws: Workspace, run_name: str) -> Optional[RunSettings]:
         return None
     epochs, steps, batch, lr = form_defaults(cfg, record.stage)
     data_dir = Path(cfg.data.dir)
-    corpus = data_dir.name if _inside(ws, str(data_dir)) and data_dir.parent == ws.data_dir else None
+    corpus = data_dir.name if data_dir.parent == ws.data_dir else None
     return RunSettings(stage=record.stage, preset=preset, sets=sets, corpus=corpus, epochs=epochs, max_steps=steps,
                        batch_size=batch, learning_rate=lr,
                        start_checkpoint=ws.relative(start) if start and Path(start).name.startswith(
