@@ -7,6 +7,7 @@ Screenshots go to $IRA_SCREENSHOTS (default: the test's temporary folder).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -70,6 +71,16 @@ def shots(tmp_path_factory) -> Path:
     return folder
 
 
+LOG_SHOWS_ITS_LAST_LINE = """text => [...document.querySelectorAll('textarea')].some(
+    e => e.value.includes(text) && e.scrollTop + e.clientHeight >= e.scrollHeight - 2)"""
+"""A textarea holding `text` whose end is in view (the Train tab's log box)."""
+
+
+ERROR_BADGES = """() => [...document.querySelectorAll('.error')].filter(
+    e => e.offsetParent !== null && e.innerText.trim() === 'Error' && !e.closest('[data-testid=toast-body]')).length"""
+"""How many components show Gradio's red "Error" status badge (the error's toast aside)."""
+
+
 def _tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
 
@@ -116,6 +127,31 @@ def test_click_through_the_tabs(served, page, shots):
     page.wait_for_function("() => document.body.innerText.includes('STOPPED')", timeout=120_000)
     assert list((root / "runs" / "clicked").glob("stage1_*.safetensors"))
     assert switch_s < 5.0
+    # the log box shows its newest lines without scrolling: the stop line is in view
+    page.wait_for_function(LOG_SHOWS_ITS_LAST_LINE, arg="Stopped at step", timeout=30_000)
+    # a second Start of the same run is refused; its red "Error" badges go at the next refresh
+    page.get_by_role("button", name="Start", exact=True).click()
+    page.wait_for_function("() => document.body.innerText.includes('press Resume to continue it')", timeout=30_000)
+    page.wait_for_timeout(5_000)
+    assert page.evaluate(ERROR_BADGES) == 0
+
+    # A reload shows the stopped run with the settings it was started with, and Resume keeps them
+    # (not the form's defaults: max steps 0 would have resumed toward the preset's steps).
+    page.reload()
+    page.get_by_text("IRA · Integrated Reasoning with Audio").wait_for()
+    _tab(page, "Train")
+    page.wait_for_function("() => document.body.innerText.includes('STOPPED')", timeout=60_000)
+    assert page.get_by_label("Run name").input_value() == "clicked"
+    page.wait_for_function("() => [...document.querySelectorAll('input')].some(e => e.value === '100000')")
+    page.get_by_label("Max steps (0: by epochs / the preset's)").fill("7")   # ignored by Resume
+    page.get_by_role("button", name="Resume from the run's latest checkpoint").click()
+    page.wait_for_function("() => document.body.innerText.includes('with the settings it was started with')",
+                           timeout=60_000)
+    page.wait_for_function("() => document.body.innerText.includes('RUNNING')", timeout=120_000)
+    job = json.loads((root / "runs" / "clicked" / "job.json").read_text())
+    assert "training.max_steps=100000" in job["command"]
+    page.get_by_role("button", name="Stop", exact=True).click()
+    page.wait_for_function("() => document.body.innerText.includes('STOPPED')", timeout=120_000)
 
     # Voice Style: a description -> the nearest clips of a corpus and the map.
     _tab(page, "Voice Style")

@@ -106,7 +106,8 @@ def test_fit_logs_metrics_checkpoints_and_samples(tmp_path):
     assert (tmp_path / "stage1_step6.safetensors").exists()
     latest = load_checkpoint(tmp_path / "stage1_latest.safetensors")
     assert (latest.stage, latest.step, latest.epoch) == ("1", 6, 0)
-    assert latest.extra == {"codec_fingerprint": "toy-codec-v1"}
+    assert latest.extra.keys() == {"codec_fingerprint", "metric"} and latest.extra["codec_fingerprint"] == "toy-codec-v1"
+    assert json.loads(latest.extra["metric"])["step"] == 6       # the final validation, just before this save
     assert torch.equal(latest.tensors["speech_lm"]["4.weight"], task.model[4].weight)
     assert torch.equal(latest.tensors["style"]["weight"], task.frozen.weight)   # frozen modules too
     assert load_train_state(latest.path, latest.checkpoint_id)["data"]["batches_in_epoch"] == 6
@@ -408,7 +409,10 @@ def test_early_stop_after_patience_keeps_the_best(tmp_path, mode, values, best_a
     result = _fit(cfg, _ScriptedVal(cfg, values, ("val_score", mode)))
     assert result.status == "done" and result.step == 10                 # best at step 4, then 3 worse
     assert "early stop" in result.message and "val_score" in result.message and "step 4" in result.message
-    assert load_checkpoint(tmp_path / "stage1_best.safetensors").step == best_at
+    best = load_checkpoint(tmp_path / "stage1_best.safetensors")
+    assert best.step == best_at
+    # its header carries the metric the best was chosen by (the app's checkpoint lists show it)
+    assert json.loads(best.metadata["metric"]) == {"name": "val_score", "value": values[1], "step": best_at}
     state = load_train_state(tmp_path / "stage1_latest.safetensors")
     assert state["best"] == {"value": values[1], "step": 4, "since": 3}
 

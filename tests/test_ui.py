@@ -196,8 +196,8 @@ def test_train_tab_watches_and_stops_a_job(app):
 
     deadline = time.time() + 30
     while True:
-        status, loss, metric, metric_plot, log, sample, replies = app.client.predict("watched", None,
-                                                                           api_name="/training_status")
+        status, loss, metric, metric_plot, log, sample, replies, *_ = app.client.predict(
+            "watched", None, api_name="/training_status")
         if value(sample) or time.time() > deadline:
             break
         time.sleep(0.2)
@@ -349,3 +349,20 @@ def test_checkpoints_are_listed_run_by_run_with_best_and_latest_first(tmp_path: 
         "runs/new/stage2_best.safetensors", "runs/new/stage2_latest.safetensors", "runs/new/stage2_step3.safetensors",
         "runs/old/stage1_best.safetensors", "runs/old/stage1_latest.safetensors",
         *[f"runs/old/stage1_step{i}.safetensors" for i in (5, 4, 3, 2, 1)]]
+
+
+def test_checkpoint_labels_say_stage_step_and_the_metric_the_run_keeps_its_best_by():
+    import json as _json
+
+    from ui.workspace import checkpoint_label
+
+    metric = _json.dumps({"name": "val_choice_accuracy", "value": 0.71875, "step": 1200})
+    assert checkpoint_label("runs/s2/stage2_best.safetensors", {"stage": "2", "step": "1200", "metric": metric}) \
+        == "s2/stage2_best · stage 2 · step 1200 · choice accuracy 0.719"
+    assert checkpoint_label("runs/s2/stage2_latest.safetensors", {"stage": "2", "step": "1300", "metric": metric}) \
+        == "s2/stage2_latest · stage 2 · step 1300 · choice accuracy 0.719 (at step 1200)"
+    # a checkpoint saved before any validation, or with an unreadable metric: stage and step only
+    assert checkpoint_label("runs/a/stage1_step5.safetensors", {"stage": "1", "step": "5"}) == \
+        "a/stage1_step5 · stage 1 · step 5"
+    assert checkpoint_label("runs/a/stage1_step5.safetensors", {"stage": "1", "step": "5", "metric": "{oops"}) == \
+        "a/stage1_step5 · stage 1 · step 5"

@@ -75,7 +75,7 @@ def _search(app, description: str = QUERY, checkpoint=None, corpus: str = "tiny"
 
 def test_lists_hold_the_style_checkpoints_and_the_corpora(style_app):
     checkpoint, corpus = style_app.client.predict(None, None, api_name="/style_lists")
-    choices = {c[0] if isinstance(c, (list, tuple)) else c for c in checkpoint["choices"]}
+    choices = {c[1] if isinstance(c, (list, tuple)) else c for c in checkpoint["choices"]}
     assert choices == {f"runs/voice/{p.name}" for p in (style_app.root / "runs" / "voice").glob("*.safetensors")}
     assert style_app.other not in choices and len(choices) >= 1
     assert checkpoint["value"] in choices

@@ -34,6 +34,8 @@ DEFAULT_COUNTS = {"synth": 20_000, "dummy": 12}
 """The synthetic corpus's size is the preset's `data.synth_num_utterances` (this is its fallback)."""
 SHOWN_CLIPS = 12
 CLIP_COLUMNS = ["id", "text", "seconds", "voice", "accent", "description"]
+CLIP_COLUMN_WIDTHS = ["12%", "30%", "7%", "10%", "9%", "32%"]
+"""The long columns (text, description) get the room: with equal widths the description was cut."""
 PROBLEM_COLUMNS = ["id", "reason", "file"]
 
 
@@ -254,7 +256,7 @@ def build_data_tab(ws: Workspace, preset: str, overrides: list[str]) -> DataTab:
         prepare = gr.Button("Prepare", scale=0, min_width=100)
     summary = gr.Markdown("Build a corpus, or pick one above.")
     clips = gr.Dataframe(headers=CLIP_COLUMNS, label=f"A few clips (first {SHOWN_CLIPS})", interactive=False,
-                         wrap=True, max_height=400)
+                         wrap=True, max_height=400, column_widths=CLIP_COLUMN_WIDTHS)
     with gr.Row():
         clip = gr.Dropdown([], label="Clip to play", allow_custom_value=True, scale=1)
         audio = gr.Audio(type="filepath", label="Clip", interactive=False, scale=2)
@@ -310,11 +312,13 @@ def build_data_tab(ws: Workspace, preset: str, overrides: list[str]) -> DataTab:
 
     source.change(on_source, source, [folder, name, num], api_visibility="private")
     view_out = [summary, clips, problems, clip, audio]
+    # one progress bar, on the summary, not one on each of the six outputs
     built = build.click(on_build, [source, name, num, folder, seed, force], [corpus, *view_out],
-                        api_name="build_corpus", concurrency_limit=1, concurrency_id="corpus_build")
+                        api_name="build_corpus", concurrency_limit=1, concurrency_id="corpus_build",
+                        show_progress_on=summary)
     corpus.input(on_show, corpus, view_out, api_name="show_corpus")
     prepare.click(on_prepare, [corpus, force], view_out, api_name="prepare_corpus",
-                  concurrency_limit=1, concurrency_id="corpus_build")
+                  concurrency_limit=1, concurrency_id="corpus_build", show_progress_on=summary)
     clip.input(on_clip, [corpus, clip], audio, api_name="clip_audio")
     clips.select(on_table_select, corpus, [clip, audio], api_visibility="private")
     refresh.click(on_refresh, corpus, corpus, api_name="list_corpora")

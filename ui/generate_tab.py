@@ -38,9 +38,16 @@ DEFAULT_STYLE = "a slow, deep voice with a British accent"
 MAX_CACHED_PIPELINES = 2
 
 
-def speaking_checkpoints(ws: Workspace) -> list[str]:
-    """Workspace checkpoints that can speak (stage 1, 2 or 3), newest first."""
-    return [rel for rel, meta in ws.checkpoint_headers() if meta.get("stage") in SPEAKING_STAGES]
+def speaking_checkpoints(ws: Workspace) -> list[tuple[str, str]]:
+    """(label, path) of the workspace checkpoints that can speak (stage 1, 2 or 3), newest run first."""
+    return ws.labelled_checkpoints(lambda meta: meta.get("stage") in SPEAKING_STAGES)
+
+
+def cannot_hear(rel: str) -> str:
+    """Why a checkpoint cannot answer about speech, in the app's words (the package's message names a
+    Python argument)."""
+    return (f"{Path(rel).name} holds no adapter, so the LLM cannot hear its speech: choose a stage-2 or stage-3 "
+            f"checkpoint above, or train stage 2 from this one in the Train tab.")
 
 
 def checkpoint_summary(ws: Workspace, rel: str) -> str:
@@ -119,11 +126,12 @@ def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[
     pipelines = pipelines or PipelineCache(device)
     streaming = ensure_ffmpeg_on_path()
     choices = speaking_checkpoints(ws)
+    first = choices[0][1] if choices else None
     with gr.Row():
-        checkpoint = gr.Dropdown(choices, value=choices[0] if choices else None, allow_custom_value=True,
+        checkpoint = gr.Dropdown(choices, value=first, allow_custom_value=True,
                                  label="Checkpoint (stage 1, 2 or 3; from workspace/runs)", scale=4)
         refresh = gr.Button("↻ Refresh", scale=0, min_width=100)
-    about = gr.Markdown(checkpoint_summary(ws, choices[0]) if choices else
+    about = gr.Markdown(checkpoint_summary(ws, first) if first else
                         "No checkpoint yet: train stage 1 in the Train tab.")
     gr.Markdown("### Speak")
     with gr.Row():
@@ -201,7 +209,7 @@ def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[
         spoken = time.perf_counter() - start
         status = f"{wav.numel() / pipeline.sample_rate:.2f} s of speech in {spoken:.2f} s (first audio after {first:.2f} s)"
         if not pipeline.can_understand:
-            yield None, path, "", f"{status}. {pipeline.why_cannot_understand}"
+            yield None, path, "", f"{status}. {cannot_hear(rel)}"
             return
         yield None, path, "", f"{status}; the LLM is listening…"
         result = guarded("The LLM's answer", pipeline.answer_speech, torch.cat(codes, dim=1), wav,
@@ -214,6 +222,8 @@ def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[
         if not audio_path:
             raise gr.Error("record or upload some speech first", title="Understand", print_exception=False)
         pipeline = guarded("Loading the checkpoint", pipeline_for, rel)
+        if not pipeline.can_understand:
+            raise gr.Error(cannot_hear(rel), title="Understand", print_exception=False)
         return guarded("Understanding", pipeline.understand, audio_path, prompt_value or "What did the speaker say?")
 
     def on_checkpoint(rel: Optional[str]) -> str:
@@ -223,7 +233,8 @@ def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[
 
     def refresh_lists(current: Optional[str] = None) -> gr.Dropdown:
         found = speaking_checkpoints(ws)
-        value = current if current in found else (found[0] if found else None)
+        paths = [path for _, path in found]
+        value = current if current in paths else (paths[0] if paths else None)
         return gr.Dropdown(choices=found, value=value)
 
     speak.click(on_speak, [checkpoint, text, style, reference, question, temperature, top_k, top_p, cfg_scale,

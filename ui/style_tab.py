@@ -43,9 +43,9 @@ MAX_INDEXES = 4
 # ------------------------------------------------------------------------------- pure helpers
 
 
-def style_checkpoints(ws: Workspace) -> list[str]:
-    """Workspace checkpoints that hold a style encoder (any stage), newest first."""
-    return [rel for rel, meta in ws.checkpoint_headers() if "style" in checkpoint_modules(meta)]
+def style_checkpoints(ws: Workspace) -> list[tuple[str, str]]:
+    """(label, path) of the workspace checkpoints that hold a style encoder (any stage), newest run first."""
+    return ws.labelled_checkpoints(lambda meta: "style" in checkpoint_modules(meta))
 
 
 def checkpoint_path(ws: Workspace, rel: Optional[str]) -> Path:
@@ -216,8 +216,10 @@ class StyleTab:
     refresh_lists: Callable[..., tuple[gr.Dropdown, gr.Dropdown]]   # (checkpoint, corpus) -> both updated
 
 
-def _pick(current: Optional[str], choices: list[str]) -> Optional[str]:
-    return current if current in choices else (choices[0] if choices else None)
+def _pick(current: Optional[str], choices: list[str] | list[tuple[str, str]]) -> Optional[str]:
+    """`current` if it is one of the choices' values, else the first value (None when there is none)."""
+    values = [c[1] if isinstance(c, tuple) else c for c in choices]
+    return current if current in values else (values[0] if values else None)
 
 
 def build_style_tab(ws: Workspace, preset: str, overrides: list[str], device: str = "cpu",

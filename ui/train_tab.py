@@ -229,8 +229,9 @@ def status_markdown(ws: Workspace, status: JobStatus) -> str:
     return "\n".join(lines)
 
 
-def prerequisite_choices(ws: Workspace) -> list[str]:
-    return [NONE, *ws.list_checkpoints()]
+def prerequisite_choices(ws: Workspace) -> list[tuple[str, str]]:
+    """(label, path) of every readable checkpoint, after (none)."""
+    return [(NONE, NONE), *ws.labelled_checkpoints()]
 
 
 def default_prerequisite(ws: Workspace, stage: str) -> str:
@@ -303,7 +304,8 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         names = ws.list_corpora()
         checkpoints = prerequisite_choices(ws)
         corpus_value = current_corpus if current_corpus in names else (names[0] if names else None)
-        prereq_value = current_prereq if current_prereq in checkpoints and current_prereq != NONE \
+        listed = [path for _, path in checkpoints]
+        prereq_value = current_prereq if current_prereq in listed and current_prereq != NONE \
             else default_prerequisite(ws, stage_value)
         return (gr.Dropdown(choices=names, value=corpus_value),
                 gr.Dropdown(choices=checkpoints, value=prereq_value))
@@ -365,13 +367,13 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         try:
             ws.run_dir(run_name)
         except ValueError:
-            return (gr.skip(),) * 8
+            return (gr.skip(),) * len(tick_outputs)
         status = runner.status(run_name)
         rows = runner.metrics(run_name)
         key = [run_name, metric_name, len(rows), status.state, status.step, status.message,
                status.log_tail[-2000:], [s for s in status.samples if _inside(ws, s)]]
         if key == seen:
-            return (gr.skip(),) * 8
+            return (gr.skip(),) * len(tick_outputs)
         loss_df, metric_df, names = metric_frames(rows, status.stage, metric_name)
         chosen = metric_name if metric_name in names else default_metric(names, status.stage)
         inside = [s for s in status.samples if _inside(ws, s)]
@@ -390,7 +392,7 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
                 gr.Dropdown(choices=names, value=chosen),
                 gr.LinePlot(value=metric_df if len(metric_df) else None, title=chosen or "metric",
                             y_title=chosen or ""),
-                last_lines(status.log_tail, LOG_LINES), sample_update, replies_update, key)
+                last_lines(status.log_tail, LOG_LINES), sample_update, replies_update, key, gr.skip(), gr.skip())
 
     def on_sample(path: Optional[str]) -> Optional[str]:
         return path if path and _inside(ws, path) and Path(path).is_file() else None
@@ -426,7 +428,9 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
                  concurrency_id="training_jobs")
     stop.click(on_stop, run, status_md, api_name="stop_training", concurrency_limit=1,
                concurrency_id="training_jobs")
-    tick_outputs = [status_md, loss_plot, metric, metric_plot, log_box, sample, replies, last_seen]
+    # command_md and run are outputs of the tick (always skipped) so that each tick gives them a fresh status:
+    # a rejected Start's red "Error" badge on them then clears within one refresh instead of staying
+    tick_outputs = [status_md, loss_plot, metric, metric_plot, log_box, sample, replies, last_seen, command_md, run]
     timer.tick(on_tick, [run, metric, last_seen], tick_outputs, api_name="training_status",
                concurrency_limit=None, show_progress="hidden")
     metric.input(lambda r, m: on_tick(r, m, None), [run, metric], tick_outputs, api_visibility="private",

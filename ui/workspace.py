@@ -10,9 +10,11 @@ read or overwrite other files on the machine.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Mapping
 
 from ira.data.corpus import METADATA
 
@@ -120,6 +122,12 @@ class Workspace:
                 continue
         return headers
 
+    def labelled_checkpoints(self, keep: Callable[[dict[str, str]], bool] = lambda meta: True
+                             ) -> list[tuple[str, str]]:
+        """(label, relative path) of the readable checkpoints whose header `keep` accepts, in the order of
+        `list_checkpoints`: a dropdown's choices, labelled with what each checkpoint is (`checkpoint_label`)."""
+        return [(checkpoint_label(rel, meta), rel) for rel, meta in self.checkpoint_headers() if keep(meta)]
+
     def list_checkpoints(self) -> list[str]:
         """Every `*.safetensors` under runs/ (relative to the workspace), run by run (the run written to last
         first) and, within a run, its best, then its latest, then the others newest first: the checkpoint a
@@ -135,3 +143,20 @@ class Workspace:
             kind = 0 if p.stem.endswith("_best") else 1 if p.stem.endswith("_latest") else 2
             return (-run_time[p.parent], p.parent.name, kind, -mtime[p])
         return [self.relative(p) for p in sorted(found, key=rank)]
+
+
+def checkpoint_label(rel: str, meta: Mapping[str, str]) -> str:
+    """What a checkpoint is, in one line: "s2/stage2_best · stage 2 · step 1200 · choice accuracy 0.719"
+    (the metric is the one its run keeps the best checkpoint by, at the validation before the save)."""
+    name = rel.removeprefix(f"{RUNS}/").removesuffix(".safetensors")
+    parts = [name] + [f"{key} {meta[key]}" for key in ("stage", "step") if meta.get(key)]
+    try:
+        metric = json.loads(meta.get("metric") or "null")
+    except json.JSONDecodeError:
+        metric = None
+    if isinstance(metric, dict) and isinstance(metric.get("value"), (int, float)):
+        text = f"{str(metric.get('name', 'metric')).removeprefix('val_').replace('_', ' ')} {metric['value']:.3g}"
+        if str(metric.get("step")) != str(meta.get("step")):
+            text += f" (at step {metric.get('step')})"
+        parts.append(text)
+    return " · ".join(parts)

@@ -15,6 +15,7 @@ progress bar. See `ira.training.task` for the contract a stage implements.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import sys
@@ -788,7 +789,7 @@ class Trainer:
                 "best": {"value": p.best_value, "step": p.best_step, "since": p.since_best},
             }
             save_checkpoint(path, self.modules, stage=self.stage, epoch=p.epoch, step=p.step,
-                            config=self.cfg, metadata=self.task.checkpoint_metadata(),
+                            config=self.cfg, metadata={**self.task.checkpoint_metadata(), **self._metric_metadata()},
                             train_state=train_state)
             link_latest(path, latest)
             if p.best_pending:
@@ -805,6 +806,15 @@ class Trainer:
         p.best_pending = False
 
     # ------------------------------------------------------------------ helpers
+
+    def _metric_metadata(self) -> dict[str, str]:
+        """The task's best-checkpoint metric at the last validation, for the checkpoint's header: the app
+        labels its checkpoint lists with it ("stage 2 · step 1200 · val_choice_accuracy 0.72")."""
+        key = self.task.best_metric[0]
+        value = self.val_metrics.get(key)
+        if value is None or self.progress.last_eval_step < 0 or not math.isfinite(value):
+            return {}
+        return {"metric": json.dumps({"name": key, "value": value, "step": self.progress.last_eval_step})}
 
     def _epoch_float(self) -> float:
         p = self.progress
