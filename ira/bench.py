@@ -23,6 +23,8 @@ from ira.text_tokenizer import CharTokenizer
 
 FRAME_RATE = 75.0
 TEN_WORDS = "The quick brown fox jumps over the lazy dog again today."
+BENCH_VOCABULARY = 5300
+"""LLM token ids an untrained "vocabulary" adapter reads (the synthetic 20,000-sentence corpus has ~5,300)."""
 
 
 def machine() -> dict[str, str | int]:
@@ -110,6 +112,7 @@ def bench_pipeline(presets: list[str], llm: Any, seconds: float = 4.0, max_new_t
     from ira.inference import RESPOND_PROMPT
     from ira.listener import Listener
     from ira.models.adapter import PerceiverAdapter
+    from ira.models.vocabulary_reader import VocabularyReader
 
     results: dict[str, float | str] = {**machine(), "llm": llm.name,
                                        "llm_dtype": str(llm.dtype).replace("torch.", ""), "text": TEN_WORDS}
@@ -117,8 +120,12 @@ def bench_pipeline(presets: list[str], llm: Any, seconds: float = 4.0, max_new_t
         model, tokenizer = build_model(preset)
         codec = untrained_codec(preset)
         torch.manual_seed(0)
-        adapter = PerceiverAdapter(preset_config(preset).adapter, model.cfg.d_model, llm.hidden_size,
-                                   llm.embed_norm).eval()
+        adapter_cfg = preset_config(preset).adapter
+        reader = None
+        if adapter_cfg.output == "vocabulary":  # a reader the size of a 20k-sentence corpus's vocabulary
+            reader = VocabularyReader.from_llm_table(llm.model.get_input_embeddings().weight,
+                                                     range(BENCH_VOCABULARY), trainable=True)
+        adapter = PerceiverAdapter(adapter_cfg, model.cfg.d_model, llm.hidden_size, llm.embed_norm, reader).eval()
         listener = Listener(model, codec, adapter, llm)
         frames = max(1, round(seconds * codec.frame_rate))
         with torch.inference_mode():

@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin
 import yaml
 
 PRESETS = ("cpu", "laptop", "a100")
+ADAPTER_OUTPUTS = ("free", "vocabulary")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESET_FILES = {
     "cpu": "cpu_config.yaml",
@@ -321,6 +322,9 @@ class AdapterConfig:
     window: float = 0.0
     """Monotonic reading: latent i of N attends around the relative position (i + 0.5) / N of the clip,
     with a Gaussian prior of width window / N (in clip lengths); 0 = no prior, learned queries only."""
+    output: str = "free"
+    """What the LLM reads (ira/models/vocabulary_reader.py): "free" = the N soft tokens; "vocabulary" = one
+    expected LLM input embedding per word piece the adapter's reader hears (blank positions dropped)."""
 
     def validate(self, check: "_Checker") -> None:
         check.that("n_latents", 4 <= self.n_latents <= 256, f"must be between 4 and 256 (got {self.n_latents!r})")
@@ -328,6 +332,8 @@ class AdapterConfig:
         check.positive("frame_stack", self.frame_stack)
         check.that("encoder_layers", self.encoder_layers >= 0, f"must be >= 0 (got {self.encoder_layers!r})")
         check.that("window", self.window >= 0.0, f"must be >= 0 (0 = off; got {self.window!r})")
+        check.that("output", self.output in ADAPTER_OUTPUTS,
+                   f"must be one of {', '.join(ADAPTER_OUTPUTS)} (got {self.output!r})")
         check.positive("dim", self.dim)
         check.positive("n_layers", self.n_layers)
         check.positive("n_heads", self.n_heads)
@@ -355,7 +361,7 @@ class AlignConfig:
     adapter cosine (`ira eval understanding`'s figures); 0 = off."""
     ctc_steps: int = 0
     """The alignment phase: the first steps train the adapter by CTC onto the LLM's embedding table, without
-    running the LLM (ira/training/adapter_ctc.py); distillation follows. 0 = distillation from the start."""
+    running the LLM (ira/models/vocabulary_reader.py); distillation follows. 0 = distillation from the start."""
     ctc_weight: float = 0.0
     """Weight of that CTC loss after the alignment phase (keeps the soft tokens on the words)."""
     phoneme_ctc_weight: float = 0.0

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ira.audio import load_audio, prepare_waveform
+from ira.audio import load_audio, prepare_waveform, trim_silence
 from ira.checkpoint import Checkpoint, CheckpointError, load_checkpoint, require_stage
 from ira.codec.base import Codec
 from ira.config import IRAConfig, LLMConfig
@@ -24,7 +24,7 @@ from ira.models.adapter import PerceiverAdapter
 from ira.models.hub import adapter_from_checkpoint, codec_from_checkpoint, feature_speech_lm_from_checkpoint
 from ira.models.llm import LoadedLLM, load_llm
 from ira.models.speech_lm import SpeechLM
-from ira.models.splice import build_student_inputs, generate_reply
+from ira.models.splice import SoftTokens, build_student_inputs, generate_reply
 
 UNDERSTANDING_STAGES = ("2", "3")
 DEFAULT_PROMPT = "What did the speaker say?"
@@ -41,9 +41,10 @@ def llm_config_for(ckpt: Checkpoint, override: Optional[LLMConfig] = None) -> LL
 
 class Listener:
     def __init__(self, speech_lm: SpeechLM, codec: Codec, adapter: PerceiverAdapter, llm: LoadedLLM,
-                 checkpoint: Optional[Path] = None):
+                 checkpoint: Optional[Path] = None, trim_silence_db: float = 40.0):
         self.speech_lm, self.codec, self.adapter, self.llm = speech_lm.eval(), codec, adapter.eval(), llm
         self.checkpoint = checkpoint
+        self.trim_silence_db = trim_silence_db  # the training corpus's (data.trim_silence_db): hear audio as trained
         if adapter.out_dim != llm.hidden_size:
             raise ValueError(f"the adapter writes {adapter.out_dim}-dimensional vectors but the LLM "
                              f"{llm.name} has hidden size {llm.hidden_size}: load the LLM the checkpoint was "
@@ -61,8 +62,9 @@ class Listener:
         if recorded and recorded != llm.name:
             raise CheckpointError(f"{path} was aligned to the LLM {recorded!r}, not {llm.name!r}: set llm.name "
                                   f"to {recorded!r}")
-        return cls(feature_speech_lm_from_checkpoint(ckpt, dev), codec_from_checkpoint(ckpt, ckpt.ira_config()),
-                   adapter, llm, Path(path))
+        cfg = ckpt.ira_config()
+        return cls(feature_speech_lm_from_checkpoint(ckpt, dev), codec_from_checkpoint(ckpt, cfg),
+                   adapter, llm, Path(path), trim_silence_db=cfg.data.trim_silence_db)
 
     @property
     def device(self) -> torch.device:
@@ -84,8 +86,9 @@ class Listener:
         return wav
 
     @torch.inference_mode()
-    def audio_tokens(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Codec codes (one LongTensor[K, T] per clip) -> the adapter's LLM-space vectors [B, N, H]."""
+    def audio_tokens(self, codes: Sequence[torch.Tensor]) -> SoftTokens:
+        """Codec codes (one LongTensor[K, T] per clip) -> the adapter's LLM-space vectors ([B, N, H], or one
+        [N_i, H] per clip when the adapter hands the LLM the word pieces it hears)."""
         from ira.data.dataset import pad_codes
         padded, lengths = pad_codes([c.long() for c in codes])
         features, mask = self.speech_lm.audio_features(padded.to(self.device), lengths.to(self.device),
@@ -101,9 +104,9 @@ class Listener:
         return self.answer(self.audio_tokens(codes), prompts, max_new_tokens)
 
     @torch.inference_mode()
-    def answer(self, audio_tokens: torch.Tensor, prompts: Sequence[str],
+    def answer(self, audio_tokens: SoftTokens, prompts: Sequence[str],
                max_new_tokens: Optional[int] = None) -> list[str]:
-        """The LLM's replies given the adapter's vectors [B, N, H] (from `audio_tokens`) and one prompt per clip."""
+        """The LLM's replies given the adapter's vectors (from `audio_tokens`) and one prompt per clip."""
         inputs = build_student_inputs(self.llm, [p.strip() or DEFAULT_PROMPT for p in prompts], audio_tokens, None)
         return [r.strip() for r in generate_reply(self.llm, inputs, max_new_tokens=max_new_tokens or 64)]
 
@@ -112,7 +115,16 @@ class Listener:
         """The LLM's answer to `prompt` about `audio` (a file path or a waveform at `sample_rate`)."""
         if not isinstance(prompt, str):
             raise ValueError("the prompt must be text, e.g. 'What did the speaker say?'")
-        wav = self._waveform(audio, sample_rate)
-        with torch.inference_mode():
-            codes = self.codec.encode(wav, self.codec.sample_rate)
-        return self.understand_codes([codes.cpu()], [prompt], max_new_tokens)[0]
+        codes = self.encode(self._waveform(audio, sample_rate))
+        return self.understand_codes([codes], [prompt], max_new_tokens)[0]
+
+    @torch.inference_mode()
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        """A waveform at the codec's rate -> its codes, prepared as the training clips were: leading and
+        trailing silence trimmed (`data.trim_silence_db`). The adapter reads the clip by relative position
+        (latent i around the i-th N-th of it), so a second of silence would shift every word it reads."""
+        trimmed = trim_silence(wav.float().flatten(), self.codec.sample_rate, top_db=self.trim_silence_db)
+        if trimmed.numel() < MIN_SECONDS * self.codec.sample_rate:
+            raise ValueError(f"the audio holds less than {MIN_SECONDS} s of sound above the silence threshold "
+                             f"(data.trim_silence_db = {self.trim_silence_db:g} dB below its peak): give speech")
+        return self.codec.encode(trimmed, self.codec.sample_rate).cpu()

@@ -69,6 +69,37 @@ def test_config_round_trip():
         PerceiverAdapter.from_config_dict({"adapter": data["adapter"]})
 
 
+def vocabulary_adapter() -> tuple[PerceiverAdapter, torch.Tensor]:
+    from ira.models.vocabulary_reader import VocabularyReader
+    table = torch.randn(30, OUT_DIM, generator=torch.Generator().manual_seed(3))
+    reader = VocabularyReader.from_llm_table(table, [2, 5, 11, 17], trainable=True)
+    return PerceiverAdapter(
+        AdapterConfig(n_latents=8, dim=32, n_layers=2, n_heads=4, max_audio_frames=64, output="vocabulary"),
+        IN_DIM, OUT_DIM, TARGET, reader).eval(), table
+
+
+def test_vocabulary_output_hands_the_llm_mixtures_of_its_rows_and_survives_a_round_trip():
+    torch.manual_seed(0)
+    adapter, table = vocabulary_adapter()
+    features, mask = torch.randn(3, 20, IN_DIM), torch.arange(20)[None] < torch.tensor([[20], [9], [4]])
+    heard = adapter(features, mask)
+    assert isinstance(heard, list) and len(heard) == 3
+    rows = table[[2, 5, 11, 17]]
+    for clip in heard:
+        assert 1 <= clip.shape[0] <= 8 and clip.shape[1] == OUT_DIM
+        weights = torch.linalg.lstsq(rows.T, clip.T).solution            # each vector = weights @ rows
+        assert torch.allclose(weights.sum(0), torch.ones(clip.shape[0]), atol=1e-4)
+        assert (weights > -1e-4).all()                                    # a convex mixture
+    data = json.loads(json.dumps(adapter.config_dict()))
+    rebuilt = PerceiverAdapter.from_config_dict(data).eval()
+    rebuilt.load_state_dict(adapter.state_dict())
+    for a, b in zip(rebuilt(features, mask), heard):
+        assert torch.equal(a, b)
+    assert rebuilt.reader.vocab == [2, 5, 11, 17]
+    with pytest.raises(ValueError, match="VocabularyReader"):
+        make_adapter(output="vocabulary")
+
+
 def test_bad_inputs_are_clear_errors():
     adapter = make_adapter()
     features = torch.randn(2, 5, IN_DIM)
@@ -94,6 +125,7 @@ def test_reads_speech_lm_audio_features():
     ("adapter.n_heads=3", "adapter.n_heads"),
     ("adapter.dropout=1.0", "adapter.dropout"),
     ("adapter.max_audio_frames=512", "adapter.max_audio_frames"),  # < speech_lm.max_audio_frames
+    ("adapter.output=words", "adapter.output"),
 ])
 def test_adapter_config_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

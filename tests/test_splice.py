@@ -83,6 +83,28 @@ def test_a_sample_reads_the_same_alone_or_left_padded(bundled_llm):
     assert (rows - alone.response_logits(logits_alone)).abs().max() < 5e-4
 
 
+def test_clips_of_different_token_counts_read_as_each_would_alone(bundled_llm):
+    """The "vocabulary" adapter hands one [N_i, H] per clip: each sits in its own slot of N_i positions."""
+    torch.manual_seed(0)
+    clips = [soft_tokens(bundled_llm, 1, n=2)[0], soft_tokens(bundled_llm, 1, n=6)[0]]
+    batch = build_student_inputs(bundled_llm, INSTRUCTIONS, clips, RESPONSES)
+    assert batch.audio_mask.sum(dim=1).tolist() == [2, 6]
+    assert torch.equal(batch.inputs_embeds[batch.audio_mask], torch.cat(clips).to(batch.inputs_embeds.dtype))
+    with torch.no_grad():
+        logits = bundled_llm.model(**batch.model_inputs(), use_cache=False).logits
+        for i in range(2):
+            alone = build_student_inputs(bundled_llm, INSTRUCTIONS[i:i + 1], clips[i][None], RESPONSES[i:i + 1])
+            rows = batch.response_logits(logits)
+            start = sum(len(response_ids(bundled_llm, r)) for r in RESPONSES[:i])
+            own = rows[start: start + len(response_ids(bundled_llm, RESPONSES[i]))]
+            expected = alone.response_logits(bundled_llm.model(**alone.model_inputs(), use_cache=False).logits)
+            assert (own - expected).abs().max() < 5e-4
+    with pytest.raises(ValueError, match="sample 1"):
+        build_student_inputs(bundled_llm, INSTRUCTIONS, [clips[0], clips[1][:0]])
+    with pytest.raises(ValueError, match="1 clips of soft tokens for 2"):
+        build_student_inputs(bundled_llm, INSTRUCTIONS, clips[:1])
+
+
 def test_generate_reply_from_text_and_from_soft_tokens(bundled_llm):
     teacher = build_teacher_inputs(bundled_llm, ["Repeat exactly what was said."], ["hello world"])
     replies = generate_reply(bundled_llm, teacher, max_new_tokens=12)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from ira.listener import Listener
 from ira.models.splice import build_student_inputs
@@ -147,22 +148,46 @@ def test_feature_cache_is_rebuilt_when_stale_and_never_half_read(runs, tmp_path)
     assert not feature_cache.is_fresh(path, feature_cache.cache_key(model, 0, split, 1024))
 
 
-def test_embedding_ctc_scores_and_reads_tokens_against_the_llm_table():
-    from ira.training.adapter_ctc import EmbeddingCTC
+def test_vocabulary_reader_scores_and_reads_tokens_against_the_llm_table():
+    from ira.models.vocabulary_reader import VocabularyReader
 
     gen = torch.Generator().manual_seed(0)
     table = torch.randn(50, 16, generator=gen)
-    ctc = EmbeddingCTC(table, vocab=[3, 7, 9, 20])
+    reader = VocabularyReader.from_llm_table(table, vocab_ids=[20, 3, 7, 9])
     # soft tokens that ARE the embeddings of 7, 9, 9 with blank directions between: read as [7, 9, 9]
-    blank = ctc.blank.detach()
+    blank = reader.blank.detach()
     soft = torch.stack([table[7], blank, table[9], blank, table[9], table[9]])[None]
     with torch.no_grad():
-        ctc.log_scale.fill_(5.0)
-    assert ctc.decode(soft) == [[7, 9, 9]]
-    good = ctc.loss(soft, [[7, 9, 9]])
-    assert good < ctc.loss(soft, [[3, 20]]) and good < 0.5
-    with pytest.raises(ValueError, match="alignment vocabulary"):
-        ctc.loss(soft, [[4]])
+        reader.log_scale.fill_(5.0)
+    assert reader.decode(soft) == [[7, 9, 9]]
+    good = reader.ctc_loss(soft, [[7, 9, 9]])
+    assert good < reader.ctc_loss(soft, [[3, 20]]) and good < 0.5
+    with pytest.raises(ValueError, match="reader's vocabulary"):
+        reader.ctc_loss(soft, [[4]])
+    # what the LLM hears: one vector per run of a word, close to that word's row (blank dropped)
+    heard = reader.heard(soft)[0]
+    assert heard.shape == (3, 16)
+    for vector, token in zip(heard, (7, 9, 9)):
+        assert F.cosine_similarity(vector, table[token], dim=0) > 0.9
+    # all blank: still one vector, so the LLM is never handed an empty clip
+    assert reader.heard(torch.stack([blank] * 4)[None])[0].shape == (1, 16)
+
+
+def test_vocabulary_reader_of_a_checkpoint_reads_with_the_checkpoint_ids():
+    from ira.models.vocabulary_reader import VocabularyReader
+
+    table = torch.randn(50, 16, generator=torch.Generator().manual_seed(1))
+    trained = VocabularyReader.from_llm_table(table, vocab_ids=[3, 7, 9], trainable=True)
+    empty = VocabularyReader(torch.zeros(3, 16), range(3), trainable=True)
+    empty.load_state_dict(trained.state_dict())
+    soft = table[[7, 9]][None]
+    with torch.no_grad():
+        for reader in (trained, empty):
+            reader.log_scale.fill_(5.0)
+    assert empty.decode(soft) == trained.decode(soft) == [[7, 9]]
+    assert torch.allclose(empty.ctc_loss(soft, [[7, 9]]), trained.ctc_loss(soft, [[7, 9]]))
+    # a frozen reader's rows come from the LLM, not from its saved state
+    assert set(VocabularyReader.from_llm_table(table, [3]).state_dict()) == {"blank", "log_scale"}
 
 
 def test_alignment_phase_makes_the_soft_tokens_depend_on_the_audio(runs, bundled_llm):
@@ -189,6 +214,35 @@ def test_alignment_phase_makes_the_soft_tokens_depend_on_the_audio(runs, bundled
         optimizer.step()
     assert "kd_loss" not in out and out["ctc_loss"] > 0
     assert spread() > before and spread() > 1e-3                     # different clips, different tokens
+
+
+@pytest.mark.parametrize("output", ["free", "vocabulary"])
+def test_both_adapter_outputs_train_and_the_llm_reads_what_they_hand_it(runs, bundled_llm, output):
+    root, cfg, stage1, _, _ = runs
+    torch.manual_seed(0)
+    cfg = cfg.with_overrides([f"adapter.output={output}", "align.ctc_steps=1"])
+    task = Stage2Task(cfg, load_checkpoint(stage1.last_checkpoint), llm=bundled_llm, cpu=True)
+    assert (task.adapter.reader is not None) == (output == "vocabulary")
+    assert ("align_ctc" in task.modules()) == (output == "free")   # in "vocabulary" mode it is the adapter's
+    trainable = {id(p) for p in task.trainable_parameters()}
+    assert all(id(p) in trainable for p in task.reader.parameters())
+    batch = next(iter(task.train_dataloader()))
+    for phase in (1.0, 0.0):                                         # the alignment step, then distillation
+        out = task.training_step(batch)
+        assert out["alignment_phase"] == phase and torch.isfinite(out["loss"])
+        out["loss"].backward()
+    assert out["kd_loss"] > 0 and task.reader.blank.grad is not None
+    if output == "vocabulary":                                      # the reader's word directions learn too
+        assert task.reader.directions.grad is not None and task.reader.directions.grad.abs().sum() > 0
+    with torch.no_grad():
+        heard = task.adapter.heard(task.batch_soft_tokens(batch)[0])
+    lengths = [len(clip) for clip in heard]
+    if output == "free":
+        assert lengths == [cfg.adapter.n_latents] * len(batch["instructions"])
+    else:
+        assert all(1 <= n <= cfg.adapter.n_latents for n in lengths)
+    inputs = build_student_inputs(bundled_llm, batch["instructions"], heard, batch["responses"])
+    assert inputs.audio_mask.sum(1).tolist() == lengths
 
 
 def test_understanding_figures_with_the_real_llm(bundled_llm):

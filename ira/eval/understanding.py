@@ -21,8 +21,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ira.models.splice import (REPEAT_INSTRUCTION, build_student_inputs, build_teacher_inputs, generate_reply,
-                              reply_log_likelihood)
+from ira.models.splice import (REPEAT_INSTRUCTION, SoftTokens, build_student_inputs, build_teacher_inputs,
+                              generate_reply, reply_log_likelihood)
 from ira.text_metrics import character_error_rate, corpus_cer
 N_CHOICES = 4
 DISTRACTOR_SEED = 20_261_128
@@ -52,11 +52,14 @@ def choice_metrics(log_likelihood: torch.Tensor) -> tuple[float, float, list[boo
     return sum(correct) / len(correct), sum(margins) / len(margins), correct, margins
 
 
-def mean_pairwise_cosine(audio_tokens: torch.Tensor) -> float:
-    """[B, N, H] soft tokens -> mean cosine between the flattened outputs of every pair of clips."""
-    if audio_tokens.shape[0] < 2:
+def mean_pairwise_cosine(audio_tokens: SoftTokens) -> float:
+    """Soft tokens ([B, N, H], or one [N_i, H] per clip) -> mean cosine between the flattened outputs of
+    every pair of clips (clips of fewer tokens padded with zeros at the end: token i meets token i)."""
+    clips = list(audio_tokens)
+    if len(clips) < 2:
         raise ValueError("the pairwise cosine needs at least two clips")
-    flat = F.normalize(audio_tokens.reshape(audio_tokens.shape[0], -1).float(), dim=-1)
+    padded = torch.nn.utils.rnn.pad_sequence([c.float() for c in clips], batch_first=True)
+    flat = F.normalize(padded.reshape(len(clips), -1), dim=-1)
     sim = flat @ flat.T
     n = sim.shape[0]
     return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
@@ -89,22 +92,23 @@ class UnderstandingScore:
 
 
 @torch.no_grad()
-def score_understanding(llm: Any, audio_tokens: Callable[[list[int]], torch.Tensor], transcripts: Sequence[str],
+def score_understanding(llm: Any, audio_tokens: Callable[[list[int]], SoftTokens], transcripts: Sequence[str],
                         batch_size: int = 8, max_new_tokens: int = 64, ceiling: bool = False) -> UnderstandingScore:
     """The four figures for clips 0..n-1 with the given transcripts (and with `ceiling`, the repeat CER
     of the LLM given each transcript as text in the audio's place).
 
-    `audio_tokens(indices)` returns the adapter's soft tokens [len(indices), N, H] for those clips.
+    `audio_tokens(indices)` returns what the LLM reads of those clips (the adapter's output: [len(indices),
+    N, H] or one [N_i, H] per clip).
     """
     n = len(transcripts)
     others = distractors(n)
-    tokens = torch.cat([audio_tokens(list(range(s, min(s + batch_size, n)))).float().cpu()
-                        for s in range(0, n, batch_size)])
+    tokens = [clip.float().cpu() for s in range(0, n, batch_size)
+              for clip in audio_tokens(list(range(s, min(s + batch_size, n))))]
     rows: list[dict[str, Any]] = []
     log_likelihood = torch.empty(n, N_CHOICES)
     for start in range(0, n, batch_size):
         chunk = list(range(start, min(start + batch_size, n)))
-        audio = tokens[chunk]
+        audio = [tokens[i] for i in chunk]
         replies = generate_reply(llm, build_student_inputs(llm, [REPEAT_INSTRUCTION] * len(chunk), audio, None),
                                  max_new_tokens=max_new_tokens)
         for column in range(N_CHOICES):
@@ -138,8 +142,6 @@ def evaluate_understanding(listener: Any, sentences: Sequence[str], batch_size: 
     (an `ira.listener.Listener`)."""
     from ira.eval.speech import espeak_clips
 
-    codec = listener.codec
-    with torch.inference_mode():
-        codes = [codec.encode(wav, codec.sample_rate).cpu() for wav in espeak_clips(sentences, codec.sample_rate)]
+    codes = [listener.encode(wav) for wav in espeak_clips(sentences, listener.codec.sample_rate)]
     return score_understanding(listener.llm, lambda idx: listener.audio_tokens([codes[i] for i in idx]),
                                sentences, batch_size=batch_size, ceiling=ceiling)

@@ -16,6 +16,10 @@ rarely-seen late positions untrained on a small corpus), and it costs no paramet
 
 Padding: padded frames are zeroed and masked out of every attention, so a sample's output does not
 depend on what it is batched with.
+
+Output (`adapter.output`): "free" hands the LLM the N soft tokens; "vocabulary" hands it what the
+adapter's VocabularyReader hears in them, one LLM-embedding mixture per word piece (a list of [n_i, H],
+n_i varying by clip; ira/models/vocabulary_reader.py). `ira.models.splice` takes either.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import torch.nn.functional as F
 
 from ira.checkpoint import Checkpoint, CheckpointError, as_checkpoint
 from ira.config import AdapterConfig, section_from_dict
+from ira.models.splice import SoftTokens
+from ira.models.vocabulary_reader import VocabularyReader
 
 
 def sinusoids(length: int, dim: int) -> torch.Tensor:
@@ -146,8 +152,15 @@ class PerceiverAdapter(nn.Module):
     prefers. The result is float32; the caller casts it to the LLM's dtype.
     """
 
-    def __init__(self, cfg: AdapterConfig, in_dim: int, out_dim: int, target_norm: float):
+    def __init__(self, cfg: AdapterConfig, in_dim: int, out_dim: int, target_norm: float,
+                 reader: VocabularyReader | None = None):
         super().__init__()
+        if cfg.output == "vocabulary" and (reader is None or not reader.trainable):
+            raise ValueError("adapter.output is 'vocabulary': give the adapter a trainable VocabularyReader "
+                             "over the LLM's embedding rows (stage 2 builds it from the corpus's transcripts)")
+        if reader is not None and cfg.output != "vocabulary":
+            raise ValueError(f"a VocabularyReader is part of the adapter only when adapter.output is "
+                             f"'vocabulary' (got {cfg.output!r})")
         for name, value in (("in_dim", in_dim), ("out_dim", out_dim)):
             if int(value) <= 0:
                 raise ValueError(f"PerceiverAdapter: {name} must be > 0, got {value!r}")
@@ -167,6 +180,7 @@ class PerceiverAdapter(nn.Module):
         self.out = nn.Linear(d, self.out_dim)
         self.gain = nn.Parameter(torch.ones(()))
         self._init_weights()
+        self.reader = reader  # after the init: its directions are the LLM's rows
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -186,8 +200,11 @@ class PerceiverAdapter(nn.Module):
 
     def config_dict(self) -> dict[str, Any]:
         """JSON-able description that `from_config_dict` rebuilds the same architecture from."""
-        return {"adapter": dataclasses.asdict(self.cfg), "in_dim": self.in_dim, "out_dim": self.out_dim,
+        data = {"adapter": dataclasses.asdict(self.cfg), "in_dim": self.in_dim, "out_dim": self.out_dim,
                 "target_norm": self.target_norm}
+        if self.reader is not None:
+            data["vocabulary_size"] = len(self.reader.vocab_ids)
+        return data
 
     @classmethod
     def from_config_dict(cls, data: Mapping[str, Any]) -> "PerceiverAdapter":
@@ -195,7 +212,13 @@ class PerceiverAdapter(nn.Module):
         if missing:
             raise ValueError(f"adapter metadata lacks {', '.join(missing)}; was it written by config_dict()?")
         cfg = section_from_dict("adapter", dict(data["adapter"]), source="adapter metadata")
-        return cls(cfg, int(data["in_dim"]), int(data["out_dim"]), float(data["target_norm"]))
+        reader = None
+        if cfg.output == "vocabulary":  # the shapes only: the checkpoint's state fills in ids and rows
+            if "vocabulary_size" not in data:
+                raise ValueError("adapter metadata lacks vocabulary_size (adapter.output is 'vocabulary')")
+            size = int(data["vocabulary_size"])
+            reader = VocabularyReader(torch.zeros(size, int(data["out_dim"])), range(size), trainable=True)
+        return cls(cfg, int(data["in_dim"]), int(data["out_dim"]), float(data["target_norm"]), reader)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: "Checkpoint | str | Path", device: str | torch.device = "cpu") -> "PerceiverAdapter":
@@ -232,9 +255,14 @@ class PerceiverAdapter(nn.Module):
                              f"the adapter needs at least one frame per clip")
         return mask
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """features [B, T, in_dim], mask BoolTensor[B, T] (True = real frame) -> [B, n_latents, out_dim]."""
-        return self.read(*self.encode_frames(features, mask))
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> SoftTokens:
+        """features [B, T, in_dim], mask BoolTensor[B, T] (True = real frame) -> what the LLM reads:
+        [B, n_latents, out_dim] ("free"), or per clip [n_i, out_dim] ("vocabulary")."""
+        return self.heard(self.read(*self.encode_frames(features, mask)))
+
+    def heard(self, soft_tokens: torch.Tensor) -> SoftTokens:
+        """The soft tokens of `read` -> what the LLM reads of them (see `forward`)."""
+        return soft_tokens if self.reader is None else self.reader.heard(soft_tokens)
 
     def encode_frames(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The frames the latents read: ([B, T', dim] after stacking, projection and the frame encoder,

@@ -26,7 +26,7 @@ same ids in a teacher and a student batch, so the KL can be taken position by po
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 
@@ -38,6 +38,8 @@ REPEAT_INSTRUCTION = "Repeat exactly what was said, word for word."
 AUDIO_OPEN = "<audio>"
 AUDIO_CLOSE = "</audio>"
 PLACEHOLDER = "\u2063IRA-AUDIO-PLACEHOLDER\u2063"  # no template rewrites it; never in a real message
+SoftTokens = Union[torch.Tensor, Sequence[torch.Tensor]]
+"""What the LLM reads in AUDIO's place: [B, N, H], or one [N_i, H] per sample (N_i may differ)."""
 
 
 def user_message(instruction: str, audio_text: str) -> str:
@@ -95,19 +97,25 @@ class SplicedBatch:
         return logits[:, :-1][self.response_mask[:, 1:]]
 
 
-def build_student_inputs(llm: LoadedLLM, instructions: Sequence[str], audio_embeds: torch.Tensor,
+def build_student_inputs(llm: LoadedLLM, instructions: Sequence[str], audio_embeds: SoftTokens,
                          responses: Sequence[str] | None = None) -> SplicedBatch:
-    """The adapter's soft tokens audio_embeds [B, N, H] in AUDIO's place; gradients flow into them."""
+    """The adapter's soft tokens in AUDIO's place, [B, N, H] or one [N_i, H] per sample; gradients flow
+    into them."""
     batch = len(instructions)
-    if audio_embeds.dim() != 3 or audio_embeds.shape[0] != batch:
+    if isinstance(audio_embeds, torch.Tensor) and (audio_embeds.dim() != 3 or audio_embeds.shape[0] != batch):
         raise ValueError(f"audio_embeds must have shape [B={batch}, N, H], got {tuple(audio_embeds.shape)}")
-    if audio_embeds.shape[2] != llm.hidden_size:
-        raise ValueError(f"audio_embeds have width {audio_embeds.shape[2]} but the LLM {llm.name!r} has "
-                         f"hidden size {llm.hidden_size}; build the adapter with out_dim=llm.hidden_size")
-    n_audio = audio_embeds.shape[1]
-    spliced = _assemble(llm, instructions, [None] * batch, [n_audio] * batch, responses)
-    soft = audio_embeds.to(device=llm.device, dtype=spliced.inputs_embeds.dtype)
-    # masked_scatter fills the audio positions in row-major order: sample i's N vectors, in order.
+    pieces = list(audio_embeds)
+    if len(pieces) != batch:
+        raise ValueError(f"{len(pieces)} clips of soft tokens for {batch} instructions")
+    for i, piece in enumerate(pieces):
+        if piece.dim() != 2 or piece.shape[0] == 0:
+            raise ValueError(f"the soft tokens of sample {i} must have shape [N >= 1, H], got {tuple(piece.shape)}")
+        if piece.shape[1] != llm.hidden_size:
+            raise ValueError(f"audio_embeds have width {piece.shape[1]} but the LLM {llm.name!r} has "
+                             f"hidden size {llm.hidden_size}; build the adapter with out_dim=llm.hidden_size")
+    spliced = _assemble(llm, instructions, [None] * batch, [p.shape[0] for p in pieces], responses)
+    soft = torch.cat(pieces).to(device=llm.device, dtype=spliced.inputs_embeds.dtype)
+    # masked_scatter fills the audio positions in row-major order: sample i's N_i vectors, in order.
     spliced.inputs_embeds = spliced.inputs_embeds.masked_scatter(spliced.audio_mask[..., None], soft)
     return spliced
 
@@ -170,7 +178,7 @@ def reply_logits(llm: LoadedLLM, inputs: SplicedBatch) -> tuple[torch.Tensor, to
     return logits, inputs.labels[:, -window:]
 
 
-def reply_log_likelihood(llm: LoadedLLM, instructions: Sequence[str], audio_embeds: torch.Tensor,
+def reply_log_likelihood(llm: LoadedLLM, instructions: Sequence[str], audio_embeds: SoftTokens,
                          replies: Sequence[str]) -> torch.Tensor:
     """The LLM's mean log-likelihood per token (nats, float32 [B]) of each reply after the soft tokens.
 

@@ -41,8 +41,8 @@ from ira.models.hub import (CodecState, codec_from_checkpoint, speech_lm_from_ch
                             style_encoder_from_checkpoint, tokenizer_from_checkpoint)
 from ira.models.llm import LoadedLLM, load_llm
 from ira.models.splice import build_student_inputs, build_teacher_inputs, reply_logits
+from ira.models.vocabulary_reader import VocabularyReader
 from ira.text_metrics import corpus_cer
-from ira.training.adapter_ctc import EmbeddingCTC
 from ira.training.engine import FitResult, Trainer
 from ira.training.feature_cache import FeatureSplit
 from ira.training.feature_cache import load_or_build as load_or_build_features
@@ -141,8 +141,6 @@ class Stage2Task(TrainingTask):
         if cfg.adapter.feature_layer > n_blocks:
             raise ValueError(f"adapter.feature_layer is {cfg.adapter.feature_layer} but the SpeechLM of {source.path} "
                              f"has {n_blocks} blocks; use 0 (its output) or 1..{n_blocks}")
-        self.adapter = PerceiverAdapter(cfg.adapter, in_dim=self.speech_lm.cfg.d_model,
-                                        out_dim=self.llm.hidden_size, target_norm=self.llm.embed_norm)
         self.tasks = parse_tasks(cfg.align.tasks)
         self._last_replies: list[dict[str, Any]] = []
         self._steps_done = 0  # training_step calls so far: the alignment phase is the first align.ctc_steps
@@ -177,15 +175,24 @@ class Stage2Task(TrainingTask):
                         "the alignment phase cannot spell them (raise adapter.n_latents)", too_long,
                         len(self.train_split), cfg.adapter.n_latents)
         vocab = sorted({t for ids in self.llm_ids.values() for row in ids for t in row})
-        self.ctc = EmbeddingCTC(self.llm.model.get_input_embeddings().weight, vocab)
+        # the reader of the soft tokens: the adapter's own in "vocabulary" mode (it decides what the LLM
+        # hears, its directions train), a frozen training aid over the LLM's rows in "free" mode
+        vocabulary_output = cfg.adapter.output == "vocabulary"
+        reader = VocabularyReader.from_llm_table(self.llm.model.get_input_embeddings().weight, vocab,
+                                                 trainable=vocabulary_output)
+        self.adapter = PerceiverAdapter(cfg.adapter, in_dim=self.speech_lm.cfg.d_model,
+                                        out_dim=self.llm.hidden_size, target_norm=self.llm.embed_norm,
+                                        reader=reader if vocabulary_output else None)
+        self.reader = reader
         self.phoneme_head = torch.nn.Linear(cfg.adapter.dim, self.tokenizer.vocab_size + 1)
 
     # -- the engine's interface -------------------------------------------------------------------
 
     def modules(self) -> dict[str, torch.nn.Module]:
         parts: dict[str, torch.nn.Module] = {"speech_lm": self.speech_lm, "codec": self.codec_state,
-                                             "adapter": self.adapter, "align_ctc": self.ctc,
-                                             "align_phonemes": self.phoneme_head}
+                                             "adapter": self.adapter, "align_phonemes": self.phoneme_head}
+        if self.adapter.reader is None:
+            parts["align_ctc"] = self.reader
         if self.style_encoder is not None:
             parts["style"] = self.style_encoder
         return parts
@@ -196,7 +203,8 @@ class Stage2Task(TrainingTask):
         self.llm.model.to(device)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [*self.adapter.parameters(), *self.ctc.parameters(), *self.phoneme_head.parameters()]
+        reader = [] if self.adapter.reader is not None else list(self.reader.parameters())  # else in the adapter
+        return [*self.adapter.parameters(), *reader, *self.phoneme_head.parameters()]
 
     def _loader(self, split: TokenSplit, shuffle: bool) -> DataLoader:
         name = "train" if split is self.train_split else "val"
@@ -222,7 +230,7 @@ class Stage2Task(TrainingTask):
 
     def _ctc_losses(self, batch: dict[str, Any], soft: torch.Tensor, frames: torch.Tensor,
                     frames_valid: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {"ctc_loss": self.ctc.loss(soft, batch["llm_ids"])}
+        out = {"ctc_loss": self.reader.ctc_loss(soft, batch["llm_ids"])}
         if self.cfg.align.phoneme_ctc_weight > 0:
             targets = [torch.tensor(p, dtype=torch.long) + 1 for p in batch["phonemes"]]  # 0 = blank
             log_probs = self.phoneme_head(frames).float().log_softmax(-1)
@@ -232,7 +240,7 @@ class Stage2Task(TrainingTask):
         return out
 
     def batch_soft_tokens(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A batch's cached features -> (soft tokens [B, N, H], encoded frames, their mask)."""
+        """A batch's cached features -> (soft tokens [B, N, H] before the reader, encoded frames, their mask)."""
         features = batch["features"]
         mask = torch.arange(features.shape[1], device=features.device)[None] \
             < batch["features_lengths"][:, None].to(features.device)
@@ -240,13 +248,13 @@ class Stage2Task(TrainingTask):
         return self.adapter.read(frames, frames_valid), frames, frames_valid
 
     def _losses(self, batch: dict[str, Any], alignment_phase: bool) -> dict[str, torch.Tensor]:
-        audio, frames, frames_valid = self.batch_soft_tokens(batch)
-        out = self._ctc_losses(batch, audio, frames, frames_valid)
+        soft, frames, frames_valid = self.batch_soft_tokens(batch)
+        out = self._ctc_losses(batch, soft, frames, frames_valid)
         if alignment_phase:
             return out
         k = self.cfg.align.llm_batch_size or len(batch["instructions"])
         instructions, transcripts, responses = (batch[key][:k] for key in ("instructions", "transcripts", "responses"))
-        student_in = build_student_inputs(self.llm, instructions, audio[:k], responses)
+        student_in = build_student_inputs(self.llm, instructions, self.adapter.heard(soft[:k]), responses)
         with torch.no_grad():
             teacher_in = build_teacher_inputs(self.llm, instructions, transcripts, responses)
             teacher = response_logits(*reply_logits(self.llm, teacher_in))[0]
@@ -290,18 +298,20 @@ class Stage2Task(TrainingTask):
         n_clips = min(self.cfg.align.eval_clips, len(self.val_split))
         if n_clips >= 4:
             tokens = self._val_soft_tokens(n_clips)
-            score = score_understanding(self.llm, lambda indices: tokens[indices], self.val_split.texts[:n_clips],
-                                        max_new_tokens=self.cfg.llm.max_new_tokens)
+            heard = list(self.adapter.heard(tokens))
+            score = score_understanding(self.llm, lambda indices: [heard[i] for i in indices],
+                                        self.val_split.texts[:n_clips], max_new_tokens=self.cfg.llm.max_new_tokens)
             metrics.update(score.metrics(prefix="val_"))
             self._understanding = {**score.metrics(), "clips": n_clips, "on": "validation clips"}
-            spelled = self.ctc.decode(tokens)
+            spelled = self.reader.decode(tokens)
             metrics["val_ctc_cer"] = corpus_cer(self.val_split.texts[:n_clips],
                                                 [self.llm.tokenizer.decode(ids) for ids in spelled])
             self._last_replies = [{"id": self.val_split.ids[i], **row} for i, row in enumerate(score.rows)]
         return metrics
 
     def _val_soft_tokens(self, n_clips: int) -> torch.Tensor:
-        """The adapter's soft tokens [n_clips, N, H] of the first validation clips (from the feature cache)."""
+        """The adapter's soft tokens [n_clips, N, H] of the first validation clips (from the feature cache),
+        before its reader."""
         device = next(self.adapter.parameters()).device
         features = [self.features["val"].clip_features(i) for i in range(n_clips)]
         batch = {"features": torch.nn.utils.rnn.pad_sequence(features, batch_first=True).to(device),
