@@ -18,7 +18,7 @@ import torch
 from ira.audio import load_audio, prepare_waveform, trim_silence
 from ira.checkpoint import Checkpoint, CheckpointError, load_checkpoint, require_stage
 from ira.codec.base import Codec
-from ira.config import IRAConfig, LLMConfig
+from ira.config import DataConfig, IRAConfig, LLMConfig
 from ira.hardware import resolve_device
 from ira.models.adapter import PerceiverAdapter
 from ira.models.hub import adapter_from_checkpoint, codec_from_checkpoint, feature_speech_lm_from_checkpoint
@@ -41,7 +41,7 @@ def llm_config_for(ckpt: Checkpoint, override: Optional[LLMConfig] = None) -> LL
 
 class Listener:
     def __init__(self, speech_lm: SpeechLM, codec: Codec, adapter: PerceiverAdapter, llm: LoadedLLM,
-                 checkpoint: Optional[Path] = None, trim_silence_db: float = 40.0):
+                 checkpoint: Optional[Path] = None, trim_silence_db: float = DataConfig.trim_silence_db):
         self.speech_lm, self.codec, self.adapter, self.llm = speech_lm.eval(), codec, adapter.eval(), llm
         self.checkpoint = checkpoint
         self.trim_silence_db = trim_silence_db  # the training corpus's (data.trim_silence_db): hear audio as trained

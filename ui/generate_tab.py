@@ -25,7 +25,7 @@ from ira.speaker import SamplingSettings
 from ira.checkpoint import checkpoint_modules, read_metadata
 from ui.data_tab import guarded
 from ui.ffmpeg import ensure_ffmpeg_on_path
-from ui.workspace import Workspace
+from ui.workspace import Workspace, pick_choice
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[
     pipelines = pipelines or PipelineCache(device)
     streaming = ensure_ffmpeg_on_path()
     choices = speaking_checkpoints(ws)
-    first = choices[0][1] if choices else None
+    first = pick_choice(None, choices)
     with gr.Row():
         checkpoint = gr.Dropdown(choices, value=first, allow_custom_value=True,
                                  label="Checkpoint (stage 1, 2 or 3; from workspace/runs)", scale=4)
@@ -233,9 +233,7 @@ def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[
 
     def refresh_lists(current: Optional[str] = None) -> gr.Dropdown:
         found = speaking_checkpoints(ws)
-        paths = [path for _, path in found]
-        value = current if current in paths else (paths[0] if paths else None)
-        return gr.Dropdown(choices=found, value=value)
+        return gr.Dropdown(choices=found, value=pick_choice(current, found))
 
     speak.click(on_speak, [checkpoint, text, style, reference, question, temperature, top_k, top_p, cfg_scale,
                            seed, max_seconds], [stream_out, full_out, answer, speak_status], api_name="speak",

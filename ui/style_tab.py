@@ -26,7 +26,7 @@ from ira.style_search import (DEFAULT_MAX_CLIPS, Neighbour, Progress, StyleIndex
 from ira.checkpoint import checkpoint_modules, load_checkpoint, read_metadata
 from ira.models.hub import style_encoder_from_checkpoint
 from ui.data_tab import clip_audio_path, guarded
-from ui.workspace import Workspace
+from ui.workspace import Workspace, pick_choice
 
 DEFAULT_DESCRIPTION = "a slow, deep voice with a British accent"
 DEFAULT_K = 10
@@ -216,12 +216,6 @@ class StyleTab:
     refresh_lists: Callable[..., tuple[gr.Dropdown, gr.Dropdown]]   # (checkpoint, corpus) -> both updated
 
 
-def _pick(current: Optional[str], choices: list[str] | list[tuple[str, str]]) -> Optional[str]:
-    """`current` if it is one of the choices' values, else the first value (None when there is none)."""
-    values = [c[1] if isinstance(c, tuple) else c for c in choices]
-    return current if current in values else (values[0] if values else None)
-
-
 def build_style_tab(ws: Workspace, preset: str, overrides: list[str], device: str = "cpu",
                     models: Optional[StyleModels] = None) -> StyleTab:
     """Lay out the Voice Style tab inside the current gr.Tab and wire its events.
@@ -235,9 +229,9 @@ def build_style_tab(ws: Workspace, preset: str, overrides: list[str], device: st
                 "recordings meet. Type a description to see the corpus clips the encoder hears as closest, "
                 "and where it falls on a map of the corpus.")
     with gr.Row():
-        checkpoint = gr.Dropdown(checkpoints, value=_pick(None, checkpoints), allow_custom_value=True, scale=3,
+        checkpoint = gr.Dropdown(checkpoints, value=pick_choice(None, checkpoints), allow_custom_value=True, scale=3,
                                  label="Checkpoint with a style encoder (from workspace/runs, newest first)")
-        corpus = gr.Dropdown(corpora, value=_pick(None, corpora), allow_custom_value=True, scale=2,
+        corpus = gr.Dropdown(corpora, value=pick_choice(None, corpora), allow_custom_value=True, scale=2,
                              label="Corpus to search")
         refresh = gr.Button("↻ Refresh", scale=0, min_width=100)
     with gr.Row():
@@ -299,8 +293,8 @@ def build_style_tab(ws: Workspace, preset: str, overrides: list[str], device: st
     def refresh_lists(current_checkpoint: Optional[str] = None, current_corpus: Optional[str] = None
                       ) -> tuple[gr.Dropdown, gr.Dropdown]:
         found, names = style_checkpoints(ws), ws.list_corpora()
-        return (gr.Dropdown(choices=found, value=_pick(current_checkpoint, found)),
-                gr.Dropdown(choices=names, value=_pick(current_corpus, names)))
+        return (gr.Dropdown(choices=found, value=pick_choice(current_checkpoint, found)),
+                gr.Dropdown(choices=names, value=pick_choice(current_corpus, names)))
 
     search_inputs = [checkpoint, corpus, description, k, max_clips]
     search_outputs = [readout, table, clip, audio, plot]

@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional, Sequence
 
 from ira.data.corpus import METADATA
 
@@ -143,6 +143,13 @@ class Workspace:
             kind = 0 if p.stem.endswith("_best") else 1 if p.stem.endswith("_latest") else 2
             return (-run_time[p.parent], p.parent.name, kind, -mtime[p])
         return [self.relative(p) for p in sorted(found, key=rank)]
+
+
+def pick_choice(current: Optional[str], choices: Sequence[str] | Sequence[tuple[str, str]]) -> Optional[str]:
+    """`current` if it is one of a dropdown's choice values (plain, or the value of a (label, value) pair),
+    else the first value (None when there is none)."""
+    values = [c[1] if isinstance(c, tuple) else c for c in choices]
+    return current if current in values else (values[0] if values else None)
 
 
 def checkpoint_label(rel: str, meta: Mapping[str, str]) -> str:

@@ -75,9 +75,7 @@ class VocabularyReader(nn.Module):
                        ) -> "VocabularyReader":
         """From the LLM's whole input-embedding table [vocab, H]."""
         ids = sorted(set(int(t) for t in vocab_ids))
-        if not ids:
-            raise ValueError("the vocabulary reader needs at least one token id")
-        return cls(embeddings.detach()[torch.tensor(ids)], ids, trainable=trainable)
+        return cls(embeddings.detach()[torch.tensor(ids, dtype=torch.long)], ids, trainable=trainable)
 
     @property
     def vocab(self) -> list[int]:

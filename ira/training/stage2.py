@@ -203,8 +203,8 @@ class Stage2Task(TrainingTask):
         self.llm.model.to(device)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        reader = [] if self.adapter.reader is not None else list(self.reader.parameters())  # else in the adapter
-        return [*self.adapter.parameters(), *reader, *self.phoneme_head.parameters()]
+        parts = [self.adapter, self.phoneme_head] + ([self.reader] if self.adapter.reader is None else [])
+        return [p for part in parts for p in part.parameters()]   # in "vocabulary" mode the reader is the adapter's
 
     def _loader(self, split: TokenSplit, shuffle: bool) -> DataLoader:
         name = "train" if split is self.train_split else "val"
