@@ -277,6 +277,24 @@ def test_plots_have_numeric_axes_before_the_first_point():
     assert sent.datatypes["step"] == "quantitative" and sent.datatypes["value"] == "quantitative"
 
 
+def test_plots_draw_points_while_a_series_has_one_point():
+    """A short run's first figures (one validation, one logged step) must be visible: as points until
+    every series has two points, then as lines."""
+    import pandas as pd
+    from ui.train_tab import TrainingPlot, metric_frames
+    rows = [{"stage": 1, "split": "train", "step": s, "loss": 3.0 - s / 10} for s in (1, 10, 20)]
+    rows.append({"stage": 1, "split": "val", "step": 20, "loss": 2.9, "wer": 1.1})
+    loss, metric, names = metric_frames(rows, "1", None)
+    plot = TrainingPlot(x="step", y="value", color="series")
+    assert plot.postprocess(loss).mark == "point"        # val has one point
+    assert plot.postprocess(metric).mark == "point" and names == ["wer"]
+    rows.append({"stage": 1, "split": "val", "step": 40, "loss": 2.5, "wer": 0.9})
+    loss, metric, _ = metric_frames(rows, "1", None)
+    assert plot.postprocess(loss).mark == "line" and plot.postprocess(metric).mark == "line"
+    assert plot.postprocess(pd.DataFrame(columns=["step", "value", "series"])).mark == "line"
+    assert plot.postprocess(None) is None
+
+
 def test_resume_and_reload_use_the_settings_the_run_was_started_with(app):
     """A reload during a run must not change its settings: the form shows the run's own numbers, and Resume
     continues with them even when the form says otherwise (issue: a 60-step run resumed toward 200)."""

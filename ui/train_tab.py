@@ -172,6 +172,26 @@ def _thin(points: list[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
     return points[::k] + ([points[-1]] if (len(points) - 1) % k else [])
 
 
+class TrainingPlot(gr.LinePlot):
+    """A line plot that draws points while one of its series has a single point: Vega-Lite draws no line
+    through one point, so a short run's first figures would leave an empty box."""
+
+    def postprocess(self, value: Any) -> Any:
+        data = super().postprocess(value)
+        if isinstance(value, pd.DataFrame) and data is not None and not isinstance(data, dict) \
+                and has_lone_point(value, self.color):
+            data.mark = "point"
+        return data
+
+
+def has_lone_point(frame: pd.DataFrame, series: Optional[str]) -> bool:
+    """Whether some series of `frame` (grouped by the `series` column, or the whole frame) has one point."""
+    if frame.empty:
+        return False
+    counts = frame[series].value_counts() if series and series in frame else pd.Series([len(frame)])
+    return bool((counts == 1).any())
+
+
 def metric_frames(rows: list[dict[str, Any]], stage: Optional[str], metric: Optional[str]
                   ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(loss vs step for train and val, `metric` vs step, every other metric name) from metrics rows."""
@@ -284,11 +304,11 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
     status_md = gr.Markdown("No run selected.")
     command_md = gr.Markdown("")
     with gr.Row():
-        loss_plot = gr.LinePlot(x="step", y="value", color="series", title="Loss", x_title="step",
+        loss_plot = TrainingPlot(x="step", y="value", color="series", title="Loss", x_title="step",
                                 y_title="loss", height=300)
         with gr.Column():
             metric = gr.Dropdown([], label="Other metric", allow_custom_value=True)
-            metric_plot = gr.LinePlot(x="step", y="value", color="series", x_title="step", height=240)
+            metric_plot = TrainingPlot(x="step", y="value", color="series", x_title="step", height=240)
     log_box = gr.Textbox(label="Log (train.log, last lines)", lines=LOG_LINES, max_lines=LOG_LINES, interactive=False,
                          autoscroll=True)
     with gr.Row():
@@ -390,8 +410,8 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         # of later updates in the browser (Gradio 6), while one first sent nothing does.
         return (status_markdown(ws, status), loss_df if len(loss_df) else None,
                 gr.Dropdown(choices=names, value=chosen),
-                gr.LinePlot(value=metric_df if len(metric_df) else None, title=chosen or "metric",
-                            y_title=chosen or ""),
+                TrainingPlot(value=metric_df if len(metric_df) else None, title=chosen or "metric",
+                              y_title=chosen or ""),
                 last_lines(status.log_tail, LOG_LINES), sample_update, replies_update, key, gr.skip(), gr.skip())
 
     def on_sample(path: Optional[str]) -> Optional[str]:
