@@ -169,12 +169,47 @@ def run_training(stage: str, cfg: IRAConfig, resume_from: str | None = None) -> 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if (args.stage is None) == (args.recipe is None):
+        print("ira train: give either --stage (one stage) or --recipe full --minutes M (every stage in order)",
+              file=sys.stderr)
+        return EXIT_USAGE
     cfg = config_from_args(args)
+    if args.recipe is not None:
+        return run_recipe_command(cfg, args.recipe, args.minutes, args.resume_checkpoint)
     return run_training(args.stage, cfg, args.resume_checkpoint)
 
 
+def run_recipe_command(cfg: IRAConfig, recipe: str, minutes: float | None, resume_checkpoint: str | None) -> int:
+    from ira.training.recipe import RecipeError, run_recipe
+
+    if minutes is None:
+        print("ira train --recipe: give its wall-clock budget with --minutes M", file=sys.stderr)
+        return EXIT_USAGE
+    if resume_checkpoint is not None:
+        print("ira train --recipe: --resume_checkpoint is for one stage; run the same recipe command again "
+              "to continue a stopped recipe", file=sys.stderr)
+        return EXIT_USAGE
+
+    def one_stage(stage: str, stage_cfg: IRAConfig, resume_from: str | None) -> str:
+        code = run_training(stage, stage_cfg, resume_from)
+        return {EXIT_OK: "done", EXIT_STOPPED: "stopped"}.get(code, "failed")
+
+    try:
+        outcome = run_recipe(cfg, recipe, minutes, one_stage)
+    except RecipeError as e:
+        print(f"ira train --recipe: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return {"done": EXIT_OK, "stopped": EXIT_STOPPED}.get(outcome, EXIT_FAILED)
+
+
 def add_train_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stage", required=True, choices=sorted(TRAIN_STAGES),
+    parser.add_argument("--recipe", default=None, choices=("full",),
+                        help="full: the voice style encoder, stage 1, stage 2 and stage 3 in order, each from the "
+                             "previous one's best checkpoint, in folders under training.output_dir (run the same "
+                             "command again to continue a stopped recipe)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="the recipe's wall-clock budget, split across its stages")
+    parser.add_argument("--stage", default=None, choices=sorted(TRAIN_STAGES),
                         help="style: the CLIP-style voice encoder; 1: SpeechLM pre-training "
                              "(start it from a style checkpoint with --resume_checkpoint to follow descriptions); "
                              "2: adapter alignment with the LLM (--resume_checkpoint <stage 1 checkpoint>); "

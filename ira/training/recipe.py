@@ -1,0 +1,163 @@
+"""The full recipe: the voice style encoder, stage 1, stage 2 and stage 3 in order, each started from the
+previous stage's best checkpoint, within one wall-clock budget (`ira train --recipe full --minutes M`).
+
+Each stage writes to its own folder under the recipe's `training.output_dir` (`style/`, `stage1/`, ...)
+with its share of the budget as its time limit. What has happened is kept in `<output_dir>/recipe.json`
+(rewritten atomically after every change), so that running the same command again continues the recipe:
+finished stages are skipped, and the stage that was stopped resumes exactly from its own latest
+checkpoint, its time budget counting the minutes it already ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from ira.checkpoint import best_path, find_latest
+from ira.config import IRAConfig
+
+RECIPES = ("full",)
+RECIPE_STAGES = ("style", "1", "2", "3")
+STAGE_NAMES = {"style": "voice style encoder", "1": "stage 1 (SpeechLM)", "2": "stage 2 (adapter)",
+               "3": "stage 3 (PPO)"}
+BUDGET_SHARES = {"style": 0.05, "1": 0.50, "2": 0.30, "3": 0.15}
+"""Share of the recipe's minutes per stage. Stage 1 needs the most: on the `cpu` preset its held-out WER
+was still falling after 2 hours; stage 2 reaches most of its figure in ~50 minutes, the style encoder in ~5
+(docs/decisions.md)."""
+STATE_FILE = "recipe.json"
+FORMAT_VERSION = 1
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run or continue as asked (names the file or value and what to do)."""
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    minutes: float
+    folder: str
+    status: str = "pending"         # pending | running | done | stopped | failed
+    start_from: Optional[str] = None
+    checkpoint: Optional[str] = None
+    minutes_used: float = 0.0
+
+
+@dataclass
+class RecipeState:
+    recipe: str
+    minutes: float
+    stages: list[StageRecord] = field(default_factory=list)
+    version: int = FORMAT_VERSION
+
+    @classmethod
+    def load(cls, path: Path) -> "RecipeState":
+        try:
+            data = json.loads(path.read_text())
+            stages = [StageRecord(**s) for s in data.pop("stages")]
+            return cls(**data, stages=stages)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise RecipeError(f"{path} is not a readable recipe state ({e}); move it away to start the "
+                              f"recipe afresh in that folder") from e
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        os.replace(tmp, path)
+
+    def record(self, stage: str) -> StageRecord:
+        return next(s for s in self.stages if s.stage == stage)
+
+
+def plan(recipe: str, minutes: float, output_dir: Path) -> RecipeState:
+    """The stages of `recipe` with their minutes and folders."""
+    if recipe not in RECIPES:
+        raise RecipeError(f"unknown recipe {recipe!r}; the recipes are: {', '.join(RECIPES)}")
+    if not minutes > 0:
+        raise RecipeError(f"--minutes must be > 0 (the whole recipe's wall-clock budget), got {minutes!r}")
+    return RecipeState(recipe, float(minutes), [
+        StageRecord(stage, round(minutes * BUDGET_SHARES[stage], 2), str(output_dir / stage_folder(stage)))
+        for stage in RECIPE_STAGES])
+
+
+def stage_folder(stage: str) -> str:
+    return "style" if stage == "style" else f"stage{stage}"
+
+
+def stage_config(cfg: IRAConfig, record: StageRecord) -> IRAConfig:
+    """The recipe's config for one stage: its own output folder and its share of the minutes as the time
+    limit (stage 2 keeps its budget in `align.max_minutes`)."""
+    overrides = [f"training.output_dir={record.folder}", f"training.max_minutes={record.minutes}"]
+    if record.stage == "2":
+        overrides.append(f"align.max_minutes={record.minutes}")
+    return cfg.with_overrides(overrides)
+
+
+def handed_over(record: StageRecord) -> Optional[str]:
+    """The checkpoint a finished stage hands to the next: its best, else its latest."""
+    best = best_path(record.folder, record.stage)
+    if best.is_file():
+        return str(best)
+    latest = find_latest(record.folder, record.stage)
+    return str(latest) if latest is not None else None
+
+
+RunStage = Callable[[str, IRAConfig, Optional[str]], int]
+
+
+def run_recipe(cfg: IRAConfig, recipe: str, minutes: float, run_stage: RunStage,
+               say: Callable[[str], None] = print) -> str:
+    """Run (or continue) the recipe in `cfg.training.output_dir`; returns "done", "stopped" or "failed".
+
+    `run_stage(stage, cfg, resume_from)` runs one stage and returns "done", "stopped" or "failed"."""
+    output_dir = Path(cfg.training.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state_path = output_dir / STATE_FILE
+    if state_path.exists():
+        state = RecipeState.load(state_path)
+        if state.recipe != recipe or abs(state.minutes - float(minutes)) > 1e-6:
+            raise RecipeError(f"{state_path} holds the {state.recipe!r} recipe of {state.minutes:g} minutes; "
+                              f"run it with --recipe {state.recipe} --minutes {state.minutes:g} to continue it, "
+                              f"or choose another training.output_dir for a new one")
+        say(f"continuing the {recipe} recipe in {output_dir}")
+    else:
+        state = plan(recipe, minutes, output_dir)
+        state.save(state_path)
+    previous: Optional[str] = None
+    for record in state.stages:
+        name = STAGE_NAMES[record.stage]
+        if record.status == "done":
+            previous = record.checkpoint
+            say(f"{name}: done earlier ({record.minutes_used:.1f} min) -> {record.checkpoint}")
+            continue
+        own_latest = find_latest(record.folder, record.stage)
+        resume_from = str(own_latest) if own_latest is not None else previous
+        if record.stage != "style" and resume_from is None:
+            record.status = "failed"
+            state.save(state_path)
+            raise RecipeError(f"{name} has no checkpoint to start from: the previous stage left none in "
+                              f"{state.stages[state.stages.index(record) - 1].folder}")
+        record.status, record.start_from = "running", resume_from
+        state.save(state_path)
+        say(f"{name}: {record.minutes:g} min budget" + (f", from {resume_from}" if resume_from else ""))
+        t0 = time.time()
+        outcome = run_stage(record.stage, stage_config(cfg, record), resume_from)
+        record.minutes_used = round(record.minutes_used + (time.time() - t0) / 60.0, 2)
+        record.checkpoint = handed_over(record)
+        record.status = outcome if outcome in ("done", "stopped") else "failed"
+        state.save(state_path)
+        if record.status != "done":
+            say(f"{name}: {record.status}; run the same command again to continue the recipe here")
+            return record.status
+        if record.checkpoint is None:
+            record.status = "failed"
+            state.save(state_path)
+            raise RecipeError(f"{name} finished without a checkpoint in {record.folder}")
+        previous = record.checkpoint
+        say(f"{name}: done in {record.minutes_used:.1f} min -> {record.checkpoint}")
+    return "done"

@@ -1,0 +1,115 @@
+"""The full recipe: every stage in order on a tiny corpus, each from the previous stage's best checkpoint;
+a stopped recipe continues at the stage and step where it stopped; clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_PPO, TINY_STAGES
+from ira.checkpoint import read_header
+from ira.config import load_config
+from ira.training.recipe import BUDGET_SHARES, RECIPE_STAGES, RecipeError, plan, run_recipe
+from ira.training.stop import request_stop
+
+TINY_RECIPE = TINY_STAGES + TINY_PPO + [
+    "style.audio_dim=16", "style.audio_layers=1", "style.audio_heads=2", "style.batch_size=4", "style.max_steps=2",
+    "style.warmup_steps=1", "training.max_steps=2", "ppo.max_steps=2"]
+
+
+def real_stages(llm, calls: list):
+    """The real stage functions (the bundled LLM loaded once), recording what each was started from."""
+    from ira.training.stage1 import run_stage1
+    from ira.training.stage2 import run_stage2
+    from ira.training.stage3 import run_stage3
+    from ira.training.stage_style import run_style_training
+
+    def run(stage, cfg, resume_from):
+        calls.append((stage, resume_from, cfg.training.output_dir))
+        if stage == "style":
+            result = run_style_training(cfg, resume_from, cpu=True)
+        elif stage == "1":
+            result = run_stage1(cfg, resume_from, cpu=True)
+        elif stage == "2":
+            result = run_stage2(cfg, resume_from, cpu=True, llm=llm)
+        else:
+            result = run_stage3(cfg, resume_from, cpu=True, llm=llm)
+        return result.status
+    return run
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    from ira.data.dummy import create_dummy_corpus
+    create_dummy_corpus(tmp_path / "data", num_clips=8, seed=0)
+    return tmp_path, load_config("cpu", TINY_RECIPE + [f"data.dir={tmp_path / 'data'}",
+                                                      f"training.output_dir={tmp_path / 'recipe'}"])
+
+
+def test_the_plan_splits_the_budget_across_the_stages_in_order(tmp_path):
+    state = plan("full", 100, tmp_path)
+    assert [s.stage for s in state.stages] == list(RECIPE_STAGES) == ["style", "1", "2", "3"]
+    assert sum(s.minutes for s in state.stages) == pytest.approx(100)
+    assert [s.minutes for s in state.stages] == [100 * BUDGET_SHARES[s] for s in RECIPE_STAGES]
+    with pytest.raises(RecipeError, match="minutes"):
+        plan("full", 0, tmp_path)
+    with pytest.raises(RecipeError, match="unknown recipe 'fast'"):
+        plan("fast", 10, tmp_path)
+
+
+def test_every_stage_runs_in_order_from_the_previous_best_and_a_stopped_recipe_continues(tiny_recipe, bundled_llm):
+    root, cfg = tiny_recipe
+    torch.set_num_threads(1)
+    calls: list = []
+    run = real_stages(bundled_llm, calls)
+
+    def stop_in_stage_2(stage, stage_cfg, resume_from):
+        if stage == "2":                       # as the UI's Stop does: the engine stops at its first step
+            request_stop(stage_cfg.training.output_dir)
+        return run(stage, stage_cfg, resume_from)
+
+    assert run_recipe(cfg, "full", 10, stop_in_stage_2, say=lambda _: None) == "stopped"
+    state = json.loads((root / "recipe" / "recipe.json").read_text())
+    assert [s["status"] for s in state["stages"]] == ["done", "done", "stopped", "pending"]
+    style_best, stage1_best = state["stages"][0]["checkpoint"], state["stages"][1]["checkpoint"]
+    assert [c[0] for c in calls] == ["style", "1", "2"]
+    assert calls[0][1] is None and calls[1][1] == style_best and calls[2][1] == stage1_best
+    assert style_best.endswith("style/stagestyle_best.safetensors")
+    stopped_at = read_header(root / "recipe" / "stage2" / "stage2_latest.safetensors").step
+
+    calls.clear()
+    assert run_recipe(cfg, "full", 10, run, say=lambda _: None) == "done"
+    assert [c[0] for c in calls] == ["2", "3"]             # the finished stages are not run again
+    assert calls[0][1].endswith("stage2/stage2_latest.safetensors")   # stage 2 resumes exactly where it stopped
+    state = json.loads((root / "recipe" / "recipe.json").read_text())
+    assert [s["status"] for s in state["stages"]] == ["done"] * 4
+    assert calls[1][1] == state["stages"][2]["checkpoint"]
+    assert read_header(state["stages"][2]["checkpoint"]).step >= stopped_at
+    assert read_header(state["stages"][3]["checkpoint"]).stage == "3"
+    with pytest.raises(RecipeError, match="--minutes 10"):
+        run_recipe(cfg, "full", 20, run, say=lambda _: None)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train"], "either --stage"),
+    (["train", "--stage", "1", "--recipe", "full", "--minutes", "5"], "either --stage"),
+    (["train", "--recipe", "full"], "--minutes"),
+    (["train", "--recipe", "full", "--minutes", "5", "--resume_checkpoint", "x.safetensors"], "same recipe command"),
+])
+def test_the_recipe_command_line_says_what_to_give(argv, message, capsys):
+    from ira.cli import EXIT_USAGE, main
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_recipe_folder_of_another_budget_is_refused_with_the_command_that_continues_it(tmp_path):
+    cfg = load_config("cpu", [f"training.output_dir={tmp_path}"])
+    plan("full", 30, tmp_path).save(tmp_path / "recipe.json")
+    with pytest.raises(RecipeError, match="--recipe full --minutes 30"):
+        run_recipe(cfg, "full", 60, lambda *a: "done", say=lambda _: None)
+    (tmp_path / "recipe.json").write_text("{not json")
+    with pytest.raises(RecipeError, match="recipe.json is not a readable recipe state"):
+        run_recipe(cfg, "full", 30, lambda *a: "done", say=lambda _: None)
