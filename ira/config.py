@@ -322,9 +322,23 @@ class AdapterConfig:
     window: float = 0.0
     """Monotonic reading: latent i of N attends around the relative position (i + 0.5) / N of the clip,
     with a Gaussian prior of width window / N (in clip lengths); 0 = no prior, learned queries only."""
+    reach: float = 0.0
+    """How far a latent reads, in window widths (window / N) either side of its centre: 0 = the whole clip,
+    and the latents attend to each other too (Flamingo's resampler); > 0 = only the frames within reach,
+    and not each other, so that a latent reads its own stretch of speech and cannot lean on the sentence
+    around it (a reading that leans on a corpus's sentence patterns does not carry to new text)."""
     output: str = "free"
     """What the LLM reads (ira/models/vocabulary_reader.py): "free" = the N soft tokens; "vocabulary" = one
     expected LLM input embedding per word piece the adapter's reader hears (blank positions dropped)."""
+
+    spelled: bool = False
+    """With output "vocabulary": each word piece's class direction is also spelled from its phonemes
+    (ira/models/phoneme_speller.py), so that pieces the corpus rarely says are still recognised."""
+
+    blank_penalty: float = 0.0
+    """With output "vocabulary": lowered from the blank's logit when the reader decides which positions are
+    words (the CTC loss is unchanged). A CTC reader is surer of "nothing here" than it should be on speech
+    it never heard, and drops words; > 0 keeps more of them. Chosen on validation clips (docs/decisions.md)."""
 
     def validate(self, check: "_Checker") -> None:
         check.that("n_latents", 4 <= self.n_latents <= 256, f"must be between 4 and 256 (got {self.n_latents!r})")
@@ -332,8 +346,15 @@ class AdapterConfig:
         check.positive("frame_stack", self.frame_stack)
         check.that("encoder_layers", self.encoder_layers >= 0, f"must be >= 0 (got {self.encoder_layers!r})")
         check.that("window", self.window >= 0.0, f"must be >= 0 (0 = off; got {self.window!r})")
+        check.that("blank_penalty", self.blank_penalty >= 0.0, f"must be >= 0 (0 = off; got {self.blank_penalty!r})")
+        check.that("reach", self.reach >= 0.0, f"must be >= 0 (0 = the whole clip; got {self.reach!r})")
+        check.that("reach", self.reach == 0.0 or self.window > 0.0,
+                   f"a latent's reach ({self.reach!r}) is measured in reading windows: set adapter.window > 0")
         check.that("output", self.output in ADAPTER_OUTPUTS,
                    f"must be one of {', '.join(ADAPTER_OUTPUTS)} (got {self.output!r})")
+        check.that("spelled", not self.spelled or self.output == "vocabulary",
+                   f"spells the reader's word pieces, which only adapter.output 'vocabulary' has (output is "
+                   f"{self.output!r})")
         check.positive("dim", self.dim)
         check.positive("n_layers", self.n_layers)
         check.positive("n_heads", self.n_heads)

@@ -32,7 +32,8 @@ def test_shapes_and_output_norm():
     assert torch.allclose(adapter(features, mask).norm(dim=-1), torch.full((3, 6), 2 * TARGET), rtol=1e-3)
 
 
-@pytest.mark.parametrize("options", [{}, {"frame_stack": 4, "encoder_layers": 1, "window": 2.0}])
+@pytest.mark.parametrize("options", [{}, {"frame_stack": 4, "encoder_layers": 1, "window": 2.0},
+                                     {"window": 1.0, "reach": 2.0}])
 def test_padding_does_not_change_a_sample(options):
     adapter = make_adapter(**options)
     short, long = torch.randn(1, 7, IN_DIM), torch.randn(1, 15, IN_DIM)
@@ -126,6 +127,7 @@ def test_reads_speech_lm_audio_features():
     ("adapter.dropout=1.0", "adapter.dropout"),
     ("adapter.max_audio_frames=512", "adapter.max_audio_frames"),  # < speech_lm.max_audio_frames
     ("adapter.output=words", "adapter.output"),
+    ("adapter.reach=-1", "adapter.reach"),
 ])
 def test_adapter_config_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -149,6 +151,23 @@ def test_window_prior_makes_latents_read_their_part_of_the_clip_in_order():
     # latent i peaks at the i-th quarter of each clip's own length
     assert peaks[0].tolist() == [4, 14, 24, 34]
     assert peaks[1].tolist() == [2, 7, 12, 17]
+
+
+def test_a_latent_reads_only_the_frames_in_its_reach():
+    """adapter.reach: a latent's output depends on the frames near its window and on nothing else (neither
+    far frames nor the other latents), and it has no self-attention to lean on the sentence around it."""
+    adapter = make_adapter(n_latents=4, window=0.5, reach=2.0)    # latent i: centre (i + 0.5) / 4, reach 0.25
+    assert not any("self_attn" in name for name, _ in adapter.named_parameters())
+    features, mask = torch.randn(1, 40, IN_DIM), torch.ones(1, 40, dtype=torch.bool)
+    changed = features.clone()
+    changed[:, 36:] = torch.randn(1, 4, IN_DIM)           # beyond 0.9 of the clip: only latent 3 reaches it
+    before, after = adapter(features, mask), adapter(changed, mask)
+    assert (before[0, :3] - after[0, :3]).abs().max() < 1e-6    # latents 0-2 do not reach frames 36-39
+    assert (before[0, 3] - after[0, 3]).abs().max() > 1e-3
+    global_reading = make_adapter(n_latents=4, window=0.5)   # reach 0: every latent reads the whole clip
+    assert (global_reading(features, mask)[0, 0] - global_reading(changed, mask)[0, 0]).abs().max() > 1e-5
+    short = adapter(torch.randn(1, 2, IN_DIM), torch.ones(1, 2, dtype=torch.bool))  # fewer frames than latents
+    assert torch.isfinite(short).all()
 
 
 def test_stacked_frames_keep_their_count_and_padding():

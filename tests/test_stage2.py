@@ -220,7 +220,7 @@ def test_alignment_phase_makes_the_soft_tokens_depend_on_the_audio(runs, bundled
 def test_both_adapter_outputs_train_and_the_llm_reads_what_they_hand_it(runs, bundled_llm, output):
     root, cfg, stage1, _, _ = runs
     torch.manual_seed(0)
-    cfg = cfg.with_overrides([f"adapter.output={output}", "align.ctc_steps=1"])
+    cfg = cfg.with_overrides([f"adapter.output={output}", f"adapter.spelled={output == 'vocabulary'}", "align.ctc_steps=1"])
     task = Stage2Task(cfg, load_checkpoint(stage1.last_checkpoint), llm=bundled_llm, cpu=True)
     assert (task.adapter.reader is not None) == (output == "vocabulary")
     assert ("align_ctc" in task.modules()) == (output == "free")   # in "vocabulary" mode it is the adapter's

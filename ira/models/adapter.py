@@ -6,7 +6,9 @@
 
 Whatever the clip's length, the LLM reads N vectors (Flamingo's resampler). In each layer the
 latents cross-attend to the frames and to themselves (keys/values = [frames; latents], as in
-Flamingo), then attend among themselves, then go through an MLP; all pre-norm residual blocks.
+Flamingo), then attend among themselves, then go through an MLP; all pre-norm residual blocks. With
+`adapter.reach` > 0 a latent reads only the frames near its window and no other latent: its reading
+rests on its own stretch of speech, not on the sentence around it.
 
 Positions: the SpeechLM uses rotary embeddings, so its features carry order only relatively, yet
 the latents must lay the words out in order. A fixed sinusoidal table is added to the projected
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 
 from ira.checkpoint import Checkpoint, CheckpointError, as_checkpoint
 from ira.config import AdapterConfig, section_from_dict
+from ira.models.phoneme_speller import PhonemeSpeller
 from ira.models.splice import SoftTokens
 from ira.models.vocabulary_reader import VocabularyReader
 
@@ -74,21 +77,32 @@ class Attention(nn.Module):
 
 
 class ResamplerLayer(nn.Module):
+    """Cross-attention to the frames, self-attention among the latents, MLP. With `adapter.reach` > 0 the
+    latents read only the frames in their reach and not each other (no self-attention)."""
+
     def __init__(self, cfg: AdapterConfig):
         super().__init__()
         d = cfg.dim
+        self.local = cfg.reach > 0
         self.norm_latents, self.norm_frames = nn.LayerNorm(d), nn.LayerNorm(d)
         self.cross = Attention(d, cfg.n_heads, cfg.dropout)
-        self.norm_self = nn.LayerNorm(d)
-        self.self_attn = Attention(d, cfg.n_heads, cfg.dropout)
+        if not self.local:
+            self.norm_self = nn.LayerNorm(d)
+            self.self_attn = Attention(d, cfg.n_heads, cfg.dropout)
         self.norm_mlp = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
         self.drop = nn.Dropout(cfg.dropout)
 
+    def residual_projections(self) -> list[torch.Tensor]:
+        return [self.cross.proj.weight, self.mlp[2].weight] + ([] if self.local else [self.self_attn.proj.weight])
+
     def forward(self, latents: torch.Tensor, frames: torch.Tensor, frames_valid: torch.Tensor,
                 window: torch.Tensor | None = None) -> torch.Tensor:
-        """window: the reading prior [B, N, T] over the frames (see `window_bias`), or None."""
+        """window: the reading prior [B, N, T] over the frames (see `window_bias`; -inf out of reach), or None."""
         q = self.norm_latents(latents)
+        if self.local:
+            latents = latents + self.drop(self.cross(q, self.norm_frames(frames), frames_valid, window))
+            return latents + self.drop(self.mlp(self.norm_mlp(latents)))
         context = torch.cat([self.norm_frames(frames), q], dim=1)
         valid = torch.cat([frames_valid, frames_valid.new_ones(q.shape[:2])], dim=1)
         bias = None if window is None else torch.cat([window, window.new_zeros(q.shape[0], q.shape[1], q.shape[1])], 2)
@@ -141,6 +155,15 @@ def window_bias(valid: torch.Tensor, n_latents: int, width: float) -> torch.Tens
     return -((r[:, None, :] - c[None, :, None]) ** 2) / (2 * s * s)
 
 
+def within_reach(window: torch.Tensor, valid: torch.Tensor, reach: float) -> torch.Tensor:
+    """`window_bias` [B, N, T] with -inf at the frames farther than `reach` window widths from each latent's
+    centre (|r_t - c_i| > reach * s, i.e. bias < -reach^2 / 2). A latent with no real frame in reach (a
+    clip of fewer frames than latents) keeps every real frame, so that it reads its nearest ones."""
+    inside = (window >= -0.5 * reach * reach) & valid[:, None, :]
+    inside = inside | (valid[:, None, :] & ~inside.any(-1, keepdim=True))
+    return window.masked_fill(~inside, float("-inf"))
+
+
 class PerceiverAdapter(nn.Module):
     """SpeechLM features [B, T, in_dim] + mask [B, T] -> soft tokens [B, n_latents, out_dim].
 
@@ -181,6 +204,8 @@ class PerceiverAdapter(nn.Module):
         self.gain = nn.Parameter(torch.ones(()))
         self._init_weights()
         self.reader = reader  # after the init: its directions are the LLM's rows
+        if reader is not None:
+            reader.blank_penalty = cfg.blank_penalty
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -188,9 +213,9 @@ class PerceiverAdapter(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        depth = 3 * self.cfg.n_layers + 2 * self.cfg.encoder_layers
+        depth = sum(len(layer.residual_projections()) for layer in self.layers) + 2 * self.cfg.encoder_layers
         for layer in self.layers:  # GPT-2: residual projections scaled down with depth
-            for weight in (layer.cross.proj.weight, layer.self_attn.proj.weight, layer.mlp[2].weight):
+            for weight in layer.residual_projections():
                 nn.init.normal_(weight, std=0.02 / math.sqrt(depth))
         for frame_layer in self.encoder:
             for weight in (frame_layer.attn.proj.weight, frame_layer.mlp[2].weight):
@@ -204,6 +229,10 @@ class PerceiverAdapter(nn.Module):
                 "target_norm": self.target_norm}
         if self.reader is not None:
             data["vocabulary_size"] = len(self.reader.vocab_ids)
+            if self.reader.speller is not None:
+                speller = self.reader.speller
+                data["speller"] = {"length": speller.length, "n_phonemes": speller.n_phonemes,
+                                   "dim": speller.bag.embedding_dim}
         return data
 
     @classmethod
@@ -217,7 +246,13 @@ class PerceiverAdapter(nn.Module):
             if "vocabulary_size" not in data:
                 raise ValueError("adapter metadata lacks vocabulary_size (adapter.output is 'vocabulary')")
             size = int(data["vocabulary_size"])
-            reader = VocabularyReader(torch.zeros(size, int(data["out_dim"])), range(size), trainable=True)
+            speller = None
+            if "speller" in data:
+                s = data["speller"]
+                speller = PhonemeSpeller(torch.zeros(size, int(s["length"]), dtype=torch.long), int(s["n_phonemes"]),
+                                         int(data["out_dim"]), dim=int(s["dim"]))
+            reader = VocabularyReader(torch.zeros(size, int(data["out_dim"])), range(size), trainable=True,
+                                      speller=speller)
         return cls(cfg, int(data["in_dim"]), int(data["out_dim"]), float(data["target_norm"]), reader)
 
     @classmethod
@@ -280,6 +315,8 @@ class PerceiverAdapter(nn.Module):
         window, latents = None, self.latents.expand(frames.shape[0], -1, -1)
         if self.cfg.window > 0:
             window = window_bias(mask, self.cfg.n_latents, self.cfg.window)
+            if self.cfg.reach > 0:
+                window = within_reach(window, mask, self.cfg.reach)
             # each latent starts as its window's average of the frames: clip-dependent from the first step
             weights = window.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)
             latents = latents + weights.to(frames.dtype) @ frames

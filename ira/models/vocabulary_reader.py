@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ira.models.phoneme_speller import PhonemeSpeller
+
 BLANK = 0
 
 
@@ -43,10 +45,11 @@ class VocabularyReader(nn.Module):
     rows: the LLM's input-embedding rows of `vocab_ids` [V, H]. With `trainable` the class directions are
     parameters (initialised from the rows) and the rows are kept as a buffer for the mixture, both saved
     with the module; otherwise the rows are the directions, frozen and not saved (rebuilt from the LLM).
+    A `speller` (trainable only) adds to each direction one spelled from its phonemes.
     """
 
     def __init__(self, rows: torch.Tensor, vocab_ids: Sequence[int], trainable: bool = False,
-                 init_scale: float = 10.0):
+                 init_scale: float = 10.0, speller: PhonemeSpeller | None = None):
         super().__init__()
         ids = [int(t) for t in vocab_ids]
         if not ids:
@@ -63,6 +66,13 @@ class VocabularyReader(nn.Module):
             self.directions = nn.Parameter(F.normalize(self.rows, dim=-1).clone())
         self.blank = nn.Parameter(torch.randn(rows.shape[1]) * 0.02)
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        if speller is not None and (not trainable or speller.spellings.shape[0] != len(ids)):
+            raise ValueError(f"a phoneme speller adds to trainable directions, one spelling per token id "
+                             f"({len(ids)}); got trainable={trainable}, {speller.spellings.shape[0]} spellings")
+        self.speller = speller
+        self.blank_penalty = 0.0
+        """Subtracted from the blank's logit when deciding which positions are words (not in the CTC loss):
+        the adapter's `adapter.blank_penalty`."""
         self._reindex()
         self.register_load_state_dict_post_hook(lambda module, _keys: module._reindex())
 
@@ -71,11 +81,12 @@ class VocabularyReader(nn.Module):
         self._index = {token: i + 1 for i, token in enumerate(self.vocab_ids.tolist())}
 
     @classmethod
-    def from_llm_table(cls, embeddings: torch.Tensor, vocab_ids: Sequence[int], trainable: bool = False
-                       ) -> "VocabularyReader":
-        """From the LLM's whole input-embedding table [vocab, H]."""
+    def from_llm_table(cls, embeddings: torch.Tensor, vocab_ids: Sequence[int], trainable: bool = False,
+                       speller: PhonemeSpeller | None = None) -> "VocabularyReader":
+        """From the LLM's whole input-embedding table [vocab, H] (a speller spells the sorted ids)."""
         ids = sorted(set(int(t) for t in vocab_ids))
-        return cls(embeddings.detach()[torch.tensor(ids, dtype=torch.long)], ids, trainable=trainable)
+        return cls(embeddings.detach()[torch.tensor(ids, dtype=torch.long)], ids, trainable=trainable,
+                   speller=speller)
 
     @property
     def vocab(self) -> list[int]:
@@ -84,7 +95,11 @@ class VocabularyReader(nn.Module):
     def logits(self, soft_tokens: torch.Tensor) -> torch.Tensor:
         """[B, N, H] -> [B, N, 1 + V] (column 0 = blank)."""
         s = F.normalize(soft_tokens.float(), dim=-1)
-        directions = F.normalize(self.directions, dim=-1) if self.trainable else F.normalize(self.rows, dim=-1)
+        if not self.trainable:
+            directions = F.normalize(self.rows, dim=-1)
+        else:
+            directions = F.normalize(self.directions if self.speller is None else self.directions + self.speller(),
+                                     dim=-1)
         blank = s @ F.normalize(self.blank.float(), dim=0)
         return torch.cat([blank[..., None], s @ directions.T], dim=-1) * self.log_scale.exp()
 
@@ -123,12 +138,19 @@ class VocabularyReader(nn.Module):
             previous = c
         return runs
 
+    def best_classes(self, logits: torch.Tensor) -> list[list[int]]:
+        """The class read at each position ([B, N, 1 + V] logits -> B lists), the blank's logit lowered by
+        `blank_penalty` first."""
+        if self.blank_penalty:
+            logits = torch.cat([logits[..., :1] - self.blank_penalty, logits[..., 1:]], dim=-1)
+        return logits.argmax(-1).tolist()
+
     @torch.no_grad()
     def decode(self, soft_tokens: torch.Tensor) -> list[list[int]]:
         """Greedy CTC reading: best class per soft token, repeats merged, blanks dropped -> LLM token ids."""
         vocab = self.vocab
         return [[vocab[row[run[0]] - 1] for run in self._runs(row)]
-                for row in self.logits(soft_tokens).argmax(-1).tolist()]
+                for row in self.best_classes(self.logits(soft_tokens))]
 
     def heard(self, soft_tokens: torch.Tensor) -> list[torch.Tensor]:
         """What the LLM reads in `vocabulary` mode: per clip [n_i, H], one expected embedding per run of a
@@ -137,7 +159,7 @@ class VocabularyReader(nn.Module):
         logits = self.logits(soft_tokens)
         words = logits[..., 1:].softmax(-1)                        # [B, N, V]
         out = []
-        for b, row in enumerate(logits.argmax(-1).tolist()):
+        for b, row in enumerate(self.best_classes(logits)):
             runs = self._runs(row) or [[int(logits[b].log_softmax(-1)[:, BLANK].argmin())]]
             pooled = torch.stack([words[b, run].mean(0) for run in runs])
             out.append(pooled @ self.rows)

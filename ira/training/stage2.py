@@ -40,6 +40,7 @@ from ira.models.adapter import PerceiverAdapter
 from ira.models.hub import (CodecState, codec_from_checkpoint, speech_lm_from_checkpoint,
                             style_encoder_from_checkpoint, tokenizer_from_checkpoint)
 from ira.models.llm import LoadedLLM, load_llm
+from ira.models.phoneme_speller import PhonemeSpeller, spell
 from ira.models.splice import build_student_inputs, build_teacher_inputs, reply_logits
 from ira.models.vocabulary_reader import VocabularyReader
 from ira.text_metrics import corpus_cer
@@ -178,8 +179,13 @@ class Stage2Task(TrainingTask):
         # the reader of the soft tokens: the adapter's own in "vocabulary" mode (it decides what the LLM
         # hears, its directions train), a frozen training aid over the LLM's rows in "free" mode
         vocabulary_output = cfg.adapter.output == "vocabulary"
+        speller = None
+        if cfg.adapter.spelled:
+            pieces = [self.llm.tokenizer.decode([t]) for t in vocab]
+            speller = PhonemeSpeller(spell(pieces, self.tokenizer.encode), self.tokenizer.vocab_size,
+                                     self.llm.hidden_size)
         reader = VocabularyReader.from_llm_table(self.llm.model.get_input_embeddings().weight, vocab,
-                                                 trainable=vocabulary_output)
+                                                 trainable=vocabulary_output, speller=speller)
         self.adapter = PerceiverAdapter(cfg.adapter, in_dim=self.speech_lm.cfg.d_model,
                                         out_dim=self.llm.hidden_size, target_norm=self.llm.embed_norm,
                                         reader=reader if vocabulary_output else None)

@@ -1,0 +1,504 @@
+"""The Train tab: start, stop and resume a training stage in a child process, and watch it live.
+
+Every handler returns at once: training runs in the job runner's child process, and a gr.Timer
+reads its metrics.jsonl, train.log and job.json every two seconds (any browser tab, after a reload
+or an app restart, shows the same run). API endpoints: /start_training, /resume_training,
+/stop_training, /training_status, /training_lists.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import gradio as gr
+import pandas as pd
+
+from ira.config import PRESETS, ConfigError, IRAConfig, load_config
+from ira.cli import TRAIN_STAGES
+from ira.checkpoint import CheckpointError, latest_path, read_header
+from ui.data_tab import guarded
+from ui.runner import JobError, JobRecord, JobRunner, JobStatus, format_eta, shell_quote, train_command
+from ui.workspace import Workspace
+
+
+ALL_STAGES = (("Voice style encoder", "style"), ("1 · SpeechLM pre-training", "1"),
+              ("2 · Adapter alignment (distillation)", "2"), ("3 · Behaviour alignment (PPO)", "3"))
+STAGES = tuple((label, stage) for label, stage in ALL_STAGES if stage in TRAIN_STAGES)
+"""The stages `ira train` offers in this version."""
+PREREQUISITE = {"1": "style", "2": "1", "3": "2"}
+"""The stage whose checkpoint a stage starts from (optional for stage 1, required for 2 and 3)."""
+REQUIRED = ("2", "3")
+OWN_SECTION = {"style": "style", "2": "align", "3": "ppo"}
+"""Stages whose batch size, learning rate and step budget live in their own config section
+(`style.batch_size`, ...) rather than in `training`."""
+NONE = "(none)"
+REFRESH_S = 2.0
+LOG_LINES = 12
+MAX_POINTS = 1500
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg"}
+NOT_PLOTTED = {"time", "step", "epoch", "stage", "split", "event"}
+PLOT_COLUMNS = ["step", "value", "series"]
+
+
+# ------------------------------------------------------------------------------- pure helpers
+
+
+def form_defaults(cfg: IRAConfig, stage: str) -> tuple[int, int, int, float]:
+    """(epochs, max steps (0: by epochs), batch size, learning rate) the form starts with for `stage`."""
+    section = OWN_SECTION.get(stage)
+    tc = cfg.training
+    if section is not None:
+        own = getattr(cfg, section)
+        return tc.num_epochs, own.max_steps or 0, own.batch_size, own.learning_rate
+    return tc.num_epochs, tc.max_steps or 0, tc.batch_size, tc.learning_rate
+
+
+def training_overrides(ws: Workspace, stage: str, corpus: str, run: str, epochs: float, max_steps: float,
+                       batch_size: float, learning_rate: float, base: list[str]) -> list[str]:
+    """The `--set` list for a run: corpus, output folder and the form's numbers (paths as YAML strings)."""
+    if not corpus:
+        raise ValueError("choose a corpus (build one in the Data tab first)")
+    corpus_dir = ws.corpus_dir(corpus)
+    if not (corpus_dir / "metadata.csv").is_file():
+        raise ValueError(f"corpus '{corpus}' is not in {ws.data_dir}; build it in the Data tab")
+    steps = int(max_steps or 0)
+    section = OWN_SECTION.get(stage, "training")
+    items = [*base,
+             f"data.dir={json.dumps(str(corpus_dir))}",
+             f"training.output_dir={json.dumps(str(ws.run_dir(run)))}",
+             f"training.num_epochs={int(epochs or 0)}",
+             f"{section}.batch_size={int(batch_size or 0)}",
+             f"{section}.learning_rate={float(learning_rate or 0)!r}"]
+    if section == "training":
+        items.append(f"training.max_steps={steps if steps > 0 else 'null'}")
+    elif steps > 0:   # a stage with its own section always has a step budget: 0 keeps the preset's
+        items.append(f"{section}.max_steps={steps}")
+    return items
+
+
+STARTS_FROM = {"1": ("style", "1"), "2": ("1", "2", "3"), "3": ("2", "3")}
+"""The checkpoints a run of a stage can start from: what `ira train --resume_checkpoint` accepts (the previous
+stage's, or the same stage's to continue it), checked before launching."""
+
+
+def check_before_launch(ws: Workspace, stage: str, corpus: str, batch_size: float, start_checkpoint: Optional[Path]
+                        ) -> None:
+    """The mistakes that would otherwise surface only in the child's log ("FAILED · exit code 1"): a
+    checkpoint of the wrong stage, a batch larger than the prepared corpus's training split."""
+    if start_checkpoint is not None and stage in STARTS_FROM:
+        try:
+            found = read_header(start_checkpoint).stage
+        except CheckpointError as exc:
+            raise ValueError(f"'Start from checkpoint': {exc}") from exc
+        if found not in STARTS_FROM[stage]:
+            wanted = " or ".join(f"stage {s}" if s != "style" else "the voice style encoder" for s in STARTS_FROM[stage])
+            raise ValueError(f"'Start from checkpoint' is a stage-{found} checkpoint ({ws.relative(start_checkpoint)}), "
+                             f"but stage {stage} starts from {wanted}: pick one of those")
+    report = ws.corpus_dir(corpus) / "prepare_report.json"
+    try:
+        train_clips = int(json.loads(report.read_text())["train"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return   # not prepared yet: training prepares it and checks the batch itself
+    if int(batch_size or 0) > train_clips:
+        raise ValueError(f"Batch size {int(batch_size)} is larger than corpus '{corpus}' ({train_clips} training "
+                         f"clips): set Batch size to {train_clips} or less, or build a larger corpus")
+
+
+@dataclass
+class RunSettings:
+    """What a run was started with (its job record's command): the form shows it on re-attach, and Resume
+    continues with it, never with whatever the form holds then."""
+    stage: str
+    preset: str
+    sets: list[str]             # every --set of the command, the app's own overrides included
+    corpus: Optional[str]
+    epochs: int
+    max_steps: int
+    batch_size: int
+    learning_rate: float
+    start_checkpoint: Optional[str]
+
+
+def run_settings(ws: Workspace, run_name: str) -> Optional[RunSettings]:
+    """The settings run `run_name` was started with, read from `runs/<name>/job.json`; None without a record."""
+    try:
+        record = JobRecord.load(ws.run_dir(run_name))
+    except (JobError, ValueError):
+        return None
+    if record is None or "--config" not in record.command:
+        return None
+    command = record.command
+    preset = command[command.index("--config") + 1]
+    sets = [command[i + 1] for i, arg in enumerate(command[:-1]) if arg == "--set"]
+    start = command[command.index("--resume_checkpoint") + 1] if "--resume_checkpoint" in command else None
+    try:
+        cfg = load_config(preset, sets)
+    except (ConfigError, ValueError):
+        return None
+    epochs, steps, batch, lr = form_defaults(cfg, record.stage)
+    data_dir = Path(cfg.data.dir)
+    corpus = data_dir.name if data_dir.parent == ws.data_dir else None
+    return RunSettings(stage=record.stage, preset=preset, sets=sets, corpus=corpus, epochs=epochs, max_steps=steps,
+                       batch_size=batch, learning_rate=lr,
+                       start_checkpoint=ws.relative(start) if start and Path(start).name.startswith(
+                           f"stage{PREREQUISITE.get(record.stage, '')}_") else None)
+
+
+def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric values by dotted name; validation rows' `val_` prefix is dropped (val_loss -> loss),
+    so that a metric's train and val curves share one name and one plot."""
+    out: dict[str, float] = {}
+    for key, value in row.items():
+        if not prefix and key in NOT_PLOTTED:
+            continue
+        if not prefix and row.get("split") == "val" and key.startswith("val_"):
+            key = key[len("val_"):]
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def _thin(points: list[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
+    """At most MAX_POINTS per series (every k-th point, and always the last)."""
+    if len(points) <= MAX_POINTS:
+        return points
+    k = -(-len(points) // MAX_POINTS)
+    return points[::k] + ([points[-1]] if (len(points) - 1) % k else [])
+
+from gradio.events import Dependency
+
+class TrainingPlot(gr.LinePlot):
+    """A line plot that draws points while one of its series has a single point: Vega-Lite draws no line
+    through one point, so a short run's first figures would leave an empty box."""
+
+    def postprocess(self, value: Any) -> Any:
+        data = super().postprocess(value)
+        if isinstance(value, pd.DataFrame) and data is not None and not isinstance(data, dict) \
+                and has_lone_point(value, self.color):
+            data.mark = "point"
+        return data
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def has_lone_point(frame: pd.DataFrame, series: Optional[str]) -> bool:
+    """Whether some series of `frame` (grouped by the `series` column, or the whole frame) has one point."""
+    if frame.empty:
+        return False
+    counts = frame[series].value_counts() if series and series in frame else pd.Series([len(frame)])
+    return bool((counts == 1).any())
+
+
+def metric_frames(rows: list[dict[str, Any]], stage: Optional[str], metric: Optional[str]
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """(loss vs step for train and val, `metric` vs step, every other metric name) from metrics rows."""
+    series: dict[tuple[str, str], list[tuple[int, float, str]]] = {}
+    for row in rows:
+        if "event" in row or row.get("split") not in ("train", "val") or not isinstance(row.get("step"), int):
+            continue
+        if stage is not None and str(row.get("stage")) != str(stage):
+            continue
+        for key, value in _flatten(row).items():
+            series.setdefault((key, row["split"]), []).append((row["step"], value, row["split"]))
+    names = sorted({key for key, _ in series if key != "loss"})
+    if metric not in names:
+        metric = default_metric(names, stage)
+
+    def frame(key: Optional[str]) -> pd.DataFrame:
+        points = [p for split in ("train", "val") for p in _thin(series.get((key, split), []))]
+        # Typed even when empty: an untyped empty frame is sent as "nominal" axes, and the browser's
+        # plot keeps those axis types after the first points arrive (no line, labels as categories).
+        return pd.DataFrame(points, columns=PLOT_COLUMNS).astype({"step": "int64", "value": "float64"})
+
+    return frame("loss"), frame(metric), names
+
+
+QUALITY_METRICS = {"1": "wer", "2": "choice_accuracy"}
+"""The figure each stage is judged by, plotted first when the run logs it (stage 1: the held-out word
+error rate heard by the offline ASR; stage 2: the LLM's 4-way choice accuracy from audio alone)."""
+
+
+def default_metric(names: list[str], stage: Optional[str] = None) -> Optional[str]:
+    """The stage's quality figure when logged, else the first stage-specific metric (not lr, grad norm,
+    throughput or memory), else lr."""
+    if QUALITY_METRICS.get(str(stage)) in names:
+        return QUALITY_METRICS[str(stage)]
+    generic = ("lr", "grad_norm", "throughput.", "memory.")
+    specific = [n for n in names if not n.startswith(generic) and n not in generic]
+    return specific[0] if specific else ("lr" if "lr" in names else (names[0] if names else None))
+
+
+def status_markdown(ws: Workspace, status: JobStatus) -> str:
+    parts = [f"**{status.state.upper()}**"]
+    if status.stage:
+        parts.append(f"stage {status.stage}")
+    if status.step is not None:
+        total = f" / {status.total_steps}" if status.total_steps else ""
+        percent = f" ({100 * status.step / status.total_steps:.0f} %)" if status.total_steps else ""
+        parts.append(f"step {status.step}{total}{percent}")
+    if status.active:
+        parts.append(f"ETA {format_eta(status.eta_s)}")
+    if status.lr is not None:
+        parts.append(f"lr {status.lr:.2e}")
+    lines = [f"### Run `{status.name}`", " · ".join(parts), "", status.message]
+    if status.last_checkpoint:
+        lines.append(f"\nLast checkpoint: `{ws.relative(status.last_checkpoint)}`")
+    return "\n".join(lines)
+
+
+def prerequisite_choices(ws: Workspace) -> list[tuple[str, str]]:
+    """(label, path) of every readable checkpoint, after (none)."""
+    return [(NONE, NONE), *ws.labelled_checkpoints()]
+
+
+def default_prerequisite(ws: Workspace, stage: str) -> str:
+    """The newest checkpoint of the stage `stage` needs (stages 2 and 3), or (none)."""
+    wanted = PREREQUISITE.get(stage)
+    if wanted is None or stage not in REQUIRED:
+        return NONE
+    for path in ws.list_checkpoints():   # newest first
+        if Path(path).name.startswith(f"stage{wanted}_"):
+            return path
+    return NONE
+
+
+# ------------------------------------------------------------------------------------- the tab
+
+
+@dataclass
+class TrainTab:
+    stage: gr.Radio
+    corpus: gr.Dropdown
+    prerequisite: gr.Dropdown
+    refresh_lists: Any           # fn(corpus, prerequisite, stage) -> (corpus dropdown, prerequisite dropdown)
+
+
+def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: str,
+                    overrides: list[str]) -> TrainTab:
+    """Lay out the Train tab inside the current gr.Tab and wire its events."""
+    n_epochs, n_steps, n_batch, lr = form_defaults(load_config(preset, overrides), "1")
+    corpora = ws.list_corpora()
+    with gr.Row():
+        stage = gr.Radio(list(STAGES), value="1", label="Stage", scale=3)
+        run = gr.Textbox(value="stage1", label="Run name", info="output in workspace/runs/<name>", scale=1)
+        preset_dd = gr.Dropdown(list(PRESETS), value=preset, label="Preset", scale=1)
+    with gr.Row():
+        # Custom values are allowed (API callers, files made outside the app): the handlers check them.
+        corpus = gr.Dropdown(corpora, value=corpora[0] if corpora else None, label="Corpus (from the Data tab)",
+                             allow_custom_value=True)
+        prerequisite = gr.Dropdown(prerequisite_choices(ws), value=NONE,
+                                   label="Start from checkpoint (the previous stage)", allow_custom_value=True)
+        refresh = gr.Button("↻ Refresh lists", scale=0, min_width=120)
+    with gr.Row():
+        epochs = gr.Number(n_epochs, precision=0, minimum=1, label="Epochs")
+        max_steps = gr.Number(n_steps, precision=0, minimum=0, label="Max steps (0: by epochs / the preset's)")
+        batch_size = gr.Number(n_batch, precision=0, minimum=1, label="Batch size")
+        learning_rate = gr.Number(lr, label="Learning rate")
+    with gr.Row():
+        start = gr.Button("Start", variant="primary")
+        stop = gr.Button("Stop", variant="stop")
+        resume = gr.Button("Resume from the run's latest checkpoint")
+    status_md = gr.Markdown("No run selected.")
+    command_md = gr.Markdown("")
+    with gr.Row():
+        loss_plot = TrainingPlot(x="step", y="value", color="series", title="Loss", x_title="step",
+                                y_title="loss", height=300)
+        with gr.Column():
+            metric = gr.Dropdown([], label="Other metric", allow_custom_value=True)
+            metric_plot = TrainingPlot(x="step", y="value", color="series", x_title="step", height=240)
+    log_box = gr.Textbox(label="Log (train.log, last lines)", lines=LOG_LINES, max_lines=LOG_LINES, interactive=False,
+                         autoscroll=True)
+    with gr.Row():
+        sample = gr.Dropdown([], label="Audio samples (latest validation)", allow_custom_value=True, scale=1)
+        sample_audio = gr.Audio(type="filepath", label="Sample", interactive=False, scale=2)
+    replies = gr.Dataframe(label="What the LLM answered (latest validation: stage 2's replies, stage 3's judge)",
+                           visible=False, wrap=True, interactive=False)
+    last_seen = gr.State(None)
+    timer = gr.Timer(REFRESH_S)
+
+    def refresh_lists(current_corpus: Optional[str] = None, current_prereq: Optional[str] = None,
+                      stage_value: str = "1") -> tuple:
+        names = ws.list_corpora()
+        checkpoints = prerequisite_choices(ws)
+        corpus_value = current_corpus if current_corpus in names else (names[0] if names else None)
+        listed = [path for _, path in checkpoints]
+        prereq_value = current_prereq if current_prereq in listed and current_prereq != NONE \
+            else default_prerequisite(ws, stage_value)
+        return (gr.Dropdown(choices=names, value=corpus_value),
+                gr.Dropdown(choices=checkpoints, value=prereq_value))
+
+    def launch(stage_value: str, run_name: str, preset_value: str, corpus_name: str, prereq: str,
+               n_epochs: float, steps: float, batch: float, lr: float, resume_run: bool) -> tuple[str, str, str]:
+        run_dir = ws.run_dir(run_name)
+        started = run_settings(ws, run_name) if resume_run else None
+        if started is not None:   # Resume continues the run as it was started, whatever the form shows now
+            stage_value, preset_value, cfg_overrides = started.stage, started.preset, started.sets
+        else:
+            cfg_overrides = training_overrides(ws, stage_value, corpus_name, run_name, n_epochs, steps, batch, lr,
+                                               overrides)
+        load_config(preset_value, cfg_overrides)   # a bad value is a clear error now, not in the log
+        latest = latest_path(run_dir, stage_value)
+        init = None
+        if resume_run:
+            if not latest.is_file():
+                have = ", ".join(p.name for p in sorted(run_dir.glob("*.safetensors"))) or "no checkpoints"
+                raise ValueError(f"run '{run_name}' has no {latest.name} to resume from ({have}); "
+                                 "press Start to begin it")
+        else:
+            if latest.is_file():
+                raise ValueError(f"run '{run_name}' already has {latest.name}: press Resume to continue it, "
+                                 "or choose a new run name (nothing is overwritten)")
+            if prereq and prereq != NONE:
+                init = str(ws.resolve(prereq, must_exist=True))
+            elif stage_value in REQUIRED:
+                raise ValueError(f"stage {stage_value} starts from a stage-{PREREQUISITE[stage_value]} checkpoint: "
+                                 "choose one in 'Start from checkpoint' (train that stage first)")
+            check_before_launch(ws, stage_value, corpus_name, batch, Path(init) if init else None)
+        command = train_command(stage_value, preset_value, cfg_overrides,
+                                resume_checkpoint=str(latest) if resume_run else None, init_checkpoint=init)
+        record = runner.start(run_name, stage_value, command)
+        verb = "Resumed" if resume_run else "Started"
+        kept = " with the settings it was started with" if started is not None else ""
+        return (f"{verb} run `{run_name}` (stage {stage_value}, pid {record.pid}){kept}.",
+                f"```\n{shell_quote(command)}\n```", run_name)
+
+    def on_start(stage: str, run_name: str, preset: str, corpus: str, checkpoint: str, epochs: float,
+                 max_steps: float, batch_size: float, learning_rate: float) -> tuple:
+        return guarded("Starting training", launch, stage, run_name, preset, corpus, checkpoint, epochs,
+                       max_steps, batch_size, learning_rate, False)
+
+    def on_resume(stage: str, run_name: str, preset: str, corpus: str, checkpoint: str, epochs: float,
+                  max_steps: float, batch_size: float, learning_rate: float) -> tuple:
+        return guarded("Resuming training", launch, stage, run_name, preset, corpus, checkpoint, epochs,
+                       max_steps, batch_size, learning_rate, True)
+
+    def on_stop(run_name: str) -> str:
+        try:
+            status = runner.stop(run_name)
+        except (JobError, ValueError) as exc:
+            raise gr.Error(str(exc), title="Stop", print_exception=False) from exc
+        gr.Info(f"Stop requested: run '{run_name}' finishes its step, writes a checkpoint and exits.")
+        return status_markdown(ws, status)
+
+    def on_tick(run_name: str, metric_name: Optional[str], seen: Any) -> tuple:
+        try:
+            ws.run_dir(run_name)
+        except ValueError:
+            return (gr.skip(),) * len(tick_outputs)
+        status = runner.status(run_name)
+        rows = runner.metrics(run_name)
+        key = [run_name, metric_name, len(rows), status.state, status.step, status.message,
+               status.log_tail[-2000:], [s for s in status.samples if _inside(ws, s)]]
+        if key == seen:
+            return (gr.skip(),) * len(tick_outputs)
+        loss_df, metric_df, names = metric_frames(rows, status.stage, metric_name)
+        chosen = metric_name if metric_name in names else default_metric(names, status.stage)
+        inside = [s for s in status.samples if _inside(ws, s)]
+        samples = [s for s in inside if Path(s).suffix.lower() in AUDIO_SUFFIXES]   # the player plays audio only
+        texts = [s for s in inside if Path(s).suffix == ".jsonl"]
+        sample_choices = [(Path(s).name, s) for s in samples]
+        seen_samples = seen[-1] if isinstance(seen, list) else None
+        changed = inside != seen_samples
+        sample_update = (gr.Dropdown(choices=sample_choices, value=samples[0] if samples else None)
+                         if changed else gr.skip())
+        replies_update = (gr.Dataframe(value=replies_table(texts[0]) if texts else None, visible=bool(texts))
+                          if changed else gr.skip())
+        # No points yet: no value at all. A plot first sent an empty frame never draws the lines
+        # of later updates in the browser (Gradio 6), while one first sent nothing does.
+        return (status_markdown(ws, status), loss_df if len(loss_df) else None,
+                gr.Dropdown(choices=names, value=chosen),
+                TrainingPlot(value=metric_df if len(metric_df) else None, title=chosen or "metric",
+                              y_title=chosen or ""),
+                last_lines(status.log_tail, LOG_LINES), sample_update, replies_update, key, gr.skip(), gr.skip())
+
+    def on_sample(path: Optional[str]) -> Optional[str]:
+        return path if path and _inside(ws, path) and Path(path).is_file() else None
+
+    def on_load(stage_value: str, run_name: str) -> tuple:
+        """A page load re-attaches to the running job, else shows the run started last, with the settings
+        that run was started with (preset, corpus, checkpoint and numbers), not the form's defaults."""
+        latest = runner.active() or runner.latest()
+        if latest is not None:
+            stage_value, run_name = latest.stage, latest.name
+        started = run_settings(ws, run_name) if latest is not None else None
+        corpus_dd, prereq_dd = refresh_lists(started.corpus if started else None,
+                                             started.start_checkpoint if started else None, stage_value)
+        if started is None:
+            return (stage_value, run_name, corpus_dd, prereq_dd, *(gr.skip(),) * 5)
+        return (stage_value, run_name, corpus_dd, prereq_dd, started.preset, started.epochs, started.max_steps,
+                started.batch_size, started.learning_rate)
+
+    def on_stage(stage_value: str, run_name: str, preset_value: str) -> tuple:
+        """A new stage: its run name (if still a default), checkpoint and form numbers."""
+        name = f"stage{stage_value}" if run_name in {f"stage{s}" for _, s in STAGES} else run_name
+        cfg = guarded("Loading the preset", load_config, preset_value, overrides)
+        return (name, gr.Dropdown(value=default_prerequisite(ws, stage_value)),
+                *form_defaults(cfg, stage_value))
+
+    def on_preset(stage_value: str, preset_value: str) -> tuple:
+        return form_defaults(guarded("Loading the preset", load_config, preset_value, overrides), stage_value)
+
+    form = [stage, run, preset_dd, corpus, prerequisite, epochs, max_steps, batch_size, learning_rate]
+    start.click(on_start, form, [status_md, command_md, run], api_name="start_training", concurrency_limit=1,
+                concurrency_id="training_jobs")
+    resume.click(on_resume, form, [status_md, command_md, run], api_name="resume_training", concurrency_limit=1,
+                 concurrency_id="training_jobs")
+    stop.click(on_stop, run, status_md, api_name="stop_training", concurrency_limit=1,
+               concurrency_id="training_jobs")
+    # command_md and run are outputs of the tick (always skipped) so that each tick gives them a fresh status:
+    # a rejected Start's red "Error" badge on them then clears within one refresh instead of staying
+    tick_outputs = [status_md, loss_plot, metric, metric_plot, log_box, sample, replies, last_seen, command_md, run]
+    timer.tick(on_tick, [run, metric, last_seen], tick_outputs, api_name="training_status",
+               concurrency_limit=None, show_progress="hidden")
+    metric.input(lambda r, m: on_tick(r, m, None), [run, metric], tick_outputs, api_visibility="private",
+                 show_progress="hidden")
+    sample.change(on_sample, sample, sample_audio, api_visibility="private")
+    refresh.click(refresh_lists, [corpus, prerequisite, stage], [corpus, prerequisite], api_name="training_lists")
+    numbers = [epochs, max_steps, batch_size, learning_rate]
+    stage.input(on_stage, [stage, run, preset_dd], [run, prerequisite, *numbers], api_visibility="private")
+    preset_dd.input(on_preset, [stage, preset_dd], numbers, api_visibility="private")
+    demo.load(on_load, [stage, run], [stage, run, corpus, prerequisite, preset_dd, *numbers],
+              api_visibility="private")
+    return TrainTab(stage=stage, corpus=corpus, prerequisite=prerequisite, refresh_lists=refresh_lists)
+
+
+def last_lines(text: str, n: int) -> str:
+    """The last `n` lines: the box shows exactly what fits, so the newest line ("Stopped at step 64") is in view
+    without scrolling (a longer value left the browser's box scrolled to its top)."""
+    return "\n".join(text.splitlines()[-n:])
+
+
+def replies_table(path: str, limit: int = 20) -> Optional[pd.DataFrame]:
+    """A samples .jsonl (stage 2's replies, stage 3's judgements) as a table of its first `limit` rows."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    rows.append(json.loads(line))
+                if len(rows) >= limit:
+                    break
+    except (OSError, ValueError):
+        return None
+    table = pd.DataFrame(rows)
+    for column in table.columns:   # floats rounded for reading
+        if table[column].dtype.kind == "f":
+            table[column] = table[column].round(3)
+    return table
+
+
+def _inside(ws: Workspace, path: str) -> bool:
+    try:
+        ws.resolve(path)
+    except ValueError:
+        return False
+    return True
