@@ -279,20 +279,19 @@ def test_plots_have_numeric_axes_before_the_first_point():
 
 def test_plots_draw_points_while_a_series_has_one_point():
     """A short run's first figures (one validation, one logged step) must be visible: as points until
-    every series has two points, then as lines."""
-    import pandas as pd
-    from ui.train_tab import TrainingPlot, metric_frames
+    every series has two points, then as lines; nothing at all before the first point."""
+    from ui.train_tab import metric_frames, plot_value
     rows = [{"stage": 1, "split": "train", "step": s, "loss": 3.0 - s / 10} for s in (1, 10, 20)]
     rows.append({"stage": 1, "split": "val", "step": 20, "loss": 2.9, "wer": 1.1})
     loss, metric, names = metric_frames(rows, "1", None)
-    plot = TrainingPlot(x="step", y="value", color="series")
-    assert plot.postprocess(loss).mark == "point"        # val has one point
-    assert plot.postprocess(metric).mark == "point" and names == ["wer"]
+    assert plot_value(loss)["mark"] == "point"               # val has one point
+    assert plot_value(metric)["mark"] == "point" and names == ["wer"]
     rows.append({"stage": 1, "split": "val", "step": 40, "loss": 2.5, "wer": 0.9})
     loss, metric, _ = metric_frames(rows, "1", None)
-    assert plot.postprocess(loss).mark == "line" and plot.postprocess(metric).mark == "line"
-    assert plot.postprocess(pd.DataFrame(columns=["step", "value", "series"])).mark == "line"
-    assert plot.postprocess(None) is None
+    sent = plot_value(loss)
+    assert sent["mark"] == "line" and plot_value(metric)["mark"] == "line"
+    assert sent["datatypes"]["step"] == "quantitative" and len(sent["data"]) == 5
+    assert plot_value(metric_frames([], "1", None)[0]) is None
 
 
 def test_resume_and_reload_use_the_settings_the_run_was_started_with(app):

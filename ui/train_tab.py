@@ -41,6 +41,7 @@ MAX_POINTS = 1500
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg"}
 NOT_PLOTTED = {"time", "step", "epoch", "stage", "split", "event"}
 PLOT_COLUMNS = ["step", "value", "series"]
+_PLOT_FORMAT = gr.LinePlot(x="step", y="value", color="series", render=False)   # formats frames for plot_value
 
 
 # ------------------------------------------------------------------------------- pure helpers
@@ -172,16 +173,17 @@ def _thin(points: list[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
     return points[::k] + ([points[-1]] if (len(points) - 1) % k else [])
 
 
-class TrainingPlot(gr.LinePlot):
-    """A line plot that draws points while one of its series has a single point: Vega-Lite draws no line
-    through one point, so a short run's first figures would leave an empty box."""
-
-    def postprocess(self, value: Any) -> Any:
-        data = super().postprocess(value)
-        if isinstance(value, pd.DataFrame) and data is not None and not isinstance(data, dict) \
-                and has_lone_point(value, self.color):
-            data.mark = "point"
-        return data
+def plot_value(frame: pd.DataFrame) -> Optional[dict[str, Any]]:
+    """What a training plot is sent for `frame` (columns PLOT_COLUMNS): None while it has no point (a plot
+    first sent an empty frame never draws the lines of later updates in Gradio 6), drawn as points while a
+    series has a single one (Vega-Lite draws no line through one point: a short run's first validation
+    would be an empty box), else as lines. A dict passes through the LinePlot's postprocess as it is."""
+    if not len(frame):
+        return None
+    data = _PLOT_FORMAT.postprocess(frame).model_dump()
+    if has_lone_point(frame, "series"):
+        data["mark"] = "point"
+    return data
 
 
 def has_lone_point(frame: pd.DataFrame, series: Optional[str]) -> bool:
@@ -304,11 +306,11 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
     status_md = gr.Markdown("No run selected.")
     command_md = gr.Markdown("")
     with gr.Row():
-        loss_plot = TrainingPlot(x="step", y="value", color="series", title="Loss", x_title="step",
+        loss_plot = gr.LinePlot(x="step", y="value", color="series", title="Loss", x_title="step",
                                 y_title="loss", height=300)
         with gr.Column():
             metric = gr.Dropdown([], label="Other metric", allow_custom_value=True)
-            metric_plot = TrainingPlot(x="step", y="value", color="series", x_title="step", height=240)
+            metric_plot = gr.LinePlot(x="step", y="value", color="series", x_title="step", height=240)
     log_box = gr.Textbox(label="Log (train.log, last lines)", lines=LOG_LINES, max_lines=LOG_LINES, interactive=False,
                          autoscroll=True)
     with gr.Row():
@@ -408,10 +410,10 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
                           if changed else gr.skip())
         # No points yet: no value at all. A plot first sent an empty frame never draws the lines
         # of later updates in the browser (Gradio 6), while one first sent nothing does.
-        return (status_markdown(ws, status), loss_df if len(loss_df) else None,
+        return (status_markdown(ws, status), plot_value(loss_df),
                 gr.Dropdown(choices=names, value=chosen),
-                TrainingPlot(value=metric_df if len(metric_df) else None, title=chosen or "metric",
-                              y_title=chosen or ""),
+                gr.LinePlot(value=plot_value(metric_df), title=chosen or "metric",
+                            y_title=chosen or ""),
                 last_lines(status.log_tail, LOG_LINES), sample_update, replies_update, key, gr.skip(), gr.skip())
 
     def on_sample(path: Optional[str]) -> Optional[str]:
