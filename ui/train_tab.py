@@ -181,17 +181,9 @@ def plot_value(frame: pd.DataFrame) -> Optional[dict[str, Any]]:
     if not len(frame):
         return None
     data = _PLOT_FORMAT.postprocess(frame).model_dump()
-    if has_lone_point(frame, "series"):
+    if (frame["series"].value_counts() == 1).any():
         data["mark"] = "point"
     return data
-
-
-def has_lone_point(frame: pd.DataFrame, series: Optional[str]) -> bool:
-    """Whether some series of `frame` (grouped by the `series` column, or the whole frame) has one point."""
-    if frame.empty:
-        return False
-    counts = frame[series].value_counts() if series and series in frame else pd.Series([len(frame)])
-    return bool((counts == 1).any())
 
 
 def metric_frames(rows: list[dict[str, Any]], stage: Optional[str], metric: Optional[str]
@@ -408,8 +400,6 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
                          if changed else gr.skip())
         replies_update = (gr.Dataframe(value=replies_table(texts[0]) if texts else None, visible=bool(texts))
                           if changed else gr.skip())
-        # No points yet: no value at all. A plot first sent an empty frame never draws the lines
-        # of later updates in the browser (Gradio 6), while one first sent nothing does.
         return (status_markdown(ws, status), plot_value(loss_df),
                 gr.Dropdown(choices=names, value=chosen),
                 gr.LinePlot(value=plot_value(metric_df), title=chosen or "metric",

@@ -59,6 +59,13 @@ class PhonemeSpeller(nn.Module):
         self.out = nn.Linear(dim, out_dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self._index_bags()     # once, and again when a checkpoint's spellings are loaded
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._index_bags())
+
+    def _index_bags(self) -> None:
+        indices, offsets = self._bags()
+        self.register_buffer("bag_indices", indices, persistent=False)
+        self.register_buffer("bag_offsets", offsets, persistent=False)
 
     def _bags(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat EmbeddingBag indices and offsets: piece k's bag holds (position j, phoneme p) for each of its
@@ -75,5 +82,4 @@ class PhonemeSpeller(nn.Module):
         return torch.cat([positional, plain])[order], 2 * starts
 
     def forward(self) -> torch.Tensor:
-        indices, offsets = self._bags()
-        return self.out(F.gelu(self.bag(indices, offsets)))
+        return self.out(F.gelu(self.bag(self.bag_indices, self.bag_offsets)))

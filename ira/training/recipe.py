@@ -107,7 +107,7 @@ def handed_over(record: StageRecord) -> Optional[str]:
     return str(latest) if latest is not None else None
 
 
-RunStage = Callable[[str, IRAConfig, Optional[str]], int]
+RunStage = Callable[[str, IRAConfig, Optional[str]], str]
 
 
 def run_recipe(cfg: IRAConfig, recipe: str, minutes: float, run_stage: RunStage,
@@ -136,12 +136,7 @@ def run_recipe(cfg: IRAConfig, recipe: str, minutes: float, run_stage: RunStage,
             say(f"{name}: done earlier ({record.minutes_used:.1f} min) -> {record.checkpoint}")
             continue
         own_latest = find_latest(record.folder, record.stage)
-        resume_from = str(own_latest) if own_latest is not None else previous
-        if record.stage != "style" and resume_from is None:
-            record.status = "failed"
-            state.save(state_path)
-            raise RecipeError(f"{name} has no checkpoint to start from: the previous stage left none in "
-                              f"{state.stages[state.stages.index(record) - 1].folder}")
+        resume_from = str(own_latest) if own_latest is not None else previous   # previous: None only for style
         record.status, record.start_from = "running", resume_from
         state.save(state_path)
         say(f"{name}: {record.minutes:g} min budget" + (f", from {resume_from}" if resume_from else ""))
