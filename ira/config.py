@@ -340,6 +340,11 @@ class AdapterConfig:
     words (the CTC loss is unchanged). A CTC reader is surer of "nothing here" than it should be on speech
     it never heard, and drops words; > 0 keeps more of them. Chosen on validation clips (docs/decisions.md)."""
 
+    cue_tokens: int = 0
+    """Learned vectors the LLM reads after the heard speech, just before "</audio>" (prompt tuning): stage 2's
+    distillation trains them to make the frozen LLM repeat an imperfect reading and stop, instead of rambling
+    or looping on it (docs/decisions.md). 0 = none."""
+
     def validate(self, check: "_Checker") -> None:
         check.that("n_latents", 4 <= self.n_latents <= 256, f"must be between 4 and 256 (got {self.n_latents!r})")
         check.that("feature_layer", self.feature_layer >= 0, f"must be >= 0 (got {self.feature_layer!r})")
@@ -347,6 +352,7 @@ class AdapterConfig:
         check.that("encoder_layers", self.encoder_layers >= 0, f"must be >= 0 (got {self.encoder_layers!r})")
         check.that("window", self.window >= 0.0, f"must be >= 0 (0 = off; got {self.window!r})")
         check.that("blank_penalty", self.blank_penalty >= 0.0, f"must be >= 0 (0 = off; got {self.blank_penalty!r})")
+        check.that("cue_tokens", 0 <= self.cue_tokens <= 64, f"must be between 0 and 64 (got {self.cue_tokens!r})")
         check.that("reach", self.reach >= 0.0, f"must be >= 0 (0 = the whole clip; got {self.reach!r})")
         check.that("reach", self.reach == 0.0 or self.window > 0.0,
                    f"a latent's reach ({self.reach!r}) is measured in reading windows: set adapter.window > 0")
@@ -391,6 +397,12 @@ class AlignConfig:
     """After the alignment phase, the LLM losses use only the first this-many samples of each batch (the CTC
     losses use all): the LLM pass costs ~20x the adapter's, so the CTC's large batches would make its
     steps slow and few. 0 = the whole batch."""
+    distill_reading: bool = True
+    """Whether the distillation after the alignment phase trains the reading too (the adapter up to its
+    soft tokens). False: the reading the alignment phase learned stays as it is and only the cue vectors
+    (adapter.cue_tokens) learn; distillation that moved the reading lost words of new sentences."""
+    cue_learning_rate: float = 1e-2
+    """Learning rate of the cue vectors (they start as LLM embeddings and need to move far in few steps)."""
     batch_size: int = 8
     learning_rate: float = 1e-3
     max_steps: int = 2000
@@ -416,6 +428,7 @@ class AlignConfig:
         check.that("ctc_weight", self.ctc_weight >= 0.0, "must be >= 0")
         check.that("phoneme_ctc_weight", self.phoneme_ctc_weight >= 0.0, "must be >= 0")
         check.that("llm_batch_size", self.llm_batch_size >= 0, "must be >= 0 (0 = the whole batch)")
+        check.positive("cue_learning_rate", self.cue_learning_rate)
         if self.max_minutes is not None:
             check.positive("max_minutes", self.max_minutes)
         if self.eval_every is not None:
@@ -507,6 +520,10 @@ class IRAConfig:
             raise ConfigError("adapter.max_audio_frames", f"is {self.adapter.max_audio_frames} but "
                               f"speech_lm.max_audio_frames is {self.speech_lm.max_audio_frames}; the adapter "
                               f"must accept every clip the SpeechLM reads: raise adapter.max_audio_frames", source)
+        if not self.align.distill_reading and (self.align.ctc_steps == 0 or self.adapter.cue_tokens == 0):
+            raise ConfigError("align.distill_reading", "is false, so the distillation trains only the adapter's "
+                              "cue vectors and the alignment phase alone learns the reading: set align.ctc_steps "
+                              "> 0 and adapter.cue_tokens > 0, or align.distill_reading: true", source)
         return self
 
     def to_dict(self) -> dict[str, Any]:

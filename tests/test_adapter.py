@@ -101,6 +101,22 @@ def test_vocabulary_output_hands_the_llm_mixtures_of_its_rows_and_survives_a_rou
         make_adapter(output="vocabulary")
 
 
+def test_the_cue_follows_every_clip_and_survives_a_round_trip():
+    torch.manual_seed(0)
+    adapter = make_adapter(cue_tokens=3)
+    table = torch.randn(30, OUT_DIM)
+    adapter.start_cue(table, torch.Generator().manual_seed(0))
+    assert all(any(torch.equal(v, r) for r in table) for v in adapter.cue)
+    features, mask = torch.randn(2, 9, IN_DIM), torch.ones(2, 9, dtype=torch.bool)
+    out = adapter(features, mask)
+    assert out.shape == (2, adapter.cfg.n_latents + 3, OUT_DIM)
+    assert torch.equal(out[:, -3:], adapter.cue.expand(2, -1, -1))
+    assert torch.equal(out[:, :-3], adapter.spoken(adapter.read(*adapter.encode_frames(features, mask))))
+    rebuilt = PerceiverAdapter.from_config_dict(json.loads(json.dumps(adapter.config_dict()))).eval()
+    rebuilt.load_state_dict(adapter.state_dict())
+    assert torch.equal(rebuilt(features, mask), out)
+
+
 def test_bad_inputs_are_clear_errors():
     adapter = make_adapter()
     features = torch.randn(2, 5, IN_DIM)
@@ -128,6 +144,9 @@ def test_reads_speech_lm_audio_features():
     ("adapter.max_audio_frames=512", "adapter.max_audio_frames"),  # < speech_lm.max_audio_frames
     ("adapter.output=words", "adapter.output"),
     ("adapter.reach=-1", "adapter.reach"),
+    ("adapter.cue_tokens=-1", "adapter.cue_tokens"),
+    ("align.cue_learning_rate=0", "align.cue_learning_rate"),
+    ("align.ctc_steps=0", "align.distill_reading"),     # the cpu preset keeps the reading: the phase must learn it
 ])
 def test_adapter_config_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

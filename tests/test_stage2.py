@@ -40,7 +40,8 @@ def test_metrics_log_kd_agreement_and_cer(runs):
     # step 1 is the alignment phase (CTC only, logged on its own: the first step always is), step 2 distils
     assert [(r["step"], r["alignment_phase"]) for r in train] == [(1, 1.0), (2, 0.0)]
     assert {"ctc_loss", "phoneme_ctc_loss"} <= set(train[0]) and "kd_loss" not in train[0]
-    assert {"ctc_loss", "phoneme_ctc_loss", "kd_loss", "ce_loss", "agreement"} <= set(train[-1])
+    assert {"kd_loss", "ce_loss", "agreement"} <= set(train[-1])           # the reading is kept: no CTC after
+    assert "ctc_loss" not in train[-1]
     assert val and {"val_ctc_loss", "val_phoneme_ctc_loss"} <= set(val[-1]) and val[-1]["val_ctc_loss"] >= 0.0
 
 
@@ -220,11 +221,12 @@ def test_alignment_phase_makes_the_soft_tokens_depend_on_the_audio(runs, bundled
 def test_both_adapter_outputs_train_and_the_llm_reads_what_they_hand_it(runs, bundled_llm, output):
     root, cfg, stage1, _, _ = runs
     torch.manual_seed(0)
-    cfg = cfg.with_overrides([f"adapter.output={output}", f"adapter.spelled={output == 'vocabulary'}", "align.ctc_steps=1"])
+    cfg = cfg.with_overrides([f"adapter.output={output}", f"adapter.spelled={output == 'vocabulary'}", "align.ctc_steps=1",
+                              "align.distill_reading=true"])
     task = Stage2Task(cfg, load_checkpoint(stage1.last_checkpoint), llm=bundled_llm, cpu=True)
     assert (task.adapter.reader is not None) == (output == "vocabulary")
     assert ("align_ctc" in task.modules()) == (output == "free")   # in "vocabulary" mode it is the adapter's
-    trainable = {id(p) for p in task.trainable_parameters()}
+    trainable = {id(p) for group in task.trainable_parameters() for p in group["params"]}
     assert all(id(p) in trainable for p in task.reader.parameters())
     batch = next(iter(task.train_dataloader()))
     for phase in (1.0, 0.0):                                         # the alignment step, then distillation
@@ -237,12 +239,34 @@ def test_both_adapter_outputs_train_and_the_llm_reads_what_they_hand_it(runs, bu
     with torch.no_grad():
         heard = task.adapter.heard(task.batch_soft_tokens(batch)[0])
     lengths = [len(clip) for clip in heard]
+    cue = cfg.adapter.cue_tokens
+    assert cue > 0 and all(torch.equal(clip[-cue:], task.adapter.cue) for clip in heard)   # the cue closes every clip
     if output == "free":
-        assert lengths == [cfg.adapter.n_latents] * len(batch["instructions"])
+        assert lengths == [cfg.adapter.n_latents + cue] * len(batch["instructions"])
     else:
-        assert all(1 <= n <= cfg.adapter.n_latents for n in lengths)
+        assert all(1 + cue <= n <= cfg.adapter.n_latents + cue for n in lengths)
     inputs = build_student_inputs(bundled_llm, batch["instructions"], heard, batch["responses"])
     assert inputs.audio_mask.sum(1).tolist() == lengths
+
+
+def test_after_the_phase_only_the_cue_learns_when_the_reading_is_kept(runs, bundled_llm):
+    root, cfg, stage1, _, _ = runs
+    torch.manual_seed(0)
+    assert not cfg.align.distill_reading and cfg.adapter.cue_tokens > 0        # the cpu preset's way
+    task = Stage2Task(cfg, load_checkpoint(stage1.last_checkpoint), llm=bundled_llm, cpu=True)
+    rows = bundled_llm.model.get_input_embeddings().weight
+    assert all(any(torch.equal(v, r) for r in rows) for v in task.adapter.cue)  # starts as LLM embeddings
+    groups = task.trainable_parameters()
+    cue_group = [g for g in groups if any(p is task.adapter.cue for p in g["params"])]
+    assert len(cue_group) == 1 and cue_group[0]["lr"] == cfg.align.cue_learning_rate
+    batch = next(iter(task.train_dataloader()))
+    task._steps_done = cfg.align.ctc_steps                                     # the distillation
+    out = task.training_step(batch)
+    assert out["alignment_phase"] == 0.0 and "ctc_loss" not in out and out["kd_loss"] > 0
+    out["loss"].backward()
+    assert task.adapter.cue.grad is not None and task.adapter.cue.grad.abs().sum() > 0
+    others = [p for name, p in task.adapter.named_parameters() if name != "cue"] + list(task.phoneme_head.parameters())
+    assert all(p.grad is None for p in others)                                # the reading stays as it is
 
 
 def test_understanding_figures_with_the_real_llm(bundled_llm):

@@ -202,6 +202,10 @@ class PerceiverAdapter(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.out = nn.Linear(d, self.out_dim)
         self.gain = nn.Parameter(torch.ones(()))
+        # the cue: learned vectors after the heard speech (prompt tuning), at the LLM's embedding norm until
+        # stage 2 starts them as LLM embeddings (`start_cue`)
+        self.cue = (nn.Parameter(torch.randn(cfg.cue_tokens, self.out_dim) * (self.target_norm / math.sqrt(self.out_dim)))
+                    if cfg.cue_tokens else None)
         self._init_weights()
         self.reader = reader  # after the init: its directions are the LLM's rows
         if reader is not None:
@@ -292,12 +296,35 @@ class PerceiverAdapter(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> SoftTokens:
         """features [B, T, in_dim], mask BoolTensor[B, T] (True = real frame) -> what the LLM reads:
-        [B, n_latents, out_dim] ("free"), or per clip [n_i, out_dim] ("vocabulary")."""
+        [B, n_latents + cue_tokens, out_dim] ("free"), or per clip [n_i + cue_tokens, out_dim] ("vocabulary")."""
         return self.heard(self.read(*self.encode_frames(features, mask)))
 
     def heard(self, soft_tokens: torch.Tensor) -> SoftTokens:
-        """The soft tokens of `read` -> what the LLM reads of them (see `forward`)."""
+        """The soft tokens of `read` -> what the LLM reads of them (see `forward`): the speech, then the cue."""
+        return self.cued(self.spoken(soft_tokens))
+
+    def spoken(self, soft_tokens: torch.Tensor) -> SoftTokens:
+        """What the LLM reads of the speech itself: the soft tokens ("free"), or one vector per word piece
+        the reader hears ("vocabulary")."""
         return soft_tokens if self.reader is None else self.reader.heard(soft_tokens)
+
+    def cued(self, spoken: SoftTokens) -> SoftTokens:
+        """`spoken` with the cue vectors after each clip's (unchanged without a cue)."""
+        if self.cue is None:
+            return spoken
+        cue = self.cue.float()
+        if isinstance(spoken, torch.Tensor):
+            return torch.cat([spoken, cue.expand(spoken.shape[0], -1, -1)], dim=1)
+        return [torch.cat([clip, cue]) for clip in spoken]
+
+    @torch.no_grad()
+    def start_cue(self, embeddings: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Start the cue as randomly chosen rows of the LLM's input embeddings `[V, out_dim]` (prompt tuning
+        learns faster from real token vectors than from noise)."""
+        if self.cue is None:
+            return
+        rows = torch.randint(0, embeddings.shape[0], (self.cue.shape[0],), generator=generator)
+        self.cue.copy_(embeddings[rows].to(self.cue.dtype))
 
     def encode_frames(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The frames the latents read: ([B, T', dim] after stacking, projection and the frame encoder,

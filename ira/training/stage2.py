@@ -190,6 +190,8 @@ class Stage2Task(TrainingTask):
                                         out_dim=self.llm.hidden_size, target_norm=self.llm.embed_norm,
                                         reader=reader if vocabulary_output else None)
         self.reader = reader
+        self.adapter.start_cue(self.llm.model.get_input_embeddings().weight.detach()[vocab].float(),
+                               torch.Generator().manual_seed(cfg.training.seed))
         self.phoneme_head = torch.nn.Linear(cfg.adapter.dim, self.tokenizer.vocab_size + 1)
 
     # -- the engine's interface -------------------------------------------------------------------
@@ -208,9 +210,19 @@ class Stage2Task(TrainingTask):
             return
         self.llm.model.to(device)
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+    def trainable_parameters(self) -> list[dict[str, Any]]:
         parts = [self.adapter, self.phoneme_head] + ([self.reader] if self.adapter.reader is None else [])
-        return [p for part in parts for p in part.parameters()]   # in "vocabulary" mode the reader is the adapter's
+        cue = self.adapter.cue
+        # in "vocabulary" mode the reader is the adapter's
+        groups: list[dict[str, Any]] = [{"params": [p for part in parts for p in part.parameters() if p is not cue]}]
+        if cue is not None:
+            groups.append({"params": [cue], "lr": self.cfg.align.cue_learning_rate, "weight_decay": 0.0})
+        return groups
+
+    @property
+    def reading_frozen(self) -> bool:
+        """After the alignment phase with align.distill_reading false: only the cue learns."""
+        return not self.in_alignment_phase and not self.cfg.align.distill_reading
 
     def _loader(self, split: TokenSplit, shuffle: bool) -> DataLoader:
         name = "train" if split is self.train_split else "val"
@@ -254,13 +266,20 @@ class Stage2Task(TrainingTask):
         return self.adapter.read(frames, frames_valid), frames, frames_valid
 
     def _losses(self, batch: dict[str, Any], alignment_phase: bool) -> dict[str, torch.Tensor]:
-        soft, frames, frames_valid = self.batch_soft_tokens(batch)
-        out = self._ctc_losses(batch, soft, frames, frames_valid)
-        if alignment_phase:
-            return out
         k = self.cfg.align.llm_batch_size or len(batch["instructions"])
+        out: dict[str, torch.Tensor] = {}
+        if not alignment_phase and self.reading_frozen:   # the LLM's clips only; no CTC: nothing it trains
+            with torch.no_grad():
+                spoken = self.adapter.spoken(self.batch_soft_tokens(
+                    {"features": batch["features"][:k], "features_lengths": batch["features_lengths"][:k]})[0])
+        else:
+            soft, frames, frames_valid = self.batch_soft_tokens(batch)
+            out.update(self._ctc_losses(batch, soft, frames, frames_valid))
+            if alignment_phase:
+                return out
+            spoken = self.adapter.spoken(soft[:k])
         instructions, transcripts, responses = (batch[key][:k] for key in ("instructions", "transcripts", "responses"))
-        student_in = build_student_inputs(self.llm, instructions, self.adapter.heard(soft[:k]), responses)
+        student_in = build_student_inputs(self.llm, instructions, self.adapter.cued(spoken), responses)
         with torch.no_grad():
             teacher_in = build_teacher_inputs(self.llm, instructions, transcripts, responses)
             teacher = response_logits(*reply_logits(self.llm, teacher_in))[0]
@@ -281,7 +300,9 @@ class Stage2Task(TrainingTask):
         if alignment_phase:
             loss = out["ctc_loss"] + phoneme
         else:
-            loss = a.kd_weight * out["kd_loss"] + a.ce_weight * out["ce_loss"] + a.ctc_weight * out["ctc_loss"]
+            loss = a.kd_weight * out["kd_loss"] + a.ce_weight * out["ce_loss"]
+            if "ctc_loss" in out:
+                loss = loss + a.ctc_weight * out["ctc_loss"]
         logged = {key: value.detach() for key, value in out.items()}
         return {"loss": loss, **logged, "alignment_phase": float(alignment_phase),
                 "frames": int(batch["features_lengths"].sum())}
