@@ -36,6 +36,9 @@ BUDGET_SHARES = {"style": 0.05, "1": 0.50, "2": 0.30, "3": 0.15}
 """Share of the recipe's minutes per stage. Stage 1 needs the most: on the `cpu` preset its held-out WER
 was still falling after 2 hours; stage 2 reaches most of its figure in ~50 minutes, the style encoder in ~5
 (docs/decisions.md)."""
+DEFAULT_MINUTES = 180.0
+"""The default budget of the full recipe (the app's Train tab starts with it): three hours on the `cpu`
+preset give stage 1 its 90 minutes, most of its gain (docs/decisions.md), and stage 2 its 54."""
 STATE_FILE = "recipe.json"
 FORMAT_VERSION = 1
 
