@@ -467,6 +467,14 @@ def test_a_recipe_job_is_watched_in_its_running_stage_and_its_settings_read_back
     settings = run_settings(ws, "r")
     assert (settings.stage, settings.preset, settings.corpus, settings.minutes) == ("recipe", "cpu", "c", 30.0)
     assert settings.start_checkpoint is None
+    # ended while no app watched (exit code unknown): recipe.json says it finished
+    _recipe_run(ws.root, "r", 30, ["done"] * 4)
+    record = JobRecord.load(run_dir)
+    record.returncode, record.stop_requested = None, None
+    record.save()
+    status = runner.status("r")
+    assert (status.state, status.recipe_stage) == ("finished", "3") and "full recipe done" in status.message
+    assert status.last_checkpoint.endswith("stage3/stage3_best.safetensors")
 
 
 def test_full_recipe_start_resume_and_its_errors_through_the_api(app):

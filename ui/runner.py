@@ -407,10 +407,12 @@ def _recipe_outcome(status: JobStatus, record: JobRecord, state: Optional[Recipe
     ended), recipe.json names the stage."""
     current = state.current() if state is not None else None
     where = f" in {STAGE_NAMES[current.stage]}" if current is not None else ""
-    if record.returncode == EXIT_OK and state is not None and state.final_checkpoint():
+    unknown = record.returncode is None   # it ended while the app was not running: recipe.json says how
+    if record.returncode in (EXIT_OK, None) and state is not None and state.final_checkpoint():
         status.state, status.message = "finished", "full recipe done: every stage finished"
         status.last_checkpoint = state.final_checkpoint()
-    elif record.returncode == EXIT_STOPPED or (record.stop_requested is not None and record.returncode != EXIT_OK):
+    elif (record.returncode == EXIT_STOPPED or (record.stop_requested is not None and record.returncode != EXIT_OK)
+          or (unknown and current is not None and current.status == "stopped")):
         forced = " (the process had to be killed)" if record.kill_sent else ""
         status.state = "stopped"
         status.message = f"full recipe stopped{where}{forced}: Resume continues it there"

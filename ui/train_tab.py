@@ -294,13 +294,13 @@ def recipe_progress_markdown(state_path: str | Path, status: Optional[JobStatus]
     handed-over checkpoint once done and, for the stage running now, its step and ETA (from `status`, which
     follows that stage's metrics). "" when the file is missing or unreadable.
 
-    A stage recipe.json still calls "running" after its process ended (killed) is shown as stopped."""
+    A stage recipe.json still calls "running" after the app's job ended (killed) is shown as stopped."""
     try:
         state = RecipeState.load(Path(state_path))
     except RecipeError:
         return ""
     now = time.time() if now is None else now
-    active = status is None or status.active
+    active = status is None or status.active or status.state == "idle"   # idle: no job record here to ask
     used_total = 0.0
     lines = []
     for record in state.stages:
