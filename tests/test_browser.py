@@ -54,15 +54,27 @@ def served(tiny_stage3, bundled_llm, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(served):
+def browser():
+    """One Chromium for the module (Playwright's sync API runs one instance per thread)."""
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        page.goto(served[1])
-        page.get_by_text("IRA · Integrated Reasoning with Audio").wait_for()
-        yield page
+        yield browser
         browser.close()
+
+
+def _open(browser, url: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.get_by_text("IRA · Integrated Reasoning with Audio").wait_for()
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(served, browser):
+    page = _open(browser, served[1])
+    yield page
+    page.close()
 
 
 TINY_RECIPE_APP = TINY_APP + [item for item in TINY_STYLE if item.startswith(("style.", "speech_lm.style_dim"))] + [
@@ -84,15 +96,10 @@ def recipe_served(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def recipe_page(recipe_served):
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        page.goto(recipe_served[1])
-        page.get_by_text("IRA · Integrated Reasoning with Audio").wait_for()
-        yield page
-        browser.close()
+def recipe_page(recipe_served, browser):
+    page = _open(browser, recipe_served[1])
+    yield page
+    page.close()
 
 
 @pytest.fixture(scope="module")
