@@ -237,6 +237,10 @@ class TrainingConfig:
     """Wall-clock budget of the run, validation included (a resumed run counts the time before its stop).
     The learning rate then decays with the time spent as well as the steps, so it ends low when time is
     up; the run ends at whichever of the budget and max_steps / num_epochs comes first."""
+    stop_file: Optional[str] = None
+    """Another flag file that stops the run cleanly, as `<output_dir>/STOP` does (a checkpoint, then exit).
+    The full recipe sets it to its own `<recipe folder>/STOP`, which the app's Stop writes, so that a stop
+    of the recipe reaches the stage running in its subfolder."""
     early_stop_patience: int = 0
     """Stop after this many validations in a row without a new best (the stage's best metric, e.g.
     val_wer for stage 1); 0 = never stop early."""

@@ -1,6 +1,7 @@
 """Click through the app in headless Chromium (Debian's package, driven by Playwright) and save a
 screenshot of each tab: build a corpus, train stage 1 and switch tabs while it trains, look up a voice
-description and compare two, speak and read the LLM's answer.
+description and compare two, speak and read the LLM's answer; start the full recipe, watch its per-stage
+progress lines and stop it.
 
 Screenshots go to $IRA_SCREENSHOTS (default: the test's temporary folder).
 """
@@ -53,15 +54,52 @@ def served(tiny_stage3, bundled_llm, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(served):
+def browser():
+    """One Chromium for the module (Playwright's sync API runs one instance per thread)."""
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        page.goto(served[1])
-        page.get_by_text("IRA · Integrated Reasoning with Audio").wait_for()
-        yield page
+        yield browser
         browser.close()
+
+
+def _open(browser, url: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.get_by_text("IRA · Integrated Reasoning with Audio").wait_for()
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(served, browser):
+    page = _open(browser, served[1])
+    yield page
+    page.close()
+
+
+TINY_RECIPE_APP = TINY_APP + [item for item in TINY_STYLE if item.startswith(("style.", "speech_lm.style_dim"))] + [
+    "training.mixed_precision=no", "training.num_epochs=1000"]
+"""App overrides for the full recipe: TINY_APP's stage 1, ended by its share of the budget only (not after its
+few epochs of a tiny corpus), and a two-step style encoder (the recipe trains every stage with these)."""
+
+
+@pytest.fixture(scope="module")
+def recipe_served(tmp_path_factory):
+    from ira.data.dummy import create_dummy_corpus
+
+    root = tmp_path_factory.mktemp("recipe_workspace")
+    create_dummy_corpus(root / "data" / "voices", num_clips=16, seed=0)
+    demo = build_app(root, preset="cpu", overrides=TINY_RECIPE_APP, hardware=detect_hardware())
+    launched = launch_app(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield root, launched.local_url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def recipe_page(recipe_served, browser):
+    page = _open(browser, recipe_served[1])
+    yield page
+    page.close()
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +211,36 @@ def test_click_through_the_tabs(served, page, shots):
     answer = page.get_by_label("The LLM's answer about the speech (it never sees the text)").input_value()
     assert answer.strip()
     page.screenshot(path=str(shots / "4-generate.png"), full_page=True)
+
+
+def test_full_recipe_starts_shows_each_stage_and_stops(recipe_served, recipe_page, shots):
+    """The Stage radio's 'Full recipe': a budget instead of a start checkpoint, one progress line per stage
+    while it trains, and Stop ends the stage that runs (here stage 1, after the two-step style encoder)."""
+    from ui.train_tab import RECIPE_CHOICE
+
+    root, page = recipe_served[0], recipe_page
+    _tab(page, "Train")
+    page.get_by_label(RECIPE_CHOICE[0]).check()
+    page.get_by_label("Budget (minutes)").wait_for(state="visible")
+    assert not page.get_by_label("Start from checkpoint (the previous stage)").is_visible()
+    assert not page.get_by_label("Batch size").is_visible()
+    # choosing it fills in the run name from the server: wait for it, or it may come after a Start
+    page.wait_for_function("() => [...document.querySelectorAll('input, textarea')].some(e => e.value === 'recipe')")
+    _choose(page, "Corpus (from the Data tab)", "voices")
+    # 4 minutes: the style encoder's 12 s end at its 2 steps; stage 1's 2 minutes leave time to press Stop in it
+    page.get_by_label("Budget (minutes)").fill("4")
+    page.get_by_role("button", name="Start", exact=True).click()
+    page.wait_for_function("() => document.body.innerText.includes('RUNNING')", timeout=120_000)
+    page.wait_for_function("() => ['voice style encoder', 'stage 1 (SpeechLM)', 'stage 2 (adapter)', 'stage 3 (PPO)']"
+                           ".every(name => document.body.innerText.includes(name))", timeout=60_000)
+    page.wait_for_function("() => /stage 1 \\(SpeechLM\\) · running · [0-9.]+ \\/ 2 min · step [1-9]/"
+                           ".test(document.body.innerText)", timeout=180_000)
+    assert "voice style encoder · done" in page.inner_text("body")
+    page.screenshot(path=str(shots / "5-recipe.png"), full_page=True)
+    page.get_by_role("button", name="Stop", exact=True).click()
+    page.wait_for_function("() => document.body.innerText.includes('STOPPED') && "
+                           "document.body.innerText.includes('stage 1 (SpeechLM) · stopped')", timeout=120_000)
+    state = json.loads((root / "runs" / "recipe" / "recipe.json").read_text())
+    assert [s["status"] for s in state["stages"]] == ["done", "stopped", "pending", "pending"]
+    assert json.loads((root / "runs" / "recipe" / "job.json").read_text())["stage"] == "recipe"
+    assert (root / "runs" / "recipe" / "stage1" / "stage1_latest.safetensors").is_file()

@@ -92,6 +92,50 @@ def test_every_stage_runs_in_order_from_the_previous_best_and_a_stopped_recipe_c
         run_recipe(cfg, "full", 20, run, say=lambda _: None)
 
 
+def test_a_stop_of_the_recipe_reaches_the_running_stage_and_the_recipe_continues(tiny_recipe, one_thread):
+    """The app's Stop writes the recipe folder's STOP; the stage running in its subfolder must honour it, and
+    flags left over by an earlier run (one killed before it could clear them) must not stop the next run."""
+    import os
+    import time
+
+    from ira.training.stage1 import run_stage1
+    from ira.training.stage_style import run_style_training
+
+    root, cfg = tiny_recipe
+    recipe_dir = root / "recipe"
+    calls: list = []
+
+    def run(stage, stage_cfg, resume_from, stop_in=None, stop_after=None):
+        calls.append((stage, resume_from))
+        if stage == stop_in:
+            request_stop(recipe_dir)               # what the app's Stop writes: the recipe's own STOP
+        result = (run_style_training(stage_cfg, resume_from, cpu=True) if stage == "style"
+                  else run_stage1(stage_cfg, resume_from, cpu=True))
+        if stage == stop_after:
+            request_stop(recipe_dir)               # pressed as the stage ends: the next one must not start
+        return result.status
+
+    assert run_recipe(cfg, "full", 10, lambda *a: run(*a, stop_in="1"), say=lambda _: None) == "stopped"
+    state = json.loads((recipe_dir / "recipe.json").read_text())
+    assert [s["status"] for s in state["stages"]] == ["done", "stopped", "pending", "pending"]
+    assert not (recipe_dir / "STOP").exists()      # honoured, so cleared
+    stopped_at = read_header(recipe_dir / "stage1" / "stage1_latest.safetensors").step
+    assert stopped_at == 1                         # at the end of the step it was in, not at the budget's end
+
+    old = time.time() - 3600                       # flags left by an earlier run that was killed
+    for flag in (recipe_dir / "STOP", recipe_dir / "stage1" / "STOP"):
+        flag.write_text("stop requested\n")
+        os.utime(flag, (old, old))
+    calls.clear()
+    assert run_recipe(cfg, "full", 10, lambda *a: run(*a, stop_after="1"), say=lambda _: None) == "stopped"
+    assert [c[0] for c in calls] == ["1"]          # the style encoder is not trained again
+    assert calls[0][1].endswith("stage1/stage1_latest.safetensors")
+    state = json.loads((recipe_dir / "recipe.json").read_text())
+    assert [s["status"] for s in state["stages"]] == ["done", "done", "stopped", "pending"]
+    assert read_header(state["stages"][1]["checkpoint"]).step > stopped_at
+    assert not (recipe_dir / "STOP").exists() and not (recipe_dir / "stage1" / "STOP").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train"], "either --stage"),
     (["train", "--stage", "1", "--recipe", "full", "--minutes", "5"], "either --stage"),

@@ -383,3 +383,138 @@ def test_checkpoint_labels_say_stage_step_and_the_metric_the_run_keeps_its_best_
         "a/stage1_step5 · stage 1 · step 5"
     assert checkpoint_label("runs/a/stage1_step5.safetensors", {"stage": "1", "step": "5", "metric": "{oops"}) == \
         "a/stage1_step5 · stage 1 · step 5"
+
+
+def _recipe_run(root: Path, name: str, minutes: float, statuses: list[str]) -> Path:
+    """runs/<name> holding a recipe.json whose stages have `statuses` (checkpoints named for the done ones)."""
+    from ira.training.recipe import plan
+
+    run_dir = root / "runs" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = plan("full", minutes, run_dir)
+    for record, status in zip(state.stages, statuses):
+        record.status = status
+        if status != "pending":
+            record.minutes_used = round(record.minutes / 2, 2)
+        if status == "done":
+            record.checkpoint = str(Path(record.folder) / f"stage{record.stage}_best.safetensors")
+    state.save(run_dir / "recipe.json")
+    return run_dir
+
+
+def test_recipe_progress_shows_one_line_per_stage(tmp_path: Path):
+    """Name, status, minutes used of the stage's budget, the checkpoint once done, and the running stage's
+    step and ETA (the nearer of its steps' ETA and its time budget's end)."""
+    import json as _json
+
+    from ira.training.recipe import RecipeState
+    from ui.runner import JobStatus
+    from ui.train_tab import recipe_progress_markdown
+
+    run_dir = _recipe_run(tmp_path, "r", 100, ["done", "running", "pending", "pending"])
+    state = RecipeState.load(run_dir / "recipe.json")
+    state.stages[1].started = 1000.0
+    state.save(run_dir / "recipe.json")
+    running = JobStatus(name="r", state="running", stage="recipe", step=40, total_steps=100000, eta_s=99999.0,
+                        recipe_stage="1")
+    text = recipe_progress_markdown(run_dir / "recipe.json", running, relative=lambda p: Path(p).name, now=1600.0)
+    lines = [line for line in text.splitlines() if line.startswith("- ")]
+    assert len(lines) == 4
+    assert lines[0] == "- voice style encoder · **done** · 2.5 / 5 min · `stagestyle_best.safetensors`"
+    # 25 min of an earlier run + 10 min of this one; the budget's 15 min left beat the steps' 27 h
+    assert lines[1] == "- stage 1 (SpeechLM) · **running** · 35.0 / 50 min · step 40 / 100000 · ETA 15 min 00 s"
+    assert lines[2] == "- stage 2 (adapter) · **pending** · 0.0 / 30 min"
+    assert "37.5 of 100 min used" in text and "5 / 50 / 30 / 15 %" in text
+    # its process ended without recipe.json saying so (killed): not shown as running
+    ended = JobStatus(name="r", state="failed", stage="recipe", recipe_stage="1")
+    assert "**stopped (its process ended)** · 25.0 / 50 min" in recipe_progress_markdown(run_dir / "recipe.json",
+                                                                                         ended, now=1600.0)
+    (run_dir / "recipe.json").write_text(_json.dumps({"oops": 1}))
+    assert recipe_progress_markdown(run_dir / "recipe.json", running) == ""
+    assert recipe_progress_markdown(tmp_path / "none.json") == ""
+
+
+def test_a_recipe_job_is_watched_in_its_running_stage_and_its_settings_read_back(tmp_path: Path):
+    """The runner reads the metrics of the stage running in the recipe's subfolder; the exit code says how the
+    recipe ended; run_settings reads a recipe command back (Resume keeps its budget)."""
+    import json as _json
+
+    from ira.cli import EXIT_STOPPED
+    from ira.training.recipe import RecipeState
+    from ui.runner import JobRecord, recipe_command
+    from ui.train_tab import recipe_overrides, run_settings
+
+    ws = Workspace.create(tmp_path / "ws")
+    create_dummy_corpus(ws.data_dir / "c", num_clips=3)
+    run_dir = _recipe_run(ws.root, "r", 30, ["done", "running", "pending", "pending"])
+    stage1 = Path(RecipeState.load(run_dir / "recipe.json").stages[1].folder)
+    stage1.mkdir()
+    t = time.time()
+    (stage1 / "metrics.jsonl").write_text("\n".join(_json.dumps(row) for row in [
+        {"time": t, "stage": "1", "event": "start", "step": 0, "total_steps": 50},
+        {"time": t + 1, "stage": "1", "split": "train", "step": 7, "loss": 3.0, "lr": 1e-3},
+        {"time": t + 2, "stage": "1", "event": "stopped", "step": 7, "message": "Stopped at step 7"}]) + "\n")
+    command = recipe_command("cpu", 30, recipe_overrides(ws, "c", "r", FAST))
+    assert command[3:9] == ["train", "--recipe", "full", "--minutes", "30.0", "--config"]
+    JobRecord(name="r", stage="recipe", command=command, output_dir=str(run_dir), log_path=str(run_dir / "train.log"),
+              pid=2 ** 22 + 9, create_time=0.0, started=t - 5, stop_requested=t, ended=t + 3,
+              returncode=EXIT_STOPPED).save()
+    runner = JobRunner(ws.runs_dir)
+    assert runner.watched_folder("r") == stage1
+    status = runner.status("r")
+    assert (status.state, status.stage, status.recipe_stage, status.step) == ("stopped", "recipe", "1", 7)
+    assert "full recipe stopped in stage 1 (SpeechLM)" in status.message and "Resume continues it" in status.message
+    settings = run_settings(ws, "r")
+    assert (settings.stage, settings.preset, settings.corpus, settings.minutes) == ("recipe", "cpu", "c", 30.0)
+    assert settings.start_checkpoint is None
+    # ended while no app watched (exit code unknown): recipe.json says it finished
+    _recipe_run(ws.root, "r", 30, ["done"] * 4)
+    record = JobRecord.load(run_dir)
+    record.returncode, record.stop_requested = None, None
+    record.save()
+    status = runner.status("r")
+    assert (status.state, status.recipe_stage) == ("finished", "3") and "full recipe done" in status.message
+    assert status.last_checkpoint.endswith("stage3/stage3_best.safetensors")
+
+
+def test_full_recipe_start_resume_and_its_errors_through_the_api(app):
+    """Start refuses a budget <= 0 and a corpus smaller than the preset's batches, naming what to change;
+    Resume continues a recipe with the budget and settings it was started with (here every stage is done
+    already, so the child only checks recipe.json and exits)."""
+    from ira.training.recipe import RecipeState
+    from ui.runner import JobRecord, recipe_command
+    from ui.train_tab import recipe_overrides
+
+    import json as _json
+
+    ws = Workspace.create(app.root)
+    create_dummy_corpus(ws.data_dir / "small", num_clips=6)
+    (ws.data_dir / "small" / "prepare_report.json").write_text(_json.dumps({"status": "done", "train": 5, "val": 1}))
+    form = dict(stage="recipe", run_name="whole", preset="cpu", corpus="small", checkpoint="(none)", epochs=1,
+                max_steps=0, batch_size=2, learning_rate=1e-3)
+    with pytest.raises(AppError, match=r"Budget \(minutes\) must be more than 0 .* got 0"):
+        app.client.predict(**form, budget_minutes=0, api_name="/start_training")
+    with pytest.raises(AppError, match="the cpu preset's style.batch_size is 64, more than corpus 'small' has "
+                                       r"training clips \(5\): build a larger corpus"):
+        app.client.predict(**form, budget_minutes=5, api_name="/start_training")
+    with pytest.raises(AppError, match="run 'whole' has no full recipe to continue"):
+        app.client.predict(**form, budget_minutes=5, api_name="/resume_training")
+
+    run_dir = _recipe_run(app.root, "whole", 12, ["done"] * 4)
+    started = recipe_command("cpu", 12, recipe_overrides(ws, "small", "whole", FAST))
+    JobRecord(name="whole", stage="recipe", command=started, output_dir=str(run_dir),
+              log_path=str(run_dir / "train.log"), pid=2 ** 22 + 11, create_time=0.0, started=time.time() - 60,
+              ended=time.time() - 30, returncode=3).save()
+    with pytest.raises(AppError, match="already holds a full recipe: press Resume"):
+        app.client.predict(**form, budget_minutes=12, api_name="/start_training")
+    status = app.client.predict(**{**form, "stage": "1", "preset": "laptop"}, budget_minutes=99,
+                                api_name="/resume_training")[0]
+    assert "Continued the full recipe in run `whole` (12 min" in status and "it was started with" in status
+    assert JobRecord.load(run_dir).command == started
+    deadline = time.time() + 120
+    while app.runner.active() is not None and time.time() < deadline:
+        time.sleep(0.2)
+    status = app.client.predict("whole", None, api_name="/training_status")[0]
+    assert "FINISHED" in status and "full recipe done" in status, status
+    final = RecipeState.load(run_dir / "recipe.json").stages[-1].checkpoint
+    assert "- stage 3 (PPO) · **done** · 0.9 / 1.8 min" in status and Path(final).name in status

@@ -154,3 +154,49 @@ def test_the_app_says_the_llm_understands_only_with_its_measured_figure():
     assert "understands" in heard and "0.93" in heard and "32" in heard and "0.41" in heard
     deaf = understanding_summary({"understanding": _json.dumps({"choice_accuracy": 0.28, "clips": 32})})
     assert "does not hear" in deaf and "0.28" in deaf
+
+
+def test_the_newest_finished_recipe_s_final_checkpoint_is_preselected(tmp_path):
+    """The Generate tab starts on the last stage's checkpoint of the newest finished full recipe (its stages'
+    checkpoints, in subfolders of the run, are listed too); an unfinished recipe does not count; a refresh
+    moves to a recipe that finished since, unless the user chose another checkpoint."""
+    import gradio as gr
+    import torch
+
+    from ira.checkpoint import save_checkpoint
+    from ira.training.recipe import plan
+    from ui.generate_tab import build_generate_tab, default_checkpoint, speaking_checkpoints
+    from ui.workspace import Workspace
+
+    ws = Workspace.create(tmp_path / "ws")
+
+    def checkpoint(rel: str, stage: str) -> Path:
+        return save_checkpoint(ws.root / rel, {"w": {"x": torch.zeros(1)}}, stage=stage, epoch=0, step=1, config={})
+
+    def recipe(name: str, finished: bool) -> str:
+        state = plan("full", 10, ws.runs_dir / name)
+        for record in state.stages:
+            record.status = "done" if finished or record.stage != "3" else "stopped"
+            record.checkpoint = str(checkpoint(f"runs/{name}/{Path(record.folder).name}/stage{record.stage}"
+                                               f"_best.safetensors", record.stage))
+        state.save(ws.runs_dir / name / "recipe.json")
+        return f"runs/{name}/stage3/stage3_best.safetensors"
+
+    checkpoint("runs/single/stage1_latest.safetensors", "1")
+    assert default_checkpoint(ws, speaking_checkpoints(ws)) == "runs/single/stage1_latest.safetensors"
+    final = recipe("full_a", finished=True)
+    time.sleep(0.05)
+    checkpoint("runs/later/stage1_latest.safetensors", "1")          # written after: listed first
+    recipe("full_b", finished=False)                                    # newer, but not finished
+    listed = [path for _, path in speaking_checkpoints(ws)]
+    assert final in listed and "runs/full_a/stage1/stage1_best.safetensors" in listed
+    assert listed[0] != final and default_checkpoint(ws, speaking_checkpoints(ws)) == final
+
+    with gr.Blocks():
+        tab = build_generate_tab(ws, device="cpu")
+    assert tab.checkpoint.value == final
+    newer = recipe("full_c", finished=True)
+    dropdown, offered = tab.refresh_lists(final, final)                 # still the default offered: moves on
+    assert dropdown.value == newer and offered == newer
+    dropdown, _ = tab.refresh_lists("runs/later/stage1_latest.safetensors", final)   # the user's choice stays
+    assert dropdown.value == "runs/later/stage1_latest.safetensors"

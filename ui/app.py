@@ -54,8 +54,8 @@ def build_app(workspace: str | Path | Workspace = "workspace", preset: str = "au
                 generate = build_generate_tab(ws, device=hardware.device)
         style_lists = [style.checkpoint, style.corpus]
         style_tab.select(style.refresh_lists, style_lists, style_lists, api_visibility="private")
-        generate_tab.select(generate.refresh_lists, generate.checkpoint, generate.checkpoint,
-                            api_visibility="private")
+        generate_picks = [generate.checkpoint, generate.offered]
+        generate_tab.select(generate.refresh_lists, generate_picks, generate_picks, api_visibility="private")
         lists = [train.corpus, train.prerequisite]
         data.built.success(train.refresh_lists, [*lists, train.stage], lists, api_visibility="private")
         train_tab.select(train.refresh_lists, [*lists, train.stage], lists, api_visibility="private")

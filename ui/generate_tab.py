@@ -23,6 +23,7 @@ import torch
 from ira.inference import RESPOND_PROMPT, IRAPipeline, create_pipeline_from_checkpoints
 from ira.speaker import SamplingSettings
 from ira.checkpoint import checkpoint_modules, read_metadata
+from ira.training.recipe import STATE_FILE, RecipeError, RecipeState
 from ui.data_tab import guarded
 from ui.ffmpeg import ensure_ffmpeg_on_path
 from ui.workspace import Workspace, pick_choice
@@ -41,6 +42,31 @@ MAX_CACHED_PIPELINES = 2
 def speaking_checkpoints(ws: Workspace) -> list[tuple[str, str]]:
     """(label, path) of the workspace checkpoints that can speak (stage 1, 2 or 3), newest run first."""
     return ws.labelled_checkpoints(lambda meta: meta.get("stage") in SPEAKING_STAGES)
+
+
+def finished_recipe_checkpoint(ws: Workspace) -> Optional[str]:
+    """The final checkpoint (its last stage's handed-over one) of the newest finished full recipe under runs/,
+    relative to the workspace; None when no recipe has finished (or its checkpoint is gone)."""
+    finished = []
+    for path in ws.runs_dir.glob(f"*/{STATE_FILE}"):
+        try:
+            final = RecipeState.load(path).final_checkpoint()
+        except RecipeError:
+            continue
+        if final is not None:
+            finished.append((path.stat().st_mtime, final))
+    for _, final in sorted(finished, reverse=True):
+        found = Path(final) if Path(final).is_absolute() else ws.root / final   # relative: to the job's folder
+        if found.is_file():
+            return ws.relative(found)
+    return None
+
+
+def default_checkpoint(ws: Workspace, choices: list[tuple[str, str]]) -> Optional[str]:
+    """The checkpoint the dropdown starts with: the newest finished recipe's final one, else the first listed
+    (the run written to last, its best first)."""
+    final = finished_recipe_checkpoint(ws)
+    return pick_choice(final, choices)
 
 
 def cannot_hear(rel: str) -> str:
@@ -117,6 +143,7 @@ def _int16(wav: torch.Tensor | np.ndarray) -> np.ndarray:
 @dataclass
 class GenerateTab:
     checkpoint: gr.Dropdown
+    offered: gr.State            # the default checkpoint last offered (refresh_lists' second input and output)
     refresh_lists: Any
 
 
@@ -126,7 +153,7 @@ def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[
     pipelines = pipelines or PipelineCache(device)
     streaming = ensure_ffmpeg_on_path()
     choices = speaking_checkpoints(ws)
-    first = pick_choice(None, choices)
+    first = default_checkpoint(ws, choices)
     with gr.Row():
         checkpoint = gr.Dropdown(choices, value=first, allow_custom_value=True,
                                  label="Checkpoint (stage 1, 2 or 3; from workspace/runs)", scale=4)
@@ -167,6 +194,7 @@ def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[
             ask = gr.Button("Ask the LLM", variant="primary")
         with gr.Column(scale=2):
             reply = gr.Textbox(label="The LLM's answer", lines=4, interactive=False)
+    offered = gr.State(first)   # the default last offered: a refresh moves it on unless the user chose another
 
     def pipeline_for(rel: Optional[str], progress: Optional[gr.Progress] = None) -> IRAPipeline:
         if not rel:
@@ -231,9 +259,13 @@ def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[
             return "No checkpoint chosen."
         return guarded("Reading the checkpoint", checkpoint_summary, ws, rel)
 
-    def refresh_lists(current: Optional[str] = None) -> gr.Dropdown:
+    def refresh_lists(current: Optional[str] = None, last_offered: Optional[str] = None) -> tuple:
+        """Today's checkpoints; the choice stays unless it is still the default the tab offered, which then
+        becomes today's default (a recipe that finished since: its final checkpoint)."""
         found = speaking_checkpoints(ws)
-        return gr.Dropdown(choices=found, value=pick_choice(current, found))
+        default = default_checkpoint(ws, found)
+        value = default if current is None or current == last_offered else pick_choice(current, found)
+        return gr.Dropdown(choices=found, value=value), default
 
     speak.click(on_speak, [checkpoint, text, style, reference, question, temperature, top_k, top_p, cfg_scale,
                            seed, max_seconds], [stream_out, full_out, answer, speak_status], api_name="speak",
@@ -241,5 +273,5 @@ def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[
     ask.click(on_ask, [checkpoint, heard, prompt], reply, api_name="understand_audio",
               concurrency_limit=1, concurrency_id="inference")
     checkpoint.change(on_checkpoint, checkpoint, about, api_visibility="private")
-    refresh.click(refresh_lists, checkpoint, checkpoint, api_name="generate_checkpoints")
-    return GenerateTab(checkpoint=checkpoint, refresh_lists=refresh_lists)
+    refresh.click(refresh_lists, [checkpoint, offered], [checkpoint, offered], api_name="generate_checkpoints")
+    return GenerateTab(checkpoint=checkpoint, offered=offered, refresh_lists=refresh_lists)

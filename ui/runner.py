@@ -9,6 +9,10 @@ checkpoint and exits), then SIGTERM to the group after `stop_grace_s` (the engin
 stop request too), then SIGKILL after `term_grace_s` more.
 
 States: running, stopping, finished (exit 0), failed (exit code and log tail), stopped.
+
+A full recipe (`ira train --recipe full`, stage "recipe" in job.json) runs its stages in subfolders of the
+run (`style/`, `stage1/`, ...): its Stop is the same `<run>/STOP`, which the running stage watches too, and
+its metrics are those of the stage running now (or the last that ran), as `<run>/recipe.json` says.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from typing import Any, Optional
 
 import psutil
 
+from ira.cli import EXIT_OK, EXIT_STOPPED
 from ira.training.metrics_log import METRICS_FILE, tail_metrics
+from ira.training.recipe import STAGE_NAMES, STATE_FILE, RecipeError, RecipeState
 from ira.training.stop import request_stop
 
 JOB_FILE = "job.json"
@@ -36,6 +42,8 @@ STOP_GRACE_S = 120.0
 TERM_GRACE_S = 30.0
 TERMINAL_EVENTS = ("done", "stopped", "nan", "oom", "error")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RECIPE_STAGE = "recipe"
+"""The stage a full recipe's job record holds (its stages are in recipe.json)."""
 
 
 class JobError(RuntimeError):
@@ -56,6 +64,27 @@ def train_command(stage: str, config: str, overrides: list[str], resume_checkpoi
     if start_from:
         command += ["--resume_checkpoint", start_from]
     return command
+
+
+def recipe_command(config: str, minutes: float, overrides: list[str], recipe: str = "full") -> list[str]:
+    """`python -m ira.cli train --recipe full --minutes M --config C --set k=v ...`: every stage in order in
+    folders under training.output_dir; the same command again continues a stopped recipe."""
+    command = [sys.executable, "-m", "ira.cli", "train", "--recipe", recipe, "--minutes", repr(float(minutes)),
+               "--config", config]
+    for item in overrides:
+        command += ["--set", item]
+    return command
+
+
+def recipe_state(run_dir: str | Path) -> Optional[RecipeState]:
+    """The recipe.json of a run folder, or None (no recipe there, or not readable)."""
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return RecipeState.load(path)
+    except RecipeError:
+        return None
 
 
 @dataclass
@@ -108,6 +137,7 @@ class JobStatus:
     log_tail: str = ""
     samples: list[str] = field(default_factory=list)
     last_checkpoint: Optional[str] = None
+    recipe_stage: Optional[str] = None   # a full recipe: the stage its step, metrics and samples are from
 
     @property
     def active(self) -> bool:
@@ -303,9 +333,20 @@ class JobRunner:
                 records.append(record)
         return max(records, key=lambda r: r.started, default=None)
 
+    def watched_folder(self, name: str) -> Path:
+        """Where run `name` writes its metrics: its folder, or for a full recipe the folder of the stage
+        running now (else of the last one that ran)."""
+        run_dir = self.runs_dir / name
+        state = recipe_state(run_dir)
+        current = state.current() if state is not None else None
+        if current is None:
+            return run_dir
+        folder = Path(current.folder)
+        return folder if folder.is_absolute() else self.runs_dir.parent / folder   # the job's working folder
+
     def metrics(self, name: str) -> list[dict[str, Any]]:
-        """Every complete row of runs/<name>/metrics.jsonl (cached; only new lines are parsed)."""
-        path = self.runs_dir / name / METRICS_FILE
+        """Every complete row of the run's metrics.jsonl (`watched_folder`; cached: only new lines are parsed)."""
+        path = self.watched_folder(name) / METRICS_FILE
         with self._lock:
             tail = self._metrics.setdefault(path, _MetricsTail(path))
             return list(tail.read())
@@ -328,6 +369,9 @@ class JobRunner:
         status = JobStatus(name=name, state="running", stage=record.stage, pid=record.pid,
                            returncode=record.returncode, log_tail=log_tail(record.log_path))
         terminal = _progress_from(rows, status, since=record.started - 1.0, running=alive)
+        state = recipe_state(record.output_dir) if record.stage == RECIPE_STAGE else None
+        current = state.current() if state is not None else None
+        status.recipe_stage = current.stage if current is not None else None
         if alive:
             status.state = "stopping" if record.stop_requested is not None else "running"
             if record.kill_sent is not None:
@@ -339,6 +383,8 @@ class JobRunner:
             else:
                 status.message = f"training (pid {record.pid})"
             return status
+        if record.stage == RECIPE_STAGE:
+            return _recipe_outcome(status, record, state, terminal)
         event = terminal.get("event") if terminal else None
         detail = str(terminal.get("message", "")) if terminal else ""
         if event == "done":
@@ -353,6 +399,30 @@ class JobRunner:
                     else f"exit code {record.returncode}")
             status.message = f"{code}: {detail}" if detail else f"{code}; see the log below"
         return status
+
+
+def _recipe_outcome(status: JobStatus, record: JobRecord, state: Optional[RecipeState],
+                    terminal: Optional[dict[str, Any]]) -> JobStatus:
+    """How an ended recipe went: its exit code says (the last stage's own events only say how that stage
+    ended), recipe.json names the stage."""
+    current = state.current() if state is not None else None
+    where = f" in {STAGE_NAMES[current.stage]}" if current is not None else ""
+    unknown = record.returncode is None   # it ended while the app was not running: recipe.json says how
+    if record.returncode in (EXIT_OK, None) and state is not None and state.final_checkpoint():
+        status.state, status.message = "finished", "full recipe done: every stage finished"
+        status.last_checkpoint = state.final_checkpoint()
+    elif (record.returncode == EXIT_STOPPED or (record.stop_requested is not None and record.returncode != EXIT_OK)
+          or (unknown and current is not None and current.status == "stopped")):
+        forced = " (the process had to be killed)" if record.kill_sent else ""
+        status.state = "stopped"
+        status.message = f"full recipe stopped{where}{forced}: Resume continues it there"
+    else:
+        status.state = "failed"
+        code = ("exit code unknown (it ended while the app was not running)" if record.returncode is None
+                else f"exit code {record.returncode}")
+        detail = str(terminal.get("message", "")) if terminal and terminal.get("event") != "done" else ""
+        status.message = f"full recipe failed{where} ({code})" + (f": {detail}" if detail else "; see the log below")
+    return status
 
 
 def _progress_from(rows: list[dict[str, Any]], status: JobStatus, since: float,

@@ -1,4 +1,5 @@
-"""The Train tab: start, stop and resume a training stage in a child process, and watch it live.
+"""The Train tab: start, stop and resume a training stage, or the full recipe (every stage in order in one
+time budget), in a child process, and watch it live (a recipe: one progress line per stage).
 
 Every handler returns at once: training runs in the job runner's child process, and a gr.Timer
 reads its metrics.jsonl, train.log and job.json every two seconds (any browser tab, after a reload
@@ -9,9 +10,10 @@ or an app restart, shows the same run). API endpoints: /start_training, /resume_
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import gradio as gr
 import pandas as pd
@@ -19,8 +21,10 @@ import pandas as pd
 from ira.config import PRESETS, ConfigError, IRAConfig, load_config
 from ira.cli import TRAIN_STAGES
 from ira.checkpoint import CheckpointError, latest_path, read_header
+from ira.training.recipe import BUDGET_SHARES, DEFAULT_MINUTES, STAGE_NAMES, STATE_FILE, RecipeError, RecipeState
 from ui.data_tab import guarded
-from ui.runner import JobError, JobRecord, JobRunner, JobStatus, format_eta, shell_quote, train_command
+from ui.runner import (RECIPE_STAGE, JobError, JobRecord, JobRunner, JobStatus, format_eta, recipe_command,
+                       shell_quote, train_command)
 from ui.workspace import Workspace
 
 
@@ -28,6 +32,10 @@ ALL_STAGES = (("Voice style encoder", "style"), ("1 · SpeechLM pre-training", "
               ("2 · Adapter alignment (distillation)", "2"), ("3 · Behaviour alignment (PPO)", "3"))
 STAGES = tuple((label, stage) for label, stage in ALL_STAGES if stage in TRAIN_STAGES)
 """The stages `ira train` offers in this version."""
+RECIPE = RECIPE_STAGE
+RECIPE_CHOICE = ("Full recipe · every stage in order, in one time budget", RECIPE)
+"""The Stage radio's last entry: `ira train --recipe full` (style encoder, 1, 2, 3, each from the one before)."""
+RECIPE_RUN = "recipe"
 PREREQUISITE = {"1": "style", "2": "1", "3": "2"}
 """The stage whose checkpoint a stage starts from (optional for stage 1, required for 2 and 3)."""
 REQUIRED = ("2", "3")
@@ -60,16 +68,9 @@ def form_defaults(cfg: IRAConfig, stage: str) -> tuple[int, int, int, float]:
 def training_overrides(ws: Workspace, stage: str, corpus: str, run: str, epochs: float, max_steps: float,
                        batch_size: float, learning_rate: float, base: list[str]) -> list[str]:
     """The `--set` list for a run: corpus, output folder and the form's numbers (paths as YAML strings)."""
-    if not corpus:
-        raise ValueError("choose a corpus (build one in the Data tab first)")
-    corpus_dir = ws.corpus_dir(corpus)
-    if not (corpus_dir / "metadata.csv").is_file():
-        raise ValueError(f"corpus '{corpus}' is not in {ws.data_dir}; build it in the Data tab")
     steps = int(max_steps or 0)
     section = OWN_SECTION.get(stage, "training")
-    items = [*base,
-             f"data.dir={json.dumps(str(corpus_dir))}",
-             f"training.output_dir={json.dumps(str(ws.run_dir(run)))}",
+    items = [*recipe_overrides(ws, corpus, run, base),
              f"training.num_epochs={int(epochs or 0)}",
              f"{section}.batch_size={int(batch_size or 0)}",
              f"{section}.learning_rate={float(learning_rate or 0)!r}"]
@@ -78,6 +79,26 @@ def training_overrides(ws: Workspace, stage: str, corpus: str, run: str, epochs:
     elif steps > 0:   # a stage with its own section always has a step budget: 0 keeps the preset's
         items.append(f"{section}.max_steps={steps}")
     return items
+
+
+def recipe_overrides(ws: Workspace, corpus: str, run: str, base: list[str]) -> list[str]:
+    """The `--set` list of a full recipe (and the start of a stage's): the corpus and the run's folder; every
+    other number is the preset's, per stage."""
+    if not corpus:
+        raise ValueError("choose a corpus (build one in the Data tab first)")
+    corpus_dir = ws.corpus_dir(corpus)
+    if not (corpus_dir / "metadata.csv").is_file():
+        raise ValueError(f"corpus '{corpus}' is not in {ws.data_dir}; build it in the Data tab")
+    return [*base, f"data.dir={json.dumps(str(corpus_dir))}",
+            f"training.output_dir={json.dumps(str(ws.run_dir(run)))}"]
+
+
+def recipe_minutes(value: Optional[float]) -> float:
+    """The form's 'Budget (minutes)' as the recipe's budget; a missing or non-positive one is a clear error."""
+    if value is None or not float(value) > 0:
+        raise ValueError(f"Budget (minutes) must be more than 0 (the whole recipe's wall-clock time, split "
+                         f"across its stages), got {value!r}: enter e.g. {DEFAULT_MINUTES:g}")
+    return float(value)
 
 
 STARTS_FROM = {"1": ("style", "1"), "2": ("1", "2", "3"), "3": ("2", "3")}
@@ -98,14 +119,32 @@ def check_before_launch(ws: Workspace, stage: str, corpus: str, batch_size: floa
             wanted = " or ".join(f"stage {s}" if s != "style" else "the voice style encoder" for s in STARTS_FROM[stage])
             raise ValueError(f"'Start from checkpoint' is a stage-{found} checkpoint ({ws.relative(start_checkpoint)}), "
                              f"but stage {stage} starts from {wanted}: pick one of those")
-    report = ws.corpus_dir(corpus) / "prepare_report.json"
-    try:
-        train_clips = int(json.loads(report.read_text())["train"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return   # not prepared yet: training prepares it and checks the batch itself
-    if int(batch_size or 0) > train_clips:
+    train_clips = training_clips(ws, corpus)
+    if train_clips is not None and int(batch_size or 0) > train_clips:
         raise ValueError(f"Batch size {int(batch_size)} is larger than corpus '{corpus}' ({train_clips} training "
                          f"clips): set Batch size to {train_clips} or less, or build a larger corpus")
+
+
+def training_clips(ws: Workspace, corpus: str) -> Optional[int]:
+    """The training split's size of a prepared corpus; None before it is prepared (training prepares it and
+    checks the batch itself)."""
+    try:
+        return int(json.loads((ws.corpus_dir(corpus) / "prepare_report.json").read_text())["train"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_recipe_batches(ws: Workspace, corpus: str, cfg: IRAConfig, preset: str) -> None:
+    """The recipe trains with the preset's batch sizes: the voice style encoder and stage 1 need a training
+    split at least one batch long (the style encoder drops a last, shorter batch and would get none)."""
+    train_clips = training_clips(ws, corpus)
+    for stage in ("style", "1"):
+        batch = form_defaults(cfg, stage)[2]
+        if train_clips is not None and batch > train_clips:
+            key = f"{OWN_SECTION.get(stage, 'training')}.batch_size"
+            raise ValueError(f"the {preset} preset's {key} is {batch}, more than corpus '{corpus}' has training "
+                             f"clips ({train_clips}): build a larger corpus for the full recipe, or train the stages "
+                             f"one by one with a smaller Batch size")
 
 
 @dataclass
@@ -121,6 +160,7 @@ class RunSettings:
     batch_size: int
     learning_rate: float
     start_checkpoint: Optional[str]
+    minutes: Optional[float] = None   # a full recipe's budget
 
 
 def run_settings(ws: Workspace, run_name: str) -> Optional[RunSettings]:
@@ -137,13 +177,14 @@ def run_settings(ws: Workspace, run_name: str) -> Optional[RunSettings]:
     start = command[command.index("--resume_checkpoint") + 1] if "--resume_checkpoint" in command else None
     try:
         cfg = load_config(preset, sets)
-    except (ConfigError, ValueError):
+        minutes = float(command[command.index("--minutes") + 1]) if "--minutes" in command else None
+    except (ConfigError, ValueError, IndexError):
         return None
     epochs, steps, batch, lr = form_defaults(cfg, record.stage)
     data_dir = Path(cfg.data.dir)
     corpus = data_dir.name if data_dir.parent == ws.data_dir else None
     return RunSettings(stage=record.stage, preset=preset, sets=sets, corpus=corpus, epochs=epochs, max_steps=steps,
-                       batch_size=batch, learning_rate=lr,
+                       batch_size=batch, learning_rate=lr, minutes=minutes,
                        start_checkpoint=ws.relative(start) if start and Path(start).name.startswith(
                            f"stage{PREREQUISITE.get(record.stage, '')}_") else None)
 
@@ -227,7 +268,11 @@ def default_metric(names: list[str], stage: Optional[str] = None) -> Optional[st
 
 def status_markdown(ws: Workspace, status: JobStatus) -> str:
     parts = [f"**{status.state.upper()}**"]
-    if status.stage:
+    if status.stage == RECIPE:
+        parts.append("full recipe")
+        if status.recipe_stage:
+            parts.append(STAGE_NAMES[status.recipe_stage])
+    elif status.stage:
         parts.append(f"stage {status.stage}")
     if status.step is not None:
         total = f" / {status.total_steps}" if status.total_steps else ""
@@ -241,6 +286,41 @@ def status_markdown(ws: Workspace, status: JobStatus) -> str:
     if status.last_checkpoint:
         lines.append(f"\nLast checkpoint: `{ws.relative(status.last_checkpoint)}`")
     return "\n".join(lines)
+
+
+def recipe_progress_markdown(state_path: str | Path, status: Optional[JobStatus] = None,
+                             relative: Callable[[str], str] = str, now: Optional[float] = None) -> str:
+    """One line per stage of a recipe from its recipe.json: its name, status, minutes used of its budget, its
+    handed-over checkpoint once done and, for the stage running now, its step and ETA (from `status`, which
+    follows that stage's metrics). "" when the file is missing or unreadable.
+
+    A stage recipe.json still calls "running" after the app's job ended (killed) is shown as stopped."""
+    try:
+        state = RecipeState.load(Path(state_path))
+    except RecipeError:
+        return ""
+    now = time.time() if now is None else now
+    active = status is None or status.active or status.state == "idle"   # idle: no job record here to ask
+    used_total = 0.0
+    lines = []
+    for record in state.stages:
+        running = record.status == "running" and active
+        used = record.minutes_used + (max(0.0, now - record.started) / 60.0 if running and record.started else 0.0)
+        used_total += used
+        word = record.status if record.status != "running" or active else "stopped (its process ended)"
+        parts = [STAGE_NAMES[record.stage], f"**{word}**", f"{used:.1f} / {record.minutes:g} min"]
+        if running and status is not None and status.recipe_stage == record.stage:
+            if status.step is not None:
+                parts.append(f"step {status.step}" + (f" / {status.total_steps}" if status.total_steps else ""))
+            left = max(0.0, (record.minutes - used) * 60.0)   # its time budget ends it, whatever its steps say
+            parts.append(f"ETA {format_eta(left if status.eta_s is None else min(status.eta_s, left))}")
+        if record.status == "done" and record.checkpoint:
+            parts.append(f"`{relative(record.checkpoint)}`")
+        lines.append("- " + " · ".join(parts))
+    shares = " / ".join(f"{100 * BUDGET_SHARES[r.stage]:.0f}" for r in state.stages)
+    head = (f"**Full recipe** · {used_total:.1f} of {state.minutes:g} min used (split {shares} % across the "
+            f"stages)")
+    return "\n".join([head, "", *lines])
 
 
 def prerequisite_choices(ws: Workspace) -> list[tuple[str, str]]:
@@ -276,7 +356,7 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
     n_epochs, n_steps, n_batch, lr = form_defaults(load_config(preset, overrides), "1")
     corpora = ws.list_corpora()
     with gr.Row():
-        stage = gr.Radio(list(STAGES), value="1", label="Stage", scale=3)
+        stage = gr.Radio([*STAGES, RECIPE_CHOICE], value="1", label="Stage", scale=3)
         run = gr.Textbox(value="stage1", label="Run name", info="output in workspace/runs/<name>", scale=1)
         preset_dd = gr.Dropdown(list(PRESETS), value=preset, label="Preset", scale=1)
     with gr.Row():
@@ -285,8 +365,12 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
                              allow_custom_value=True)
         prerequisite = gr.Dropdown(prerequisite_choices(ws), value=NONE,
                                    label="Start from checkpoint (the previous stage)", allow_custom_value=True)
+        # no minimum: a budget <= 0 gets the handler's message, which says what to enter
+        budget = gr.Number(DEFAULT_MINUTES, label="Budget (minutes)", visible=False,
+                           info="the whole recipe's time, split 5/50/30/15 % across the style encoder and "
+                                "stages 1, 2, 3 (each with the preset's settings)")
         refresh = gr.Button("↻ Refresh lists", scale=0, min_width=120)
-    with gr.Row():
+    with gr.Row() as numbers_row:
         epochs = gr.Number(n_epochs, precision=0, minimum=1, label="Epochs")
         max_steps = gr.Number(n_steps, precision=0, minimum=0, label="Max steps (0: by epochs / the preset's)")
         batch_size = gr.Number(n_batch, precision=0, minimum=1, label="Batch size")
@@ -324,10 +408,48 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         return (gr.Dropdown(choices=names, value=corpus_value),
                 gr.Dropdown(choices=checkpoints, value=prereq_value))
 
+    def launch_recipe(run_name: str, preset_value: str, corpus_name: str, minutes: Optional[float],
+                      started: Optional[RunSettings], resume_run: bool) -> tuple[str, str, str]:
+        """Start (or continue) the full recipe in runs/<run_name>: `ira train --recipe full` in the runner."""
+        run_dir = ws.run_dir(run_name)
+        state_path = run_dir / STATE_FILE
+        if resume_run and not state_path.is_file():
+            raise ValueError(f"run '{run_name}' has no full recipe to continue (no {STATE_FILE}); press Start "
+                             "to begin it")
+        if started is not None and started.minutes is not None:   # continue it as it was started
+            preset_value, cfg_overrides, minutes = started.preset, started.sets, started.minutes
+        else:
+            if resume_run:   # a recipe started outside the app: its own budget, this form's corpus and preset
+                minutes = RecipeState.load(state_path).minutes
+            cfg_overrides = recipe_overrides(ws, corpus_name, run_name, overrides)
+        minutes = recipe_minutes(minutes)
+        cfg = load_config(preset_value, cfg_overrides)   # a bad value is a clear error now, not in the log
+        if not resume_run:
+            if state_path.is_file():
+                raise ValueError(f"run '{run_name}' already holds a full recipe: press Resume to continue it where "
+                                 "it stopped, or choose a new run name (nothing is overwritten)")
+            if any(run_dir.glob("*.safetensors")):
+                raise ValueError(f"run '{run_name}' holds a single-stage run: choose a new run name for the "
+                                 "full recipe")
+            check_recipe_batches(ws, corpus_name, cfg, preset_value)
+        command = recipe_command(preset_value, minutes, cfg_overrides)
+        record = runner.start(run_name, RECIPE, command)
+        verb = "Continued" if resume_run else "Started"
+        kept = " with the settings it was started with" if started is not None else ""
+        return (f"{verb} the full recipe in run `{run_name}` ({minutes:g} min, pid {record.pid}){kept}.",
+                f"```\n{shell_quote(command)}\n```", run_name)
+
     def launch(stage_value: str, run_name: str, preset_value: str, corpus_name: str, prereq: str,
-               n_epochs: float, steps: float, batch: float, lr: float, resume_run: bool) -> tuple[str, str, str]:
+               n_epochs: float, steps: float, batch: float, lr: float, minutes: Optional[float],
+               resume_run: bool) -> tuple[str, str, str]:
         run_dir = ws.run_dir(run_name)
         started = run_settings(ws, run_name) if resume_run else None
+        recipe_run = (run_dir / STATE_FILE).is_file()
+        if (started.stage == RECIPE if started is not None else stage_value == RECIPE or (resume_run and recipe_run)):
+            return launch_recipe(run_name, preset_value, corpus_name, minutes, started, resume_run)
+        if recipe_run:
+            raise ValueError(f"run '{run_name}' holds a full recipe: choose 'Full recipe' to continue it, or a new "
+                             "run name for one stage")
         if started is not None:   # Resume continues the run as it was started, whatever the form shows now
             stage_value, preset_value, cfg_overrides = started.stage, started.preset, started.sets
         else:
@@ -360,14 +482,16 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
                 f"```\n{shell_quote(command)}\n```", run_name)
 
     def on_start(stage: str, run_name: str, preset: str, corpus: str, checkpoint: str, epochs: float,
-                 max_steps: float, batch_size: float, learning_rate: float) -> tuple:
+                 max_steps: float, batch_size: float, learning_rate: float,
+                 budget_minutes: Optional[float] = DEFAULT_MINUTES) -> tuple:
         return guarded("Starting training", launch, stage, run_name, preset, corpus, checkpoint, epochs,
-                       max_steps, batch_size, learning_rate, False)
+                       max_steps, batch_size, learning_rate, budget_minutes, False)
 
     def on_resume(stage: str, run_name: str, preset: str, corpus: str, checkpoint: str, epochs: float,
-                  max_steps: float, batch_size: float, learning_rate: float) -> tuple:
+                  max_steps: float, batch_size: float, learning_rate: float,
+                  budget_minutes: Optional[float] = DEFAULT_MINUTES) -> tuple:
         return guarded("Resuming training", launch, stage, run_name, preset, corpus, checkpoint, epochs,
-                       max_steps, batch_size, learning_rate, True)
+                       max_steps, batch_size, learning_rate, budget_minutes, True)
 
     def on_stop(run_name: str) -> str:
         try:
@@ -375,7 +499,18 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         except (JobError, ValueError) as exc:
             raise gr.Error(str(exc), title="Stop", print_exception=False) from exc
         gr.Info(f"Stop requested: run '{run_name}' finishes its step, writes a checkpoint and exits.")
-        return status_markdown(ws, status)
+        return with_recipe_progress(status)
+
+    def with_recipe_progress(status: JobStatus) -> str:
+        """The status, and below it one line per stage when the run is a full recipe."""
+        text = status_markdown(ws, status)
+        progress = recipe_progress_markdown(ws.run_dir(status.name) / STATE_FILE, status, relative=workspace_path)
+        return f"{text}\n\n{progress}" if progress else text
+
+    def workspace_path(path: str) -> str:
+        """A recipe.json path as the workspace shows it (a relative one is relative to the job's folder, the
+        workspace root)."""
+        return ws.relative(path if Path(path).is_absolute() else ws.root / path)
 
     def on_tick(run_name: str, metric_name: Optional[str], seen: Any) -> tuple:
         try:
@@ -384,12 +519,14 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
             return (gr.skip(),) * len(tick_outputs)
         status = runner.status(run_name)
         rows = runner.metrics(run_name)
-        key = [run_name, metric_name, len(rows), status.state, status.step, status.message,
-               status.log_tail[-2000:], [s for s in status.samples if _inside(ws, s)]]
+        text = with_recipe_progress(status)
+        key = [run_name, metric_name, len(rows), text, status.log_tail[-2000:],
+               [s for s in status.samples if _inside(ws, s)]]
         if key == seen:
             return (gr.skip(),) * len(tick_outputs)
-        loss_df, metric_df, names = metric_frames(rows, status.stage, metric_name)
-        chosen = metric_name if metric_name in names else default_metric(names, status.stage)
+        watched = status.recipe_stage or status.stage   # a recipe: the plots are those of its running stage
+        loss_df, metric_df, names = metric_frames(rows, watched, metric_name)
+        chosen = metric_name if metric_name in names else default_metric(names, watched)
         inside = [s for s in status.samples if _inside(ws, s)]
         samples = [s for s in inside if Path(s).suffix.lower() in AUDIO_SUFFIXES]   # the player plays audio only
         texts = [s for s in inside if Path(s).suffix == ".jsonl"]
@@ -400,7 +537,7 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
                          if changed else gr.skip())
         replies_update = (gr.Dataframe(value=replies_table(texts[0]) if texts else None, visible=bool(texts))
                           if changed else gr.skip())
-        return (status_markdown(ws, status), plot_value(loss_df),
+        return (text, plot_value(loss_df),
                 gr.Dropdown(choices=names, value=chosen),
                 gr.LinePlot(value=plot_value(metric_df), title=chosen or "metric",
                             y_title=chosen or ""),
@@ -419,21 +556,34 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         corpus_dd, prereq_dd = refresh_lists(started.corpus if started else None,
                                              started.start_checkpoint if started else None, stage_value)
         if started is None:
-            return (stage_value, run_name, corpus_dd, prereq_dd, *(gr.skip(),) * 5)
+            return (stage_value, run_name, corpus_dd, prereq_dd, *(gr.skip(),) * 6)
         return (stage_value, run_name, corpus_dd, prereq_dd, started.preset, started.epochs, started.max_steps,
-                started.batch_size, started.learning_rate)
+                started.batch_size, started.learning_rate,
+                started.minutes if started.minutes is not None else gr.skip())
 
     def on_stage(stage_value: str, run_name: str, preset_value: str) -> tuple:
-        """A new stage: its run name (if still a default), checkpoint and form numbers."""
-        name = f"stage{stage_value}" if run_name in {f"stage{s}" for _, s in STAGES} else run_name
+        """A new stage: its run name (if still a default), checkpoint and form numbers; the full recipe keeps
+        the form's numbers (it trains every stage with the preset's)."""
+        defaults = {f"stage{s}" for _, s in STAGES} | {RECIPE_RUN}
+        name = run_name if run_name not in defaults else RECIPE_RUN if stage_value == RECIPE else f"stage{stage_value}"
+        if stage_value == RECIPE:
+            return (name, gr.skip(), *(gr.skip(),) * 4)
         cfg = guarded("Loading the preset", load_config, preset_value, overrides)
         return (name, gr.Dropdown(value=default_prerequisite(ws, stage_value)),
                 *form_defaults(cfg, stage_value))
 
+    def on_mode(stage_value: str) -> tuple:
+        """The full recipe has a budget and no start checkpoint or per-stage numbers (on any change of the
+        Stage radio, a page load's re-attach to a recipe included)."""
+        recipe = stage_value == RECIPE
+        return gr.Dropdown(visible=not recipe), gr.Number(visible=recipe), gr.Row(visible=not recipe)
+
     def on_preset(stage_value: str, preset_value: str) -> tuple:
+        if stage_value == RECIPE:
+            return (gr.skip(),) * 4
         return form_defaults(guarded("Loading the preset", load_config, preset_value, overrides), stage_value)
 
-    form = [stage, run, preset_dd, corpus, prerequisite, epochs, max_steps, batch_size, learning_rate]
+    form = [stage, run, preset_dd, corpus, prerequisite, epochs, max_steps, batch_size, learning_rate, budget]
     start.click(on_start, form, [status_md, command_md, run], api_name="start_training", concurrency_limit=1,
                 concurrency_id="training_jobs")
     resume.click(on_resume, form, [status_md, command_md, run], api_name="resume_training", concurrency_limit=1,
@@ -451,8 +601,10 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
     refresh.click(refresh_lists, [corpus, prerequisite, stage], [corpus, prerequisite], api_name="training_lists")
     numbers = [epochs, max_steps, batch_size, learning_rate]
     stage.input(on_stage, [stage, run, preset_dd], [run, prerequisite, *numbers], api_visibility="private")
+    stage.change(on_mode, stage, [prerequisite, budget, numbers_row], api_visibility="private",
+                 show_progress="hidden")
     preset_dd.input(on_preset, [stage, preset_dd], numbers, api_visibility="private")
-    demo.load(on_load, [stage, run], [stage, run, corpus, prerequisite, preset_dd, *numbers],
+    demo.load(on_load, [stage, run], [stage, run, corpus, prerequisite, preset_dd, *numbers, budget],
               api_visibility="private")
     return TrainTab(stage=stage, corpus=corpus, prerequisite=prerequisite, refresh_lists=refresh_lists)
 

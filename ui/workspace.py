@@ -2,6 +2,7 @@
 
     workspace/data/<name>/    corpora (docs/data_layout.md)
     workspace/runs/<name>/    training runs: checkpoints, metrics.jsonl, train.log, job.json
+    workspace/runs/<name>/<stage folder>/    a full recipe's stages (style/, stage1/, ...; recipe.json above)
 
 Every path a user types goes through :meth:`Workspace.resolve`, which refuses anything that lands
 outside the workspace once `..` and symlinks are resolved, so a shared demo link cannot be used to
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 from ira.data.corpus import METADATA
+from ira.training.recipe import STATE_FILE as RECIPE_STATE
 
 DATA = "data"
 RUNS = "runs"
@@ -132,7 +134,9 @@ class Workspace:
         """Every `*.safetensors` under runs/ (relative to the workspace), run by run (the run written to last
         first) and, within a run, its best, then its latest, then the others newest first: the checkpoint a
         user wants is at the top, not after twenty step saves."""
-        found = [p for p in self.runs_dir.glob("*/*.safetensors")
+        # a full recipe's stages write to subfolders of its run (runs/<name>/stage1/...): listed as runs too
+        nested = [p for p in self.runs_dir.glob("*/*/*.safetensors") if (p.parent.parent / RECIPE_STATE).is_file()]
+        found = [p for p in [*self.runs_dir.glob("*/*.safetensors"), *nested]
                  if not p.name.startswith(".") and ".tmp" not in p.name]
         mtime = {p: p.stat().st_mtime for p in found}
         run_time: dict[Path, float] = {}

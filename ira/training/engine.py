@@ -44,7 +44,7 @@ from ira.training.metrics_log import MetricsLogger, memory_stats
 from ira.training.optim import build_adamw, param_groups
 from ira.training.rng import capture_rng_state, restore_rng_state, rng_isolated
 from ira.training.schedule import budget_lr_factor, warmup_cosine
-from ira.training.stop import StopRequest
+from ira.training.stop import StopRequest, drop_stale_flags
 from ira.training.task import COUNT_KEYS, StageTask, batch_size
 
 Status = Literal["done", "stopped", "nan", "oom"]
@@ -284,7 +284,8 @@ class Trainer:
             self.output_dir, self.stage, enabled=acc.is_main_process,
             tensorboard_dir=(self.output_dir / "tensorboard" / self.run_name) if tc.tensorboard else None)
         try:
-            with StopRequest(self.output_dir, watch_file=acc.is_main_process) as stop:
+            with StopRequest(self.output_dir, watch_file=acc.is_main_process,
+                             also=[tc.stop_file] if tc.stop_file else ()) as stop:
                 self.stop = stop
                 if acc.is_main_process:
                     self._drop_stale_stop_file()
@@ -827,9 +828,7 @@ class Trainer:
 
     def _drop_stale_stop_file(self) -> None:
         """A STOP file older than this process was left by an earlier run: it is not for us."""
-        flag = self.stop.flag_file
-        if flag.exists() and flag.stat().st_mtime < psutil.Process().create_time():
-            flag.unlink()
+        for flag in drop_stale_flags(self.stop.flag_files, since=psutil.Process().create_time()):
             self.logger.event("warning", message=f"removed a stale {flag} left by an earlier run")
 
     def _drop_stale_temporaries(self) -> None:

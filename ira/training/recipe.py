@@ -6,6 +6,10 @@ with its share of the budget as its time limit. What has happened is kept in `<o
 (rewritten atomically after every change), so that running the same command again continues the recipe:
 finished stages are skipped, and the stage that was stopped resumes exactly from its own latest
 checkpoint, its time budget counting the minutes it already ran.
+
+A stop of the recipe is the flag file `<output_dir>/STOP` (what the app's Stop writes): every stage watches
+it besides its own folder's STOP (`training.stop_file`), stops cleanly at the end of its step and the
+recipe ends with that stage "stopped"; between two stages the recipe checks it before starting the next.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import psutil
+
 from ira.checkpoint import best_path, find_latest
 from ira.config import IRAConfig
+from ira.training.stop import STOP_FILE, drop_stale_flags
 
 RECIPES = ("full",)
 RECIPE_STAGES = ("style", "1", "2", "3")
@@ -29,6 +36,9 @@ BUDGET_SHARES = {"style": 0.05, "1": 0.50, "2": 0.30, "3": 0.15}
 """Share of the recipe's minutes per stage. Stage 1 needs the most: on the `cpu` preset its held-out WER
 was still falling after 2 hours; stage 2 reaches most of its figure in ~50 minutes, the style encoder in ~5
 (docs/decisions.md)."""
+DEFAULT_MINUTES = 180.0
+"""The default budget of the full recipe (the app's Train tab starts with it): three hours on the `cpu`
+preset give stage 1 its 90 minutes, most of its gain (docs/decisions.md), and stage 2 its 54."""
 STATE_FILE = "recipe.json"
 FORMAT_VERSION = 1
 
@@ -46,6 +56,7 @@ class StageRecord:
     start_from: Optional[str] = None
     checkpoint: Optional[str] = None
     minutes_used: float = 0.0
+    started: Optional[float] = None    # when its current run began (time.time()): the app shows live minutes
 
 
 @dataclass
@@ -73,6 +84,18 @@ class RecipeState:
     def record(self, stage: str) -> StageRecord:
         return next(s for s in self.stages if s.stage == stage)
 
+    def current(self) -> Optional[StageRecord]:
+        """The stage running now, else the last one that ran (None before the first has started)."""
+        running = [s for s in self.stages if s.status == "running"]
+        ran = [s for s in self.stages if s.status != "pending"]
+        return (running or ran or [None])[-1]
+
+    def final_checkpoint(self) -> Optional[str]:
+        """The last stage's handed-over checkpoint once every stage is done, else None."""
+        if self.stages and all(s.status == "done" for s in self.stages):
+            return self.stages[-1].checkpoint
+        return None
+
 
 def plan(recipe: str, minutes: float, output_dir: Path) -> RecipeState:
     """The stages of `recipe` with their minutes and folders."""
@@ -92,7 +115,8 @@ def stage_folder(stage: str) -> str:
 def stage_config(cfg: IRAConfig, record: StageRecord) -> IRAConfig:
     """The recipe's config for one stage: its own output folder and its share of the minutes as the time
     limit (stage 2 keeps its budget in `align.max_minutes`)."""
-    overrides = [f"training.output_dir={record.folder}", f"training.max_minutes={record.minutes}"]
+    overrides = [f"training.output_dir={record.folder}", f"training.max_minutes={record.minutes}",
+                 f"training.stop_file={json.dumps(str(Path(record.folder).parent / STOP_FILE))}"]
     if record.stage == "2":
         overrides.append(f"align.max_minutes={record.minutes}")
     return cfg.with_overrides(overrides)
@@ -118,6 +142,10 @@ def run_recipe(cfg: IRAConfig, recipe: str, minutes: float, run_stage: RunStage,
     output_dir = Path(cfg.training.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     state_path = output_dir / STATE_FILE
+    stop_flag = output_dir / STOP_FILE
+    # flags older than this process were left by an earlier run (a stage killed before clearing its own)
+    drop_stale_flags([stop_flag, *(output_dir / stage_folder(s) / STOP_FILE for s in RECIPE_STAGES)],
+                     since=psutil.Process().create_time())
     if state_path.exists():
         state = RecipeState.load(state_path)
         if state.recipe != recipe or abs(state.minutes - float(minutes)) > 1e-6:
@@ -137,15 +165,25 @@ def run_recipe(cfg: IRAConfig, recipe: str, minutes: float, run_stage: RunStage,
             continue
         own_latest = find_latest(record.folder, record.stage)
         resume_from = str(own_latest) if own_latest is not None else previous   # previous: None only for style
-        record.status, record.start_from = "running", resume_from
+        if stop_flag.exists():   # a stop that came between two stages: the next one does not start
+            stop_flag.unlink(missing_ok=True)
+            record.status = "stopped"
+            state.save(state_path)
+            say(f"{name}: stopped before it started; run the same command again to continue the recipe here")
+            return "stopped"
+        record.status, record.start_from, record.started = "running", resume_from, time.time()
         state.save(state_path)
         say(f"{name}: {record.minutes:g} min budget" + (f", from {resume_from}" if resume_from else ""))
-        t0 = time.time()
-        outcome = run_stage(record.stage, stage_config(cfg, record), resume_from)
-        record.minutes_used = round(record.minutes_used + (time.time() - t0) / 60.0, 2)
-        record.checkpoint = handed_over(record)
-        record.status = outcome if outcome in ("done", "stopped") else "failed"
-        state.save(state_path)
+        try:
+            outcome = run_stage(record.stage, stage_config(cfg, record), resume_from)
+        except BaseException as exc:   # recorded, so that recipe.json never says "running" for a dead stage
+            outcome = "stopped" if isinstance(exc, KeyboardInterrupt) else "failed"
+            raise
+        finally:
+            record.minutes_used = round(record.minutes_used + (time.time() - record.started) / 60.0, 2)
+            record.checkpoint = handed_over(record)
+            record.status = outcome if outcome in ("done", "stopped") else "failed"
+            state.save(state_path)
         if record.status != "done":
             say(f"{name}: {record.status}; run the same command again to continue the recipe here")
             return record.status
