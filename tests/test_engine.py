@@ -417,6 +417,23 @@ def test_early_stop_after_patience_keeps_the_best(tmp_path, mode, values, best_a
     assert state["best"] == {"value": values[1], "step": 4, "since": 3}
 
 
+class _UnfinishedFirst(_ScriptedVal):
+    """Its model may not be kept as best before step 5 (a part it trains later is still untrained)."""
+
+    def may_be_best(self):
+        return self.steps_seen > 4
+
+    def training_step(self, batch):
+        self.steps_seen = getattr(self, "steps_seen", 0) + 1
+        return super().training_step(batch)
+
+
+def test_a_validation_of_an_unfinished_model_is_never_the_best(tmp_path):
+    cfg = toy_config(tmp_path, max_steps=8, eval_every=2)
+    _fit(cfg, _UnfinishedFirst(cfg, [0.9, 0.8, 0.3, 0.5], ("val_score", "max")))   # 0.9 at step 2 does not count
+    assert load_checkpoint(tmp_path / "stage1_best.safetensors").step == 8
+
+
 def test_no_early_stop_without_patience_and_a_resume_keeps_the_best_so_far(tmp_path):
     cfg = toy_config(tmp_path, max_steps=8, eval_every=2)
     first = _fit(cfg, _ScriptedVal(cfg, [3.0, 1.0, 2.0], stop_at=5))

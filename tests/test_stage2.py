@@ -260,7 +260,9 @@ def test_after_the_phase_only_the_cue_learns_when_the_reading_is_kept(runs, bund
     cue_group = [g for g in groups if any(p is task.adapter.cue for p in g["params"])]
     assert len(cue_group) == 1 and cue_group[0]["lr"] == cfg.align.cue_learning_rate
     batch = next(iter(task.train_dataloader()))
+    assert not task.may_be_best()                  # during the phase the cue is untrained: never the best
     task._steps_done = cfg.align.ctc_steps                                     # the distillation
+    assert task.may_be_best()
     out = task.training_step(batch)
     assert out["alignment_phase"] == 0.0 and "ctc_loss" not in out and out["kd_loss"] > 0
     out["loss"].backward()

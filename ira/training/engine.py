@@ -724,7 +724,7 @@ class Trainer:
         p, tc = self.progress, self.cfg.training
         key, mode = self.task.best_metric
         value = self.val_metrics.get(key)
-        if value is None or not math.isfinite(value):
+        if value is None or not math.isfinite(value) or not self.task.may_be_best():
             return
         better = p.best_value is None or (value < p.best_value if mode == "min" else value > p.best_value)
         if better:

@@ -219,6 +219,11 @@ class Stage2Task(TrainingTask):
             groups.append({"params": [cue], "lr": self.cfg.align.cue_learning_rate, "weight_decay": 0.0})
         return groups
 
+    def may_be_best(self) -> bool:
+        """Not during the alignment phase when only the distillation trains the cue: an untrained cue (LLM
+        embeddings of random word pieces) can score the choice well while the LLM rambles on every clip."""
+        return not (self.in_alignment_phase and self.adapter.cue is not None and not self.cfg.align.distill_reading)
+
     @property
     def reading_frozen(self) -> bool:
         """After the alignment phase with align.distill_reading false: only the cue learns."""
