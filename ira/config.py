@@ -18,6 +18,7 @@ import yaml
 
 PRESETS = ("cpu", "laptop", "a100")
 ADAPTER_OUTPUTS = ("free", "vocabulary")
+PPO_ADVANTAGES = ("gae", "group")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESET_FILES = {
     "cpu": "cpu_config.yaml",
@@ -476,6 +477,12 @@ class PPOConfig:
     top_k: int = 0
     eval_texts: int = 8
     """Held-out texts spoken and judged at each validation."""
+    advantage: str = "gae"
+    """How each sample's advantage is estimated: "gae" = the value head with GAE (Ziegler et al.); "group" =
+    each text spoken `group_size` times, a sample's advantage its reward (KL penalty included) minus its
+    group's mean, over the group's std (GRPO: no value head, the other samples are the baseline)."""
+    group_size: int = 4
+    """Samples of one text per rollout with advantage "group" (divides batch_size)."""
 
     def validate(self, check: "_Checker") -> None:
         for name in ("batch_size", "minibatch_size", "ppo_epochs", "learning_rate", "max_steps", "kl_horizon",
@@ -496,6 +503,11 @@ class PPOConfig:
         check.that("style_weight", self.style_weight >= 0.0, "must be >= 0")
         check.that("temperature", self.temperature > 0.0, "must be > 0 (PPO needs sampled rollouts)")
         check.that("top_k", self.top_k >= 0, "must be >= 0 (0 = off)")
+        check.that("advantage", self.advantage in PPO_ADVANTAGES,
+                   f"must be one of {', '.join(PPO_ADVANTAGES)} (got {self.advantage!r})")
+        check.that("group_size", self.advantage != "group" or (self.group_size >= 2 and self.batch_size % self.group_size == 0),
+                   f"must be >= 2 and divide ppo.batch_size ({self.batch_size}) with advantage 'group' "
+                   f"(got {self.group_size!r})")
 
 
 @dataclass

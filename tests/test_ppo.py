@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from ira.training.ppo import (AdaptiveKLController, explained_variance, gae, masked_whiten, ppo_losses,
-                              shaped_rewards)
+from ira.training.ppo import (AdaptiveKLController, explained_variance, gae, group_advantages, masked_whiten,
+                              ppo_losses, shaped_rewards)
 
 
 def brute_force_gae(rewards, values, gamma, lam):
@@ -79,6 +79,43 @@ def test_ppo_moves_a_toy_policy_toward_the_rewarded_action():
         for _ in range(4):                                       # PPO epochs
             new = logits.log_softmax(-1)[torch.arange(3), actions]
             out = ppo_losses(new, old, adv, value.expand(64, 3), old_values, returns, mask)
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+    after = logits.softmax(-1)[:, 2].mean().item()
+    assert start == pytest.approx(0.25) and after > 0.6, after
+
+
+def test_group_advantages_standardise_within_each_group():
+    rewards = torch.tensor([1.0, 3.0, 2.0, 2.0, 5.0, 5.0])           # groups of 2: (1, 3) (2, 2) (5, 5)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
+    adv = group_advantages(rewards, 2, mask)
+    assert torch.allclose(adv[0], torch.tensor([-1.0, -1.0, 0.0]), atol=1e-4)   # below its group's mean
+    assert torch.allclose(adv[1], torch.tensor([1.0, 0.0, 0.0]), atol=1e-4)     # masked steps get nothing
+    assert torch.equal(adv[2:], torch.zeros(4, 3))                    # a group that scored alike: no signal
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(rewards, 4, mask)
+
+
+def test_group_advantages_move_a_toy_policy_toward_the_rewarded_action_without_a_value_head():
+    """The same toy as above (only action 2 rewarded), the baseline being the other samples of each group
+    of 8: no value head, no GAE."""
+    torch.manual_seed(0)
+    logits = torch.zeros(3, 4, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    start = logits.softmax(-1)[:, 2].mean().item()
+    for _ in range(15):
+        with torch.no_grad():
+            probs = logits.softmax(-1).expand(64, 3, 4)
+            actions = torch.multinomial(probs.reshape(-1, 4), 1, generator=gen).view(64, 3)
+            old = logits.log_softmax(-1)[torch.arange(3), actions]
+            mask = torch.ones(64, 3, dtype=torch.bool)
+            adv = group_advantages((actions == 2).float().mean(1), 8, mask)
+            zeros = torch.zeros(64, 3)
+        for _ in range(4):
+            new = logits.log_softmax(-1)[torch.arange(3), actions]
+            out = ppo_losses(new, old, adv, zeros, zeros, zeros, mask, vf_coef=0.0)
             optimizer.zero_grad()
             out.loss.backward()
             optimizer.step()

@@ -36,6 +36,24 @@ def test_first_minibatch_of_an_iteration_has_ratio_one(tiny_stage2, bundled_llm,
     assert task.buffer["mask"].any(dim=1).all()
 
 
+def test_group_advantage_speaks_each_text_a_group_of_times_and_needs_no_value_head(tiny_stage2, bundled_llm, tmp_path):
+    cfg = _cfg(tiny_stage2, tmp_path, "ppo.batch_size=4", "ppo.minibatch_size=2", "ppo.advantage=group",
+               "ppo.group_size=2").with_training_from("ppo")
+    task = Stage3Task(cfg, load_checkpoint(tiny_stage2[3].last_checkpoint), llm=bundled_llm, cpu=True)
+    batch = next(iter(task.train_dataloader()))
+    out = task.training_step(batch)
+    assert "group_reward_std" in out and "explained_variance" not in out and torch.isfinite(out["loss"])
+    assert out["value_loss"].item() == 0.0                           # the group is the baseline
+    assert task.buffer["text_ids"].shape[0] == 4
+    assert torch.equal(task.buffer["text_ids"][0], task.buffer["text_ids"][1])      # text 1, twice
+    assert torch.equal(task.buffer["text_ids"][2], task.buffer["text_ids"][3])      # text 2, twice
+    advantages = task.buffer["advantages"]
+    sums = (advantages.sum(1) / task.buffer["mask"].sum(1)).view(2, 2).sum(1)      # per group: +a and -a
+    assert torch.allclose(sums, torch.zeros(2), atol=1e-4)
+    out["loss"].backward()
+    assert all(p.grad is None or not p.grad.any() for p in task.value_head.parameters())
+
+
 def test_metrics_and_checkpoint(ppo_run, tiny_stage2, bundled_llm):
     rows = read_metrics(ppo_run.metrics_path)
     train = [r for r in rows if r.get("split") == "train"]

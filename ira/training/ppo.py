@@ -10,6 +10,10 @@ The recipe is the one of Ziegler et al. (2019) / Stiennon et al. (2020) for lang
     advantages = GAE(reward, value; gamma, lambda), whitened over the batch
     loss       = clipped-ratio policy loss + vf_coef * clipped value loss - ent_coef * entropy
 and the KL coefficient adapts so that the measured KL to the reference tracks a target.
+
+The other estimate of the advantage (`group_advantages`, as GRPO, Shao et al. 2024): each text is spoken
+several times, and a sample's advantage is its sequence reward (score minus the KL penalty) standardised
+within its group, the same at every step: the other samples of the text are the baseline, no value head.
 """
 
 from __future__ import annotations
@@ -74,6 +78,18 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         next_value = torch.where(mask[:, t], values[:, t], next_value)
         advantages[:, t] = running * m[:, t]
     return advantages, (advantages + values) * m
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, mask: torch.Tensor) -> torch.Tensor:
+    """Sequence rewards [B] of B / group_size groups of consecutive samples (one text each) -> advantages
+    [B, S]: (reward - its group's mean) / (its group's std + 1e-6) on every masked step of the row. A group
+    whose samples all scored the same teaches nothing (advantage 0)."""
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards cannot be cut into groups of {group_size} (>= 2)")
+    groups = rewards.float().view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    standardised = centred / (groups.std(dim=1, unbiased=False, keepdim=True) + 1e-6)
+    return standardised.reshape(-1, 1).to(mask.device) * mask.to(torch.float32)
 
 
 @dataclass

@@ -48,7 +48,7 @@ from ira.models.speech_lm import SpeechLM
 from ira.models.splice import build_student_inputs, generate_reply, reply_log_likelihood
 from ira.text_metrics import corpus_cer
 from ira.training.engine import FitResult, Trainer
-from ira.training.ppo import (AdaptiveKLController, explained_variance, gae, masked_whiten,
+from ira.training.ppo import (AdaptiveKLController, explained_variance, gae, group_advantages, masked_whiten,
                               ppo_losses, shaped_rewards)
 from ira.training.stage2 import process_device
 from ira.training.task import TrainingTask, inherit_frozen_sections
@@ -256,22 +256,31 @@ class Stage3Task(TrainingTask):
         """Sample, judge, shape rewards, estimate advantages; store everything in `self.buffer`."""
         pc = self.cfg.ppo
         iteration = self.micro // self.repeats
-        samples = self.speak(self.policy, batch["texts"], batch["descriptions"],
-                             seed=self.cfg.training.seed * 100_003 + iteration)
-        scores = self.judge(samples, batch["texts"], batch["descriptions"])
+        texts, descriptions = batch["texts"], batch["descriptions"]
+        if pc.advantage == "group":   # batch_size / group_size texts, each spoken group_size times
+            n_texts = len(texts) // pc.group_size
+            texts = [t for t in texts[:n_texts] for _ in range(pc.group_size)]
+            descriptions = [d for d in descriptions[:n_texts] for _ in range(pc.group_size)]
+        samples = self.speak(self.policy, texts, descriptions, seed=self.cfg.training.seed * 100_003 + iteration)
+        scores = self.judge(samples, texts, descriptions)
         score = pc.semantic_weight * scores["semantic"] + pc.style_weight * scores["style"]
         self.policy.eval()
         logprobs, _, mask, hidden = step_logprobs(self.policy, samples)
         values = self.value_head(hidden) * mask
         ref_logprobs, _, _, _ = step_logprobs(self.reference, samples)
         rewards, kl = shaped_rewards(score.to(logprobs.device), logprobs, ref_logprobs, mask, self.kl.value)
-        advantages, returns = gae(rewards, values, mask, pc.gamma, pc.lam)
-        advantages = masked_whiten(advantages, mask)
+        if pc.advantage == "group":
+            sequence_reward = score.to(kl.device) - self.kl.value * kl.sum(1)
+            advantages, returns = group_advantages(sequence_reward, pc.group_size, mask), values
+            spread = {"group_reward_std": sequence_reward.view(-1, pc.group_size).std(1, unbiased=False).mean().item()}
+        else:
+            advantages, returns = gae(rewards, values, mask, pc.gamma, pc.lam)
+            advantages = masked_whiten(advantages, mask)
+            spread = {"explained_variance": explained_variance(values, returns, mask)}
         sequence_kl = kl.sum(1).mean().item()
         self.rollout_metrics = {
             "reward": score.mean().item(), "reward_semantic": scores["semantic"].mean().item(),
-            "reward_style": scores["style"].mean().item(), "kl": sequence_kl, "kl_coef": self.kl.value,
-            "explained_variance": explained_variance(values, returns, mask),
+            "reward_style": scores["style"].mean().item(), "kl": sequence_kl, "kl_coef": self.kl.value, **spread,
             "rollout_seconds_audio": samples["codes_lengths"].float().mean().item() / self.codec.frame_rate}
         self.kl.update(sequence_kl, pc.batch_size)
         self.buffer = {**{k: v for k, v in samples.items() if v is not None}, "old_logprobs": logprobs,
@@ -301,7 +310,7 @@ class Stage3Task(TrainingTask):
         pc = self.cfg.ppo
         out = ppo_losses(logprobs, mb["old_logprobs"], mb["advantages"], values, mb["old_values"], mb["returns"],
                          mb["mask"], entropy=entropy, clip_range=pc.clip_range, clip_range_value=pc.clip_range_value,
-                         vf_coef=pc.vf_coef, ent_coef=pc.ent_coef)
+                         vf_coef=pc.vf_coef if pc.advantage == "gae" else 0.0, ent_coef=pc.ent_coef)
         self.micro += 1
         return {"loss": out.loss, **out.metrics(), **self.rollout_metrics,
                 "samples": len(rows), "frames": int(mb["codes_lengths"].sum())}
