@@ -8,8 +8,9 @@ import json
 import pytest
 import soundfile as sf
 
+from ira.cli import EXIT_FAILED, main
 from ira.eval import asr
-from ira.eval.card import (CARD_FILE, CARD_SENTENCES, CardError, make_card, offline_asr, read_card, wav_path)
+from ira.eval.card import CARD_FILE, CARD_SENTENCES, CardError, make_card, offline_asr, read_card, wav_path
 from ira.eval.speech import heldout_sentences
 from ira.models.splice import REPEAT_INSTRUCTION
 
@@ -17,10 +18,13 @@ needs_asr = pytest.mark.skipif(not asr.is_available(), reason="the ira[eval] ext
 
 
 @needs_asr
-def test_a_stage_1_card_speaks_three_heldout_sentences_and_says_what_the_asr_heard(tiny_stage2, tmp_path, one_thread):
+def test_a_stage_1_card_speaks_three_heldout_sentences_and_says_what_the_asr_heard(tiny_stage2, tmp_path, one_thread,
+                                                                                    capsys):
     stage1 = tiny_stage2[2].last_checkpoint
-    path = make_card(stage1, tmp_path / "card", device="cpu")
-    assert path == tmp_path / "card" / CARD_FILE
+    assert main(["eval", "card", "--checkpoint", str(stage1), "--out", str(tmp_path / "card"), "--device", "cpu"]) == 0
+    path = tmp_path / "card" / CARD_FILE
+    printed = capsys.readouterr().out
+    assert str(path) in printed and "ASR heard:" in printed and heldout_sentences(limit=1)[0] in printed
     card = read_card(path)
     assert (card.stage, card.checkpoint, card.asr_note) == ("1", str(stage1), "")
     assert [item.sentence for item in card.items] == heldout_sentences(limit=CARD_SENTENCES)
@@ -77,3 +81,10 @@ def test_a_card_needs_a_checkpoint_that_speaks(tmp_path):
     (tmp_path / CARD_FILE).write_text("{broken")
     with pytest.raises(CardError, match="is not a readable card"):
         read_card(tmp_path)
+
+
+def test_the_card_command_names_a_missing_checkpoint_without_a_traceback(tmp_path, capsys):
+    missing = tmp_path / "typo.safetensors"
+    assert main(["eval", "card", "--checkpoint", str(missing)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"checkpoint not found: {missing}" in err and "Traceback" not in err

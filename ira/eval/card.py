@@ -92,7 +92,7 @@ def read_card(path: str | Path) -> Card:
         return Card.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as exc:
         raise CardError(f"{path} is not a readable card ({exc}); make it again with "
-                        f"`python -m ira.eval.card <checkpoint>`") from exc
+                        f"`ira eval card --checkpoint <checkpoint>`") from exc
 
 
 def wav_path(card_path: str | Path, item: CardItem) -> Optional[Path]:
@@ -235,22 +235,18 @@ def _ask_llm(card: Card, checkpoint: Path, clips: list[_Clip], device: str, llm:
         item.llm_answered = answer.replace("\n", " ").strip()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m ira.eval.card CHECKPOINT [CARD_DIR]`: make a checkpoint's card by hand."""
-    import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m ira.eval.card", description=main.__doc__)
-    parser.add_argument("checkpoint", help="a stage 1, 2 or 3 checkpoint")
-    parser.add_argument("card_dir", nargs="?", default=None, help="default: <checkpoint's folder>/card")
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-    path = make_card(args.checkpoint, args.card_dir, device=args.device)
-    card = read_card(path)
-    print(path)
-    for item in card.items:
-        print(f"  {item.sentence}\n    ASR: {item.asr_heard}\n    LLM: {item.llm_answered}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def summary(card: Card) -> str:
+    """The card as text for the terminal (`ira eval card`)."""
+    wer = f", ASR WER {card.wer:.2f}" if card.wer is not None else ""
+    lines = [f"stage {card.stage} checkpoint, step {card.step}{wer} ({card.seconds:.0f} s)"]
+    for i, item in enumerate(card.items, start=1):
+        lines.append(f"  {i}. {item.sentence}   [{item.wav or 'no audio'}]")
+        if item.asr_heard is not None:
+            lines.append(f"     ASR heard:    {item.asr_heard or '(nothing)'}  (WER {item.wer:.2f})")
+        if item.llm_answered is not None:
+            lines.append(f"     LLM answered: {item.llm_answered or '(nothing)'}")
+        if item.note:
+            lines.append(f"     ({item.note})")
+    lines += [f"  ({note})" for note in (card.asr_note, card.llm_note) if note]
+    return "\n".join(lines)
