@@ -561,10 +561,11 @@ def test_full_recipe_start_resume_and_its_errors_through_the_api(app):
     deadline = time.time() + 120
     while app.runner.active() is not None and time.time() < deadline:
         time.sleep(0.2)
-    status = app.client.predict("whole", None, api_name="/training_status")[0]
+    outputs = app.client.predict("whole", None, api_name="/training_status")
+    status = outputs[0]
     assert "FINISHED" in status and "full recipe done" in status, status
     final = RecipeState.load(run_dir / "recipe.json").stages[-1].checkpoint
     assert "- stage 3 (PPO) · **done** · 0.9 / 1.8 min" in status and Path(final).name in status
     # the child tried to make the cards of the done stages: their checkpoints here are names only, so each says why not
-    cards = value(app.client.predict("whole", None, api_name="/training_status")[7])
+    cards = value(outputs[7])
     assert "#### stage 1 (SpeechLM)" in cards and "no card: CheckpointError: checkpoint not found" in cards, cards
