@@ -323,6 +323,15 @@ def cmd_eval_understanding(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_card(args: argparse.Namespace) -> int:
+    from ira.eval.card import make_card, read_card, summary
+
+    path = make_card(args.checkpoint, args.out, device=args.device)
+    print(path)
+    print(summary(read_card(path)))
+    return 0
+
+
 # --- ira bench ------------------------------------------------------------------------------------
 
 def cmd_bench_generate(args: argparse.Namespace) -> int:
@@ -448,6 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", dest="verbose_items", action="store_true", help="print every reply")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every figure and reply to FILE")
     p.set_defaults(func=cmd_eval_understanding)
+    p = evaluate.add_parser("card", help="a checkpoint's card: three held-out sentences spoken (wavs), what the offline "
+                                          "ASR heard and, for stage 2 and 3, what the LLM answered when asked to "
+                                          "repeat them (what the full recipe writes after each stage)")
+    p.add_argument("--checkpoint", required=True, help="a stage 1, 2 or 3 checkpoint")
+    p.add_argument("--out", default=None, help="the card's folder (default: <checkpoint's folder>/card)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.set_defaults(func=cmd_eval_card)
 
     bench_parser = sub.add_parser("bench", help="benchmarks that print figures (no subcommand: all of them)")
     add_bench_all_args(bench_parser)

@@ -4,14 +4,16 @@ a stopped recipe continues at the stage and step where it stopped; clear errors.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import TINY_PPO, TINY_STAGES
-from ira.checkpoint import read_header
+from ira.checkpoint import best_path, read_header
 from ira.config import load_config
-from ira.training.recipe import BUDGET_SHARES, RECIPE_STAGES, RecipeError, plan, run_recipe
+from ira.eval.card import read_card, wav_path
+from ira.training.recipe import BUDGET_SHARES, RECIPE_STAGES, RecipeError, plan, run_recipe, stage_card
 from ira.training.stop import request_stop
 
 TINY_RECIPE = TINY_STAGES + TINY_PPO + [
@@ -40,6 +42,20 @@ def real_stages(llm, calls: list):
     return run
 
 
+def real_cards(llm, made: list):
+    """The real card of each stage (ira/eval/card.py) with the bundled LLM loaded once, recording which checkpoints
+    got one. One sentence and no ASR keep the test short (tests/test_card.py covers three sentences and the ASR)."""
+    from ira.eval.card import CARD_DIR, make_card
+    from ira.eval.speech import heldout_sentences
+
+    def card(checkpoint, stage_cfg):
+        made.append(checkpoint)
+        return str(make_card(checkpoint, Path(stage_cfg.training.output_dir) / CARD_DIR, transcribe=None, llm=llm,
+                             device="cpu", max_new_tokens=stage_cfg.llm.max_new_tokens,
+                             sentences=heldout_sentences(limit=1)))
+    return card
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path):
     from ira.data.dummy import create_dummy_corpus
@@ -63,24 +79,30 @@ def test_every_stage_runs_in_order_from_the_previous_best_and_a_stopped_recipe_c
     root, cfg = tiny_recipe
     torch.set_num_threads(1)
     calls: list = []
+    cards: list = []
     run = real_stages(bundled_llm, calls)
+    card = real_cards(bundled_llm, cards)
 
     def stop_in_stage_2(stage, stage_cfg, resume_from):
         if stage == "2":                       # as the UI's Stop does: the engine stops at its first step
+            assert (root / "recipe" / "stage1" / "card" / "card.json").is_file()   # stage 1's card came first
             request_stop(stage_cfg.training.output_dir)
         return run(stage, stage_cfg, resume_from)
 
-    assert run_recipe(cfg, "full", 10, stop_in_stage_2, say=lambda _: None) == "stopped"
+    assert run_recipe(cfg, "full", 10, stop_in_stage_2, say=lambda _: None, make_card=card) == "stopped"
     state = json.loads((root / "recipe" / "recipe.json").read_text())
     assert [s["status"] for s in state["stages"]] == ["done", "done", "stopped", "pending"]
     style_best, stage1_best = state["stages"][0]["checkpoint"], state["stages"][1]["checkpoint"]
     assert [c[0] for c in calls] == ["style", "1", "2"]
     assert calls[0][1] is None and calls[1][1] == style_best and calls[2][1] == stage1_best
     assert style_best.endswith("style/stagestyle_best.safetensors")
+    assert cards == [stage1_best]                          # the style encoder does not speak: no card
+    assert [s["card"] for s in state["stages"]] == [None, str(root / "recipe" / "stage1" / "card" / "card.json"),
+                                                    None, None]
     stopped_at = read_header(root / "recipe" / "stage2" / "stage2_latest.safetensors").step
 
     calls.clear()
-    assert run_recipe(cfg, "full", 10, run, say=lambda _: None) == "done"
+    assert run_recipe(cfg, "full", 10, run, say=lambda _: None, make_card=card) == "done"
     assert [c[0] for c in calls] == ["2", "3"]             # the finished stages are not run again
     assert calls[0][1].endswith("stage2/stage2_latest.safetensors")   # stage 2 resumes exactly where it stopped
     state = json.loads((root / "recipe" / "recipe.json").read_text())
@@ -88,8 +110,53 @@ def test_every_stage_runs_in_order_from_the_previous_best_and_a_stopped_recipe_c
     assert calls[1][1] == state["stages"][2]["checkpoint"]
     assert read_header(state["stages"][2]["checkpoint"]).step >= stopped_at
     assert read_header(state["stages"][3]["checkpoint"]).stage == "3"
+    assert cards == [stage1_best, state["stages"][2]["checkpoint"], state["stages"][3]["checkpoint"]]
+    for record in state["stages"][1:]:                     # a card per speaking stage, of its handed-over checkpoint
+        made = read_card(record["card"])
+        assert made.checkpoint == record["checkpoint"] and made.stage == record["stage"]
+        assert [Path(wav_path(record["card"], item)).is_file() for item in made.items] == [True]
+        assert (made.instruction is not None) == (record["stage"] != "1")
+        assert all((item.llm_answered is not None) == (record["stage"] != "1") for item in made.items)
     with pytest.raises(RecipeError, match="--minutes 10"):
         run_recipe(cfg, "full", 20, run, say=lambda _: None)
+
+
+def test_a_card_that_cannot_be_made_is_recorded_and_the_recipe_goes_on(tmp_path):
+    """The default card maker on checkpoints that are not readable fails for every speaking stage: each failure
+    is recorded in recipe.json, the recipe still ends "done", and a later run does not try again; a stage done
+    before cards existed (no card field at all) gets its card when the recipe is continued."""
+    cfg = load_config("cpu", [f"training.output_dir={tmp_path}"])
+
+    def fake_stage(stage, stage_cfg, resume_from):   # "trains" by writing a file where the best checkpoint goes
+        best_path(stage_cfg.training.output_dir, stage).parent.mkdir(parents=True, exist_ok=True)
+        best_path(stage_cfg.training.output_dir, stage).write_text("not a checkpoint")
+        return "done"
+
+    said: list = []
+    tried: list = []
+
+    def card(checkpoint, stage_cfg):
+        tried.append(checkpoint)
+        return stage_card(checkpoint, stage_cfg)
+
+    assert run_recipe(cfg, "full", 10, fake_stage, say=said.append, make_card=card) == "done"
+    state = json.loads((tmp_path / "recipe.json").read_text())
+    assert [s["status"] for s in state["stages"]] == ["done"] * 4
+    assert [s["card"] for s in state["stages"]] == [None] * 4
+    assert state["stages"][0]["card_error"] is None         # the style encoder gets no card
+    for record in state["stages"][1:]:
+        assert "CheckpointError" in record["card_error"] and "is not a safetensors file" in record["card_error"]
+    assert len(tried) == 3 and sum("no card (CheckpointError" in line for line in said) == 3
+
+    for record in state["stages"]:                          # a recipe.json of before cards
+        del record["card"], record["card_error"]
+    (tmp_path / "recipe.json").write_text(json.dumps(state))
+    tried.clear()
+    assert run_recipe(cfg, "full", 10, fake_stage, say=said.append, make_card=card) == "done"
+    assert len(tried) == 3                                 # the speaking stages' cards are made now
+    tried.clear()
+    assert run_recipe(cfg, "full", 10, fake_stage, say=said.append, make_card=card) == "done"
+    assert tried == []                                     # a recorded failure is not tried at every run
 
 
 def test_a_stop_of_the_recipe_reaches_the_running_stage_and_the_recipe_continues(tiny_recipe, one_thread):
@@ -115,7 +182,8 @@ def test_a_stop_of_the_recipe_reaches_the_running_stage_and_the_recipe_continues
             request_stop(recipe_dir)               # pressed as the stage ends: the next one must not start
         return result.status
 
-    assert run_recipe(cfg, "full", 10, lambda *a: run(*a, stop_in="1"), say=lambda _: None) == "stopped"
+    assert run_recipe(cfg, "full", 10, lambda *a: run(*a, stop_in="1"), say=lambda _: None,
+                      make_card=None) == "stopped"   # no cards: tested above
     state = json.loads((recipe_dir / "recipe.json").read_text())
     assert [s["status"] for s in state["stages"]] == ["done", "stopped", "pending", "pending"]
     assert not (recipe_dir / "STOP").exists()      # honoured, so cleared
@@ -127,7 +195,8 @@ def test_a_stop_of_the_recipe_reaches_the_running_stage_and_the_recipe_continues
         flag.write_text("stop requested\n")
         os.utime(flag, (old, old))
     calls.clear()
-    assert run_recipe(cfg, "full", 10, lambda *a: run(*a, stop_after="1"), say=lambda _: None) == "stopped"
+    assert run_recipe(cfg, "full", 10, lambda *a: run(*a, stop_after="1"), say=lambda _: None,
+                      make_card=None) == "stopped"
     assert [c[0] for c in calls] == ["1"]          # the style encoder is not trained again
     assert calls[0][1].endswith("stage1/stage1_latest.safetensors")
     state = json.loads((recipe_dir / "recipe.json").read_text())

@@ -434,6 +434,53 @@ def test_recipe_progress_shows_one_line_per_stage(tmp_path: Path):
     assert recipe_progress_markdown(tmp_path / "none.json") == ""
 
 
+def test_recipe_cards_are_a_table_per_done_stage_and_their_audio_is_offered_to_the_player(tmp_path: Path):
+    """Stage 1's card (ASR, no LLM), stage 2's (a relative path, as a job in the workspace records it; an LLM
+    answer with markdown's characters), stage 3's failure; the style encoder and unfinished stages get none."""
+    from ira.eval.card import Card, CardItem, write_card
+    from ira.training.recipe import RecipeState
+    from ui.train_tab import card_audio_choices, cards_markdown, stage_cards
+
+    run_dir = _recipe_run(tmp_path, "r", 100, ["done", "done", "done", "done"])
+    state = RecipeState.load(run_dir / "recipe.json")
+    sentences = ["I left my umbrella on the bus.", "Could you turn it down?", "We are going out."]
+    for record in state.stages[1:3]:
+        folder = Path(record.folder) / "card"
+        folder.mkdir(parents=True)
+        items = [CardItem(sentence=s, wav=f"{i}.wav", seconds=2.0, asr_heard=s.lower().rstrip(".?"), wer=0.0,
+                          llm_answered=None if record.stage == "1" else "a | b *c* <i>")
+                 for i, s in enumerate(sentences, start=1)]
+        card = Card(checkpoint=record.checkpoint, stage=record.stage, step=12, items=items, wer=0.0,
+                    asr="tiny.en", llm_note="no adapter" if record.stage == "1" else "",
+                    instruction=None if record.stage == "1" else "Repeat exactly what was said, word for word.")
+        write_card(card, folder / "card.json")
+        record.card = str((folder / "card.json").relative_to(tmp_path) if record.stage == "2" else folder / "card.json")
+    state.stages[3].card_error = "CheckpointError: oops"
+    state.save(run_dir / "recipe.json")
+
+    cards = stage_cards(run_dir / "recipe.json", resolve=lambda p: Path(p) if Path(p).is_absolute() else tmp_path / p)
+    assert [(c.stage, c.card is not None) for c in cards] == [("1", True), ("2", True), ("3", False)]
+    text = cards_markdown(cards, relative=lambda p: Path(p).name)
+    assert "#### stage 1 (SpeechLM) · step 12 · ASR WER 0.00 · `stage1_best.safetensors`" in text
+    assert "| # | sentence | what the ASR heard | what the LLM answered |" in text
+    assert "| 1 | I left my umbrella on the bus. | i left my umbrella on the bus (WER 0.00) | — |" in text
+    assert r"| 2 | Could you turn it down? | could you turn it down (WER 0.00) | a \| b \*c\* \<i\> |" in text
+    assert "_no adapter_" in text
+    assert "#### stage 3 (PPO)\n\n_no card: CheckpointError: oops_" in text
+    assert "voice style encoder" not in text
+    choices = card_audio_choices(cards)
+    assert len(choices) == 6
+    assert choices[0] == ("card · stage 1 (SpeechLM) · 1: I left my umbrella on the bus.",
+                          str(Path(state.stages[1].folder) / "card" / "1.wav"))
+    assert choices[3][1] == str(tmp_path / "runs" / "r" / "stage2" / "card" / "1.wav")
+
+    (Path(state.stages[1].folder) / "card" / "card.json").write_text("{oops")   # unreadable: said, not raised
+    assert "is not a readable card" in cards_markdown(stage_cards(run_dir / "recipe.json"))
+    assert stage_cards(tmp_path / "none.json") == [] and cards_markdown([]) == ""
+    running = _recipe_run(tmp_path, "r2", 100, ["done", "running", "pending", "pending"])
+    assert stage_cards(running / "recipe.json") == []
+
+
 def test_a_recipe_job_is_watched_in_its_running_stage_and_its_settings_read_back(tmp_path: Path):
     """The runner reads the metrics of the stage running in the recipe's subfolder; the exit code says how the
     recipe ended; run_settings reads a recipe command back (Resume keeps its budget)."""
@@ -514,7 +561,11 @@ def test_full_recipe_start_resume_and_its_errors_through_the_api(app):
     deadline = time.time() + 120
     while app.runner.active() is not None and time.time() < deadline:
         time.sleep(0.2)
-    status = app.client.predict("whole", None, api_name="/training_status")[0]
+    outputs = app.client.predict("whole", None, api_name="/training_status")
+    status = outputs[0]
     assert "FINISHED" in status and "full recipe done" in status, status
     final = RecipeState.load(run_dir / "recipe.json").stages[-1].checkpoint
     assert "- stage 3 (PPO) · **done** · 0.9 / 1.8 min" in status and Path(final).name in status
+    # the child tried to make the cards of the done stages: their checkpoints here are names only, so each says why not
+    cards = value(outputs[7])
+    assert "#### stage 1 (SpeechLM)" in cards and "no card: CheckpointError: checkpoint not found" in cards, cards

@@ -21,6 +21,7 @@ import pandas as pd
 from ira.config import PRESETS, ConfigError, IRAConfig, load_config
 from ira.cli import TRAIN_STAGES
 from ira.checkpoint import CheckpointError, latest_path, read_header
+from ira.eval.card import SPEAKING_STAGES, Card, CardError, read_card, wav_path
 from ira.training.recipe import BUDGET_SHARES, DEFAULT_MINUTES, STAGE_NAMES, STATE_FILE, RecipeError, RecipeState
 from ui.data_tab import guarded
 from ui.runner import (RECIPE_STAGE, JobError, JobRecord, JobRunner, JobStatus, format_eta, recipe_command,
@@ -323,6 +324,96 @@ def recipe_progress_markdown(state_path: str | Path, status: Optional[JobStatus]
     return "\n".join([head, "", *lines])
 
 
+@dataclass
+class StageCard:
+    """A done speaking stage of a recipe and its card (or why there is none to show)."""
+    stage: str
+    path: Optional[Path]          # card.json
+    card: Optional[Card]
+    problem: str = ""
+
+
+def stage_cards(state_path: str | Path, resolve: Callable[[str], Path] = Path) -> list[StageCard]:
+    """The cards of a recipe's done speaking stages, in stage order, from its recipe.json and each stage's
+    card.json (files only: the timer calls it). [] when the file is missing or unreadable (not a recipe).
+    `resolve` turns a path recorded in recipe.json into one to open (a relative one is the job's)."""
+    try:
+        state = RecipeState.load(Path(state_path))
+    except RecipeError:
+        return []
+    cards = []
+    for record in state.stages:
+        if record.status != "done" or record.stage not in SPEAKING_STAGES:
+            continue
+        if record.card_error:
+            cards.append(StageCard(record.stage, None, None, f"no card: {record.card_error}"))
+        elif not record.card:
+            cards.append(StageCard(record.stage, None, None, "no card yet: it is made right after the stage "
+                                                             "(Resume makes a missing one)"))
+        else:
+            path = resolve(record.card)
+            try:
+                cards.append(StageCard(record.stage, path, read_card(path)))
+            except CardError as exc:
+                cards.append(StageCard(record.stage, path, None, str(exc)))
+    return cards
+
+
+def _cell(text: Optional[str], empty: str = "—") -> str:
+    """Text as one markdown table cell: on one line, with markdown's and the table's characters escaped
+    (an LLM's answer may hold `|`, `*` or `<`)."""
+    if text is None:
+        return empty
+    text = " ".join(text.split())
+    if not text:
+        return "(nothing)"
+    return "".join("\\" + ch if ch in "\\`*_[]<>|#~" else ch for ch in text)
+
+
+def card_markdown(entry: StageCard, relative: Callable[[str], str] = str) -> str:
+    """One stage's card: a heading (stage, step, the ASR's WER), a table sentence | what the ASR heard |
+    what the LLM answered, and the card's notes (no ASR here, no adapter in stage 1...)."""
+    head = f"#### {STAGE_NAMES[entry.stage]}"
+    card = entry.card
+    if card is None:
+        return f"{head}\n\n_{_cell(entry.problem)}_"
+    wer = f" · ASR WER {card.wer:.2f}" if card.wer is not None else ""
+    lines = [f"{head} · step {card.step}{wer} · `{relative(card.checkpoint)}`", "",
+             "| # | sentence | what the ASR heard | what the LLM answered |", "|---|---|---|---|"]
+    for i, item in enumerate(card.items, start=1):
+        heard = _cell(item.asr_heard)
+        if item.wer is not None:
+            heard += f" (WER {item.wer:.2f})"
+        lines.append(f"| {i} | {_cell(item.sentence)} | {heard} | {_cell(item.llm_answered)} |")
+    notes = [card.asr_note, card.llm_note, *(f"{i}: {item.note}" for i, item in enumerate(card.items, 1)
+                                             if item.note)]
+    lines += [f"\n_{_cell(note)}_" for note in notes if note]
+    return "\n".join(lines)
+
+
+def cards_markdown(cards: list[StageCard], relative: Callable[[str], str] = str) -> str:
+    """The cards of a recipe's done stages, or "" when there is none (not a recipe, no stage done yet)."""
+    if not cards:
+        return ""
+    intro = ("### What each stage's checkpoint says\nThree held-out sentences spoken by the checkpoint each "
+             "stage handed over: what the offline ASR heard and, from stage 2 on, what the LLM answered when "
+             "asked to repeat the same audio word for word. Play them in \"Audio samples\".")
+    return "\n\n".join([intro, *(card_markdown(entry, relative) for entry in cards)])
+
+
+def card_audio_choices(cards: list[StageCard]) -> list[tuple[str, str]]:
+    """(label, wav path) of every card's audio, labelled with its stage and sentence, for the samples player."""
+    choices = []
+    for entry in cards:
+        if entry.card is None or entry.path is None:
+            continue
+        for i, item in enumerate(entry.card.items, start=1):
+            path = wav_path(entry.path, item)
+            if path is not None:
+                choices.append((f"card · {STAGE_NAMES[entry.stage]} · {i}: {item.sentence}", str(path)))
+    return choices
+
+
 def prerequisite_choices(ws: Workspace) -> list[tuple[str, str]]:
     """(label, path) of every readable checkpoint, after (none)."""
     return [(NONE, NONE), *ws.labelled_checkpoints()]
@@ -390,10 +481,12 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
     log_box = gr.Textbox(label="Log (train.log, last lines)", lines=LOG_LINES, max_lines=LOG_LINES, interactive=False,
                          autoscroll=True)
     with gr.Row():
-        sample = gr.Dropdown([], label="Audio samples (latest validation)", allow_custom_value=True, scale=1)
+        sample = gr.Dropdown([], label="Audio samples (latest validation; a recipe's cards)", allow_custom_value=True,
+                             scale=1)
         sample_audio = gr.Audio(type="filepath", label="Sample", interactive=False, scale=2)
     replies = gr.Dataframe(label="What the LLM answered (latest validation: stage 2's replies, stage 3's judge)",
                            visible=False, wrap=True, interactive=False)
+    cards_md = gr.Markdown("")   # a full recipe: the card of each done stage (ira/eval/card.py)
     last_seen = gr.State(None)
     timer = gr.Timer(REFRESH_S)
 
@@ -510,7 +603,11 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
     def workspace_path(path: str) -> str:
         """A recipe.json path as the workspace shows it (a relative one is relative to the job's folder, the
         workspace root)."""
-        return ws.relative(path if Path(path).is_absolute() else ws.root / path)
+        return ws.relative(job_path(path))
+
+    def job_path(path: str) -> Path:
+        """A path recorded by a job (recipe.json) to open: a relative one is relative to the workspace root."""
+        return Path(path) if Path(path).is_absolute() else ws.root / path
 
     def on_tick(run_name: str, metric_name: Optional[str], seen: Any) -> tuple:
         try:
@@ -520,20 +617,23 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         status = runner.status(run_name)
         rows = runner.metrics(run_name)
         text = with_recipe_progress(status)
-        key = [run_name, metric_name, len(rows), text, status.log_tail[-2000:],
-               [s for s in status.samples if _inside(ws, s)]]
+        cards = stage_cards(ws.run_dir(run_name) / STATE_FILE, resolve=job_path)
+        cards_text = cards_markdown(cards, relative=workspace_path)
+        inside = [s for s in status.samples if _inside(ws, s)]
+        card_choices = [(label, path) for label, path in card_audio_choices(cards) if _inside(ws, path)]
+        key = [run_name, metric_name, len(rows), text, status.log_tail[-2000:], cards_text, [inside, card_choices]]
         if key == seen:
             return (gr.skip(),) * len(tick_outputs)
         watched = status.recipe_stage or status.stage   # a recipe: the plots are those of its running stage
         loss_df, metric_df, names = metric_frames(rows, watched, metric_name)
         chosen = metric_name if metric_name in names else default_metric(names, watched)
-        inside = [s for s in status.samples if _inside(ws, s)]
         samples = [s for s in inside if Path(s).suffix.lower() in AUDIO_SUFFIXES]   # the player plays audio only
         texts = [s for s in inside if Path(s).suffix == ".jsonl"]
-        sample_choices = [(Path(s).name, s) for s in samples]
+        # the latest validation's samples, then the cards' audio of a recipe's done stages
+        sample_choices = [(Path(s).name, s) for s in samples] + card_choices
         seen_samples = seen[-1] if isinstance(seen, list) else None
-        changed = inside != seen_samples
-        sample_update = (gr.Dropdown(choices=sample_choices, value=samples[0] if samples else None)
+        changed = [inside, card_choices] != seen_samples
+        sample_update = (gr.Dropdown(choices=sample_choices, value=sample_choices[0][1] if sample_choices else None)
                          if changed else gr.skip())
         replies_update = (gr.Dataframe(value=replies_table(texts[0]) if texts else None, visible=bool(texts))
                           if changed else gr.skip())
@@ -541,7 +641,8 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
                 gr.Dropdown(choices=names, value=chosen),
                 gr.LinePlot(value=plot_value(metric_df), title=chosen or "metric",
                             y_title=chosen or ""),
-                last_lines(status.log_tail, LOG_LINES), sample_update, replies_update, key, gr.skip(), gr.skip())
+                last_lines(status.log_tail, LOG_LINES), sample_update, replies_update, cards_text, key, gr.skip(),
+                gr.skip())
 
     def on_sample(path: Optional[str]) -> Optional[str]:
         return path if path and _inside(ws, path) and Path(path).is_file() else None
@@ -592,7 +693,8 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
                concurrency_id="training_jobs")
     # command_md and run are outputs of the tick (always skipped) so that each tick gives them a fresh status:
     # a rejected Start's red "Error" badge on them then clears within one refresh instead of staying
-    tick_outputs = [status_md, loss_plot, metric, metric_plot, log_box, sample, replies, last_seen, command_md, run]
+    tick_outputs = [status_md, loss_plot, metric, metric_plot, log_box, sample, replies, cards_md, last_seen,
+                    command_md, run]
     timer.tick(on_tick, [run, metric, last_seen], tick_outputs, api_name="training_status",
                concurrency_limit=None, show_progress="hidden")
     metric.input(lambda r, m: on_tick(r, m, None), [run, metric], tick_outputs, api_visibility="private",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,10 @@ import psutil
 
 from ira.checkpoint import best_path, find_latest
 from ira.config import IRAConfig
+from ira.eval.card import CARD_DIR, SPEAKING_STAGES
 from ira.training.stop import STOP_FILE, drop_stale_flags
+
+log = logging.getLogger("ira")
 
 RECIPES = ("full",)
 RECIPE_STAGES = ("style", "1", "2", "3")
@@ -57,6 +61,8 @@ class StageRecord:
     checkpoint: Optional[str] = None
     minutes_used: float = 0.0
     started: Optional[float] = None    # when its current run began (time.time()): the app shows live minutes
+    card: Optional[str] = None      # card.json of its handed-over checkpoint (ira/eval/card.py), once made
+    card_error: Optional[str] = None   # why no card could be made (the recipe went on without it)
 
 
 @dataclass
@@ -132,13 +138,49 @@ def handed_over(record: StageRecord) -> Optional[str]:
 
 
 RunStage = Callable[[str, IRAConfig, Optional[str]], str]
+MakeCard = Callable[[str, IRAConfig], str]
+"""(handed-over checkpoint, the stage's config) -> the path of the card.json it wrote."""
+
+
+def stage_card(checkpoint: str, stage_cfg: IRAConfig) -> str:
+    """The card of a stage's checkpoint in `<stage folder>/card/`: three held-out sentences spoken, heard by the
+    offline ASR and (stage 2 and 3) repeated by the LLM (ira/eval/card.py)."""
+    from ira.eval.card import make_card
+
+    card_dir = Path(stage_cfg.training.output_dir) / CARD_DIR
+    return str(make_card(checkpoint, card_dir, max_new_tokens=stage_cfg.llm.max_new_tokens))
+
+
+def write_stage_card(record: StageRecord, stage_cfg: IRAConfig, make_card: MakeCard,
+                     say: Callable[[str], None]) -> None:
+    """Make the card of a done stage and record it; a failure is logged and recorded in `record.card_error`,
+    never raised: a card is a look at the checkpoint, not a reason to stop the recipe."""
+    name = STAGE_NAMES[record.stage]
+    start = time.perf_counter()
+    try:
+        record.card, record.card_error = make_card(record.checkpoint, stage_cfg), None
+    except Exception as exc:   # noqa: BLE001 - any failure of the card leaves the recipe going
+        record.card, record.card_error = None, f"{type(exc).__name__}: {exc}"
+        log.warning("%s: no card of %s", name, record.checkpoint, exc_info=True)
+        say(f"{name}: no card ({record.card_error}); the recipe goes on")
+        return
+    say(f"{name}: card in {record.card} ({time.perf_counter() - start:.0f} s)")
+
+
+def needs_card(record: StageRecord) -> bool:
+    """A done stage that speaks and has neither a card nor a recorded failure to make one (a recipe.json
+    written before cards existed, or a run killed while making it)."""
+    return (record.status == "done" and record.stage in SPEAKING_STAGES and record.checkpoint is not None
+            and record.card is None and record.card_error is None)
 
 
 def run_recipe(cfg: IRAConfig, recipe: str, minutes: float, run_stage: RunStage,
-               say: Callable[[str], None] = print) -> str:
+               say: Callable[[str], None] = print, make_card: Optional[MakeCard] = stage_card) -> str:
     """Run (or continue) the recipe in `cfg.training.output_dir`; returns "done", "stopped" or "failed".
 
-    `run_stage(stage, cfg, resume_from)` runs one stage and returns "done", "stopped" or "failed"."""
+    `run_stage(stage, cfg, resume_from)` runs one stage and returns "done", "stopped" or "failed".
+    `make_card(checkpoint, stage_cfg)` makes the card of each speaking stage once it is done, before the next
+    stage starts (None: no cards)."""
     output_dir = Path(cfg.training.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     state_path = output_dir / STATE_FILE
@@ -162,6 +204,9 @@ def run_recipe(cfg: IRAConfig, recipe: str, minutes: float, run_stage: RunStage,
         if record.status == "done":
             previous = record.checkpoint
             say(f"{name}: done earlier ({record.minutes_used:.1f} min) -> {record.checkpoint}")
+            if make_card is not None and needs_card(record):
+                write_stage_card(record, stage_config(cfg, record), make_card, say)
+                state.save(state_path)
             continue
         own_latest = find_latest(record.folder, record.stage)
         resume_from = str(own_latest) if own_latest is not None else previous   # previous: None only for style
@@ -175,7 +220,8 @@ def run_recipe(cfg: IRAConfig, recipe: str, minutes: float, run_stage: RunStage,
         state.save(state_path)
         say(f"{name}: {record.minutes:g} min budget" + (f", from {resume_from}" if resume_from else ""))
         try:
-            outcome = run_stage(record.stage, stage_config(cfg, record), resume_from)
+            stage_cfg = stage_config(cfg, record)
+            outcome = run_stage(record.stage, stage_cfg, resume_from)
         except BaseException as exc:   # recorded, so that recipe.json never says "running" for a dead stage
             outcome = "stopped" if isinstance(exc, KeyboardInterrupt) else "failed"
             raise
@@ -193,4 +239,7 @@ def run_recipe(cfg: IRAConfig, recipe: str, minutes: float, run_stage: RunStage,
             raise RecipeError(f"{name} finished without a checkpoint in {record.folder}")
         previous = record.checkpoint
         say(f"{name}: done in {record.minutes_used:.1f} min -> {record.checkpoint}")
+        if make_card is not None and needs_card(record):
+            write_stage_card(record, stage_cfg, make_card, say)
+            state.save(state_path)
     return "done"
