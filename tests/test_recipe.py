@@ -13,7 +13,7 @@ from conftest import TINY_PPO, TINY_STAGES
 from ira.checkpoint import best_path, read_header
 from ira.config import load_config
 from ira.eval.card import read_card, wav_path
-from ira.training.recipe import BUDGET_SHARES, RECIPE_STAGES, RecipeError, plan, run_recipe, stage_card
+from ira.training.recipe import BUDGET_SHARES, RECIPE_STAGES, RecipeError, ensure_corpus, plan, run_recipe, stage_card
 from ira.training.stop import request_stop
 
 TINY_RECIPE = TINY_STAGES + TINY_PPO + [
@@ -226,3 +226,17 @@ def test_a_recipe_folder_of_another_budget_is_refused_with_the_command_that_cont
     (tmp_path / "recipe.json").write_text("{not json")
     with pytest.raises(RecipeError, match="recipe.json is not a readable recipe state"):
         run_recipe(cfg, "full", 30, lambda *a: "done", say=lambda _: None)
+
+
+def test_from_nothing_the_recipe_speaks_the_synthetic_corpus_first_and_names_the_command_for_other_sources(tmp_path):
+    from ira.data.corpus import read_metadata
+
+    said: list[str] = []
+    cfg = load_config("cpu", [f"data.dir={tmp_path / 'synth'}", "data.synth_num_utterances=4"])
+    minutes = ensure_corpus(cfg, said.append)
+    assert minutes is not None and len(read_metadata(tmp_path / "synth")) == 4
+    assert "speaking the preset's synthetic corpus" in said[0]
+    assert ensure_corpus(cfg, said.append) is None and len(said) == 2          # there now: nothing to do
+    other = load_config("cpu", [f"data.dir={tmp_path / 'lj'}", "data.source=ljspeech"])
+    with pytest.raises(RecipeError, match="ira data ljspeech"):
+        ensure_corpus(other, said.append)

@@ -137,6 +137,32 @@ def handed_over(record: StageRecord) -> Optional[str]:
     return str(latest) if latest is not None else None
 
 
+def ensure_corpus(cfg: IRAConfig, say: Callable[[str], None] = print,
+                  progress: Optional[Callable[[float, str], None]] = None) -> Optional[float]:
+    """From nothing: when `data.dir` holds no corpus yet and the preset's `data.source` is "synth", speak it
+    first (what `ira data synth` does: eSpeak NG, offline, resumable), so that one command goes from an empty
+    folder to every stage. Returns the minutes it took, or None when the corpus was there. Other sources
+    need their own command first (a download or the user's recordings): a clear error names it."""
+    data_dir = Path(cfg.data.dir)
+    if (data_dir / "metadata.csv").is_file():   # written last: a corpus stopped half-way has none yet
+        return None
+    if cfg.data.source != "synth":
+        command = {"ljspeech": "ira data ljspeech --root data", "folder": "ira data folder DIR",
+                   "dummy": f"ira data dummy --out {data_dir}"}[cfg.data.source]
+        raise RecipeError(f"{data_dir} holds no corpus (no metadata.csv) and data.source is "
+                          f"{cfg.data.source!r}: make it first with `{command}`, or set data.dir to a corpus")
+    from ira.data.synth import synthesize_corpus
+
+    start = time.time()
+    say(f"corpus: {data_dir} holds none; speaking the preset's synthetic corpus first "
+        f"({cfg.data.synth_num_utterances} clips, eSpeak NG)")
+    synthesize_corpus(data_dir, num_utterances=cfg.data.synth_num_utterances, seed=cfg.data.synth_seed,
+                      progress=progress)
+    minutes = (time.time() - start) / 60.0
+    say(f"corpus: {data_dir} spoken in {minutes:.1f} min")
+    return minutes
+
+
 RunStage = Callable[[str, IRAConfig, Optional[str]], str]
 MakeCard = Callable[[str, IRAConfig], str]
 """(handed-over checkpoint, the stage's config) -> the path of the card.json it wrote."""
