@@ -180,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def run_recipe_command(cfg: IRAConfig, recipe: str, minutes: float | None, resume_checkpoint: str | None) -> int:
-    from ira.training.recipe import RecipeError, ensure_corpus, run_recipe
+    from ira.training.recipe import RecipeError, ensure_corpus, has_corpus, run_recipe
 
     if minutes is None:
         print("ira train --recipe: give its wall-clock budget with --minutes M", file=sys.stderr)
@@ -195,8 +195,9 @@ def run_recipe_command(cfg: IRAConfig, recipe: str, minutes: float | None, resum
         return {EXIT_OK: "done", EXIT_STOPPED: "stopped"}.get(code, "failed")
 
     try:
-        with tqdm_progress("synthesise") as progress:
-            ensure_corpus(cfg, progress=progress)
+        if not has_corpus(cfg):
+            with tqdm_progress("synthesise") as progress:
+                ensure_corpus(cfg, progress=progress)
         outcome = run_recipe(cfg, recipe, minutes, one_stage)
     except RecipeError as e:
         print(f"ira train --recipe: {e}", file=sys.stderr)

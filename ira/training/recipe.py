@@ -137,6 +137,11 @@ def handed_over(record: StageRecord) -> Optional[str]:
     return str(latest) if latest is not None else None
 
 
+def has_corpus(cfg: IRAConfig) -> bool:
+    """Whether `data.dir` holds a corpus (its metadata.csv is written last: a corpus stopped half-way has none)."""
+    return (Path(cfg.data.dir) / "metadata.csv").is_file()
+
+
 def ensure_corpus(cfg: IRAConfig, say: Callable[[str], None] = print,
                   progress: Optional[Callable[[float, str], None]] = None) -> Optional[float]:
     """From nothing: when `data.dir` holds no corpus yet and the preset's `data.source` is "synth", speak it
@@ -144,7 +149,7 @@ def ensure_corpus(cfg: IRAConfig, say: Callable[[str], None] = print,
     folder to every stage. Returns the minutes it took, or None when the corpus was there. Other sources
     need their own command first (a download or the user's recordings): a clear error names it."""
     data_dir = Path(cfg.data.dir)
-    if (data_dir / "metadata.csv").is_file():   # written last: a corpus stopped half-way has none yet
+    if has_corpus(cfg):
         return None
     if cfg.data.source != "synth":
         command = {"ljspeech": "ira data ljspeech --root data", "folder": "ira data folder DIR",
