@@ -409,6 +409,7 @@ def test_recipe_progress_shows_one_line_per_stage(tmp_path: Path):
 
     from ira.training.recipe import RecipeState
     from ui.runner import JobStatus
+    from ui.runner import recipe_state
     from ui.train_tab import recipe_progress_markdown
 
     run_dir = _recipe_run(tmp_path, "r", 100, ["done", "running", "pending", "pending"])
@@ -417,7 +418,7 @@ def test_recipe_progress_shows_one_line_per_stage(tmp_path: Path):
     state.save(run_dir / "recipe.json")
     running = JobStatus(name="r", state="running", stage="recipe", step=40, total_steps=100000, eta_s=99999.0,
                         recipe_stage="1")
-    text = recipe_progress_markdown(run_dir / "recipe.json", running, relative=lambda p: Path(p).name, now=1600.0)
+    text = recipe_progress_markdown(recipe_state(run_dir), running, relative=lambda p: Path(p).name, now=1600.0)
     lines = [line for line in text.splitlines() if line.startswith("- ")]
     assert len(lines) == 4
     assert lines[0] == "- voice style encoder · **done** · 2.5 / 5 min · `stagestyle_best.safetensors`"
@@ -427,11 +428,11 @@ def test_recipe_progress_shows_one_line_per_stage(tmp_path: Path):
     assert "37.5 of 100 min used" in text and "5 / 50 / 30 / 15 %" in text
     # its process ended without recipe.json saying so (killed): not shown as running
     ended = JobStatus(name="r", state="failed", stage="recipe", recipe_stage="1")
-    assert "**stopped (its process ended)** · 25.0 / 50 min" in recipe_progress_markdown(run_dir / "recipe.json",
+    assert "**stopped (its process ended)** · 25.0 / 50 min" in recipe_progress_markdown(recipe_state(run_dir),
                                                                                          ended, now=1600.0)
     (run_dir / "recipe.json").write_text(_json.dumps({"oops": 1}))
-    assert recipe_progress_markdown(run_dir / "recipe.json", running) == ""
-    assert recipe_progress_markdown(tmp_path / "none.json") == ""
+    assert recipe_progress_markdown(recipe_state(run_dir), running) == ""
+    assert recipe_progress_markdown(recipe_state(tmp_path)) == ""
 
 
 def test_recipe_cards_are_a_table_per_done_stage_and_their_audio_is_offered_to_the_player(tmp_path: Path):
@@ -439,6 +440,7 @@ def test_recipe_cards_are_a_table_per_done_stage_and_their_audio_is_offered_to_t
     answer with markdown's characters), stage 3's failure; the style encoder and unfinished stages get none."""
     from ira.eval.card import Card, CardItem, write_card
     from ira.training.recipe import RecipeState
+    from ui.runner import recipe_state
     from ui.train_tab import card_audio_choices, cards_markdown, stage_cards
 
     run_dir = _recipe_run(tmp_path, "r", 100, ["done", "done", "done", "done"])
@@ -458,7 +460,7 @@ def test_recipe_cards_are_a_table_per_done_stage_and_their_audio_is_offered_to_t
     state.stages[3].card_error = "CheckpointError: oops"
     state.save(run_dir / "recipe.json")
 
-    cards = stage_cards(run_dir / "recipe.json", resolve=lambda p: Path(p) if Path(p).is_absolute() else tmp_path / p)
+    cards = stage_cards(recipe_state(run_dir), resolve=lambda p: Path(p) if Path(p).is_absolute() else tmp_path / p)
     assert [(c.stage, c.card is not None) for c in cards] == [("1", True), ("2", True), ("3", False)]
     text = cards_markdown(cards, relative=lambda p: Path(p).name)
     assert "#### stage 1 (SpeechLM) · step 12 · ASR WER 0.00 · `stage1_best.safetensors`" in text
@@ -475,10 +477,10 @@ def test_recipe_cards_are_a_table_per_done_stage_and_their_audio_is_offered_to_t
     assert choices[3][1] == str(tmp_path / "runs" / "r" / "stage2" / "card" / "1.wav")
 
     (Path(state.stages[1].folder) / "card" / "card.json").write_text("{oops")   # unreadable: said, not raised
-    assert "is not a readable card" in cards_markdown(stage_cards(run_dir / "recipe.json"))
-    assert stage_cards(tmp_path / "none.json") == [] and cards_markdown([]) == ""
+    assert "is not a readable card" in cards_markdown(stage_cards(recipe_state(run_dir)))
+    assert stage_cards(recipe_state(tmp_path)) == [] and cards_markdown([]) == ""
     running = _recipe_run(tmp_path, "r2", 100, ["done", "running", "pending", "pending"])
-    assert stage_cards(running / "recipe.json") == []
+    assert stage_cards(recipe_state(running)) == []
 
 
 def test_a_recipe_job_is_watched_in_its_running_stage_and_its_settings_read_back(tmp_path: Path):

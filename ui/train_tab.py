@@ -22,10 +22,10 @@ from ira.config import PRESETS, ConfigError, IRAConfig, load_config
 from ira.cli import TRAIN_STAGES
 from ira.checkpoint import CheckpointError, latest_path, read_header
 from ira.eval.card import SPEAKING_STAGES, Card, CardError, read_card, wav_path
-from ira.training.recipe import BUDGET_SHARES, DEFAULT_MINUTES, STAGE_NAMES, STATE_FILE, RecipeError, RecipeState
+from ira.training.recipe import BUDGET_SHARES, DEFAULT_MINUTES, STAGE_NAMES, STATE_FILE, RecipeState
 from ui.data_tab import guarded
 from ui.runner import (RECIPE_STAGE, JobError, JobRecord, JobRunner, JobStatus, format_eta, recipe_command,
-                       shell_quote, train_command)
+                       recipe_state, shell_quote, train_command)
 from ui.workspace import Workspace
 
 
@@ -289,16 +289,14 @@ def status_markdown(ws: Workspace, status: JobStatus) -> str:
     return "\n".join(lines)
 
 
-def recipe_progress_markdown(state_path: str | Path, status: Optional[JobStatus] = None,
+def recipe_progress_markdown(state: Optional[RecipeState], status: Optional[JobStatus] = None,
                              relative: Callable[[str], str] = str, now: Optional[float] = None) -> str:
     """One line per stage of a recipe from its recipe.json: its name, status, minutes used of its budget, its
     handed-over checkpoint once done and, for the stage running now, its step and ETA (from `status`, which
-    follows that stage's metrics). "" when the file is missing or unreadable.
+    follows that stage's metrics). "" without a state (`ui.runner.recipe_state`: not a recipe, or unreadable).
 
     A stage recipe.json still calls "running" after the app's job ended (killed) is shown as stopped."""
-    try:
-        state = RecipeState.load(Path(state_path))
-    except RecipeError:
+    if state is None:
         return ""
     now = time.time() if now is None else now
     active = status is None or status.active or status.state == "idle"   # idle: no job record here to ask
@@ -333,13 +331,11 @@ class StageCard:
     problem: str = ""
 
 
-def stage_cards(state_path: str | Path, resolve: Callable[[str], Path] = Path) -> list[StageCard]:
-    """The cards of a recipe's done speaking stages, in stage order, from its recipe.json and each stage's
-    card.json (files only: the timer calls it). [] when the file is missing or unreadable (not a recipe).
+def stage_cards(state: Optional[RecipeState], resolve: Callable[[str], Path] = Path) -> list[StageCard]:
+    """The cards of a recipe's done speaking stages, in stage order, from its state and each stage's
+    card.json (files only: the timer calls it). [] without a state (not a recipe).
     `resolve` turns a path recorded in recipe.json into one to open (a relative one is the job's)."""
-    try:
-        state = RecipeState.load(Path(state_path))
-    except RecipeError:
+    if state is None:
         return []
     cards = []
     for record in state.stages:
@@ -592,12 +588,12 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         except (JobError, ValueError) as exc:
             raise gr.Error(str(exc), title="Stop", print_exception=False) from exc
         gr.Info(f"Stop requested: run '{run_name}' finishes its step, writes a checkpoint and exits.")
-        return with_recipe_progress(status)
+        return with_recipe_progress(status, recipe_state(ws.run_dir(run_name)))
 
-    def with_recipe_progress(status: JobStatus) -> str:
-        """The status, and below it one line per stage when the run is a full recipe."""
+    def with_recipe_progress(status: JobStatus, state: Optional[RecipeState]) -> str:
+        """The status, and below it one line per stage when the run is a full recipe (`state`)."""
         text = status_markdown(ws, status)
-        progress = recipe_progress_markdown(ws.run_dir(status.name) / STATE_FILE, status, relative=workspace_path)
+        progress = recipe_progress_markdown(state, status, relative=workspace_path)
         return f"{text}\n\n{progress}" if progress else text
 
     def workspace_path(path: str) -> str:
@@ -616,8 +612,9 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
             return (gr.skip(),) * len(tick_outputs)
         status = runner.status(run_name)
         rows = runner.metrics(run_name)
-        text = with_recipe_progress(status)
-        cards = stage_cards(ws.run_dir(run_name) / STATE_FILE, resolve=job_path)
+        state = recipe_state(ws.run_dir(run_name))   # read once a tick: the progress lines and the cards
+        text = with_recipe_progress(status, state)
+        cards = stage_cards(state, resolve=job_path)
         cards_text = cards_markdown(cards, relative=workspace_path)
         inside = [s for s in status.samples if _inside(ws, s)]
         card_choices = [(label, path) for label, path in card_audio_choices(cards) if _inside(ws, path)]
