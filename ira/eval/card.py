@@ -33,7 +33,6 @@ CARD_SEED = 0
 speaks the same sentences with the same seeds."""
 CARD_VERSION = 1
 SPEAKING_STAGES = ("1", "2", "3")
-LISTENING_STAGES = ("2", "3")
 OFFLINE = "offline"
 """`make_card(transcribe=OFFLINE)`: the offline ASR of `ira.eval.asr`, or a note in the card when it is missing."""
 
@@ -137,11 +136,14 @@ def make_card(checkpoint: str | Path, card_dir: str | Path | None = None, *,
     if sentences is None:
         from ira.eval.speech import heldout_sentences
         sentences = heldout_sentences(limit=CARD_SENTENCES)
+    from ira.inference import create_pipeline_from_checkpoints
+
     card = Card(checkpoint=str(checkpoint), stage=stage, step=step, seed=seed)
-    clips = _speak(checkpoint, sentences, card_dir, device, seed, card)
+    pipeline = create_pipeline_from_checkpoints(checkpoint, device=device, llm=llm)   # what `ira generate` uses
+    clips = _speak(pipeline.speaker, sentences, card_dir, seed, card)
     _transcribe(card, clips, transcribe)
-    if stage in LISTENING_STAGES:
-        _ask_llm(card, checkpoint, clips, device, llm, max_new_tokens)
+    if pipeline.can_understand:
+        _ask_llm(card, pipeline.listener, clips, max_new_tokens)
     else:
         card.llm_note = f"a stage-{stage} checkpoint has no adapter: the LLM hears speech from stage 2 on"
     card.seconds = round(time.perf_counter() - start, 2)
@@ -174,13 +176,11 @@ class _Clip:
     sample_rate: int
 
 
-def _speak(checkpoint: Path, sentences: list[str], card_dir: Path, device: str, seed: int,
-           card: Card) -> list[_Clip]:
+def _speak(speaker: Any, sentences: list[str], card_dir: Path, seed: int, card: Card) -> list[_Clip]:
     """Speak each sentence with seed `seed + i` and save it as card_dir/<i+1>.wav; adds one item per sentence."""
     from ira.audio import save_audio
-    from ira.speaker import SamplingSettings, Speaker
+    from ira.speaker import SamplingSettings
 
-    speaker = Speaker.from_checkpoint(checkpoint, device=device)
     clips = []
     for i, sentence in enumerate(sentences):
         result = speaker.speak(sentence, settings=replace(SamplingSettings(), seed=seed + i))
@@ -215,13 +215,10 @@ def _transcribe(card: Card, clips: list[_Clip], transcribe: Union[Transcribe, st
     card.wer = round(corpus_wer([i.sentence for i in card.items], [i.asr_heard or "" for i in card.items]), 4)
 
 
-def _ask_llm(card: Card, checkpoint: Path, clips: list[_Clip], device: str, llm: Any,
-             max_new_tokens: int) -> None:
+def _ask_llm(card: Card, listener: Any, clips: list[_Clip], max_new_tokens: int) -> None:
     """Ask the LLM to repeat each clip, through the checkpoint's adapter, as `ira understand` would."""
-    from ira.listener import Listener
     from ira.models.splice import REPEAT_INSTRUCTION
 
-    listener = Listener.from_checkpoint(checkpoint, device=device, llm=llm)
     card.instruction = REPEAT_INSTRUCTION
     for item, clip in zip(card.items, clips):
         if not clip.waveform.numel():
@@ -233,7 +230,6 @@ def _ask_llm(card: Card, checkpoint: Path, clips: list[_Clip], device: str, llm:
             item.note = f"the LLM was not asked: {exc}"
             continue
         item.llm_answered = answer.replace("\n", " ").strip()
-
 
 
 def summary(card: Card) -> str:
