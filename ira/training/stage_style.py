@@ -2,7 +2,7 @@
 
 Data: the clips of the prepared corpus (DIR/annotations.jsonl, the token cache's train/val split),
 audio from DIR/wavs/<id>.wav at 24 kHz, trimmed of silence as in preparation, turned into log-mels
-once and kept in memory (float16). A training step takes a batch of clip indices; for each clip
+once per corpus (cached in DIR/cache/style-mels/, ira/data/style_mels.py) and kept in memory (float16). A training step takes a batch of clip indices; for each clip
 it picks one of its train-family descriptions and a random crop of at most `style.crop_seconds`,
 drawing both from a generator seeded by (training.seed, micro-step), so a resumed run makes the
 same choices as an uninterrupted one.
@@ -37,6 +37,7 @@ from ira.codec.mel import SAMPLE_RATE, log_mel
 from ira.config import IRAConfig
 from ira.data.corpus import wav_path
 from ira.data.descriptions import attribute_levels, describe, parse_description_hints
+from ira.data.style_mels import cache_path as style_mel_path, cached_mels
 from ira.data.token_cache import read_split_metadata
 from ira.models.style import (FRAME_RATE, StyleEncoder, contrastive_loss, description_targets,
                               pad_mels)
@@ -87,12 +88,13 @@ def _read_annotations(data_dir: Path) -> tuple[dict[str, dict], dict]:
     return annotations, json.loads(stats_path.read_text(encoding="utf-8"))
 
 
-def split_ids(cfg: IRAConfig, split: str) -> list[str]:
-    """The ids of a split, as the token cache has them (preparing the corpus first if needed)."""
+def split_ids_and_hash(cfg: IRAConfig, split: str) -> tuple[list[str], str]:
+    """The ids of a split, as the token cache has them (preparing the corpus first if needed), and the
+    hash of the corpus that cache was built from."""
     from ira.data.prepare import ensure_prepared
 
-    result = ensure_prepared(cfg)
-    return json.loads(read_split_metadata(result.cache_files[split])["ids"])
+    meta = read_split_metadata(ensure_prepared(cfg).cache_files[split])
+    return json.loads(meta["ids"]), meta["data_hash"]
 
 
 def load_style_clips(cfg: IRAConfig, split: str, query_family: str = "heldout", n_queries: int = 1,
@@ -105,21 +107,36 @@ def load_style_clips(cfg: IRAConfig, split: str, query_family: str = "heldout", 
     """
     data_dir = Path(cfg.data.dir)
     annotations, stats = _read_annotations(data_dir)
-    ids = list(ids) if ids is not None else split_ids(cfg, split)
+    data_hash = None
+    if ids is None:   # a whole split: its mels are cached, keyed by the token cache's hash of the corpus
+        ids, data_hash = split_ids_and_hash(cfg, split)
     max_frames = int(cfg.style.max_audio_seconds * FRAME_RATE)
-    clips, skipped = [], []
+    clips, skipped, described = [], [], []
     for clip_id in ids:
         ann = annotations.get(clip_id)
         if ann is None:
             raise KeyError(f"clip {clip_id} is in the {split} token cache but not in "
                            f"{data_dir / 'annotations.jsonl'}; re-run `ira data prepare --dir {data_dir}`")
-        descriptions = [d for d in ann.get("descriptions") or [] if d.strip()]
-        if not descriptions:
+        if any(d.strip() for d in ann.get("descriptions") or []):
+            described.append(clip_id)
+        else:
             skipped.append(clip_id)
-            continue
+
+    def clip_mel(clip_id: str) -> torch.Tensor:
         wav = trim_silence(load_audio(wav_path(data_dir, clip_id), SAMPLE_RATE), SAMPLE_RATE,
                            top_db=cfg.data.trim_silence_db)
-        mel = log_mel(wav, SAMPLE_RATE, cfg.style.n_mels)[:, :max_frames].to(torch.float16)
+        return log_mel(wav, SAMPLE_RATE, cfg.style.n_mels)[:, :max_frames].to(torch.float16)
+
+    if data_hash is not None:
+        settings = {"n_mels": cfg.style.n_mels, "max_frames": max_frames, "trim_db": cfg.data.trim_silence_db,
+                    "sample_rate": SAMPLE_RATE}
+        mels = cached_mels(style_mel_path(data_dir, split, data_hash, settings), described, clip_mel)
+    else:
+        mels = {clip_id: clip_mel(clip_id) for clip_id in described}
+    for clip_id in described:
+        ann = annotations[clip_id]
+        descriptions = [d for d in ann.get("descriptions") or [] if d.strip()]
+        mel = mels[clip_id]
         levels = attribute_levels(ann, stats)
         queries = describe(ann, stats, random.Random(f"ira-style-query:{query_family}:{clip_id}"),
                            n=n_queries, family=query_family) or descriptions[:1]
