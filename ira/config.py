@@ -477,6 +477,10 @@ class PPOConfig:
     top_k: int = 0
     eval_texts: int = 8
     """Held-out texts spoken and judged at each validation."""
+    eval_asr: bool = True
+    """Also transcribe each validation's samples with the offline ASR (`ira[eval]`; skipped without it) and
+    log val_asr_wer / val_asr_cer: what a listener would hear, next to what the judge rewards, so that a
+    reward that rises while the WER rises (reward hacking) shows in the curves."""
     advantage: str = "gae"
     """How each sample's advantage is estimated: "gae" = the value head with GAE (Ziegler et al.); "group" =
     each text spoken `group_size` times, a sample's advantage its reward (KL penalty included) minus its

@@ -7,7 +7,8 @@ Speaks the first `--texts` held-out texts of the checkpoint's corpus (each with 
 and prints the judge's semantic reward (the LLM's mean log-likelihood per token of the text, from the
 audio), the style reward, the KL to the reference (stage-2) SpeechLM, and the proxies that would
 reveal a reward hack: the reference's log-likelihood per frame of the samples, the judge's CER when it
-repeats what it heard, and the seconds spoken per character.
+repeats what it heard, the seconds spoken per character, and (with `ira[eval]`) the offline ASR's WER and
+CER of the samples.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key[4:]:>24}: {value:.4f}")
     for row in getattr(task, "_last_heard", [])[:3]:
         print(f"  said {row['text']!r}\n  judge heard {row['heard']!r}")
+        if "asr" in row:
+            print(f"  ASR heard {row['asr']!r}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"checkpoint": args.checkpoint, **metrics}, handle, indent=2)

@@ -1,12 +1,15 @@
 """Stage 3 (PPO with the LLM as judge) on the tiny stage-2 model: what trains, what is logged and saved,
 that the first minibatch has ratio 1, and that a run stopped mid-iteration resumes exactly."""
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import tiny_stage3_config
+from ira.eval import asr
 from ira.listener import Listener
 from ira.speaker import SamplingSettings, Speaker
 from ira.training.checkpoint import CheckpointError, load_checkpoint, read_metadata, train_state_path
@@ -59,9 +62,16 @@ def test_metrics_and_checkpoint(ppo_run, tiny_stage2, bundled_llm):
     train = [r for r in rows if r.get("split") == "train"]
     val = [r for r in rows if r.get("split") == "val"]
     for key in ("reward", "reward_semantic", "reward_style", "kl", "kl_coef", "clip_fraction", "entropy",
-                "value_loss", "policy_loss", "explained_variance"):
+                "value_loss", "policy_loss", "explained_variance", "rollouts_per_second"):
         assert key in train[-1], key
+    assert train[-1]["rollouts_per_second"] > 0
     assert {"val_reward_semantic", "val_kl", "val_judge_cer", "val_ref_logprob_per_frame"} <= set(val[-1])
+    if asr.is_available():   # what a listener hears, next to what the judge rewards (the README's setup has it)
+        assert val[-1]["val_asr_wer"] >= 0.0 and 0.0 <= val[-1]["val_asr_cer"]
+        newest = max(Path(ppo_run.metrics_path).parent.glob("samples/stage3_step*/judge.jsonl"),
+                     key=lambda path: int(path.parent.name.rsplit("step", 1)[1]))
+        heard = [json.loads(line) for line in newest.open()]
+        assert heard and all({"text", "heard", "asr"} <= set(row) for row in heard)
     ckpt = load_checkpoint(ppo_run.last_checkpoint)
     assert ckpt.stage == "3" and {"speech_lm", "value_head", "reference", "adapter", "codec"} <= set(ckpt.modules)
     s2 = load_checkpoint(tiny_stage2[3].last_checkpoint)

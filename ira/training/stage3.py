@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -37,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ira.checkpoint import Checkpoint, load_checkpoint, require_stage
 from ira.config import IRAConfig
 from ira.data.dataset import pad_codes
+from ira.eval import asr
 from ira.data.prepare import ensure_prepared
 from ira.data.token_cache import TokenSplit, load_split
 from ira.models.hub import (CodecState, adapter_from_checkpoint, codec_from_checkpoint,
@@ -46,7 +48,7 @@ from ira.models.llm import LoadedLLM, load_llm
 from ira.models.reading_rate import min_frames_for
 from ira.models.speech_lm import SpeechLM
 from ira.models.splice import build_student_inputs, generate_reply, reply_log_likelihood
-from ira.text_metrics import corpus_cer
+from ira.text_metrics import corpus_cer, corpus_wer
 from ira.training.engine import FitResult, Trainer
 from ira.training.ppo import (AdaptiveKLController, explained_variance, gae, group_advantages, masked_whiten,
                               ppo_losses, shaped_rewards)
@@ -261,8 +263,10 @@ class Stage3Task(TrainingTask):
             n_texts = len(texts) // pc.group_size
             texts = [t for t in texts[:n_texts] for _ in range(pc.group_size)]
             descriptions = [d for d in descriptions[:n_texts] for _ in range(pc.group_size)]
+        start = time.perf_counter()
         samples = self.speak(self.policy, texts, descriptions, seed=self.cfg.training.seed * 100_003 + iteration)
         scores = self.judge(samples, texts, descriptions)
+        rollouts_per_second = len(texts) / max(time.perf_counter() - start, 1e-9)   # spoken and judged
         score = pc.semantic_weight * scores["semantic"] + pc.style_weight * scores["style"]
         self.policy.eval()
         logprobs, _, mask, hidden = step_logprobs(self.policy, samples)
@@ -281,7 +285,8 @@ class Stage3Task(TrainingTask):
         self.rollout_metrics = {
             "reward": score.mean().item(), "reward_semantic": scores["semantic"].mean().item(),
             "reward_style": scores["style"].mean().item(), "kl": sequence_kl, "kl_coef": self.kl.value, **spread,
-            "rollout_seconds_audio": samples["codes_lengths"].float().mean().item() / self.codec.frame_rate}
+            "rollout_seconds_audio": samples["codes_lengths"].float().mean().item() / self.codec.frame_rate,
+            "rollouts_per_second": rollouts_per_second}
         self.kl.update(sequence_kl, pc.batch_size)
         self.buffer = {**{k: v for k, v in samples.items() if v is not None}, "old_logprobs": logprobs,
                        "old_values": values, "advantages": advantages, "returns": returns, "mask": mask}
@@ -322,7 +327,7 @@ class Stage3Task(TrainingTask):
         """On held-out texts: the judge's scores of the policy's samples, the KL to the reference, and
         proxies a reward hack would show — the reference's log-likelihood per frame of the samples
         (do they still look like speech to the stage-2 model?), the judge's CER when it repeats what it
-        heard, and the spoken duration per character."""
+        heard, the spoken duration per character, and (`ppo.eval_asr`) the offline ASR's WER and CER."""
         metrics: dict[str, float] = {}
         for batch in loader:
             samples = self.speak(self.policy, batch["texts"], batch["descriptions"], seed=self.cfg.training.seed)
@@ -336,6 +341,7 @@ class Stage3Task(TrainingTask):
             heard = generate_reply(self.llm, inputs, max_new_tokens=self.cfg.llm.max_new_tokens)
             frames = samples["codes_lengths"].float()
             chars = torch.tensor([len(t) for t in batch["texts"]], dtype=torch.float, device=frames.device)
+            asr_heard = self._asr_heard(samples)
             metrics = {"val_reward_semantic": scores["semantic"].mean().item(),
                        "val_reward_style": scores["style"].mean().item(),
                        "val_kl": ((logprobs - ref_logprobs) * mask).sum(1).mean().item(),
@@ -343,7 +349,24 @@ class Stage3Task(TrainingTask):
                        "val_judge_cer": corpus_cer(batch["texts"], heard),
                        "val_seconds_per_char": (frames / self.codec.frame_rate / chars).mean().item()}
             self._last_heard = [{"text": t, "heard": h} for t, h in zip(batch["texts"], heard)]
+            if asr_heard is not None:
+                metrics["val_asr_wer"] = corpus_wer(batch["texts"], asr_heard)
+                metrics["val_asr_cer"] = corpus_cer(batch["texts"], asr_heard)
+                for row, text in zip(self._last_heard, asr_heard):
+                    row["asr"] = text
         return metrics
+
+    def _asr_heard(self, samples: dict[str, Any]) -> Optional[list[str]]:
+        """What the offline ASR hears in each sample (decoded by the codec), or None when `ppo.eval_asr` is
+        off or the ASR is not installed."""
+        if not self.cfg.ppo.eval_asr or not asr.is_available():
+            return None
+        transcribe = asr.transcriber()
+        heard = []
+        for codes, n in zip(samples["codes"], samples["codes_lengths"].tolist()):
+            wav = self.codec.decode(codes[:, :n].cpu()).float() if n else torch.zeros(0)
+            heard.append(transcribe(wav, self.codec.sample_rate) if wav.numel() else "")
+        return heard
 
     def on_validation_end(self, step: int, out_dir: Path) -> list[str]:
         heard = getattr(self, "_last_heard", [])
