@@ -443,6 +443,22 @@ def test_no_early_stop_without_patience_and_a_resume_keeps_the_best_so_far(tmp_p
     assert load_checkpoint(tmp_path / "stage1_best.safetensors").step == 4
 
 
+def test_a_task_validated_at_start_keeps_its_start_when_training_only_makes_it_worse(tmp_path):
+    cfg = toy_config(tmp_path, max_steps=4, eval_every=2)
+    task = _ScriptedVal(cfg, [1.0, 2.0, 3.0])       # the start scores best; every later validation is worse
+    task.validate_at_start = True
+    start = {name: tensor.clone() for name, tensor in task.model.state_dict().items()}
+    result = _fit(cfg, task)
+    assert result.status == "done" and task.validations == 3
+    best = load_checkpoint(tmp_path / "stage1_best.safetensors")
+    assert best.step == 0 and json.loads(best.metadata["metric"])["value"] == 1.0
+    saved = best.state_dict("speech_lm")
+    assert all(torch.equal(tensor, saved[name]) for name, tensor in start.items())   # its starting weights
+    resumed = _ScriptedVal(cfg, [0.5])               # a resumed run does not validate its start again
+    resumed.validate_at_start = True
+    assert _fit(cfg, resumed, resume=result.last_checkpoint).status == "done" and resumed.validations == 0
+
+
 def test_only_the_newest_epoch_checkpoints_are_kept(tmp_path):
     cfg = toy_config(tmp_path, num_epochs=5, keep_epoch_checkpoints=2)
     assert _fit(cfg, ToyTask(cfg, n=16, with_val=False)).status == "done"

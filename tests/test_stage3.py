@@ -66,6 +66,7 @@ def test_metrics_and_checkpoint(ppo_run, tiny_stage2, bundled_llm):
         assert key in train[-1], key
     assert train[-1]["rollouts_per_second"] > 0
     assert {"val_reward_semantic", "val_kl", "val_judge_cer", "val_ref_logprob_per_frame"} <= set(val[-1])
+    assert val[0]["step"] == 0 and val[0]["val_kl"] == pytest.approx(0.0, abs=1e-4)   # the start, before PPO
     if asr.is_available():   # what a listener hears, next to what the judge rewards (the README's setup has it)
         assert val[-1]["val_asr_wer"] >= 0.0 and 0.0 <= val[-1]["val_asr_cer"]
         newest = max(Path(ppo_run.metrics_path).parent.glob("samples/stage3_step*/judge.jsonl"),

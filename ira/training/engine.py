@@ -477,6 +477,10 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=p.step, disable=not acc.is_main_process,
                    desc=f"stage {self.stage}", unit="step", dynamic_ncols=True, mininterval=1.0)
         self._t0 = time.perf_counter()
+        if p.step == 0 and getattr(self.task, "validate_at_start", False):
+            self._validate()        # the starting weights: the best to beat
+            if p.best_pending:
+                self._save("best")
         try:
             while True:
                 self.n_batches = self._epoch_len(p.epoch)

@@ -133,6 +133,7 @@ def collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 class Stage3Task(TrainingTask):
     stage = "3"
+    validate_at_start = True   # the stage-2 policy is the best to beat: PPO never hands over a worse one
 
     def __init__(self, cfg: IRAConfig, source: Checkpoint, llm: Optional[LoadedLLM] = None, cpu: bool = False):
         self.cfg, self.source = cfg, source
@@ -164,6 +165,10 @@ class Stage3Task(TrainingTask):
                              f"{cfg.data.dir} is tokenised with {prepared.codec.fingerprint}")
         self.train_split = load_split(prepared.cache_files["train"], self.codec.fingerprint)
         self.val_split = load_split(prepared.cache_files["val"], self.codec.fingerprint)
+        # the best checkpoint is the one a listener hears best (the ASR's WER on held-out texts), not the one
+        # the judge likes most: a hacked reward cannot pick it; without the ASR, the judge's reward
+        self.best_metric = (("val_asr_wer", "min") if cfg.ppo.eval_asr and asr.is_available()
+                            else ("val_reward_semantic", "max"))
 
     # -- the engine's interface -------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ class StageTask(Protocol):
     stage: str
     find_unused_parameters: bool
     best_metric: tuple[str, str]
+    validate_at_start: bool
 
     def setup(self, device: torch.device) -> None: ...
     def modules(self) -> dict[str, nn.Module]: ...
@@ -67,6 +68,9 @@ class TrainingTask(ABC):
     best_metric: tuple[str, str] = ("val_loss", "min")
     """(validation metric, "min" or "max") that picks `stage{S}_best` and drives early stopping; a
     validation without that key leaves the best as it is."""
+    validate_at_start: bool = False
+    """Validate (and keep as the best so far) the starting weights before the first step of a fresh run:
+    for a stage that fine-tunes a finished model (stage 3), so that its best is never worse than its start."""
 
     def setup(self, device: torch.device) -> None:
         """Called once before training, with the device of this process. Default: nothing."""
