@@ -153,15 +153,18 @@ argument; a training stopped before its end (STOP file, Ctrl-C, SIGTERM: resume 
 --resume_checkpoint <output_dir>/stage<N>_latest.safetensors)."""
 
 
-def run_training(stage: str, cfg: IRAConfig, resume_from: str | None = None) -> int:
+def run_training(stage: str, cfg: IRAConfig, resume_from: str | None = None, in_recipe: bool = False) -> int:
     """Run one stage; exit code EXIT_OK when it finished (steps, epochs or time budget), EXIT_STOPPED when
-    it was stopped before that, EXIT_FAILED on NaN / out of memory."""
+    it was stopped before that, EXIT_FAILED on NaN / out of memory. A stopped stage says how to continue
+    it, unless it runs `in_recipe` (the recipe says that: the same recipe command again)."""
     import importlib
 
     module_name, function_name = TRAIN_STAGES[stage].split(":")
     run = getattr(importlib.import_module(module_name), function_name)
     result = run(cfg, resume_from=resume_from)
     print(result.message)
+    if result.status == "stopped" and result.last_checkpoint and not in_recipe:
+        print(f"Continue with --resume_checkpoint {result.last_checkpoint}")
     if result.last_checkpoint:
         print(f"checkpoint: {result.last_checkpoint}")
     print(f"metrics: {result.metrics_path}")
@@ -191,7 +194,7 @@ def run_recipe_command(cfg: IRAConfig, recipe: str, minutes: float | None, resum
         return EXIT_USAGE
 
     def one_stage(stage: str, stage_cfg: IRAConfig, resume_from: str | None) -> str:
-        code = run_training(stage, stage_cfg, resume_from)
+        code = run_training(stage, stage_cfg, resume_from, in_recipe=True)
         return {EXIT_OK: "done", EXIT_STOPPED: "stopped"}.get(code, "failed")
 
     try:

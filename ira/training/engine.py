@@ -619,8 +619,7 @@ class Trainer:
         p = self.progress
         if self.accelerator.is_main_process:
             self.stop.clear_flag_file()
-        message = (f"Stopped at step {p.step} ({reason}); checkpoint {p.last_checkpoint}. "
-                   f"Continue with --resume_checkpoint {p.last_checkpoint}.")
+        message = f"Stopped at step {p.step} ({reason}); checkpoint {p.last_checkpoint}."
         self.logger.event("stopped", step=p.step, epoch=self._epoch_float(), reason=reason,
                           checkpoint=p.last_checkpoint, message=message)
         return "stopped", message
