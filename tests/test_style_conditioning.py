@@ -55,3 +55,29 @@ def test_descriptions_unseen_empty_and_reference(styled_checkpoint):
     assert speaker.speak("hello there", reference=reference, settings=settings).codes.shape[0] == 2
     with pytest.raises(ValueError, match="empty"):
         speaker.speak("  ", settings=settings)
+
+
+def test_the_style_table_is_computed_once_per_encoder_and_corpus(styled_checkpoint, monkeypatch):
+    """The run of the fixture kept its tables; a second start reads them back instead of embedding every
+    description and clip again, and another encoder's weights never read them."""
+    from ira.data.prepare import ensure_prepared
+    from ira.data.token_cache import load_split
+    from ira.models.hub import style_encoder_from_checkpoint
+    from ira.training.stage1 import StyleTable
+
+    path, root = styled_checkpoint
+    kept = sorted((root / "data" / "cache" / "style-table").glob("*.safetensors"))
+    assert [p.name.split("-")[0] for p in kept] == ["train", "val"]
+    encoder = style_encoder_from_checkpoint(load_checkpoint(path))
+    cfg = load_checkpoint(path).ira_config()
+    prepared = ensure_prepared(cfg)
+    split = load_split(prepared.cache_files["train"], prepared.codec.fingerprint)
+    fresh = StyleTable.compute(encoder, split, root / "data", prepared.codec.sample_rate)
+    calls: list = []
+    monkeypatch.setattr(StyleTable, "compute", classmethod(lambda cls, *a: calls.append(a) or fresh))
+    read = StyleTable.cached(encoder, split, "train", root / "data", prepared.codec.sample_rate)
+    assert not calls and torch.equal(read.text, fresh.text) and torch.equal(read.audio, fresh.audio)
+    with torch.no_grad():
+        next(encoder.parameters()).add_(0.1)       # another encoder: not the kept table
+    StyleTable.cached(encoder, split, "train", root / "data", prepared.codec.sample_rate)
+    assert len(calls) == 1
