@@ -1,10 +1,11 @@
 """Does the voice follow the description? Speak one sentence with opposite descriptions and measure.
 
-    python scripts/eval_style_control.py --checkpoint runs/x/stage1_latest.safetensors [--seeds 4]
+    python scripts/eval_style_control.py --checkpoint runs/x/stage1_best.safetensors [--seeds 8]
 
 For each pair (high vs low pitch, fast vs slow) the same sentence is generated with several seeds;
-the script prints the mean measured pitch (YIN, voiced frames) and the speech duration (silence
-trimmed) of each side, and whether they moved in the described direction.
+the script prints, for each side, the median over the seeds of the clip's pitch (YIN, mean of its
+voiced frames) and of its speech duration (silence trimmed), and whether they moved in the described
+direction. The median: one clip that goes wrong (a squeak, a long silence) cannot decide it.
 """
 
 from __future__ import annotations
@@ -38,14 +39,14 @@ def measure(speaker: Speaker, description: str, seeds: int, cfg_scale: float,
         voiced = f0[f0 > 0]
         if voiced.size:
             pitches.append(float(voiced.mean()))
-    return {"pitch_hz": statistics.mean(pitches) if pitches else float("nan"),
-            "duration_s": statistics.mean(durations)}
+    return {"pitch_hz": statistics.median(pitches) if pitches else float("nan"),
+            "duration_s": statistics.median(durations)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--cfg-scale", type=float, default=2.0)
     parser.add_argument("--length-tolerance", type=float, default=SamplingSettings().length_tolerance,
                         help="how closely the end follows the length head (negative: off, EOS alone decides)")
