@@ -421,7 +421,7 @@ def test_recipe_progress_shows_one_line_per_stage(tmp_path: Path):
     text = recipe_progress_markdown(recipe_state(run_dir), running, relative=lambda p: Path(p).name, now=1600.0)
     lines = [line for line in text.splitlines() if line.startswith("- ")]
     assert len(lines) == 4
-    assert lines[0] == "- voice style encoder · **done** · 2.5 / 5 min · `stagestyle_best.safetensors`"
+    assert lines[0] == "- voice style encoder · **done** · 2.5 / 5 min · `stagestyle_best.safetensors`"   # no file
     # 25 min of an earlier run + 10 min of this one; the budget's 15 min left beat the steps' 27 h
     assert lines[1] == "- stage 1 (SpeechLM) · **running** · 35.0 / 50 min · step 40 / 100000 · ETA 15 min 00 s"
     assert lines[2] == "- stage 2 (adapter) · **pending** · 0.0 / 30 min"
@@ -430,6 +430,17 @@ def test_recipe_progress_shows_one_line_per_stage(tmp_path: Path):
     ended = JobStatus(name="r", state="failed", stage="recipe", recipe_stage="1")
     assert "**stopped (its process ended)** · 25.0 / 50 min" in recipe_progress_markdown(recipe_state(run_dir),
                                                                                          ended, now=1600.0)
+    # a done stage's checkpoint says the figure it was chosen by (its header, as the engine writes it)
+    from torch import nn
+
+    from ira.checkpoint import save_checkpoint
+    from ira.config import load_config
+    save_checkpoint(Path(state.stages[0].checkpoint), {"style": nn.Linear(2, 2)}, stage="style", epoch=1, step=90,
+                    config=load_config("cpu"),
+                    metadata={"metric": _json.dumps({"name": "val_top5", "value": 0.1093, "step": 80})})
+    first = recipe_progress_markdown(recipe_state(run_dir), running, relative=lambda p: Path(p).name,
+                                     now=1600.0).splitlines()[2]
+    assert first.endswith("`stagestyle_best.safetensors` · top5 0.109 (at step 80)")
     (run_dir / "recipe.json").write_text(_json.dumps({"oops": 1}))
     assert recipe_progress_markdown(recipe_state(run_dir), running) == ""
     assert recipe_progress_markdown(recipe_state(tmp_path)) == ""

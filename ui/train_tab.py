@@ -20,7 +20,7 @@ import pandas as pd
 
 from ira.config import PRESETS, ConfigError, IRAConfig, load_config
 from ira.cli import TRAIN_STAGES
-from ira.checkpoint import CheckpointError, latest_path, read_header
+from ira.checkpoint import CheckpointError, checkpoint_figure, latest_path, read_header, read_metadata
 from ira.eval.card import SPEAKING_STAGES, Card, CardError, read_card, wav_path
 from ira.training.recipe import BUDGET_SHARES, DEFAULT_MINUTES, STAGE_NAMES, STATE_FILE, RecipeState
 from ui.data_tab import guarded
@@ -291,10 +291,12 @@ def status_markdown(ws: Workspace, status: JobStatus) -> str:
 
 
 def recipe_progress_markdown(state: Optional[RecipeState], status: Optional[JobStatus] = None,
-                             relative: Callable[[str], str] = str, now: Optional[float] = None) -> str:
+                             relative: Callable[[str], str] = str, now: Optional[float] = None,
+                             resolve: Callable[[str], Path] = Path) -> str:
     """One line per stage of a recipe from its recipe.json: its name, status, minutes used of its budget, its
-    handed-over checkpoint once done and, for the stage running now, its step and ETA (from `status`, which
-    follows that stage's metrics). "" without a state (`ui.runner.recipe_state`: not a recipe, or unreadable).
+    handed-over checkpoint once done with the figure it was chosen by (read from the file's header at
+    `resolve(path)`) and, for the stage running now, its step and ETA (from `status`, which follows that
+    stage's metrics). "" without a state (`ui.runner.recipe_state`: not a recipe, or unreadable).
 
     A stage recipe.json still calls "running" after the app's job ended (killed) is shown as stopped."""
     if state is None:
@@ -316,6 +318,12 @@ def recipe_progress_markdown(state: Optional[RecipeState], status: Optional[JobS
             parts.append(f"ETA {format_eta(left if status.eta_s is None else min(status.eta_s, left))}")
         if record.status == "done" and record.checkpoint:
             parts.append(f"`{relative(record.checkpoint)}`")
+            try:
+                figure = checkpoint_figure(read_metadata(resolve(record.checkpoint)))
+            except CheckpointError:   # moved or deleted since: the line says what it can
+                figure = ""
+            if figure:
+                parts.append(figure)
         lines.append("- " + " · ".join(parts))
     shares = " / ".join(f"{100 * BUDGET_SHARES[r.stage]:.0f}" for r in state.stages)
     head = (f"**Full recipe** · {used_total:.1f} of {state.minutes:g} min used (split {shares} % across the "
@@ -594,7 +602,7 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
     def with_recipe_progress(status: JobStatus, state: Optional[RecipeState]) -> str:
         """The status, and below it one line per stage when the run is a full recipe (`state`)."""
         text = status_markdown(ws, status)
-        progress = recipe_progress_markdown(state, status, relative=workspace_path)
+        progress = recipe_progress_markdown(state, status, relative=workspace_path, resolve=job_path)
         return f"{text}\n\n{progress}" if progress else text
 
     def workspace_path(path: str) -> str:

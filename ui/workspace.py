@@ -11,12 +11,12 @@ read or overwrite other files on the machine.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
+from ira.checkpoint import checkpoint_figure
 from ira.data.corpus import METADATA
 from ira.training.recipe import STATE_FILE as RECIPE_STATE
 
@@ -161,13 +161,5 @@ def checkpoint_label(rel: str, meta: Mapping[str, str]) -> str:
     (the metric is the one its run keeps the best checkpoint by, at the validation before the save)."""
     name = rel.removeprefix(f"{RUNS}/").removesuffix(".safetensors")
     parts = [name] + [f"{key} {meta[key]}" for key in ("stage", "step") if meta.get(key)]
-    try:
-        metric = json.loads(meta.get("metric") or "null")
-    except json.JSONDecodeError:
-        metric = None
-    if isinstance(metric, dict) and isinstance(metric.get("value"), (int, float)):
-        text = f"{str(metric.get('name', 'metric')).removeprefix('val_').replace('_', ' ')} {metric['value']:.3g}"
-        if str(metric.get("step")) != str(meta.get("step")):
-            text += f" (at step {metric.get('step')})"
-        parts.append(text)
-    return " · ".join(parts)
+    figure = checkpoint_figure(meta)
+    return " · ".join(parts + ([figure] if figure else []))

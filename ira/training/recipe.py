@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import psutil
 
-from ira.checkpoint import best_path, find_latest
+from ira.checkpoint import CheckpointError, best_path, checkpoint_figure, find_latest, read_metadata
 from ira.config import IRAConfig
 from ira.eval.card import CARD_DIR, SPEAKING_STAGES
 from ira.training.stop import STOP_FILE, drop_stale_flags
@@ -269,7 +269,11 @@ def run_recipe(cfg: IRAConfig, recipe: str, minutes: float, run_stage: RunStage,
             state.save(state_path)
             raise RecipeError(f"{name} finished without a checkpoint in {record.folder}")
         previous = record.checkpoint
-        say(f"{name}: done in {record.minutes_used:.1f} min -> {record.checkpoint}")
+        try:
+            figure = checkpoint_figure(read_metadata(record.checkpoint))
+        except CheckpointError:   # said by its card below; the hand-over goes on
+            figure = ""
+        say(f"{name}: done in {record.minutes_used:.1f} min -> {record.checkpoint}" + (f" ({figure})" if figure else ""))
         if make_card is not None and needs_card(record):
             write_stage_card(record, stage_cfg, make_card, say)
             state.save(state_path)
