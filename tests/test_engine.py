@@ -148,7 +148,7 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path, stop_call):
     first = _fit(cfg_b, ToyTask(cfg_b, stop_at=stop_call))
     stop_step = {14: 5, 8: 3}[stop_call]
     assert first.status == "stopped" and first.step == stop_step
-    assert "flag file" in first.message and "--resume_checkpoint" in first.message
+    assert "flag file" in first.message and str(first.last_checkpoint) in first.message
     assert not (tmp_path / "b" / "STOP").exists()                        # removed when honoured
     assert load_checkpoint(first.last_checkpoint).step == stop_step
 
@@ -414,7 +414,7 @@ def test_early_stop_after_patience_keeps_the_best(tmp_path, mode, values, best_a
     # its header carries the metric the best was chosen by (the app's checkpoint lists show it)
     assert json.loads(best.metadata["metric"]) == {"name": "val_score", "value": values[1], "step": best_at}
     state = load_train_state(tmp_path / "stage1_latest.safetensors")
-    assert state["best"] == {"value": values[1], "step": 4, "since": 3}
+    assert state["best"] == {"value": values[1], "step": 4, "since": 3, "name": "val_score"}
 
 
 class _UnfinishedFirst(_ScriptedVal):
@@ -454,9 +454,23 @@ def test_a_task_validated_at_start_keeps_its_start_when_training_only_makes_it_w
     assert best.step == 0 and json.loads(best.metadata["metric"])["value"] == 1.0
     saved = best.state_dict("speech_lm")
     assert all(torch.equal(tensor, saved[name]) for name, tensor in start.items())   # its starting weights
-    resumed = _ScriptedVal(cfg, [0.5])               # a resumed run does not validate its start again
+    # a run resumed from that step-0 save (killed in its first steps) does not validate its start again
+    resumed = _ScriptedVal(cfg, [2.0, 3.0])
     resumed.validate_at_start = True
-    assert _fit(cfg, resumed, resume=result.last_checkpoint).status == "done" and resumed.validations == 0
+    again = _fit(cfg, resumed, resume=tmp_path / "stage1_best.safetensors")
+    assert again.status == "done" and resumed.validations == 2
+    assert load_train_state(tmp_path / "stage1_latest.safetensors")["best"] == {
+        "value": 1.0, "step": 0, "since": 2, "name": "val_score"}
+    assert load_checkpoint(tmp_path / "stage1_best.safetensors").step == 0
+
+
+def test_a_best_chosen_by_another_figure_starts_over_on_resume(tmp_path):
+    cfg = toy_config(tmp_path, max_steps=4, eval_every=2)
+    first = _fit(cfg, _ScriptedVal(cfg, [0.2], ("val_score", "min"), stop_at=3))   # best val_score 0.2 at 2
+    other = _ScriptedVal(cfg, [5.0], ("val_other", "min"))     # 5.0 is worse than 0.2, but not comparable
+    assert _fit(cfg, other, resume=first.last_checkpoint).status == "done"
+    assert load_train_state(tmp_path / "stage1_latest.safetensors")["best"] == {
+        "value": 5.0, "step": 4, "since": 0, "name": "val_other"}
 
 
 def test_only_the_newest_epoch_checkpoints_are_kept(tmp_path):

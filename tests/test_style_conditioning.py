@@ -57,13 +57,13 @@ def test_descriptions_unseen_empty_and_reference(styled_checkpoint):
         speaker.speak("  ", settings=settings)
 
 
-def test_the_style_table_is_computed_once_per_encoder_and_corpus(styled_checkpoint, monkeypatch):
+def test_the_style_table_is_computed_once_per_encoder_and_corpus(styled_checkpoint, monkeypatch, tmp_path):
     """The run of the fixture kept its tables; a second start reads them back instead of embedding every
     description and clip again, and another encoder's weights never read them."""
     from ira.data.prepare import ensure_prepared
     from ira.data.token_cache import load_split
     from ira.models.hub import style_encoder_from_checkpoint
-    from ira.training.stage1 import StyleTable
+    from ira.training.style_table import StyleTable
 
     path, root = styled_checkpoint
     kept = sorted((root / "data" / "cache" / "style-table").glob("*.safetensors"))
@@ -78,6 +78,6 @@ def test_the_style_table_is_computed_once_per_encoder_and_corpus(styled_checkpoi
     read = StyleTable.cached(encoder, split, "train", root / "data", prepared.codec.sample_rate)
     assert not calls and torch.equal(read.text, fresh.text) and torch.equal(read.audio, fresh.audio)
     with torch.no_grad():
-        next(encoder.parameters()).add_(0.1)       # another encoder: not the kept table
-    StyleTable.cached(encoder, split, "train", root / "data", prepared.codec.sample_rate)
+        next(encoder.parameters()).add_(0.1)       # another encoder: not the kept table (kept elsewhere: the
+    StyleTable.cached(encoder, split, "train", tmp_path, prepared.codec.sample_rate)   # fixture's stays)
     assert len(calls) == 1

@@ -459,8 +459,16 @@ class Trainer:
                 f"({old} -> {p.batches_in_epoch} batches), so the resume is not bit-exact"))
         p.last_saved_step = p.step
         best = state.get("best") or {}
+        key = self.task.best_metric[0]
+        if best.get("value") is not None and best.get("name", key) != key:
+            # the task picks its best by another figure here (e.g. stage 3 without the ASR that chose it
+            # before): comparing the two would be meaningless, so the best starts over
+            self.logger.event("warning", message=(
+                f"the best so far was chosen by {best['name']}, this run chooses by {key}: the best starts over"))
+            best = {}
         p.best_value, p.best_step = best.get("value"), int(best.get("step", -1))
-        p.since_best, p.elapsed_before = int(best.get("since", 0)), float(state.get("elapsed_s", 0.0))
+        p.since_best = int(best.get("since", 0))
+        p.elapsed_before = float(state.get("elapsed_s", 0.0))
         rngs = state.get("rng") or []
         if acc.process_index < len(rngs):
             return rngs[acc.process_index]
@@ -471,16 +479,17 @@ class Trainer:
 
     def _loop(self, rng_pending: Optional[dict[str, Any]]) -> tuple[Status, str]:
         acc, tc, p = self.accelerator, self.cfg.training, self.progress
-        window = _Window()
         step_loss = torch.zeros((), device=acc.device)
         lr = self.optimizer.param_groups[0]["lr"]
         bar = tqdm(total=self.total_steps, initial=p.step, disable=not acc.is_main_process,
                    desc=f"stage {self.stage}", unit="step", dynamic_ncols=True, mininterval=1.0)
         self._t0 = time.perf_counter()
-        if p.step == 0 and getattr(self.task, "validate_at_start", False):
+        # a fresh run only (nothing saved or restored yet): a resume, even from the step-0 save, has done it
+        if p.step == 0 and p.last_saved_step < 0 and getattr(self.task, "validate_at_start", False):
             self._validate()        # the starting weights: the best to beat
             if p.best_pending:
                 self._save("best")
+        window = _Window()          # after that validation: the first throughput figure is of training alone
         try:
             while True:
                 self.n_batches = self._epoch_len(p.epoch)
@@ -790,7 +799,8 @@ class Trainer:
                 "total_steps": self.total_steps,
                 "run_name": self.run_name,
                 "elapsed_s": self._elapsed(),
-                "best": {"value": p.best_value, "step": p.best_step, "since": p.since_best},
+                "best": {"value": p.best_value, "step": p.best_step, "since": p.since_best,
+                         "name": self.task.best_metric[0]},
             }
             save_checkpoint(path, self.modules, stage=self.stage, epoch=p.epoch, step=p.step,
                             config=self.cfg, metadata={**self.task.checkpoint_metadata(), **self._metric_metadata()},

@@ -8,21 +8,16 @@ next to the checkpoint so a person can hear progress.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from ira.audio import load_audio, save_audio
+from ira.audio import save_audio
 from ira.checkpoint import load_checkpoint, require_stage
 from ira.config import IRAConfig
 from ira.data.dataset import LengthBucketBatchSampler, SpeechTokenDataset, pad_codes
@@ -36,11 +31,9 @@ from ira.models.speech_lm import SpeechLM
 from ira.speaker import Speaker
 from ira.text_tokenizer import build_text_tokenizer
 from ira.training.engine import FitResult, Trainer
-from ira.training.feature_cache import weights_digest
+from ira.training.style_table import StyleTable
 from ira.training.task import TrainingTask
 
-log = logging.getLogger(__name__)
-STYLE_TABLE_VERSION = "1"
 SAMPLE_STYLES = (
     "a low-pitched male voice speaking slowly",
     "a high-pitched female voice speaking fast",
@@ -83,68 +76,6 @@ class SpeechCollator:
         codes, lengths = pad_codes([item["codes"] for item in items])
         return {"text_ids": text_ids, "text_mask": text_mask, "codes": codes, "codes_lengths": lengths,
                 "clip": torch.tensor([item["clip"] for item in items])}
-
-
-class StyleTable:
-    """Style vectors of every clip of a split, computed once by the frozen style encoder.
-
-    `text` [N, D, E]: the text-tower vectors of each clip's D descriptions (a clip with fewer repeats
-    its own); `audio` [N, E]: the audio-tower vector of the clip itself.
-    """
-
-    def __init__(self, text: torch.Tensor, audio: torch.Tensor):
-        self.text, self.audio = text, audio
-
-    @classmethod
-    def compute(cls, encoder: Any, split: TokenSplit, data_dir: Path, sample_rate: int) -> "StyleTable":
-        per_clip = [list(d) or [""] for d in split.descriptions]
-        width = max(len(d) for d in per_clip)
-        flat = [d[i % len(d)] for d in per_clip for i in range(width)]
-        with torch.inference_mode():
-            unique = sorted(set(t for t in flat if t.strip()))
-            vectors = dict(zip(unique, encoder.embed_text(unique))) if unique else {}
-            zero = torch.zeros(encoder.embed_dim)
-            text = torch.stack([vectors.get(t, zero) for t in flat]).reshape(len(per_clip), width, -1)
-            wavs = [load_audio(data_dir / "wavs" / f"{clip_id}.wav", sample_rate) for clip_id in split.ids]
-            audio = torch.cat([encoder.embed_audio(wavs[i:i + 32], sr=sample_rate)
-                               for i in range(0, len(wavs), 32)]) if wavs else torch.zeros(0, encoder.embed_dim)
-        return cls(text, audio)
-
-    @classmethod
-    def cached(cls, encoder: Any, split: TokenSplit, name: str, data_dir: Path, sample_rate: int) -> "StyleTable":
-        """`compute`, once per style encoder and corpus: kept in DIR/cache/style-table/ (on the 20k-clip corpus
-        it takes ~6 minutes, which every start and every resume of stage 1 paid). The file's key names the
-        encoder's weights, the split's data and its descriptions; anything else computes it again."""
-        content = hashlib.sha256(json.dumps([split.ids, split.descriptions]).encode()).hexdigest()[:16]
-        key = f"{STYLE_TABLE_VERSION}:{weights_digest(encoder)}:{split.data_hash}:{content}:{sample_rate}"
-        path = data_dir / "cache" / "style-table" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                if (handle.metadata() or {}).get("key") == key:
-                    return cls(handle.get_tensor("text"), handle.get_tensor("audio"))
-        except Exception:   # missing, cut short or foreign: computed again
-            pass
-        table = cls.compute(encoder, split, data_dir, sample_rate)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            save_file({"text": table.text.contiguous(), "audio": table.audio.contiguous()}, str(tmp),
-                      metadata={"key": key})
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("%s: could not keep the style table (%s); the next start computes it again", path, exc)
-        return table
-
-    def to(self, device: torch.device) -> "StyleTable":
-        self.text, self.audio = self.text.to(device), self.audio.to(device)
-        return self
-
-    def sample(self, clips: torch.Tensor, audio_prob: float) -> torch.Tensor:
-        """A random description's vector per clip, or (with `audio_prob`) the clip's audio vector."""
-        choice = torch.randint(0, self.text.shape[1], (len(clips),), device=clips.device)
-        vectors = self.text[clips, choice]
-        use_audio = torch.rand(len(clips), device=clips.device) < audio_prob
-        return torch.where(use_audio[:, None], self.audio[clips], vectors)
 
 
 class Stage1Task(TrainingTask):

@@ -38,9 +38,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ira.checkpoint import Checkpoint, load_checkpoint, require_stage
 from ira.config import IRAConfig
 from ira.data.dataset import pad_codes
-from ira.eval import asr
 from ira.data.prepare import ensure_prepared
 from ira.data.token_cache import TokenSplit, load_split
+from ira.eval import asr
 from ira.models.hub import (CodecState, adapter_from_checkpoint, codec_from_checkpoint,
                             feature_speech_lm_from_checkpoint, speech_lm_from_checkpoint,
                             style_encoder_from_checkpoint, tokenizer_from_checkpoint)
@@ -368,9 +368,10 @@ class Stage3Task(TrainingTask):
             return None
         transcribe = asr.transcriber()
         heard = []
-        for codes, n in zip(samples["codes"], samples["codes_lengths"].tolist()):
-            wav = self.codec.decode(codes[:, :n].cpu()).float() if n else torch.zeros(0)
-            heard.append(transcribe(wav, self.codec.sample_rate) if wav.numel() else "")
+        with torch.autocast(self.policy.device.type, enabled=False):   # the audio inference makes: full precision
+            for codes, n in zip(samples["codes"], samples["codes_lengths"].tolist()):
+                wav = self.codec.decode(codes[:, :n].cpu()).float() if n else torch.zeros(0)
+                heard.append(transcribe(wav, self.codec.sample_rate) if wav.numel() else "")
         return heard
 
     def on_validation_end(self, step: int, out_dir: Path) -> list[str]:

@@ -37,7 +37,7 @@ from ira.codec.mel import SAMPLE_RATE, log_mel
 from ira.config import IRAConfig
 from ira.data.corpus import wav_path
 from ira.data.descriptions import attribute_levels, describe, parse_description_hints
-from ira.data.style_mels import cache_path as style_mel_path, cached_mels
+from ira.data.style_mels import cached_mels
 from ira.data.token_cache import read_split_metadata
 from ira.models.style import (FRAME_RATE, StyleEncoder, contrastive_loss, description_targets,
                               pad_mels)
@@ -128,9 +128,8 @@ def load_style_clips(cfg: IRAConfig, split: str, query_family: str = "heldout", 
         return log_mel(wav, SAMPLE_RATE, cfg.style.n_mels)[:, :max_frames].to(torch.float16)
 
     if data_hash is not None:
-        settings = {"n_mels": cfg.style.n_mels, "max_frames": max_frames, "trim_db": cfg.data.trim_silence_db,
-                    "sample_rate": SAMPLE_RATE}
-        mels = cached_mels(style_mel_path(data_dir, split, data_hash, settings), described, clip_mel)
+        settings = {"n_mels": cfg.style.n_mels, "max_frames": max_frames, "trim_db": cfg.data.trim_silence_db}
+        mels = cached_mels(data_dir, split, data_hash, described, settings, clip_mel)
     else:
         mels = {clip_id: clip_mel(clip_id) for clip_id in described}
     for clip_id in described:
