@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 
 import torch
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a stage 2 or 3 checkpoint")
     parser.add_argument("--texts", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="speak every text with this many seeds (seed, seed+1, ...) and average: one sample "
+                             "per text is a noisy figure")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -41,18 +45,24 @@ def main(argv: list[str] | None = None) -> int:
     if loader is None:
         print(f"{cfg.data.dir} has no validation clips", file=sys.stderr)
         return 1
-    with torch.inference_mode():
-        metrics = task.validate(loader)
-    print(f"{args.checkpoint} (stage {ckpt.stage}), {args.texts} held-out texts:")
+    runs = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        task.cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, seed=seed))
+        with torch.inference_mode():
+            runs.append(task.validate(loader))
+    metrics = {key: statistics.mean(run[key] for run in runs) for key in runs[0]}
+    print(f"{args.checkpoint} (stage {ckpt.stage}), {args.texts} held-out texts x {args.seeds} seed(s):")
     for key, value in metrics.items():
-        print(f"  {key[4:]:>24}: {value:.4f}")
+        spread = (f"  (seeds: {', '.join(f'{run[key]:.3f}' for run in runs)})" if len(runs) > 1 else "")
+        print(f"  {key[4:]:>24}: {value:.4f}{spread}")
     for row in getattr(task, "_last_heard", [])[:3]:
         print(f"  said {row['text']!r}\n  judge heard {row['heard']!r}")
         if "asr" in row:
             print(f"  ASR heard {row['asr']!r}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"checkpoint": args.checkpoint, **metrics}, handle, indent=2)
+            json.dump({"checkpoint": args.checkpoint, "texts": args.texts, "seeds": args.seeds, **metrics,
+                       "per_seed": runs}, handle, indent=2)
     return 0
 
 
