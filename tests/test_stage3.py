@@ -109,3 +109,22 @@ def test_resume_mid_iteration_is_exact(ppo_run, tiny_stage2, bundled_llm, tmp_pa
 def test_stage3_refuses_a_checkpoint_without_an_adapter(tiny_stage2, tmp_path):
     with pytest.raises(CheckpointError, match="stage 3"):
         run_stage3(_cfg(tiny_stage2, tmp_path), tiny_stage2[2].last_checkpoint, cpu=True)
+
+
+def test_eval_judge_averages_over_seeds(ppo_run, tmp_path, capsys):
+    """scripts/eval_judge.py --seeds 2: each text spoken twice (other samples), the figures their mean."""
+    import importlib.util
+    import statistics
+
+    spec = importlib.util.spec_from_file_location("eval_judge", Path(__file__).parents[1] / "scripts" / "eval_judge.py")
+    eval_judge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_judge)
+    out = tmp_path / "judge.json"
+    assert eval_judge.main(["--checkpoint", str(ppo_run.last_checkpoint), "--texts", "2", "--seeds", "2",
+                            "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    first, second = report["per_seed"]
+    assert first["val_reward_semantic"] != second["val_reward_semantic"]          # other samples
+    assert report["val_reward_semantic"] == pytest.approx(
+        statistics.mean([first["val_reward_semantic"], second["val_reward_semantic"]]))
+    assert "x 2 seed(s)" in capsys.readouterr().out
