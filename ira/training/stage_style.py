@@ -111,14 +111,16 @@ def load_style_clips(cfg: IRAConfig, split: str, query_family: str = "heldout", 
     if ids is None:   # a whole split: its mels are cached, keyed by the token cache's hash of the corpus
         ids, data_hash = split_ids_and_hash(cfg, split)
     max_frames = int(cfg.style.max_audio_seconds * FRAME_RATE)
-    clips, skipped, described = [], [], []
+    clips, skipped = [], []
+    described: dict[str, list[str]] = {}   # clip id -> its non-empty descriptions
     for clip_id in ids:
         ann = annotations.get(clip_id)
         if ann is None:
             raise KeyError(f"clip {clip_id} is in the {split} token cache but not in "
                            f"{data_dir / 'annotations.jsonl'}; re-run `ira data prepare --dir {data_dir}`")
-        if any(d.strip() for d in ann.get("descriptions") or []):
-            described.append(clip_id)
+        descriptions = [d for d in ann.get("descriptions") or [] if d.strip()]
+        if descriptions:
+            described[clip_id] = descriptions
         else:
             skipped.append(clip_id)
 
@@ -129,13 +131,11 @@ def load_style_clips(cfg: IRAConfig, split: str, query_family: str = "heldout", 
 
     if data_hash is not None:
         settings = {"n_mels": cfg.style.n_mels, "max_frames": max_frames, "trim_db": cfg.data.trim_silence_db}
-        mels = cached_mels(data_dir, split, data_hash, described, settings, clip_mel)
+        mels = cached_mels(data_dir, split, data_hash, list(described), settings, clip_mel)
     else:
         mels = {clip_id: clip_mel(clip_id) for clip_id in described}
-    for clip_id in described:
-        ann = annotations[clip_id]
-        descriptions = [d for d in ann.get("descriptions") or [] if d.strip()]
-        mel = mels[clip_id]
+    for clip_id, descriptions in described.items():
+        ann, mel = annotations[clip_id], mels[clip_id]
         levels = attribute_levels(ann, stats)
         queries = describe(ann, stats, random.Random(f"ira-style-query:{query_family}:{clip_id}"),
                            n=n_queries, family=query_family) or descriptions[:1]
