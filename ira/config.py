@@ -455,7 +455,12 @@ class PPOConfig:
     ppo_epochs: int = 2
     """Passes over each batch of rollouts; every minibatch of every pass is one optimizer step."""
     learning_rate: float = 1e-5
-    max_steps: int = 200
+    max_steps: Optional[int] = 200
+    """Optimizer steps; None: until `max_minutes` (or `training.num_epochs`) ends the run."""
+    max_minutes: Optional[float] = None
+    """Wall-clock budget of stage 3 (None = training.max_minutes)."""
+    eval_every: Optional[int] = None
+    """Steps between validations in stage 3 (None = training.eval_every)."""
     warmup_steps: int = 0
     clip_range: float = 0.2
     clip_range_value: float = 0.2
@@ -489,9 +494,11 @@ class PPOConfig:
     """Samples of one text per rollout with advantage "group" (divides batch_size)."""
 
     def validate(self, check: "_Checker") -> None:
-        for name in ("batch_size", "minibatch_size", "ppo_epochs", "learning_rate", "max_steps", "kl_horizon",
-                     "eval_texts"):
+        for name in ("batch_size", "minibatch_size", "ppo_epochs", "learning_rate", "kl_horizon", "eval_texts"):
             check.positive(name, getattr(self, name))
+        for name in ("max_steps", "max_minutes", "eval_every"):   # None: the `training` section's
+            if getattr(self, name) is not None:
+                check.positive(name, getattr(self, name))
         check.that("minibatch_size", self.batch_size % self.minibatch_size == 0,
                    f"must divide ppo.batch_size ({self.batch_size})")
         check.that("warmup_steps", self.warmup_steps >= 0, "must be >= 0")

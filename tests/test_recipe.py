@@ -13,7 +13,8 @@ from conftest import TINY_PPO, TINY_STAGES
 from ira.checkpoint import best_path, read_header
 from ira.config import load_config
 from ira.eval.card import read_card, wav_path
-from ira.training.recipe import BUDGET_SHARES, RECIPE_STAGES, RecipeError, ensure_corpus, plan, run_recipe, stage_card
+from ira.training.recipe import (BUDGET_SHARES, RECIPE_STAGES, RecipeError, ensure_corpus, plan, run_recipe, stage_card,
+                                 stage_config)
 from ira.training.stop import request_stop
 
 TINY_RECIPE = TINY_STAGES + TINY_PPO + [
@@ -73,6 +74,21 @@ def test_the_plan_splits_the_budget_across_the_stages_in_order(tmp_path):
         plan("full", 0, tmp_path)
     with pytest.raises(RecipeError, match="unknown recipe 'fast'"):
         plan("fast", 10, tmp_path)
+
+
+def test_each_stage_runs_for_its_share_of_the_budget_whatever_the_preset_gives_it_alone(tmp_path):
+    """Stages 2 and 3 have their own budgets in the preset (align / ppo.max_minutes), which a stage's run takes
+    over `training.max_minutes`: the recipe must set those too, or its stage would run for the preset's time."""
+    cfg = load_config("cpu")
+    assert cfg.align.max_minutes is not None and cfg.ppo.max_minutes is not None
+    state = plan("full", 100, tmp_path)
+    own_section = {"style": "style", "1": None, "2": "align", "3": "ppo"}
+    for record in state.stages:
+        stage_cfg = stage_config(cfg, record)
+        section = own_section[record.stage]
+        run_cfg = stage_cfg.with_training_from(section) if section else stage_cfg
+        assert run_cfg.training.max_minutes == pytest.approx(record.minutes), record.stage
+        assert run_cfg.training.output_dir == record.folder
 
 
 def test_every_stage_runs_in_order_from_the_previous_best_and_a_stopped_recipe_continues(tiny_recipe, bundled_llm):

@@ -77,7 +77,7 @@ def training_overrides(ws: Workspace, stage: str, corpus: str, run: str, epochs:
              f"{section}.learning_rate={float(learning_rate or 0)!r}"]
     if section == "training":
         items.append(f"training.max_steps={steps if steps > 0 else 'null'}")
-    elif steps > 0:   # a stage with its own section always has a step budget: 0 keeps the preset's
+    elif steps > 0:   # a stage with its own section: 0 keeps the preset's step budget (or its clock)
         items.append(f"{section}.max_steps={steps}")
     return items
 

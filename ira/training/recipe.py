@@ -120,11 +120,13 @@ def stage_folder(stage: str) -> str:
 
 def stage_config(cfg: IRAConfig, record: StageRecord) -> IRAConfig:
     """The recipe's config for one stage: its own output folder and its share of the minutes as the time
-    limit (stage 2 keeps its budget in `align.max_minutes`)."""
+    limit (stages 2 and 3 keep their budgets in `align.max_minutes` and `ppo.max_minutes`)."""
     overrides = [f"training.output_dir={record.folder}", f"training.max_minutes={record.minutes}",
                  f"training.stop_file={json.dumps(str(Path(record.folder).parent / STOP_FILE))}"]
     if record.stage == "2":
         overrides.append(f"align.max_minutes={record.minutes}")
+    if record.stage == "3":
+        overrides.append(f"ppo.max_minutes={record.minutes}")
     return cfg.with_overrides(overrides)
 
 
