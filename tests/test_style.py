@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ira.audio import AudioError
+from ira.checkpoint import checkpoint_figure
 from ira.codec.mel import log_mel
 from ira.config import ConfigError, load_config
 from ira.data.dummy import create_dummy_corpus
@@ -262,6 +263,7 @@ def test_checkpoint_holds_the_style_module_and_reloads(trained):
     cfg, task, result, probe, _ = trained
     ckpt = load_checkpoint(result.last_checkpoint)
     assert ckpt.stage == "style" and ckpt.modules == ["style"]
+    assert checkpoint_figure(ckpt.metadata).startswith("top5 ")   # what the recipe's progress shows
     assert ckpt.extra["embed_dim"] == "32" and "MiniLM" in ckpt.extra["text_encoder"]
     # The frozen sentence encoder is not saved: only the trained parts and the mel statistics.
     assert {k.split(".")[0] for k in ckpt.tensors["style"]} == {"text_proj", "audio", "log_scale"}

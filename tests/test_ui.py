@@ -582,3 +582,14 @@ def test_full_recipe_start_resume_and_its_errors_through_the_api(app):
     # the child tried to make the cards of the done stages: their checkpoints here are names only, so each says why not
     cards = value(outputs[7])
     assert "#### stage 1 (SpeechLM)" in cards and "no card: CheckpointError: checkpoint not found" in cards, cards
+
+
+def test_each_stage_plots_its_quality_figure_first():
+    """The figure a stage is judged by comes first in the metric choice when its run logs it, whatever the
+    order of the log's keys (the style encoder logs its loss and top-1 before its top-5)."""
+    from ui.train_tab import default_metric
+    assert default_metric(["lr", "loss", "top1", "top5", "desc_match"], "style") == "top5"
+    assert default_metric(["lr", "loss", "cer", "wer"], "1") == "wer"
+    assert default_metric(["lr", "judge_margin", "choice_accuracy"], "2") == "choice_accuracy"
+    assert default_metric(["lr", "kl", "reward_semantic"], "3") == "reward_semantic"
+    assert default_metric(["lr", "loss", "top1"], "style") == "loss"   # no top-5 logged yet: the first of its own

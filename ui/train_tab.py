@@ -252,8 +252,9 @@ def metric_frames(rows: list[dict[str, Any]], stage: Optional[str], metric: Opti
     return frame("loss"), frame(metric), names
 
 
-QUALITY_METRICS = {"1": "wer", "2": "choice_accuracy", "3": "reward_semantic"}
-"""The figure each stage is judged by, plotted first when the run logs it (stage 1: the held-out word
+QUALITY_METRICS = {"style": "top5", "1": "wer", "2": "choice_accuracy", "3": "reward_semantic"}
+"""The figure each stage is judged by, plotted first when the run logs it (the style encoder: held-out
+clips found among their description's five nearest; stage 1: the held-out word
 error rate heard by the offline ASR; stage 2: the LLM's 4-way choice accuracy from audio alone; stage 3:
 the judge's semantic reward, on the rollouts and on held-out texts)."""
 

@@ -264,6 +264,9 @@ class StyleTask(TrainingTask):
     """The engine's view of style training: module "style", contrastive steps, retrieval validation."""
 
     stage = "style"
+    best_metric = ("val_top5", "max")
+    """What the encoder is for: finding a description's clips among the held-out ones (its loss follows the
+    same retrieval, but a user reads "top-5 0.10" where "loss 6.02" says nothing)."""
 
     def __init__(self, cfg: IRAConfig, train_clips: Optional[list[StyleClip]] = None,
                  val_clips: Optional[list[StyleClip]] = None):
