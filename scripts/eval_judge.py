@@ -3,7 +3,9 @@
     python scripts/eval_judge.py --checkpoint runs/x/stage2_latest.safetensors   # before PPO
     python scripts/eval_judge.py --checkpoint runs/x/stage3_latest.safetensors   # after
 
-Speaks the first `--texts` held-out texts of the checkpoint's corpus (each with a voice description)
+Speaks `--texts` held-out texts of the checkpoint's corpus (each with a voice description), after the first
+`--skip` (stage 3 keeps its best checkpoint by its validation's first `ppo.eval_texts` texts: skip them for a
+figure that did not choose the checkpoint),
 and prints the judge's semantic reward (the LLM's mean log-likelihood per token of the text, from the
 audio), the style reward, the KL to the reference (stage-2) SpeechLM, and the proxies that would
 reveal a reward hack: the reference's log-likelihood per frame of the samples, the judge's CER when it
@@ -22,13 +24,18 @@ import sys
 import torch
 
 from ira.checkpoint import load_checkpoint, require_stage
-from ira.training.stage3 import Stage3Task
+from torch.utils.data import DataLoader, Subset
+
+from ira.training.stage3 import PromptDataset, Stage3Task, collate_prompts
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a stage 2 or 3 checkpoint")
     parser.add_argument("--texts", type=int, default=16)
+    parser.add_argument("--skip", type=int, default=0,
+                        help="start after this many held-out texts (e.g. the ppo.eval_texts that chose a stage-3 "
+                             "checkpoint)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=1,
                         help="speak every text with this many seeds (seed, seed+1, ...) and average: one sample "
@@ -40,18 +47,26 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ckpt.ira_config()
     cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, eval_texts=args.texts),
                               training=dataclasses.replace(cfg.training, seed=args.seed))
+    if args.texts < 1 or args.skip < 0:
+        print(f"--texts must be >= 1 and --skip >= 0 (got {args.texts}, {args.skip})", file=sys.stderr)
+        return 2
     task = Stage3Task(cfg, ckpt, cpu=True)
-    loader = task.val_dataloader()
-    if loader is None:
-        print(f"{cfg.data.dir} has no validation clips", file=sys.stderr)
-        return 1
+    n_val = len(task.val_split)
+    if args.skip + args.texts > n_val:
+        print(f"{cfg.data.dir} has {n_val} validation clips, fewer than --skip {args.skip} + --texts {args.texts}: "
+              f"lower them", file=sys.stderr)
+        return 2
+    chosen = range(args.skip, args.skip + args.texts)
+    loader = DataLoader(Subset(PromptDataset(task.val_split), chosen), batch_size=args.texts,
+                        collate_fn=collate_prompts)
     runs = []
     for seed in range(args.seed, args.seed + args.seeds):
         task.cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, seed=seed))
         with torch.inference_mode():
             runs.append(task.validate(loader))
     metrics = {key: statistics.mean(run[key] for run in runs) for key in runs[0]}
-    print(f"{args.checkpoint} (stage {ckpt.stage}), {args.texts} held-out texts x {args.seeds} seed(s):")
+    print(f"{args.checkpoint} (stage {ckpt.stage}), {args.texts} held-out texts (from the {args.skip + 1}.) "
+          f"x {args.seeds} seed(s):")
     for key, value in metrics.items():
         spread = (f"  (seeds: {', '.join(f'{run[key]:.3f}' for run in runs)})" if len(runs) > 1 else "")
         print(f"  {key[4:]:>24}: {value:.4f}{spread}")
@@ -61,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ASR heard {row['asr']!r}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"checkpoint": args.checkpoint, "texts": args.texts, "seeds": args.seeds, **metrics,
-                       "per_seed": runs}, handle, indent=2)
+            json.dump({"checkpoint": args.checkpoint, "texts": args.texts, "skip": args.skip, "seeds": args.seeds,
+                       **metrics, "per_seed": runs, "judged": [task.val_split.texts[i] for i in chosen],
+                       "heard": getattr(task, "_last_heard", [])}, handle, indent=2)
     return 0
 
 

@@ -128,3 +128,12 @@ def test_eval_judge_averages_over_seeds(ppo_run, tmp_path, capsys):
     assert report["val_reward_semantic"] == pytest.approx(
         statistics.mean([first["val_reward_semantic"], second["val_reward_semantic"]]))
     assert "x 2 seed(s)" in capsys.readouterr().out
+    val_texts = report["judged"]
+    assert len(val_texts) == 2 and [row["text"] for row in report["heard"]] == val_texts
+
+    # --skip: the texts after those that chose a stage-3 checkpoint
+    assert eval_judge.main(["--checkpoint", str(ppo_run.last_checkpoint), "--texts", "1", "--skip", "1",
+                            "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["judged"] == val_texts[1:]
+    assert eval_judge.main(["--checkpoint", str(ppo_run.last_checkpoint), "--texts", "1", "--skip", "10000"]) == 2
+    assert "validation clips, fewer than --skip 10000" in capsys.readouterr().err
