@@ -40,9 +40,11 @@ BUDGET_SHARES = {"style": 0.05, "1": 0.50, "2": 0.30, "3": 0.15}
 """Share of the recipe's minutes per stage. Stage 1 needs the most: on the `cpu` preset its held-out WER
 was still falling after 2 hours; stage 2 reaches most of its figure in ~50 minutes, the style encoder in ~5
 (docs/decisions.md)."""
-DEFAULT_MINUTES = 180.0
-"""The default budget of the full recipe (the app's Train tab starts with it): three hours on the `cpu`
-preset give stage 1 its 90 minutes, most of its gain (docs/decisions.md), and stage 2 its 54."""
+DEFAULT_MINUTES = 100.0
+"""The default budget of the full recipe (the app's Train tab starts with it): the one run end to end from an
+empty folder on a 2-core CPU for the README's quickstart, 128 minutes in all (the budget counts the stages'
+training; speaking and preparing the corpus and the stages' caches add the rest on a first run). Its stage 1
+(50 minutes) reached the validation WER that 90 minutes had reached on a busier day (docs/decisions.md)."""
 STATE_FILE = "recipe.json"
 FORMAT_VERSION = 1
 
