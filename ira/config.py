@@ -521,6 +521,11 @@ class PPOConfig:
                    f"(got {self.group_size!r})")
 
 
+STAGE_SECTIONS = {"style": "style", "2": "align", "3": "ppo"}
+"""Stages whose batch size, learning rate, step budget (and, where the section has them, time budget and
+validation interval) live in their own section rather than in `training`: what `with_training_from` reads."""
+
+
 @dataclass
 class IRAConfig:
     preset: str = "custom"

@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY_PPO, TINY_STAGES
 from ira.checkpoint import best_path, read_header
-from ira.config import load_config
+from ira.config import STAGE_SECTIONS, load_config
 from ira.eval.card import read_card, wav_path
 from ira.training.recipe import (BUDGET_SHARES, RECIPE_STAGES, RecipeError, ensure_corpus, plan, run_recipe, stage_card,
                                  stage_config)
@@ -82,10 +82,9 @@ def test_each_stage_runs_for_its_share_of_the_budget_whatever_the_preset_gives_i
     cfg = load_config("cpu")
     assert cfg.align.max_minutes is not None and cfg.ppo.max_minutes is not None
     state = plan("full", 100, tmp_path)
-    own_section = {"style": "style", "1": None, "2": "align", "3": "ppo"}
     for record in state.stages:
         stage_cfg = stage_config(cfg, record)
-        section = own_section[record.stage]
+        section = STAGE_SECTIONS.get(record.stage)
         run_cfg = stage_cfg.with_training_from(section) if section else stage_cfg
         assert run_cfg.training.max_minutes == pytest.approx(record.minutes), record.stage
         assert run_cfg.training.output_dir == record.folder

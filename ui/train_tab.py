@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import gradio as gr
 import pandas as pd
 
-from ira.config import PRESETS, ConfigError, IRAConfig, load_config
+from ira.config import PRESETS, STAGE_SECTIONS, ConfigError, IRAConfig, load_config
 from ira.cli import TRAIN_STAGES
 from ira.checkpoint import CheckpointError, checkpoint_figure, latest_path, read_header, read_metadata
 from ira.eval.card import SPEAKING_STAGES, Card, CardError, read_card, wav_path
@@ -40,9 +40,6 @@ RECIPE_RUN = "recipe"
 PREREQUISITE = {"1": "style", "2": "1", "3": "2"}
 """The stage whose checkpoint a stage starts from (optional for stage 1, required for 2 and 3)."""
 REQUIRED = ("2", "3")
-OWN_SECTION = {"style": "style", "2": "align", "3": "ppo"}
-"""Stages whose batch size, learning rate and step budget live in their own config section
-(`style.batch_size`, ...) rather than in `training`."""
 NONE = "(none)"
 REFRESH_S = 2.0
 LOG_LINES = 12
@@ -58,7 +55,7 @@ _PLOT_FORMAT = gr.LinePlot(x="step", y="value", color="series", render=False)   
 
 def form_defaults(cfg: IRAConfig, stage: str) -> tuple[int, int, int, float]:
     """(epochs, max steps (0: by epochs), batch size, learning rate) the form starts with for `stage`."""
-    section = OWN_SECTION.get(stage)
+    section = STAGE_SECTIONS.get(stage)
     tc = cfg.training
     if section is not None:
         own = getattr(cfg, section)
@@ -70,7 +67,7 @@ def training_overrides(ws: Workspace, stage: str, corpus: str, run: str, epochs:
                        batch_size: float, learning_rate: float, base: list[str]) -> list[str]:
     """The `--set` list for a run: corpus, output folder and the form's numbers (paths as YAML strings)."""
     steps = int(max_steps or 0)
-    section = OWN_SECTION.get(stage, "training")
+    section = STAGE_SECTIONS.get(stage, "training")
     items = [*recipe_overrides(ws, corpus, run, base),
              f"training.num_epochs={int(epochs or 0)}",
              f"{section}.batch_size={int(batch_size or 0)}",
@@ -142,7 +139,7 @@ def check_recipe_batches(ws: Workspace, corpus: str, cfg: IRAConfig, preset: str
     for stage in ("style", "1"):
         batch = form_defaults(cfg, stage)[2]
         if train_clips is not None and batch > train_clips:
-            key = f"{OWN_SECTION.get(stage, 'training')}.batch_size"
+            key = f"{STAGE_SECTIONS.get(stage, 'training')}.batch_size"
             raise ValueError(f"the {preset} preset's {key} is {batch}, more than corpus '{corpus}' has training "
                              f"clips ({train_clips}): build a larger corpus for the full recipe, or train the stages "
                              f"one by one with a smaller Batch size")

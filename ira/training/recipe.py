@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import psutil
 
 from ira.checkpoint import CheckpointError, best_path, checkpoint_figure, find_latest, read_metadata
-from ira.config import IRAConfig
+from ira.config import STAGE_SECTIONS, IRAConfig
 from ira.eval.card import CARD_DIR, SPEAKING_STAGES
 from ira.training.stop import STOP_FILE, drop_stale_flags
 
@@ -122,13 +122,13 @@ def stage_folder(stage: str) -> str:
 
 def stage_config(cfg: IRAConfig, record: StageRecord) -> IRAConfig:
     """The recipe's config for one stage: its own output folder and its share of the minutes as the time
-    limit (stages 2 and 3 keep their budgets in `align.max_minutes` and `ppo.max_minutes`)."""
+    limit, also in the stage's own section where that has a time budget (`align`, `ppo`), which its run reads
+    over `training`'s."""
     overrides = [f"training.output_dir={record.folder}", f"training.max_minutes={record.minutes}",
                  f"training.stop_file={json.dumps(str(Path(record.folder).parent / STOP_FILE))}"]
-    if record.stage == "2":
-        overrides.append(f"align.max_minutes={record.minutes}")
-    if record.stage == "3":
-        overrides.append(f"ppo.max_minutes={record.minutes}")
+    section = STAGE_SECTIONS.get(record.stage)
+    if section is not None and hasattr(getattr(cfg, section), "max_minutes"):
+        overrides.append(f"{section}.max_minutes={record.minutes}")
     return cfg.with_overrides(overrides)
 
 
