@@ -24,9 +24,7 @@ import sys
 import torch
 
 from ira.checkpoint import load_checkpoint, require_stage
-from torch.utils.data import DataLoader, Subset
-
-from ira.training.stage3 import PromptDataset, Stage3Task, collate_prompts
+from ira.training.stage3 import Stage3Task
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,13 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    ckpt = require_stage(load_checkpoint(args.checkpoint), ("2", "3"), purpose="judging")
-    cfg = ckpt.ira_config()
-    cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, eval_texts=args.texts),
-                              training=dataclasses.replace(cfg.training, seed=args.seed))
     if args.texts < 1 or args.skip < 0:
         print(f"--texts must be >= 1 and --skip >= 0 (got {args.texts}, {args.skip})", file=sys.stderr)
         return 2
+    ckpt = require_stage(load_checkpoint(args.checkpoint), ("2", "3"), purpose="judging")
+    cfg = ckpt.ira_config()
     task = Stage3Task(cfg, ckpt, cpu=True)
     n_val = len(task.val_split)
     if args.skip + args.texts > n_val:
@@ -57,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
               f"lower them", file=sys.stderr)
         return 2
     chosen = range(args.skip, args.skip + args.texts)
-    loader = DataLoader(Subset(PromptDataset(task.val_split), chosen), batch_size=args.texts,
-                        collate_fn=collate_prompts)
+    loader = task.held_out_loader(chosen)
     runs = []
     for seed in range(args.seed, args.seed + args.seeds):
         task.cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, seed=seed))

@@ -195,8 +195,11 @@ class Stage3Task(TrainingTask):
     def val_dataloader(self) -> Optional[DataLoader]:
         if not len(self.val_split):
             return None
-        n = min(self.cfg.ppo.eval_texts, len(self.val_split))
-        return DataLoader(torch.utils.data.Subset(PromptDataset(self.val_split), range(n)), batch_size=n,
+        return self.held_out_loader(range(min(self.cfg.ppo.eval_texts, len(self.val_split))))
+
+    def held_out_loader(self, indices: range) -> DataLoader:
+        """The validation prompts at `indices`, in one batch (what `validate` speaks and judges)."""
+        return DataLoader(torch.utils.data.Subset(PromptDataset(self.val_split), indices), batch_size=len(indices),
                           collate_fn=collate_prompts)
 
     # -- rollouts and their scores ----------------------------------------------------------------
