@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1,
                         help="speak every text with this many seeds (seed, seed+1, ...) and average: one sample "
                              "per text is a noisy figure")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override the checkpoint's config, e.g. --set ppo.temperature=0.6 to judge the samples "
+                             "of another sampling temperature (repeatable)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--texts must be >= 1 and --skip >= 0 (got {args.texts}, {args.skip})", file=sys.stderr)
         return 2
     ckpt = require_stage(load_checkpoint(args.checkpoint), ("2", "3"), purpose="judging")
-    cfg = ckpt.ira_config()
+    cfg = ckpt.ira_config().with_overrides(args.overrides)
     task = Stage3Task(cfg, ckpt, cpu=True)
     n_val = len(task.val_split)
     if args.skip + args.texts > n_val:
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"checkpoint": args.checkpoint, "texts": args.texts, "skip": args.skip, "seeds": args.seeds,
+                   "overrides": args.overrides,
                        **metrics, "per_seed": runs, "judged": [task.val_split.texts[i] for i in chosen],
                        "heard": getattr(task, "_last_heard", [])}, handle, indent=2)
     return 0
