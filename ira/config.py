@@ -469,6 +469,8 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     init_kl_coef: float = 0.05
+    """Weight of the KL to the reference: nats of reward per nat of KL ("gae"), or of the per-sample KL as a
+    loss term next to the standardised advantages ("group")."""
     target_kl: Optional[float] = 6.0
     """Target KL (nats per sample) to the reference SpeechLM; the coefficient adapts toward it. null: fixed."""
     kl_horizon: int = 512
@@ -478,8 +480,13 @@ class PPOConfig:
     """Reward for the judge's mean log-likelihood (per token) of the intended text given the audio."""
     style_weight: float = 0.5
     """Reward for the cosine, in the style space, between the audio and its description (0: off)."""
-    temperature: float = 1.0
+    temperature: float = 0.6
+    """The policy is the SpeechLM's distribution at this temperature: rollouts are sampled from it and every
+    log-probability (the ratio's, the KL's) is taken from it. The speaker's default (0.6) makes PPO improve
+    the samples a user hears."""
     top_k: int = 0
+    """Must stay 0: PPO scores each sample under the whole tempered distribution, and a top-k cut would make
+    its ratios and its KL wrong."""
     eval_texts: int = 8
     """Held-out texts spoken and judged at each validation."""
     eval_asr: bool = True
@@ -487,9 +494,10 @@ class PPOConfig:
     log val_asr_wer / val_asr_cer: what a listener would hear, next to what the judge rewards, so that a
     reward that rises while the WER rises (reward hacking) shows in the curves."""
     advantage: str = "gae"
-    """How each sample's advantage is estimated: "gae" = the value head with GAE (Ziegler et al.); "group" =
-    each text spoken `group_size` times, a sample's advantage its reward (KL penalty included) minus its
-    group's mean, over the group's std (GRPO: no value head, the other samples are the baseline)."""
+    """How each sample's advantage is estimated: "gae" = the value head with GAE on the reward with a per-step
+    KL penalty (Ziegler et al.); "group" = each text spoken `group_size` times, a sample's advantage its score
+    minus its group's mean, over the group's std, and the KL to the reference a loss term (GRPO: no value
+    head, the other samples are the baseline)."""
     group_size: int = 4
     """Samples of one text per rollout with advantage "group" (divides batch_size)."""
 
@@ -513,7 +521,8 @@ class PPOConfig:
         check.that("semantic_weight", self.semantic_weight >= 0.0, "must be >= 0")
         check.that("style_weight", self.style_weight >= 0.0, "must be >= 0")
         check.that("temperature", self.temperature > 0.0, "must be > 0 (PPO needs sampled rollouts)")
-        check.that("top_k", self.top_k >= 0, "must be >= 0 (0 = off)")
+        check.that("top_k", self.top_k == 0, "must be 0: PPO scores each sample under the whole tempered "
+                   "distribution, so a top-k cut would make its ratios and KL wrong; lower ppo.temperature instead")
         check.that("advantage", self.advantage in PPO_ADVANTAGES,
                    f"must be one of {', '.join(PPO_ADVANTAGES)} (got {self.advantage!r})")
         check.that("group_size", self.advantage != "group" or (self.group_size >= 2 and self.batch_size % self.group_size == 0),

@@ -56,6 +56,7 @@ def test_unknown_section(tmp_path):
     ("codec.bandwidth=5", "codec.bandwidth"),
     ("data.val_fraction=0.9", "data.val_fraction"),
     ("training.tensorboard=maybe", "training.tensorboard"),
+    ("ppo.top_k=50", "ppo.top_k"),      # PPO's log-probabilities are of the whole tempered distribution
 ])
 def test_impossible_values_are_errors_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from ira.training.ppo import (AdaptiveKLController, explained_variance, gae, group_advantages, masked_whiten,
-                              ppo_losses, shaped_rewards)
+from ira.training.ppo import (AdaptiveKLController, explained_variance, gae, group_advantages, kl_to_reference,
+                              masked_whiten, ppo_losses, shaped_rewards)
 
 
 def brute_force_gae(rewards, values, gamma, lam):
@@ -121,6 +121,53 @@ def test_group_advantages_move_a_toy_policy_toward_the_rewarded_action_without_a
             optimizer.step()
     after = logits.softmax(-1)[:, 2].mean().item()
     assert start == pytest.approx(0.25) and after > 0.6, after
+
+
+def test_kl_to_reference_estimates_the_kl_on_the_policys_own_samples():
+    """Summed over a row's steps and averaged over rows, k3 is an unbiased estimate of KL(pi || pi_ref)."""
+    gen = torch.Generator().manual_seed(0)
+    policy, ref = torch.randn(3, 5, generator=gen).log_softmax(-1), torch.randn(3, 5, generator=gen).log_softmax(-1)
+    exact = (policy.exp() * (policy - ref)).sum().item()                          # 3 independent steps
+    actions = torch.multinomial(policy.exp(), 20_000, replacement=True, generator=gen).T        # [N, 3]
+    steps = torch.arange(3)
+    mask = torch.ones(20_000, 3, dtype=torch.bool)
+    estimate = kl_to_reference(policy[steps, actions], ref[steps, actions], mask).item()
+    assert exact > 0.3 and estimate == pytest.approx(exact, rel=0.05)
+    mask[:, 2] = False                                                         # masked steps count nothing
+    partial = kl_to_reference(policy[steps, actions], ref[steps, actions], mask).item()
+    assert partial == pytest.approx((policy.exp() * (policy - ref))[:2].sum().item(), rel=0.05)
+
+
+def test_kl_loss_pulls_a_drifted_policy_back_while_the_group_advantage_teaches_nothing():
+    """A policy that drifted onto action 0 (reference: uniform); every sample scores the same, so the group
+    advantage is 0 and only the KL term acts: a few iterations bring the policy back to the reference."""
+    logits = torch.tensor([[3.0, 0.0, 0.0, 0.0]] * 3, requires_grad=True)
+    ref_logits = torch.zeros(3, 4)
+    optimizer = torch.optim.Adam([logits], lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+
+    def exact_kl():
+        logp = logits.detach().log_softmax(-1)
+        return (logp.exp() * (logp - ref_logits.log_softmax(-1))).sum().item()
+
+    start = exact_kl()
+    for _ in range(15):
+        with torch.no_grad():
+            actions = torch.multinomial(logits.softmax(-1), 64, replacement=True, generator=gen).T    # [64, 3]
+            old = logits.log_softmax(-1)[torch.arange(3), actions]
+            ref = ref_logits.log_softmax(-1)[torch.arange(3), actions]
+            mask = torch.ones(64, 3, dtype=torch.bool)
+            adv = group_advantages(torch.ones(64), 8, mask)
+            zeros = torch.zeros(64, 3)
+        assert adv.abs().sum() == 0
+        for _ in range(4):
+            new = logits.log_softmax(-1)[torch.arange(3), actions]
+            loss = ppo_losses(new, old, adv, zeros, zeros, zeros, mask, vf_coef=0.0).loss
+            loss = loss + 0.5 * kl_to_reference(new, ref, mask)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert start > 1.5 and exact_kl() < 0.2 * start, (start, exact_kl())
 
 
 def test_adaptive_kl_coefficient():

@@ -47,6 +47,8 @@ def test_group_advantage_speaks_each_text_a_group_of_times_and_needs_no_value_he
     out = task.training_step(batch)
     assert "group_reward_std" in out and "explained_variance" not in out and torch.isfinite(out["loss"])
     assert out["value_loss"].item() == 0.0                           # the group is the baseline
+    assert out["kl_loss"].item() == pytest.approx(0.0, abs=1e-4)     # a loss term, 0 while policy = reference
+    assert torch.equal(task.buffer["ref_logprobs"] != 0, task.buffer["mask"])
     assert task.buffer["text_ids"].shape[0] == 4
     assert torch.equal(task.buffer["text_ids"][0], task.buffer["text_ids"][1])      # text 1, twice
     assert torch.equal(task.buffer["text_ids"][2], task.buffer["text_ids"][3])      # text 2, twice

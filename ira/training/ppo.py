@@ -12,8 +12,10 @@ The recipe is the one of Ziegler et al. (2019) / Stiennon et al. (2020) for lang
 and the KL coefficient adapts so that the measured KL to the reference tracks a target.
 
 The other estimate of the advantage (`group_advantages`, as GRPO, Shao et al. 2024): each text is spoken
-several times, and a sample's advantage is its sequence reward (score minus the KL penalty) standardised
-within its group, the same at every step: the other samples of the text are the baseline, no value head.
+several times, and a sample's advantage is its score standardised within its group, the same at every step:
+the other samples of the text are the baseline, no value head. The KL to the reference is then not in the
+reward (standardising within a group would cancel the drift all samples of a text share) but a loss term of
+its own (`kl_to_reference`), as in GRPO.
 """
 
 from __future__ import annotations
@@ -90,6 +92,15 @@ def group_advantages(rewards: torch.Tensor, group_size: int, mask: torch.Tensor)
     centred = groups - groups.mean(dim=1, keepdim=True)
     standardised = centred / (groups.std(dim=1, unbiased=False, keepdim=True) + 1e-6)
     return standardised.reshape(-1, 1).to(mask.device) * mask.to(torch.float32)
+
+
+def kl_to_reference(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(pi || pi_ref) per sample (nats, the unit of the KL target), as a loss: the sum over each row's masked
+    steps of the k3 estimator exp(r) - r - 1, r = log pi_ref - log pi (Schulman, 2020: unbiased on the
+    policy's own samples, never negative), averaged over the rows. Its gradient pulls every sampled step's
+    log-probability toward the reference's, whatever the step's advantage."""
+    r = ((ref_logprobs - logprobs) * mask).clamp(-20.0, 20.0)   # a masked step: r = 0, k3 = 0
+    return ((r.exp() - r - 1.0) * mask).sum(1).mean()
 
 
 @dataclass

@@ -7,10 +7,16 @@ One PPO iteration:
    dropped), the stage-2 adapter turns it into soft tokens, and the LLM is asked to repeat what was
    said; the semantic score is the LLM's mean log-likelihood per token of the intended text. The style
    score is the cosine, in the style encoder's space, between the audio and the description.
-3. Rewards: `semantic_weight * semantic + style_weight * style` at each sample's last step, and a
-   per-step KL penalty to the reference policy (coefficient adapted toward `ppo.target_kl`).
-4. GAE with the value head's estimates, whitened advantages, then `ppo.ppo_epochs` passes of
-   clipped-ratio minibatch updates against the log-probs stored at rollout time.
+3. Rewards: `semantic_weight * semantic + style_weight * style` at each sample's last step.
+4. Advantages, then `ppo.ppo_epochs` passes of clipped-ratio minibatch updates against the log-probs stored
+   at rollout time. `ppo.advantage: gae`: a per-step KL penalty to the reference policy joins the reward,
+   then GAE with the value head's estimates, whitened. `group`: each text is spoken `group_size` times and
+   the scores are standardised within each text's group; the KL to the reference is a loss term. Either
+   way the KL coefficient adapts toward `ppo.target_kl`.
+
+The policy is the SpeechLM's distribution at `ppo.temperature`: samples are drawn from it, and every
+log-probability (policy, old policy, reference) is taken from it, so PPO improves the samples of the
+temperature a user speaks with.
 
 A step's action is one column of the delayed grid; its log-probability is the sum over the codebooks
 that were sampled there (forced fill/EOS positions do not count). Dropout is off in every policy pass
@@ -50,8 +56,8 @@ from ira.models.speech_lm import SpeechLM
 from ira.models.splice import build_student_inputs, generate_reply, reply_log_likelihood
 from ira.text_metrics import corpus_cer, corpus_wer
 from ira.training.engine import FitResult, Trainer
-from ira.training.ppo import (AdaptiveKLController, explained_variance, gae, group_advantages, masked_whiten,
-                              ppo_losses, shaped_rewards)
+from ira.training.ppo import (AdaptiveKLController, explained_variance, gae, group_advantages, kl_to_reference,
+                              masked_whiten, ppo_losses, shaped_rewards)
 from ira.training.stage2 import process_device
 from ira.training.task import TrainingTask, inherit_frozen_sections
 from ira.training.teacher_responses import TASK_INSTRUCTIONS
@@ -73,15 +79,17 @@ class ValueHead(nn.Module):
         return self.proj(hidden.float()).squeeze(-1)
 
 
-def step_logprobs(model: SpeechLM, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher-forced pass over sampled audio: per-step (log-prob, entropy, mask, hidden) [B, S] ([B, S, d]).
+def step_logprobs(model: SpeechLM, batch: dict[str, Any], temperature: float = 1.0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forced pass over sampled audio: per-step (log-prob, entropy, mask, hidden) [B, S] ([B, S, d]),
+    under the model's distribution at `temperature` (the one the samples were drawn from).
 
     Every condition is kept (no dropout of text or style), as at rollout time."""
     n = batch["codes"].shape[0]
     keep = torch.zeros(n, dtype=torch.bool, device=batch["codes"].device)
     out = model(batch["text_ids"], batch["text_mask"], batch.get("style"), batch["codes"], batch["codes_lengths"],
                 drop_text=keep, drop_style=keep, return_hidden=True, align_frames=batch.get("align_frames"))
-    log_probs = F.log_softmax(out.logits.float(), dim=-1)                          # [B, K, S, C]
+    log_probs = F.log_softmax(out.logits.float() / temperature, dim=-1)            # [B, K, S, C]
     targets = out.targets.clamp(max=log_probs.shape[-1] - 1)
     picked = log_probs.gather(-1, targets[..., None]).squeeze(-1) * out.target_mask
     entropy = -(log_probs.exp() * log_probs).sum(-1) * out.target_mask
@@ -277,14 +285,16 @@ class Stage3Task(TrainingTask):
         rollouts_per_second = len(texts) / max(time.perf_counter() - start, 1e-9)   # spoken and judged
         score = pc.semantic_weight * scores["semantic"] + pc.style_weight * scores["style"]
         self.policy.eval()
-        logprobs, _, mask, hidden = step_logprobs(self.policy, samples)
+        logprobs, _, mask, hidden = step_logprobs(self.policy, samples, pc.temperature)
         values = self.value_head(hidden) * mask
-        ref_logprobs, _, _, _ = step_logprobs(self.reference, samples)
+        ref_logprobs, _, _, _ = step_logprobs(self.reference, samples, pc.temperature)
         rewards, kl = shaped_rewards(score.to(logprobs.device), logprobs, ref_logprobs, mask, self.kl.value)
-        if pc.advantage == "group":
-            sequence_reward = score.to(kl.device) - self.kl.value * kl.sum(1)
-            advantages, returns = group_advantages(sequence_reward, pc.group_size, mask), values
-            spread = {"group_reward_std": sequence_reward.view(-1, pc.group_size).std(1, unbiased=False).mean().item()}
+        extra: dict[str, torch.Tensor] = {}
+        if pc.advantage == "group":   # the score alone is standardised; the KL is a loss term (training_step)
+            score = score.to(kl.device)
+            advantages, returns = group_advantages(score, pc.group_size, mask), values
+            spread = {"group_reward_std": score.view(-1, pc.group_size).std(1, unbiased=False).mean().item()}
+            extra["ref_logprobs"] = ref_logprobs
         else:
             advantages, returns = gae(rewards, values, mask, pc.gamma, pc.lam)
             advantages = masked_whiten(advantages, mask)
@@ -297,7 +307,7 @@ class Stage3Task(TrainingTask):
             "rollouts_per_second": rollouts_per_second}
         self.kl.update(sequence_kl, pc.batch_size)
         self.buffer = {**{k: v for k, v in samples.items() if v is not None}, "old_logprobs": logprobs,
-                       "old_values": values, "advantages": advantages, "returns": returns, "mask": mask}
+                       "old_values": values, "advantages": advantages, "returns": returns, "mask": mask, **extra}
 
     # -- one optimizer step -----------------------------------------------------------------------
 
@@ -318,14 +328,19 @@ class Stage3Task(TrainingTask):
         rows = self._minibatch(phase).to(self.buffer["codes"].device)
         mb = {k: v[rows] for k, v in self.buffer.items()}
         self.policy.eval()                 # no dropout: the ratio compares like with like
-        logprobs, entropy, _, hidden = step_logprobs(self.policy, mb)
-        values = self.value_head(hidden)
         pc = self.cfg.ppo
+        logprobs, entropy, _, hidden = step_logprobs(self.policy, mb, pc.temperature)
+        values = self.value_head(hidden)
         out = ppo_losses(logprobs, mb["old_logprobs"], mb["advantages"], values, mb["old_values"], mb["returns"],
                          mb["mask"], entropy=entropy, clip_range=pc.clip_range, clip_range_value=pc.clip_range_value,
                          vf_coef=pc.vf_coef if pc.advantage == "gae" else 0.0, ent_coef=pc.ent_coef)
+        loss, extra = out.loss, {}
+        if "ref_logprobs" in mb:      # the group advantage: the KL to the reference as a loss term
+            kl_loss = kl_to_reference(logprobs, mb["ref_logprobs"], mb["mask"])
+            loss = loss + self.kl.value * kl_loss
+            extra["kl_loss"] = kl_loss.detach()
         self.micro += 1
-        return {"loss": out.loss, **out.metrics(), **self.rollout_metrics,
+        return {"loss": loss, **out.metrics(), **extra, **self.rollout_metrics,
                 "samples": len(rows), "frames": int(mb["codes_lengths"].sum())}
 
     # -- validation -------------------------------------------------------------------------------
@@ -340,8 +355,8 @@ class Stage3Task(TrainingTask):
         for batch in loader:
             samples = self.speak(self.policy, batch["texts"], batch["descriptions"], seed=self.cfg.training.seed)
             scores = self.judge(samples, batch["texts"], batch["descriptions"])
-            logprobs, _, mask, _ = step_logprobs(self.policy, samples)
-            ref_logprobs, _, _, _ = step_logprobs(self.reference, samples)
+            logprobs, _, mask, _ = step_logprobs(self.policy, samples, self.cfg.ppo.temperature)
+            ref_logprobs, _, _, _ = step_logprobs(self.reference, samples, self.cfg.ppo.temperature)
             features, feature_mask = self.reference.audio_features(
                 samples["codes"], samples["codes_lengths"], layer=self.adapter.cfg.feature_layer)
             inputs = build_student_inputs(self.llm, [JUDGE_INSTRUCTION] * len(batch["texts"]),
