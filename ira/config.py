@@ -478,6 +478,9 @@ class PPOConfig:
     of 512; our runs are hundreds of rollouts long, so the horizon is shorter)."""
     semantic_weight: float = 1.0
     """Reward for the judge's mean log-likelihood (per token) of the intended text given the audio."""
+    phoneme_weight: float = 0.0
+    """Reward for stage 2's phoneme reader's mean CTC log-likelihood (per phoneme) of the text's phonemes
+    from the audio (0: off; needs a stage-2 run with align.phoneme_ctc_weight > 0)."""
     style_weight: float = 0.5
     """Reward for the cosine, in the style space, between the audio and its description (0: off)."""
     temperature: float = 0.6
@@ -519,6 +522,7 @@ class PPOConfig:
         check.that("init_kl_coef", self.init_kl_coef >= 0.0, "must be >= 0")
         check.that("target_kl", self.target_kl is None or self.target_kl > 0, "must be > 0, or null for a fixed coefficient")
         check.that("semantic_weight", self.semantic_weight >= 0.0, "must be >= 0")
+        check.that("phoneme_weight", self.phoneme_weight >= 0.0, "must be >= 0")
         check.that("style_weight", self.style_weight >= 0.0, "must be >= 0")
         check.that("temperature", self.temperature > 0.0, "must be > 0 (PPO needs sampled rollouts)")
         check.that("top_k", self.top_k == 0, "must be 0: PPO scores each sample under the whole tempered "

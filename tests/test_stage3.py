@@ -14,7 +14,7 @@ from ira.listener import Listener
 from ira.speaker import SamplingSettings, Speaker
 from ira.training.checkpoint import CheckpointError, load_checkpoint, read_metadata, train_state_path
 from ira.training.metrics_log import read_metrics
-from ira.training.stage3 import Stage3Task, run_stage3
+from ira.training.stage3 import UNREADABLE_PHONEME_SCORE, Stage3Task, phoneme_log_likelihood, run_stage3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,10 +41,11 @@ def test_first_minibatch_of_an_iteration_has_ratio_one(tiny_stage2, bundled_llm,
 
 def test_group_advantage_speaks_each_text_a_group_of_times_and_needs_no_value_head(tiny_stage2, bundled_llm, tmp_path):
     cfg = _cfg(tiny_stage2, tmp_path, "ppo.batch_size=4", "ppo.minibatch_size=2", "ppo.advantage=group",
-               "ppo.group_size=2").with_training_from("ppo")
+               "ppo.group_size=2", "ppo.phoneme_weight=1.0").with_training_from("ppo")
     task = Stage3Task(cfg, load_checkpoint(tiny_stage2[3].last_checkpoint), llm=bundled_llm, cpu=True)
     batch = next(iter(task.train_dataloader()))
     out = task.training_step(batch)
+    assert out["reward_phonemes"] < 0.0 and "align_phonemes" in task.modules()   # stage 2's reader, kept
     assert "group_reward_std" in out and "explained_variance" not in out and torch.isfinite(out["loss"])
     assert out["value_loss"].item() == 0.0                           # the group is the baseline
     assert out["kl_loss"].item() == pytest.approx(0.0, abs=1e-4)     # a loss term, 0 while policy = reference
@@ -162,3 +163,24 @@ def test_eval_judge_averages_over_seeds(ppo_run, tmp_path, capsys):
     assert json.loads(out.read_text())["judged"] == val_texts[1:]
     assert eval_judge.main(["--checkpoint", str(ppo_run.last_checkpoint), "--texts", "1", "--skip", "10000"]) == 2
     assert "validation clips, fewer than --skip 10000" in capsys.readouterr().err
+
+
+def test_phoneme_reward_prefers_the_spoken_text_and_never_rewards_unreadable_audio():
+    """The phoneme reader's CTC score: higher for the phonemes the frames hold than for others; audio too
+    short to hold its text scores UNREADABLE_PHONEME_SCORE (CTC's zero_infinity would make it the best)."""
+    spoken = [3, 1, 4, 1]                                         # tokenizer ids; reader classes are id + 1
+    reader = torch.nn.Linear(6, 6, bias=False)
+    with torch.no_grad():
+        reader.weight.copy_(torch.eye(6) * 8.0)
+    frames = torch.zeros(1, 8, 6)
+    for t, c in enumerate([4, 0, 2, 0, 5, 0, 2, 0]):                # each phoneme, then a blank
+        frames[0, t, c] = 1.0
+    valid = torch.ones(1, 8, dtype=torch.bool)
+
+    def score(ids, frames=frames, valid=valid):
+        ids = torch.tensor([ids])
+        return phoneme_log_likelihood(reader, frames, valid, ids, torch.ones_like(ids, dtype=torch.bool)).item()
+
+    assert score(spoken) > -0.1 and score([1, 3, 4, 2]) < score(spoken) - 5.0
+    short = score(spoken, frames[:, :2], valid[:, :2])
+    assert short == UNREADABLE_PHONEME_SCORE

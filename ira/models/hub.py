@@ -99,3 +99,19 @@ def style_encoder_from_checkpoint(checkpoint: Checkpoint | str | Path,
                                   device: str | torch.device = "cpu") -> StyleEncoder:
     """See `StyleEncoder.from_checkpoint`."""
     return StyleEncoder.from_checkpoint(checkpoint, device)
+
+
+def phoneme_reader_from_checkpoint(checkpoint: Checkpoint | str | Path,
+                                   device: str | torch.device = "cpu") -> nn.Linear | None:
+    """Stage 2's phoneme reader: a linear map from the adapter's encoded frames to the SpeechLM tokenizer's
+    ids + 1 (0 = the CTC blank), trained by CTC on the corpus's transcripts (`align.phoneme_ctc_weight`).
+    None when the checkpoint has none, or a stage-2 checkpoint whose run did not train it."""
+    ckpt = as_checkpoint(checkpoint)
+    if "align_phonemes" not in ckpt.modules:
+        return None
+    if ckpt.stage == "2" and not float(ckpt.config.get("align", {}).get("phoneme_ctc_weight", 0.0)):
+        return None
+    state = ckpt.state_dict("align_phonemes")
+    reader = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+    reader.load_state_dict(state)
+    return reader.to(device)

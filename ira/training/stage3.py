@@ -5,9 +5,13 @@ One PPO iteration:
    with one of its clip's voice descriptions (KV cache, sampling at `ppo.temperature`).
 2. Judge: the frozen reference SpeechLM (the stage-2 one) reads the sampled audio (text and style
    dropped), the stage-2 adapter turns it into soft tokens, and the LLM is asked to repeat what was
-   said; the semantic score is the LLM's mean log-likelihood per token of the intended text. The style
-   score is the cosine, in the style encoder's space, between the audio and the description.
-3. Rewards: `semantic_weight * semantic + style_weight * style` at each sample's last step.
+   said; the semantic score is the LLM's mean log-likelihood per token of the intended text. The phoneme
+   score is the adapter's own reading of the audio: stage 2's phoneme reader's CTC log-likelihood per
+   phoneme of the text (within a text's samples it follows what a listener hears, where the LLM's reply
+   does not: docs/decisions.md). The style score is the cosine, in the style encoder's space, between the
+   audio and the description.
+3. Rewards: `semantic_weight * semantic + phoneme_weight * phonemes + style_weight * style` at each
+   sample's last step.
 4. Advantages, then `ppo.ppo_epochs` passes of clipped-ratio minibatch updates against the log-probs stored
    at rollout time. `ppo.advantage: gae`: a per-step KL penalty to the reference policy joins the reward,
    then GAE with the value head's estimates, whitened. `group`: each text is spoken `group_size` times and
@@ -48,8 +52,8 @@ from ira.data.prepare import ensure_prepared
 from ira.data.token_cache import TokenSplit, load_split
 from ira.eval import asr
 from ira.models.hub import (CodecState, adapter_from_checkpoint, codec_from_checkpoint,
-                            feature_speech_lm_from_checkpoint, speech_lm_from_checkpoint,
-                            style_encoder_from_checkpoint, tokenizer_from_checkpoint)
+                            feature_speech_lm_from_checkpoint, phoneme_reader_from_checkpoint,
+                            speech_lm_from_checkpoint, style_encoder_from_checkpoint, tokenizer_from_checkpoint)
 from ira.models.llm import LoadedLLM, load_llm
 from ira.models.reading_rate import min_frames_for
 from ira.models.speech_lm import SpeechLM
@@ -64,6 +68,20 @@ from ira.training.teacher_responses import TASK_INSTRUCTIONS
 
 JUDGE_INSTRUCTION = TASK_INSTRUCTIONS["repeat"]
 SLOWEST_CHARS_PER_SECOND = 6.0   # rollouts may last this long at most (a very slow reading)
+UNREADABLE_PHONEME_SCORE = -10.0  # nats per phoneme for audio too short for CTC to align the text at all
+
+
+def phoneme_log_likelihood(reader: nn.Module, frames: torch.Tensor, frames_valid: torch.Tensor,
+                           text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """Mean log-likelihood per phoneme [B] of each row's text (SpeechLM tokenizer ids) under CTC over the
+    phoneme reader's classes (0 = blank, id + 1) at the adapter's encoded frames. Audio too short to hold
+    its text gets `UNREADABLE_PHONEME_SCORE`, not CTC's "zero infinity" 0, which would be the best score."""
+    log_probs = reader(frames).float().log_softmax(-1)
+    lengths = text_mask.sum(1)
+    nll = F.ctc_loss(log_probs.transpose(0, 1), (text_ids[text_mask] + 1).to(log_probs.device),
+                     frames_valid.sum(1).cpu(), lengths.cpu(), reduction="none")
+    score = -nll / lengths.to(nll.device).clamp(min=1)
+    return torch.where(torch.isfinite(score), score, torch.full_like(score, UNREADABLE_PHONEME_SCORE))
 
 
 class ValueHead(nn.Module):
@@ -153,6 +171,11 @@ class Stage3Task(TrainingTask):
             p.requires_grad_(False)
         self.value_head = ValueHead(self.policy.cfg.d_model)
         self.adapter = adapter_from_checkpoint(source)
+        self.phoneme_reader = phoneme_reader_from_checkpoint(source)
+        if cfg.ppo.phoneme_weight > 0 and self.phoneme_reader is None:
+            raise ValueError(f"{source.path} has no trained phoneme reader (stage 2 with align.phoneme_ctc_weight "
+                             f"> 0 trains one) for ppo.phoneme_weight={cfg.ppo.phoneme_weight}: set "
+                             f"ppo.phoneme_weight=0 or train stage 2 with the phoneme reader")
         self.style_encoder = style_encoder_from_checkpoint(source) if "style" in source.modules else None
         self.codec_state = CodecState(self.codec)
         self.llm = llm or load_llm(cfg.llm, device=process_device(cpu))
@@ -186,6 +209,8 @@ class Stage3Task(TrainingTask):
                                        "codec": self.codec_state}
         if self.style_encoder is not None:
             parts["style"] = self.style_encoder
+        if self.phoneme_reader is not None:
+            parts["align_phonemes"] = self.phoneme_reader
         return parts
 
     def setup(self, device: torch.device) -> None:
@@ -251,15 +276,21 @@ class Stage3Task(TrainingTask):
 
     @torch.no_grad()
     def judge(self, samples: dict[str, Any], texts: list[str], descriptions: list[str]) -> dict[str, torch.Tensor]:
-        """Semantic score (LLM's mean log-likelihood per token of the text, from the audio) and style score."""
+        """Semantic score (LLM's mean log-likelihood per token of the text, from the audio), phoneme score
+        (the phoneme reader's, per phoneme; 0 without one) and style score."""
         features, mask = self.reference.audio_features(samples["codes"], samples["codes_lengths"],
                                                        layer=self.adapter.cfg.feature_layer)
-        audio = self.adapter(features, mask)
+        frames, frames_valid = self.adapter.encode_frames(features, mask)
+        audio = self.adapter.heard(self.adapter.read(frames, frames_valid))
         semantic = reply_log_likelihood(self.llm, [JUDGE_INSTRUCTION] * len(texts), audio, texts)
+        phonemes = torch.zeros_like(semantic)
+        if self.phoneme_reader is not None:
+            phonemes = phoneme_log_likelihood(self.phoneme_reader, frames, frames_valid, samples["text_ids"],
+                                              samples["text_mask"]).to(semantic.device)
         style = torch.zeros_like(semantic)
         if self.style_encoder is not None and samples.get("style") is not None:
             style = (self._audio_style(samples) * samples["style"].to(semantic.device)).sum(-1)
-        return {"semantic": semantic, "style": style}
+        return {"semantic": semantic, "phonemes": phonemes, "style": style}
 
     def _audio_style(self, samples: dict[str, Any]) -> torch.Tensor:
         """Style-space vectors of the sampled audio (the codec's mel when it has one: no vocoder needed)."""
@@ -283,7 +314,8 @@ class Stage3Task(TrainingTask):
         samples = self.speak(self.policy, texts, descriptions, seed=self.cfg.training.seed * 100_003 + iteration)
         scores = self.judge(samples, texts, descriptions)
         rollouts_per_second = len(texts) / max(time.perf_counter() - start, 1e-9)   # spoken and judged
-        score = pc.semantic_weight * scores["semantic"] + pc.style_weight * scores["style"]
+        score = (pc.semantic_weight * scores["semantic"] + pc.phoneme_weight * scores["phonemes"]
+                 + pc.style_weight * scores["style"])
         self.policy.eval()
         logprobs, _, mask, hidden = step_logprobs(self.policy, samples, pc.temperature)
         values = self.value_head(hidden) * mask
@@ -302,6 +334,7 @@ class Stage3Task(TrainingTask):
         sequence_kl = kl.sum(1).mean().item()
         self.rollout_metrics = {
             "reward": score.mean().item(), "reward_semantic": scores["semantic"].mean().item(),
+            "reward_phonemes": scores["phonemes"].mean().item(),
             "reward_style": scores["style"].mean().item(), "kl": sequence_kl, "kl_coef": self.kl.value, **spread,
             "rollout_seconds_audio": samples["codes_lengths"].float().mean().item() / self.codec.frame_rate,
             "rollouts_per_second": rollouts_per_second}
@@ -366,6 +399,7 @@ class Stage3Task(TrainingTask):
             chars = torch.tensor([len(t) for t in batch["texts"]], dtype=torch.float, device=frames.device)
             asr_heard = self._asr_heard(samples)
             metrics = {"val_reward_semantic": scores["semantic"].mean().item(),
+                       "val_reward_phonemes": scores["phonemes"].mean().item(),
                        "val_reward_style": scores["style"].mean().item(),
                        "val_kl": ((logprobs - ref_logprobs) * mask).sum(1).mean().item(),
                        "val_ref_logprob_per_frame": ((ref_logprobs * mask).sum(1) / frames).mean().item(),
