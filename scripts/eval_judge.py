@@ -11,6 +11,11 @@ audio), the style reward, the KL to the reference (stage-2) SpeechLM, and the pr
 reveal a reward hack: the reference's log-likelihood per frame of the samples, the judge's CER when it
 repeats what it heard, the seconds spoken per character, and (with `ira[eval]`) the offline ASR's WER and
 CER of the samples.
+
+With `--seeds` >= 2 and the ASR, it also asks whether the judge ranks a text's samples as a listener does:
+for each score (the run's weighted reward, and each part of it), its correlation with the ASR's CER among the
+samples of one text (negative = agrees), and the CER of the sample it would pick against the mean and the
+ASR's own pick. PPO with the group advantage learns from exactly this ranking.
 """
 
 from __future__ import annotations
@@ -24,7 +29,38 @@ import sys
 import torch
 
 from ira.checkpoint import load_checkpoint, require_stage
+from ira.text_metrics import corpus_cer
 from ira.training.stage3 import Stage3Task
+
+SCORES = ("reward", "semantic", "phonemes", "style")
+
+
+def _pearson(a: list[float], b: list[float]) -> float:
+    ma, mb = statistics.mean(a), statistics.mean(b)
+    num = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    den = (sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b)) ** 0.5
+    return num / den if den else float("nan")
+
+
+def ranking_agreement(samples_by_text: list[list[dict]]) -> dict[str, float]:
+    """How each judge score ranks the samples of one text against the ASR's CER: the Pearson correlation of
+    both, each centred on its text's mean (negative = the judge prefers what the ASR hears better), and the
+    mean CER of the sample each score would pick; `mean_cer` and `asr_pick_cer` (the best possible pick)
+    frame it."""
+    for group in samples_by_text:
+        for row in group:
+            row["asr_cer"] = corpus_cer([row["text"]], [row["asr"]])
+
+    def centred(key: str) -> list[float]:
+        return [row[key] - statistics.mean(r[key] for r in group) for group in samples_by_text for row in group]
+
+    out = {"mean_cer": statistics.mean(row["asr_cer"] for group in samples_by_text for row in group),
+           "asr_pick_cer": statistics.mean(min(r["asr_cer"] for r in group) for group in samples_by_text)}
+    for key in SCORES:
+        out[f"{key}_vs_cer"] = _pearson(centred(key), centred("asr_cer"))
+        out[f"{key}_pick_cer"] = statistics.mean(max(group, key=lambda r: r[key])["asr_cer"]
+                                                 for group in samples_by_text)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,17 +93,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     chosen = range(args.skip, args.skip + args.texts)
     loader = task.held_out_loader(chosen)
-    runs = []
+    runs, samples = [], []
     for seed in range(args.seed, args.seed + args.seeds):
         task.cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, seed=seed))
         with torch.inference_mode():
             runs.append(task.validate(loader))
+        samples.append(list(task._last_heard))
     metrics = {key: statistics.mean(run[key] for run in runs) for key in runs[0]}
     print(f"{args.checkpoint} (stage {ckpt.stage}), {args.texts} held-out texts (from the {args.skip + 1}.) "
           f"x {args.seeds} seed(s):")
     for key, value in metrics.items():
         spread = (f"  (seeds: {', '.join(f'{run[key]:.3f}' for run in runs)})" if len(runs) > 1 else "")
         print(f"  {key[4:]:>24}: {value:.4f}{spread}")
+    agreement = None
+    if args.seeds >= 2 and all("asr" in row for run in samples for row in run):
+        agreement = ranking_agreement([list(group) for group in zip(*samples)])
+        print(f"  does the judge rank a text's {args.seeds} samples as the ASR does? (mean CER "
+              f"{agreement['mean_cer']:.3f}; the ASR's own pick {agreement['asr_pick_cer']:.3f})")
+        for key in SCORES:
+            print(f"  {key:>24}: correlation with CER {agreement[key + '_vs_cer']:+.3f} (negative = agrees), "
+                  f"its pick's CER {agreement[key + '_pick_cer']:.3f}")
     for row in getattr(task, "_last_heard", [])[:3]:
         print(f"  said {row['text']!r}\n  judge heard {row['heard']!r}")
         if "asr" in row:
@@ -75,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"checkpoint": args.checkpoint, "texts": args.texts, "skip": args.skip, "seeds": args.seeds,
-                   "overrides": args.overrides,
-                       **metrics, "per_seed": runs, "judged": [task.val_split.texts[i] for i in chosen],
-                       "heard": getattr(task, "_last_heard", [])}, handle, indent=2)
+                       "overrides": args.overrides, **metrics, "per_seed": runs,
+                       "judged": [task.val_split.texts[i] for i in chosen], "samples": samples,
+                       "agreement": agreement}, handle, indent=2)
     return 0
 
 

@@ -137,14 +137,20 @@ def test_stage3_refuses_a_checkpoint_without_an_adapter(tiny_stage2, tmp_path):
         run_stage3(_cfg(tiny_stage2, tmp_path), tiny_stage2[2].last_checkpoint, cpu=True)
 
 
-def test_eval_judge_averages_over_seeds(ppo_run, tmp_path, capsys):
-    """scripts/eval_judge.py --seeds 2: each text spoken twice (other samples), the figures their mean."""
+def _eval_judge_script():
     import importlib.util
-    import statistics
 
     spec = importlib.util.spec_from_file_location("eval_judge", Path(__file__).parents[1] / "scripts" / "eval_judge.py")
-    eval_judge = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_judge)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_judge_averages_over_seeds(ppo_run, tmp_path, capsys):
+    """scripts/eval_judge.py --seeds 2: each text spoken twice (other samples), the figures their mean."""
+    import statistics
+
+    eval_judge = _eval_judge_script()
     out = tmp_path / "judge.json"
     assert eval_judge.main(["--checkpoint", str(ppo_run.last_checkpoint), "--texts", "2", "--seeds", "2",
                             "--json", str(out)]) == 0
@@ -153,9 +159,12 @@ def test_eval_judge_averages_over_seeds(ppo_run, tmp_path, capsys):
     assert first["val_reward_semantic"] != second["val_reward_semantic"]          # other samples
     assert report["val_reward_semantic"] == pytest.approx(
         statistics.mean([first["val_reward_semantic"], second["val_reward_semantic"]]))
-    assert "x 2 seed(s)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "x 2 seed(s)" in printed and "does the judge rank a text's 2 samples as the ASR does?" in printed
     val_texts = report["judged"]
-    assert len(val_texts) == 2 and [row["text"] for row in report["heard"]] == val_texts
+    assert len(val_texts) == 2 and all([row["text"] for row in run] == val_texts for run in report["samples"])
+    assert {"semantic", "phonemes", "style", "reward", "asr"} <= set(report["samples"][0][0])
+    assert {"reward_vs_cer", "semantic_pick_cer", "asr_pick_cer"} <= set(report["agreement"])
 
     # --skip: the texts after those that chose a stage-3 checkpoint
     assert eval_judge.main(["--checkpoint", str(ppo_run.last_checkpoint), "--texts", "1", "--skip", "1",
@@ -184,3 +193,17 @@ def test_phoneme_reward_prefers_the_spoken_text_and_never_rewards_unreadable_aud
     assert score(spoken) > -0.1 and score([1, 3, 4, 2]) < score(spoken) - 5.0
     short = score(spoken, frames[:, :2], valid[:, :2])
     assert short == UNREADABLE_PHONEME_SCORE
+
+
+def test_ranking_agreement_tells_a_judge_that_hears_from_one_that_does_not():
+    """Two texts, three samples each: the reward ranks them as the ASR's CER does, the style score the other
+    way round, the semantic score not at all (one value per text)."""
+    eval_judge = _eval_judge_script()
+    heard = {"a b c d": ["a b c d", "a b x d", "x y z d"], "e f g h": ["e f g h", "e f g x", "x f x x"]}
+    groups = [[{"text": text, "asr": asr, "reward": -i, "style": i, "semantic": 0.0, "phonemes": -2.0 * i}
+               for i, asr in enumerate(options)] for text, options in heard.items()]
+    out = eval_judge.ranking_agreement(groups)
+    assert out["asr_pick_cer"] == 0.0 and out["mean_cer"] > 0.1
+    assert out["reward_vs_cer"] < -0.9 and out["reward_pick_cer"] == 0.0         # agrees: picks the best
+    assert out["style_vs_cer"] > 0.9 and out["style_pick_cer"] > out["mean_cer"]  # the opposite
+    assert out["phonemes_vs_cer"] < -0.9

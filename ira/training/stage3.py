@@ -405,7 +405,13 @@ class Stage3Task(TrainingTask):
                        "val_ref_logprob_per_frame": ((ref_logprobs * mask).sum(1) / frames).mean().item(),
                        "val_judge_cer": corpus_cer(batch["texts"], heard),
                        "val_seconds_per_char": (frames / self.codec.frame_rate / chars).mean().item()}
-            self._last_heard = [{"text": t, "heard": h} for t, h in zip(batch["texts"], heard)]
+            pc = self.cfg.ppo
+            reward = (pc.semantic_weight * scores["semantic"] + pc.phoneme_weight * scores["phonemes"]
+                      + pc.style_weight * scores["style"])
+            self._last_heard = [{"text": t, "heard": h, "reward": r, "semantic": sem, "phonemes": ph, "style": st}
+                                for t, h, r, sem, ph, st in zip(batch["texts"], heard, reward.tolist(),
+                                                                scores["semantic"].tolist(),
+                                                                scores["phonemes"].tolist(), scores["style"].tolist())]
             if asr_heard is not None:
                 metrics["val_asr_wer"] = corpus_wer(batch["texts"], asr_heard)
                 metrics["val_asr_cer"] = corpus_cer(batch["texts"], asr_heard)
