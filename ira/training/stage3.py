@@ -292,6 +292,12 @@ class Stage3Task(TrainingTask):
             style = (self._audio_style(samples) * samples["style"].to(semantic.device)).sum(-1)
         return {"semantic": semantic, "phonemes": phonemes, "style": style}
 
+    def reward(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The judge's scores weighted into the sequence reward PPO maximises [B]."""
+        pc = self.cfg.ppo
+        return (pc.semantic_weight * scores["semantic"] + pc.phoneme_weight * scores["phonemes"]
+                + pc.style_weight * scores["style"])
+
     def _audio_style(self, samples: dict[str, Any]) -> torch.Tensor:
         """Style-space vectors of the sampled audio (the codec's mel when it has one: no vocoder needed)."""
         clips = [samples["codes"][i, :, : int(n)].cpu() for i, n in enumerate(samples["codes_lengths"])]
@@ -314,8 +320,7 @@ class Stage3Task(TrainingTask):
         samples = self.speak(self.policy, texts, descriptions, seed=self.cfg.training.seed * 100_003 + iteration)
         scores = self.judge(samples, texts, descriptions)
         rollouts_per_second = len(texts) / max(time.perf_counter() - start, 1e-9)   # spoken and judged
-        score = (pc.semantic_weight * scores["semantic"] + pc.phoneme_weight * scores["phonemes"]
-                 + pc.style_weight * scores["style"])
+        score = self.reward(scores)
         self.policy.eval()
         logprobs, _, mask, hidden = step_logprobs(self.policy, samples, pc.temperature)
         values = self.value_head(hidden) * mask
@@ -405,13 +410,9 @@ class Stage3Task(TrainingTask):
                        "val_ref_logprob_per_frame": ((ref_logprobs * mask).sum(1) / frames).mean().item(),
                        "val_judge_cer": corpus_cer(batch["texts"], heard),
                        "val_seconds_per_char": (frames / self.codec.frame_rate / chars).mean().item()}
-            pc = self.cfg.ppo
-            reward = (pc.semantic_weight * scores["semantic"] + pc.phoneme_weight * scores["phonemes"]
-                      + pc.style_weight * scores["style"])
-            self._last_heard = [{"text": t, "heard": h, "reward": r, "semantic": sem, "phonemes": ph, "style": st}
-                                for t, h, r, sem, ph, st in zip(batch["texts"], heard, reward.tolist(),
-                                                                scores["semantic"].tolist(),
-                                                                scores["phonemes"].tolist(), scores["style"].tolist())]
+            per_sample = {"reward": self.reward(scores), **scores}   # each sample's scores, for eval_judge
+            self._last_heard = [{"text": t, "heard": h, **{k: v[i].item() for k, v in per_sample.items()}}
+                                for i, (t, h) in enumerate(zip(batch["texts"], heard))]
             if asr_heard is not None:
                 metrics["val_asr_wer"] = corpus_wer(batch["texts"], asr_heard)
                 metrics["val_asr_cer"] = corpus_cer(batch["texts"], asr_heard)
