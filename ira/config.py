@@ -461,6 +461,10 @@ class PPOConfig:
     """Wall-clock budget of stage 3 (None = training.max_minutes)."""
     eval_every: Optional[int] = None
     """Steps between validations in stage 3 (None = training.eval_every)."""
+    early_stop_patience: Optional[int] = None
+    """Validations without a better `stage3_best` before stage 3 stops (0 = never; None =
+    training.early_stop_patience). One sample of each of `eval_texts` texts is a noisy figure: a patience
+    meant for stage 1 ends runs by chance."""
     warmup_steps: int = 0
     clip_range: float = 0.2
     clip_range_value: float = 0.2
@@ -510,6 +514,8 @@ class PPOConfig:
         for name in ("max_steps", "max_minutes", "eval_every"):   # None: the `training` section's
             if getattr(self, name) is not None:
                 check.positive(name, getattr(self, name))
+        check.that("early_stop_patience", self.early_stop_patience is None or self.early_stop_patience >= 0,
+                   "must be >= 0 (0 = never), or null for training.early_stop_patience")
         check.that("minibatch_size", self.batch_size % self.minibatch_size == 0,
                    f"must divide ppo.batch_size ({self.batch_size})")
         check.that("warmup_steps", self.warmup_steps >= 0, "must be >= 0")
@@ -580,7 +586,7 @@ class IRAConfig:
         own = getattr(self, section)
         training = dataclasses.replace(self.training, batch_size=own.batch_size, learning_rate=own.learning_rate,
                                        max_steps=own.max_steps, warmup_steps=own.warmup_steps)
-        for key in ("max_minutes", "eval_every"):  # a stage's own, where it sets them
+        for key in ("max_minutes", "eval_every", "early_stop_patience"):  # a stage's own, where it sets them
             if getattr(own, key, None) is not None:
                 training = dataclasses.replace(training, **{key: getattr(own, key)})
         return dataclasses.replace(self, training=training)

@@ -100,3 +100,16 @@ def test_defaults_validate():
 
 def test_unquoted_no_means_the_choice_no():
     assert load_config("cpu", ["training.mixed_precision=no"]).training.mixed_precision == "no"
+
+
+def test_stage3_has_its_own_early_stop_patience():
+    """The cpu preset stops stage 1 after 4 validations without progress, but not stage 3, whose validation
+    (one sample of each text) is too noisy for it; null falls back to the training section's."""
+    cfg = load_config("cpu")
+    assert cfg.training.early_stop_patience == 4
+    assert cfg.with_training_from("ppo").training.early_stop_patience == 0
+    assert cfg.with_training_from("align").training.early_stop_patience == 4
+    inherited = load_config("cpu", ["ppo.early_stop_patience=null"]).with_training_from("ppo")
+    assert inherited.training.early_stop_patience == 4
+    with pytest.raises(ConfigError, match=r"ppo\.early_stop_patience"):
+        load_config("cpu", ["ppo.early_stop_patience=-1"])
