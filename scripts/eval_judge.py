@@ -46,7 +46,7 @@ def ranking_agreement(samples_by_text: list[list[dict]]) -> dict[str, float]:
     """How each judge score ranks the samples of one text against the ASR's CER: the Pearson correlation of
     both, each centred on its text's mean (negative = the judge prefers what the ASR hears better), and the
     mean CER of the sample each score would pick; `mean_cer` and `asr_pick_cer` (the best possible pick)
-    frame it."""
+    frame it. Each row gets its `asr_cer` (kept in the JSON report)."""
     for group in samples_by_text:
         for row in group:
             row["asr_cer"] = corpus_cer([row["text"]], [row["asr"]])
