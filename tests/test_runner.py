@@ -123,7 +123,8 @@ def test_stop_writes_the_flag_and_a_new_runner_reattaches(tmp_path: Path, fake: 
     assert status.eta_s is not None and status.eta_s > 0
     assert again.active().name == "a"
 
-    assert again.stop("a").state == "stopping"
+    # a snapshot: the fake child honours the flag within one of its short steps, so it may already be gone
+    assert again.stop("a").state in ("stopping", "stopped")
     assert JobRecord.load(runs / "a").stop_requested is not None
     status = wait_for(lambda: (s := again.status("a")).state == "stopped" and s)
     assert "Stopped at step" in status.message
