@@ -275,13 +275,21 @@ class Stage3Task(TrainingTask):
                 "align_frames": align_frames.to(model.device)}
 
     @torch.no_grad()
-    def judge(self, samples: dict[str, Any], texts: list[str], descriptions: list[str]) -> dict[str, torch.Tensor]:
-        """Semantic score (LLM's mean log-likelihood per token of the text, from the audio), phoneme score
-        (the phoneme reader's, per phoneme; 0 without one) and style score."""
+    def listen(self, samples: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """What the judge's ears make of the samples: the adapter's encoded frames, their mask, and the soft
+        tokens the LLM reads."""
         features, mask = self.reference.audio_features(samples["codes"], samples["codes_lengths"],
                                                        layer=self.adapter.cfg.feature_layer)
         frames, frames_valid = self.adapter.encode_frames(features, mask)
-        audio = self.adapter.heard(self.adapter.read(frames, frames_valid))
+        return frames, frames_valid, self.adapter.heard(self.adapter.read(frames, frames_valid))
+
+    @torch.no_grad()
+    def judge(self, samples: dict[str, Any], texts: list[str], descriptions: list[str],
+              ears: Optional[tuple[torch.Tensor, torch.Tensor, Any]] = None) -> dict[str, torch.Tensor]:
+        """Semantic score (LLM's mean log-likelihood per token of the text, from the audio), phoneme score
+        (the phoneme reader's, per phoneme; 0 without one) and style score. `ears`: `listen(samples)`, when
+        the caller has it already."""
+        frames, frames_valid, audio = ears if ears is not None else self.listen(samples)
         semantic = reply_log_likelihood(self.llm, [JUDGE_INSTRUCTION] * len(texts), audio, texts)
         phonemes = torch.zeros_like(semantic)
         if self.phoneme_reader is not None:
@@ -392,13 +400,11 @@ class Stage3Task(TrainingTask):
         metrics: dict[str, float] = {}
         for batch in loader:
             samples = self.speak(self.policy, batch["texts"], batch["descriptions"], seed=self.cfg.training.seed)
-            scores = self.judge(samples, batch["texts"], batch["descriptions"])
+            ears = self.listen(samples)
+            scores = self.judge(samples, batch["texts"], batch["descriptions"], ears)
             logprobs, _, mask, _ = step_logprobs(self.policy, samples, self.cfg.ppo.temperature)
             ref_logprobs, _, _, _ = step_logprobs(self.reference, samples, self.cfg.ppo.temperature)
-            features, feature_mask = self.reference.audio_features(
-                samples["codes"], samples["codes_lengths"], layer=self.adapter.cfg.feature_layer)
-            inputs = build_student_inputs(self.llm, [JUDGE_INSTRUCTION] * len(batch["texts"]),
-                                          self.adapter(features, feature_mask), None)
+            inputs = build_student_inputs(self.llm, [JUDGE_INSTRUCTION] * len(batch["texts"]), ears[2], None)
             heard = generate_reply(self.llm, inputs, max_new_tokens=self.cfg.llm.max_new_tokens)
             frames = samples["codes_lengths"].float()
             chars = torch.tensor([len(t) for t in batch["texts"]], dtype=torch.float, device=frames.device)
