@@ -36,10 +36,11 @@ SCORES = ("reward", "semantic", "phonemes", "style")
 
 
 def _pearson(a: list[float], b: list[float]) -> float:
-    ma, mb = statistics.mean(a), statistics.mean(b)
-    num = sum((x - ma) * (y - mb) for x, y in zip(a, b))
-    den = (sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b)) ** 0.5
-    return num / den if den else float("nan")
+    """statistics.correlation, NaN where one side is constant (e.g. a score that is off)."""
+    try:
+        return statistics.correlation(a, b)
+    except statistics.StatisticsError:
+        return float("nan")
 
 
 def ranking_agreement(samples_by_text: list[list[dict]]) -> dict[str, float]:
