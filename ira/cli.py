@@ -287,24 +287,34 @@ def cmd_understand(args: argparse.Namespace) -> int:
 
 def cmd_eval_speech(args: argparse.Namespace) -> int:
     from ira.eval import asr
-    from ira.eval.speech import evaluate_speech, heldout_sentences
+    from ira.eval.speech import evaluate_speech_by, heldout_sentences
     from ira.speaker import SamplingSettings, Speaker
 
+    names = [name.strip() for name in args.asr.split(",") if name.strip()] if args.asr else \
+        [name for name in asr.NAMES if asr.is_available(name)]
+    if not names:
+        raise asr.ASRUnavailable(f"no offline ASR is installed here; {asr.INSTALL_HINT}")
+    transcribers = {name: asr.transcriber(name) for name in names}   # each loads (and base joins) or says why not
     speaker = Speaker.from_checkpoint(args.checkpoint, device=args.device, int8=args.int8)
     sentences = heldout_sentences(args.sentences, limit=args.limit)
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 cfg_scale=args.cfg_scale, max_seconds=args.max_seconds)
-    result = evaluate_speech(speaker, sentences, asr.transcriber(), settings, seed=args.seed,
-                             style=args.style, ceiling=not args.no_ceiling)
-    if args.verbose_items:
-        for item in result.model.items:
-            print(f"  WER {item.wer:4.2f} | {item.text}\n           heard: {item.heard}")
+    results = evaluate_speech_by(speaker, sentences, transcribers, settings, seed=args.seed,
+                                 style=args.style, ceiling=not args.no_ceiling)
     print(f"{args.checkpoint}")
-    print(result.summary())
+    for name, result in results.items():
+        if args.verbose_items:
+            for item in result.model.items:
+                print(f"  WER {item.wer:4.2f} | {item.text}\n           heard by {name}: {item.heard}")
+        print(f"heard by Whisper {name}:")
+        print(result.summary())
     if args.json:
+        main_asr = asr.BASE if asr.BASE in results else names[0]    # the figure to trust: the larger ASR's
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint), "settings": vars(settings),
-                                               **result.to_dict()}, indent=2))
+                                               "asr": main_asr, **results[main_asr].to_dict(),
+                                               "by_asr": {name: r.to_dict() for name, r in results.items()}},
+                                              indent=2))
     return 0
 
 
@@ -453,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ceiling", dest="no_ceiling", action="store_true", help="skip the eSpeak / codec ceiling")
     p.add_argument("--int8", action="store_true", help="int8 weights for the SpeechLM (CPU only)")
     p.add_argument("--show", dest="verbose_items", action="store_true", help="print what the ASR heard")
+    p.add_argument("--asr", default=None, metavar="NAMES",
+                   help="the ASRs that hear the speech, comma-separated: tiny.en, base (Whisper base, the figure to "
+                        "trust) or a faster-whisper model folder (default: tiny.en and base, those installed)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every figure and transcript to FILE")
     add_sampling_args(p)
     p.set_defaults(func=cmd_eval_speech)

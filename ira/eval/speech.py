@@ -6,6 +6,9 @@ fixed seed, through the same `Speaker` the CLI and the app use, so the figure is
 ceiling is measured the same way on eSpeak NG's audio of the same sentences, in voices drawn like the
 synthetic corpus's (accent, variant, pitch, rate), after the checkpoint's codec round trip: a model that
 speaks like its corpus cannot score better. The raw eSpeak audio is scored too (the codec's share of the gap).
+
+Several ASRs can hear the same audio (`evaluate_speech_by`): Whisper tiny.en is thrown by Griffin-Lim's
+artefacts more than Whisper base is, and stage 3 rewards with tiny.en, so base is the figure to trust.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -60,18 +63,29 @@ class SpeechScore:
         return {"wer": self.wer, "cer": self.cer, "items": [asdict(i) for i in self.items]}
 
 
-def score_speaker(speaker: Any, sentences: Sequence[str], transcribe: Callable[[torch.Tensor, int], str],
+Transcribe = Callable[[torch.Tensor, int], str]
+
+
+def score_speaker(speaker: Any, sentences: Sequence[str], transcribe: Transcribe,
                   settings: Any = None, seed: int = 0, style: Optional[str] = None) -> SpeechScore:
     """Speak each sentence (seed + its index), transcribe it, score it. `speaker`: an `ira.speaker.Speaker`."""
+    return score_speaker_by(speaker, sentences, {"asr": transcribe}, settings, seed, style)["asr"]
+
+
+def score_speaker_by(speaker: Any, sentences: Sequence[str], transcribers: Mapping[str, Transcribe],
+                     settings: Any = None, seed: int = 0, style: Optional[str] = None) -> dict[str, SpeechScore]:
+    """`score_speaker` with each ASR of `transcribers` (name -> transcribe) hearing the same audio."""
     from ira.speaker import SamplingSettings
 
     base = settings or SamplingSettings()
-    heard, seconds = [], []
+    heard: dict[str, list[str]] = {name: [] for name in transcribers}
+    seconds = []
     for i, sentence in enumerate(sentences):
         result = speaker.speak(sentence, style=style, settings=_with_seed(base, seed + i))
-        heard.append(transcribe(result.waveform, result.sample_rate) if result.waveform.numel() else "")
+        for name, transcribe in transcribers.items():
+            heard[name].append(transcribe(result.waveform, result.sample_rate) if result.waveform.numel() else "")
         seconds.append(result.seconds)
-    return SpeechScore.of(sentences, heard, seconds)
+    return {name: SpeechScore.of(sentences, heard[name], seconds) for name in transcribers}
 
 
 def _with_seed(settings: Any, seed: int) -> Any:
@@ -94,18 +108,27 @@ def espeak_clips(sentences: Sequence[str], sample_rate: int) -> list[torch.Tenso
     return clips
 
 
-def score_ceiling(codec: Any, sentences: Sequence[str], transcribe: Callable[[torch.Tensor, int], str]
-                  ) -> tuple[SpeechScore, SpeechScore]:
+def score_ceiling(codec: Any, sentences: Sequence[str], transcribe: Transcribe) -> tuple[SpeechScore, SpeechScore]:
     """(eSpeak's audio as it is, the same audio after `codec`'s encode-decode round trip), both scored."""
+    return score_ceiling_by(codec, sentences, {"asr": transcribe})["asr"]
+
+
+def score_ceiling_by(codec: Any, sentences: Sequence[str], transcribers: Mapping[str, Transcribe]
+                     ) -> dict[str, tuple[SpeechScore, SpeechScore]]:
+    """`score_ceiling` with each ASR of `transcribers` hearing the same audio."""
     clips = espeak_clips(sentences, codec.sample_rate)
-    raw, coded, seconds = [], [], []
+    raw: dict[str, list[str]] = {name: [] for name in transcribers}
+    coded: dict[str, list[str]] = {name: [] for name in transcribers}
+    seconds = []
     with torch.inference_mode():
         for wav in clips:
-            raw.append(transcribe(wav, codec.sample_rate))
-            round_trip = codec.decode(codec.encode(wav, codec.sample_rate))
-            coded.append(transcribe(round_trip.float(), codec.sample_rate))
+            round_trip = codec.decode(codec.encode(wav, codec.sample_rate)).float()
+            for name, transcribe in transcribers.items():
+                raw[name].append(transcribe(wav, codec.sample_rate))
+                coded[name].append(transcribe(round_trip, codec.sample_rate))
             seconds.append(wav.numel() / codec.sample_rate)
-    return SpeechScore.of(sentences, raw, seconds), SpeechScore.of(sentences, coded, seconds)
+    return {name: (SpeechScore.of(sentences, raw[name], seconds), SpeechScore.of(sentences, coded[name], seconds))
+            for name in transcribers}
 
 
 @dataclass
@@ -131,13 +154,21 @@ class SpeechEvaluation:
                 "espeak": None if self.espeak is None else self.espeak.to_dict(), "seconds": self.seconds}
 
 
-def evaluate_speech(speaker: Any, sentences: Sequence[str], transcribe: Callable[[torch.Tensor, int], str],
+def evaluate_speech(speaker: Any, sentences: Sequence[str], transcribe: Transcribe,
                     settings: Any = None, seed: int = 0, style: Optional[str] = None,
                     ceiling: bool = True) -> SpeechEvaluation:
     """The model's score on `sentences`, and (with `ceiling`) eSpeak's and the codec round trip's."""
+    return evaluate_speech_by(speaker, sentences, {"asr": transcribe}, settings, seed, style, ceiling)["asr"]
+
+
+def evaluate_speech_by(speaker: Any, sentences: Sequence[str], transcribers: Mapping[str, Transcribe],
+                       settings: Any = None, seed: int = 0, style: Optional[str] = None,
+                       ceiling: bool = True) -> dict[str, SpeechEvaluation]:
+    """`evaluate_speech` with each ASR of `transcribers` (name -> transcribe) hearing the same audio: one
+    evaluation per ASR, each with its own ceiling. `seconds` is the whole run's."""
     start = time.perf_counter()
-    model = score_speaker(speaker, sentences, transcribe, settings, seed, style)
-    espeak_score = coded = None
-    if ceiling:
-        espeak_score, coded = score_ceiling(speaker.codec, sentences, transcribe)
-    return SpeechEvaluation(model, coded, espeak_score, time.perf_counter() - start)
+    models = score_speaker_by(speaker, sentences, transcribers, settings, seed, style)
+    ceilings = score_ceiling_by(speaker.codec, sentences, transcribers) if ceiling else {}
+    seconds = time.perf_counter() - start
+    return {name: SpeechEvaluation(models[name], ceilings[name][1] if ceiling else None,
+                                   ceilings[name][0] if ceiling else None, seconds) for name in transcribers}
