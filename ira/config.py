@@ -487,6 +487,26 @@ class PPOConfig:
     from the audio (0: off; needs a stage-2 run with align.phoneme_ctc_weight > 0)."""
     style_weight: float = 0.5
     """Reward for the cosine, in the style space, between the audio and its description (0: off)."""
+    asr_weight: float = 0.0
+    """Reward for what a listener hears: minus the character error rate (capped at 1) of what the reward's
+    ASR (`reward_asr`) hears in each sample's decoded audio, against the text (0: off)."""
+    reward_asr: str = "tiny.en"
+    """The ASR that rewards (`tiny.en`, `base` or a faster-whisper model folder; ira/eval/asr.py). It hears a
+    whole group at once through a window fitted to the clips (`asr_window_margin`): ~10x cheaper than its
+    30-s window."""
+    asr_window_margin: float = 3.0
+    """Seconds of silence after the longest clip in the reward ASR's window (at least 10 s in all: tiny.en
+    repeats the sentence in shorter ones; docs/decisions.md)."""
+    eval_asr_model: str = "base"
+    """The ASR of validation (`val_asr_wer`, by which `stage3_best` is kept): never the reward's, so a policy
+    that learns to please the reward's ASR without being clearer is not chosen."""
+    min_group_spread: float = 0.01
+    """Groups (advantage "group") whose reward std is below this learn nothing from their samples (their
+    advantage is 0, the KL term still holds them): standardising would blow noise up to +-1."""
+    duration_tolerance: Optional[float] = 0.1
+    """A validation whose seconds per phoneme differ from the start's by more than this fraction, or whose
+    share of samples that end by their own end-of-speech falls by more than it, cannot become stage3_best
+    (a reward hacked by speaking slower, or by running to the length limit). null: no check."""
     temperature: float = 0.6
     """The policy is the SpeechLM's distribution at this temperature: rollouts are sampled from it and every
     log-probability (the ratio's, the KL's) is taken from it. The speaker's default (0.6) makes PPO improve
@@ -496,6 +516,9 @@ class PPOConfig:
     its ratios and its KL wrong."""
     eval_texts: int = 8
     """Held-out texts spoken and judged at each validation."""
+    eval_seeds: int = 1
+    """Samples of each held-out text at each validation: one sample of 16 texts moves its WER by +-0.1
+    between policies that differ little."""
     eval_asr: bool = True
     """Also transcribe each validation's samples with the offline ASR (`ira[eval]`; skipped without it) and
     log val_asr_wer / val_asr_cer: what a listener would hear, next to what the judge rewards, so that a
@@ -509,7 +532,8 @@ class PPOConfig:
     """Samples of one text per rollout with advantage "group" (divides batch_size)."""
 
     def validate(self, check: "_Checker") -> None:
-        for name in ("batch_size", "minibatch_size", "ppo_epochs", "learning_rate", "kl_horizon", "eval_texts"):
+        for name in ("batch_size", "minibatch_size", "ppo_epochs", "learning_rate", "kl_horizon", "eval_texts",
+                     "eval_seeds"):
             check.positive(name, getattr(self, name))
         for name in ("max_steps", "max_minutes", "eval_every"):   # None: the `training` section's
             if getattr(self, name) is not None:
@@ -530,6 +554,18 @@ class PPOConfig:
         check.that("semantic_weight", self.semantic_weight >= 0.0, "must be >= 0")
         check.that("phoneme_weight", self.phoneme_weight >= 0.0, "must be >= 0")
         check.that("style_weight", self.style_weight >= 0.0, "must be >= 0")
+        check.that("asr_weight", self.asr_weight >= 0.0, "must be >= 0")
+        check.that("asr_window_margin", self.asr_window_margin >= 0.0, "must be >= 0 (seconds)")
+        check.that("min_group_spread", self.min_group_spread >= 0.0, "must be >= 0")
+        check.that("duration_tolerance", self.duration_tolerance is None or self.duration_tolerance > 0,
+                   "must be > 0, or null for no check")
+        for name in ("reward_asr", "eval_asr_model"):
+            check.that(name, isinstance(getattr(self, name), str) and getattr(self, name).strip() != "",
+                       "must name an ASR: tiny.en, base or a faster-whisper model folder")
+        check.that("eval_asr_model", not (self.asr_weight > 0 and self.eval_asr
+                                          and self.eval_asr_model.strip() == self.reward_asr.strip()),
+                   f"is the reward's ASR ({self.reward_asr!r}): a policy rewarded by an ASR must be judged by "
+                   f"another, or it is chosen for pleasing that ASR; use base for one and tiny.en for the other")
         check.that("temperature", self.temperature > 0.0, "must be > 0 (PPO needs sampled rollouts)")
         check.that("top_k", self.top_k == 0, "must be 0: PPO scores each sample under the whole tempered "
                    "distribution, so a top-k cut would make its ratios and KL wrong; lower ppo.temperature instead")

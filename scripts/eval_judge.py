@@ -9,13 +9,15 @@ figure that did not choose the checkpoint),
 and prints the judge's semantic reward (the LLM's mean log-likelihood per token of the text, from the
 audio), the style reward, the KL to the reference (stage-2) SpeechLM, and the proxies that would
 reveal a reward hack: the reference's log-likelihood per frame of the samples, the judge's CER when it
-repeats what it heard, the seconds spoken per character, and (with `ira[eval]`) the offline ASR's WER and
-CER of the samples.
+repeats what it heard, the seconds spoken per phoneme, and (with `ira[eval]`) the WER and CER of the samples
+by the evaluation ASR (`ppo.eval_asr_model`, Whisper base: the one stage 3's reward never hears) and by the
+reward's ASR (`ppo.reward_asr`, Whisper tiny.en).
 
-With `--seeds` >= 2 and the ASR, it also asks whether the judge ranks a text's samples as a listener does:
-for each score (the run's weighted reward, and each part of it), its correlation with the ASR's CER among the
-samples of one text (negative = agrees), and the CER of the sample it would pick against the mean and the
-ASR's own pick. PPO with the group advantage learns from exactly this ranking.
+With `--seeds` >= 2 and the evaluation ASR, it also asks whether the judge ranks a text's samples as a listener
+does: for each score (the run's weighted reward, and each part of it: the LLM's, the phoneme reader's, the
+reward ASR's, the style's), its correlation with the evaluation ASR's CER among the samples of one text
+(negative = agrees), and the CER of the sample it would pick against the mean and the evaluation ASR's own pick.
+PPO with the group advantage learns from exactly this ranking.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ira.checkpoint import load_checkpoint, require_stage
 from ira.text_metrics import corpus_cer
 from ira.training.stage3 import Stage3Task
 
-SCORES = ("reward", "semantic", "phonemes", "style")
+SCORES = ("reward", "semantic", "phonemes", "asr", "style")
 
 
 def _pearson(a: list[float], b: list[float]) -> float:
@@ -46,17 +48,17 @@ def _pearson(a: list[float], b: list[float]) -> float:
 def ranking_agreement(samples_by_text: list[list[dict]]) -> dict[str, float]:
     """How each judge score ranks the samples of one text against the ASR's CER: the Pearson correlation of
     both, each centred on its text's mean (negative = the judge prefers what the ASR hears better), and the
-    mean CER of the sample each score would pick; `mean_cer` and `asr_pick_cer` (the best possible pick)
+    mean CER of the sample each score would pick; `mean_cer` and `oracle_pick_cer` (the evaluation ASR's own pick)
     frame it. Each row gets its `asr_cer` (kept in the JSON report)."""
     for group in samples_by_text:
         for row in group:
-            row["asr_cer"] = corpus_cer([row["text"]], [row["asr"]])
+            row["asr_cer"] = corpus_cer([row["text"]], [row["eval_asr_heard"]])
 
     def centred(key: str) -> list[float]:
         return [row[key] - statistics.mean(r[key] for r in group) for group in samples_by_text for row in group]
 
     out = {"mean_cer": statistics.mean(row["asr_cer"] for group in samples_by_text for row in group),
-           "asr_pick_cer": statistics.mean(min(r["asr_cer"] for r in group) for group in samples_by_text)}
+           "oracle_pick_cer": statistics.mean(min(r["asr_cer"] for r in group) for group in samples_by_text)}
     for key in SCORES:
         out[f"{key}_vs_cer"] = _pearson(centred(key), centred("asr_cer"))
         out[f"{key}_pick_cer"] = statistics.mean(max(group, key=lambda r: r[key])["asr_cer"]
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ckpt = require_stage(load_checkpoint(args.checkpoint), ("2", "3"), purpose="judging")
     cfg = ckpt.ira_config().with_overrides(args.overrides)
+    cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, eval_seeds=1))   # --seeds does it here
     task = Stage3Task(cfg, ckpt, cpu=True)
     n_val = len(task.val_split)
     if args.skip + args.texts > n_val:
@@ -107,17 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         spread = (f"  (seeds: {', '.join(f'{run[key]:.3f}' for run in runs)})" if len(runs) > 1 else "")
         print(f"  {key[4:]:>24}: {value:.4f}{spread}")
     agreement = None
-    if args.seeds >= 2 and all("asr" in row for run in samples for row in run):
+    if args.seeds >= 2 and all("eval_asr_heard" in row for run in samples for row in run):
         agreement = ranking_agreement([list(group) for group in zip(*samples)])
-        print(f"  does the judge rank a text's {args.seeds} samples as the ASR does? (mean CER "
-              f"{agreement['mean_cer']:.3f}; the ASR's own pick {agreement['asr_pick_cer']:.3f})")
+        print(f"  does the judge rank a text's {args.seeds} samples as the evaluation ASR does? (mean CER "
+              f"{agreement['mean_cer']:.3f}; the evaluation ASR's own pick {agreement['oracle_pick_cer']:.3f})")
         for key in SCORES:
             print(f"  {key:>24}: correlation with CER {agreement[key + '_vs_cer']:+.3f} (negative = agrees), "
                   f"its pick's CER {agreement[key + '_pick_cer']:.3f}")
     for row in getattr(task, "_last_heard", [])[:3]:
         print(f"  said {row['text']!r}\n  judge heard {row['heard']!r}")
-        if "asr" in row:
-            print(f"  ASR heard {row['asr']!r}")
+        if "eval_asr_heard" in row:
+            print(f"  evaluation ASR heard {row['eval_asr_heard']!r}")
+        if "reward_asr_heard" in row:
+            print(f"  reward ASR heard {row['reward_asr_heard']!r}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"checkpoint": args.checkpoint, "texts": args.texts, "skip": args.skip, "seeds": args.seeds,

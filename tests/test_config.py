@@ -113,3 +113,13 @@ def test_stage3_has_its_own_early_stop_patience():
     assert inherited.training.early_stop_patience == 4
     with pytest.raises(ConfigError, match=r"ppo\.early_stop_patience"):
         load_config("cpu", ["ppo.early_stop_patience=-1"])
+
+
+def test_stage3_may_not_be_judged_by_the_asr_that_rewards_it():
+    with pytest.raises(ConfigError, match="ppo.eval_asr_model.*is the reward's ASR"):
+        load_config("cpu", ["ppo.asr_weight=1.0", "ppo.reward_asr=base", "ppo.eval_asr_model=base"])
+    assert load_config("cpu", ["ppo.asr_weight=0", "ppo.reward_asr=base", "ppo.eval_asr_model=base"])
+    for key, value in (("ppo.asr_weight", "-1"), ("ppo.min_group_spread", "-0.1"), ("ppo.eval_seeds", "0"),
+                       ("ppo.duration_tolerance", "0")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config("cpu", [f"{key}={value}"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ira.training.ppo import (AdaptiveKLController, explained_variance, gae, group_advantages, kl_to_reference,
-                              masked_whiten, ppo_losses, shaped_rewards)
+                              masked_whiten, ppo_losses, shaped_rewards, skipped_groups)
 
 
 def brute_force_gae(rewards, values, gamma, lam):
@@ -95,6 +95,16 @@ def test_group_advantages_standardise_within_each_group():
     assert torch.equal(adv[2:], torch.zeros(4, 3))                    # a group that scored alike: no signal
     with pytest.raises(ValueError, match="groups of 4"):
         group_advantages(rewards, 4, mask)
+
+
+def test_groups_whose_rewards_barely_differ_are_skipped_not_blown_up():
+    rewards = torch.tensor([0.500, 0.503, 0.0, 1.0])                 # spread 0.0015, then 0.5
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    assert torch.allclose(group_advantages(rewards, 2, mask)[:2, 0], torch.tensor([-1.0, 1.0]), atol=1e-3)
+    adv = group_advantages(rewards, 2, mask, min_spread=0.01)
+    assert torch.equal(adv[:2], torch.zeros(2, 2))                     # noise, not signal: skipped
+    assert torch.allclose(adv[2:, 0], torch.tensor([-1.0, 1.0]), atol=1e-4)
+    assert skipped_groups(rewards, 2, 0.01) == 0.5 and skipped_groups(rewards, 2, 0.0) == 0.0
 
 
 def test_group_advantages_move_a_toy_policy_toward_the_rewarded_action_without_a_value_head():

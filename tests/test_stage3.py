@@ -75,7 +75,8 @@ def test_metrics_and_checkpoint(ppo_run, tiny_stage2, bundled_llm):
         newest = max(Path(ppo_run.metrics_path).parent.glob("samples/stage3_step*/judge.jsonl"),
                      key=lambda path: int(path.parent.name.rsplit("step", 1)[1]))
         heard = [json.loads(line) for line in newest.open()]
-        assert heard and all({"text", "heard", "asr"} <= set(row) for row in heard)
+        assert heard and all({"text", "heard", "eval_asr_heard", "reward_asr_heard", "asr"} <= set(row)
+                             for row in heard)
     ckpt = load_checkpoint(ppo_run.last_checkpoint)
     assert ckpt.stage == "3" and {"speech_lm", "value_head", "reference", "adapter", "codec"} <= set(ckpt.modules)
     s2 = load_checkpoint(tiny_stage2[3].last_checkpoint)
@@ -160,11 +161,11 @@ def test_eval_judge_averages_over_seeds(ppo_run, tmp_path, capsys):
     assert report["val_reward_semantic"] == pytest.approx(
         statistics.mean([first["val_reward_semantic"], second["val_reward_semantic"]]))
     printed = capsys.readouterr().out
-    assert "x 2 seed(s)" in printed and "does the judge rank a text's 2 samples as the ASR does?" in printed
+    assert "x 2 seed(s)" in printed and "does the judge rank a text's 2 samples as the evaluation ASR does?" in printed
     val_texts = report["judged"]
     assert len(val_texts) == 2 and all([row["text"] for row in run] == val_texts for run in report["samples"])
     assert {"semantic", "phonemes", "style", "reward", "asr"} <= set(report["samples"][0][0])
-    assert {"reward_vs_cer", "semantic_pick_cer", "asr_pick_cer"} <= set(report["agreement"])
+    assert {"reward_vs_cer", "semantic_pick_cer", "oracle_pick_cer"} <= set(report["agreement"])
 
     # --skip: the texts after those that chose a stage-3 checkpoint
     assert eval_judge.main(["--checkpoint", str(ppo_run.last_checkpoint), "--texts", "1", "--skip", "1",
@@ -200,10 +201,28 @@ def test_ranking_agreement_tells_a_judge_that_hears_from_one_that_does_not():
     way round, the semantic score not at all (one value per text)."""
     eval_judge = _eval_judge_script()
     heard = {"a b c d": ["a b c d", "a b x d", "x y z d"], "e f g h": ["e f g h", "e f g x", "x f x x"]}
-    groups = [[{"text": text, "asr": asr, "reward": -i, "style": i, "semantic": 0.0, "phonemes": -2.0 * i}
-               for i, asr in enumerate(options)] for text, options in heard.items()]
+    groups = [[{"text": text, "eval_asr_heard": asr, "reward": -i, "style": i, "semantic": 0.0, "phonemes": -2.0 * i,
+                "asr": -0.1 * i} for i, asr in enumerate(options)] for text, options in heard.items()]
     out = eval_judge.ranking_agreement(groups)
-    assert out["asr_pick_cer"] == 0.0 and out["mean_cer"] > 0.1
+    assert out["oracle_pick_cer"] == 0.0 and out["mean_cer"] > 0.1
     assert out["reward_vs_cer"] < -0.9 and out["reward_pick_cer"] == 0.0         # agrees: picks the best
     assert out["style_vs_cer"] > 0.9 and out["style_pick_cer"] > out["mean_cer"]  # the opposite
     assert out["phonemes_vs_cer"] < -0.9
+    assert out["asr_vs_cer"] < -0.9 and out["asr_pick_cer"] == 0.0
+
+
+@pytest.mark.skipif(not asr.is_available(asr.TINY), reason="the ira[eval] extra (faster-whisper) is not installed")
+def test_asr_reward_prefers_the_text_spoken_over_another_text_over_silence():
+    """The reward's ASR term, through the reward's own batched hearing: eSpeak's clip of the text scores
+    above a clip of another text, and both above silence."""
+    from ira.data import espeak
+    from ira.training.stage3 import asr_score
+
+    text = "The kettle began to whistle just as the phone rang."
+    other = "Please close the gate behind you when you leave."
+    clips = [torch.from_numpy(espeak.synthesize(t, voice="en-us")[0]) for t in (text, other)]
+    heard = asr.transcriber(asr.TINY).transcribe_batch([*clips, torch.zeros(3 * 22_050)], 22_050)
+    own, another, silence = asr_score([text] * 3, heard).tolist()
+    assert own > -0.15, heard
+    assert own > another + 0.3 and another > silence, (heard, own, another, silence)
+    assert silence == -1.0

@@ -691,8 +691,8 @@ class SpeechLM(nn.Module):
             else:
                 hidden = self._run(prefix, prefix_valid, self._bos(rows))
             expected = self._expected_frames(hidden[:batch, -1], prefix_valid[:batch], align_frames)
-            first, last = self._length_bounds(expected, prefix_valid[:batch], min_frames, max_frames,
-                                              length_tolerance)
+            first, last = self.length_bounds(expected, prefix_valid[:batch].sum(dim=1) > 1, min_frames, max_frames,
+                                             length_tolerance)
             frames_rows = expected.repeat(2) if guided else expected   # the unconditional rows have no text
             if use_cache:
                 from ira.models.cached_step import cached_step_for   # it builds on this module's parts
@@ -753,19 +753,20 @@ class SpeechLM(nn.Module):
         finally:
             self.train(was_training)
 
-    def _length_bounds(self, expected: torch.Tensor, prefix_valid: torch.Tensor, min_frames: int,
-                       max_frames: int, tolerance: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per sample (no EOS before, end at the latest): min/max_frames, narrowed around the expected
-        frame count when a tolerance is given and the sample has text."""
+    @staticmethod
+    def length_bounds(expected: torch.Tensor, has_text: torch.Tensor, min_frames: int, max_frames: int,
+                      tolerance: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample (no EOS before, end at the latest) in `generate`: min/max_frames, narrowed around the
+        expected frame count [B] when a tolerance is given and the sample has text [B]. A sample whose length
+        is its `last` was ended there; a shorter one chose its end-of-speech."""
         batch, device = expected.shape[0], expected.device
         first = torch.full((batch,), min(min_frames, max_frames), dtype=torch.long, device=device)
         last = torch.full((batch,), max_frames, dtype=torch.long, device=device)
         if tolerance is None:
             return first, last
-        n_text = prefix_valid.sum(dim=1) - 1
         lo = torch.floor(expected * (1.0 - tolerance)).long()
         hi = torch.ceil(expected * (1.0 + tolerance)).long()
-        has_text = n_text > 0
+        has_text = has_text.to(device)
         first = torch.where(has_text, torch.maximum(first, lo).clamp(max=max_frames), first)
         last = torch.where(has_text, torch.minimum(last, torch.maximum(hi, first)), last)
         return first, last

@@ -82,16 +82,25 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * m
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, mask: torch.Tensor) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, mask: torch.Tensor,
+                     min_spread: float = 0.0) -> torch.Tensor:
     """Sequence rewards [B] of B / group_size groups of consecutive samples (one text each) -> advantages
     [B, S]: (reward - its group's mean) / (its group's std + 1e-6) on every masked step of the row. A group
-    whose samples all scored the same teaches nothing (advantage 0)."""
+    whose rewards spread by less than `min_spread` (their std) teaches nothing (advantage 0): standardising
+    it would blow its noise up to +-1 (DMOSpeech 2 skips such groups)."""
     if group_size < 2 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards cannot be cut into groups of {group_size} (>= 2)")
     groups = rewards.float().view(-1, group_size)
     centred = groups - groups.mean(dim=1, keepdim=True)
-    standardised = centred / (groups.std(dim=1, unbiased=False, keepdim=True) + 1e-6)
+    spread = groups.std(dim=1, unbiased=False, keepdim=True)
+    standardised = torch.where(spread >= max(min_spread, 1e-6), centred / (spread + 1e-6), torch.zeros_like(centred))
     return standardised.reshape(-1, 1).to(mask.device) * mask.to(torch.float32)
+
+
+def skipped_groups(rewards: torch.Tensor, group_size: int, min_spread: float) -> float:
+    """The share of groups `group_advantages` leaves out for a spread below `min_spread`."""
+    spread = rewards.float().view(-1, group_size).std(dim=1, unbiased=False)
+    return (spread < max(min_spread, 1e-6)).float().mean().item()
 
 
 def kl_to_reference(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

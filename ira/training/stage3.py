@@ -8,15 +8,23 @@ One PPO iteration:
    said; the semantic score is the LLM's mean log-likelihood per token of the intended text. The phoneme
    score is the adapter's own reading of the audio: stage 2's phoneme reader's CTC log-likelihood per
    phoneme of the text (within a text's samples it follows what a listener hears, where the LLM's reply
-   does not: docs/decisions.md). The style score is the cosine, in the style encoder's space, between the
-   audio and the description.
-3. Rewards: `semantic_weight * semantic + phoneme_weight * phonemes + style_weight * style` at each
-   sample's last step.
+   does not: docs/decisions.md). The ASR score is what a listener hears: minus the character error rate
+   of what the reward's ASR (`ppo.reward_asr`, Whisper tiny.en) hears in the decoded audio, capped at 1 (as
+   F5R-TTS and CosyVoice 2's GRPO recipe reward). The style score is the cosine, in the style encoder's
+   space, between the audio and the description.
+3. Rewards: `semantic_weight * semantic + phoneme_weight * phonemes + asr_weight * asr + style_weight * style`
+   at each sample's last step.
 4. Advantages, then `ppo.ppo_epochs` passes of clipped-ratio minibatch updates against the log-probs stored
    at rollout time. `ppo.advantage: gae`: a per-step KL penalty to the reference policy joins the reward,
    then GAE with the value head's estimates, whitened. `group`: each text is spoken `group_size` times and
-   the scores are standardised within each text's group; the KL to the reference is a loss term. Either
-   way the KL coefficient adapts toward `ppo.target_kl`.
+   the scores are standardised within each text's group (a group whose scores barely differ,
+   `ppo.min_group_spread`, is skipped); the KL to the reference is a loss term. Either way the KL
+   coefficient adapts toward `ppo.target_kl`.
+
+Validation hears the samples with a second ASR that the reward never hears (`ppo.eval_asr_model`, Whisper
+base): `stage3_best` is its lowest WER, so a policy that only learned to please the reward's ASR is not
+kept; nor is one whose seconds per phoneme or share of samples ended by their own end-of-speech moved away
+from the start's (`ppo.duration_tolerance`).
 
 The policy is the SpeechLM's distribution at `ppo.temperature`: samples are drawn from it, and every
 log-probability (policy, old policy, reference) is taken from it, so PPO improves the samples of the
@@ -61,7 +69,7 @@ from ira.models.splice import build_student_inputs, generate_reply, reply_log_li
 from ira.text_metrics import corpus_cer, corpus_wer
 from ira.training.engine import FitResult, Trainer
 from ira.training.ppo import (AdaptiveKLController, explained_variance, gae, group_advantages, kl_to_reference,
-                              masked_whiten, ppo_losses, shaped_rewards)
+                              masked_whiten, ppo_losses, shaped_rewards, skipped_groups)
 from ira.training.stage2 import process_device
 from ira.training.task import TrainingTask, inherit_frozen_sections
 from ira.training.teacher_responses import TASK_INSTRUCTIONS
@@ -69,6 +77,7 @@ from ira.training.teacher_responses import TASK_INSTRUCTIONS
 JUDGE_INSTRUCTION = TASK_INSTRUCTIONS["repeat"]
 SLOWEST_CHARS_PER_SECOND = 6.0   # rollouts may last this long at most (a very slow reading)
 UNREADABLE_PHONEME_SCORE = -10.0  # nats per phoneme for audio too short for CTC to align the text at all
+LENGTH_TOLERANCE = 0.2            # a sample ends within +-20% of the length head's prediction
 
 
 def phoneme_log_likelihood(reader: nn.Module, frames: torch.Tensor, frames_valid: torch.Tensor,
@@ -82,6 +91,12 @@ def phoneme_log_likelihood(reader: nn.Module, frames: torch.Tensor, frames_valid
                      frames_valid.sum(1).cpu(), lengths.cpu(), reduction="none")
     score = -nll / lengths.to(nll.device).clamp(min=1)
     return torch.where(torch.isfinite(score), score, torch.full_like(score, UNREADABLE_PHONEME_SCORE))
+
+
+def asr_score(texts: list[str], heard: list[str]) -> torch.Tensor:
+    """The ASR term of the reward [B]: minus the character error rate of what was heard against each text
+    (spoken forms), capped at 1 so that a long wrong transcript weighs no more than silence."""
+    return -torch.tensor([min(asr.spoken_cer(text, said), 1.0) for text, said in zip(texts, heard)])
 
 
 class ValueHead(nn.Module):
@@ -178,12 +193,19 @@ class Stage3Task(TrainingTask):
                              f"ppo.phoneme_weight=0 or train stage 2 with the phoneme reader")
         self.style_encoder = style_encoder_from_checkpoint(source) if "style" in source.modules else None
         self.codec_state = CodecState(self.codec)
+        pc = cfg.ppo
+        if pc.asr_weight > 0 and not asr.is_available(pc.reward_asr):
+            raise ValueError(f"ppo.asr_weight={pc.asr_weight} rewards what the ASR {pc.reward_asr!r} "
+                             f"(ppo.reward_asr) hears, and it cannot be loaded here: {asr.INSTALL_HINT}, "
+                             f"or set ppo.asr_weight=0")
+        self.eval_asr = pc.eval_asr_model if pc.eval_asr and asr.is_available(pc.eval_asr_model) else None
+        self.start_duration: dict[str, float] = {}   # the first validation's seconds per phoneme and EOS share
+        self._last_val: dict[str, float] = {}         # the latest validation's figures (may_be_best reads them)
         self.llm = llm or load_llm(cfg.llm, device=process_device(cpu))
         if self.adapter.out_dim != self.llm.hidden_size:
             raise ValueError(f"{source.path}: its adapter was trained for an LLM of hidden size "
                              f"{self.adapter.out_dim}, but {self.llm.name} has {self.llm.hidden_size}; "
                              f"set llm.name to the LLM of stage 2")
-        pc = cfg.ppo
         self.repeats = pc.ppo_epochs * (pc.batch_size // pc.minibatch_size)
         self.kl = AdaptiveKLController(pc.init_kl_coef, pc.target_kl, pc.kl_horizon)
         self.micro = 0                     # training_step calls so far (position inside an iteration)
@@ -196,10 +218,10 @@ class Stage3Task(TrainingTask):
                              f"{cfg.data.dir} is tokenised with {prepared.codec.fingerprint}")
         self.train_split = load_split(prepared.cache_files["train"], self.codec.fingerprint)
         self.val_split = load_split(prepared.cache_files["val"], self.codec.fingerprint)
-        # the best checkpoint is the one a listener hears best (the ASR's WER on held-out texts), not the one
-        # the judge likes most: a hacked reward cannot pick it; without the ASR, the judge's reward
-        self.best_metric = (("val_asr_wer", "min") if cfg.ppo.eval_asr and asr.is_available()
-                            else ("val_reward_semantic", "max"))
+        # the best checkpoint is the one a listener hears best (the evaluation ASR's WER on held-out texts, an
+        # ASR the reward never hears), not the one the judge likes most: a hacked reward cannot pick it;
+        # without the evaluation ASR, the judge's reward
+        self.best_metric = ("val_asr_wer", "min") if self.eval_asr else ("val_reward_semantic", "max")
 
     # -- the engine's interface -------------------------------------------------------------------
 
@@ -267,12 +289,14 @@ class Stage3Task(TrainingTask):
         codes = model.generate(text_ids=conditions["text_ids"], text_mask=conditions["text_mask"],
                                style=conditions["style"], max_frames=max_frames, min_frames=min_frames,
                                temperature=self.cfg.ppo.temperature, top_k=self.cfg.ppo.top_k, seed=seed,
-                               length_tolerance=0.2, align_frames=align_frames)
+                               length_tolerance=LENGTH_TOLERANCE, align_frames=align_frames)
         model.train(was_training)
         codes = [c if c.shape[1] else torch.zeros(c.shape[0], 1, dtype=torch.long) for c in codes]
         padded, lengths = pad_codes(codes)
+        _, last = model.length_bounds(align_frames.cpu(), torch.ones(len(codes), dtype=torch.bool), min_frames,
+                                      max_frames, LENGTH_TOLERANCE)
         return {**conditions, "codes": padded.to(model.device), "codes_lengths": lengths.to(model.device),
-                "align_frames": align_frames.to(model.device)}
+                "align_frames": align_frames.to(model.device), "ended_by_eos": (lengths < last).to(model.device)}
 
     @torch.no_grad()
     def listen(self, samples: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -284,11 +308,36 @@ class Stage3Task(TrainingTask):
         return frames, frames_valid, self.adapter.heard(self.adapter.read(frames, frames_valid))
 
     @torch.no_grad()
+    def waveforms(self, samples: dict[str, Any]) -> list[torch.Tensor]:
+        """Each sample's audio, decoded by the codec (CPU, float32): what a listener hears."""
+        wavs = []
+        with torch.autocast(self.policy.device.type, enabled=False):   # the audio inference makes: full precision
+            for codes, n in zip(samples["codes"], samples["codes_lengths"].tolist()):
+                wavs.append(self.codec.decode(codes[:, :n].cpu()).float().reshape(-1) if n else torch.zeros(0))
+        return wavs
+
+    def hear_reward(self, samples: dict[str, Any], wavs: Optional[list[torch.Tensor]] = None) -> list[str]:
+        """What the reward's ASR hears in each sample: all at once, through a window fitted to the clips."""
+        transcriber = asr.transcriber(self.cfg.ppo.reward_asr)
+        return transcriber.transcribe_batch(wavs if wavs is not None else self.waveforms(samples),
+                                            self.codec.sample_rate, margin_seconds=self.cfg.ppo.asr_window_margin)
+
+    def hear_eval(self, wavs: list[torch.Tensor]) -> Optional[list[str]]:
+        """What the evaluation ASR (never the reward's) hears in each clip, each through Whisper's whole
+        window as `ira eval speech` hears it; None when `ppo.eval_asr` is off or the ASR is not installed."""
+        if self.eval_asr is None:
+            return None
+        transcriber = asr.transcriber(self.eval_asr)
+        return [transcriber(wav, self.codec.sample_rate) if wav.numel() else "" for wav in wavs]
+
+    @torch.no_grad()
     def judge(self, samples: dict[str, Any], texts: list[str], descriptions: list[str],
-              ears: Optional[tuple[torch.Tensor, torch.Tensor, Any]] = None) -> dict[str, torch.Tensor]:
+              ears: Optional[tuple[torch.Tensor, torch.Tensor, Any]] = None,
+              heard: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
         """Semantic score (LLM's mean log-likelihood per token of the text, from the audio), phoneme score
-        (the phoneme reader's, per phoneme; 0 without one) and style score. `ears`: `listen(samples)`, when
-        the caller has it already."""
+        (the phoneme reader's, per phoneme; 0 without one), ASR score (minus the CER, capped at 1, of what
+        the reward's ASR heard; 0 when `ppo.asr_weight` is 0 and no `heard` is given) and style score.
+        `ears`: `listen(samples)`, `heard`: `hear_reward(samples)`, when the caller has them already."""
         frames, frames_valid, audio = ears if ears is not None else self.listen(samples)
         semantic = reply_log_likelihood(self.llm, [JUDGE_INSTRUCTION] * len(texts), audio, texts)
         phonemes = torch.zeros_like(semantic)
@@ -298,13 +347,17 @@ class Stage3Task(TrainingTask):
         style = torch.zeros_like(semantic)
         if self.style_encoder is not None and samples.get("style") is not None:
             style = (self._audio_style(samples) * samples["style"].to(semantic.device)).sum(-1)
-        return {"semantic": semantic, "phonemes": phonemes, "style": style}
+        heard_score = torch.zeros_like(semantic)
+        if heard is not None or self.cfg.ppo.asr_weight > 0:
+            heard = heard if heard is not None else self.hear_reward(samples)
+            heard_score = asr_score(texts, heard).to(semantic.device, semantic.dtype)
+        return {"semantic": semantic, "phonemes": phonemes, "asr": heard_score, "style": style}
 
     def reward(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """The judge's scores weighted into the sequence reward PPO maximises [B]."""
         pc = self.cfg.ppo
         return (pc.semantic_weight * scores["semantic"] + pc.phoneme_weight * scores["phonemes"]
-                + pc.style_weight * scores["style"])
+                + pc.asr_weight * scores["asr"] + pc.style_weight * scores["style"])
 
     def _audio_style(self, samples: dict[str, Any]) -> torch.Tensor:
         """Style-space vectors of the sampled audio (the codec's mel when it has one: no vocoder needed)."""
@@ -337,8 +390,9 @@ class Stage3Task(TrainingTask):
         extra: dict[str, torch.Tensor] = {}
         if pc.advantage == "group":   # the score alone is standardised; the KL is a loss term (training_step)
             score = score.to(kl.device)
-            advantages, returns = group_advantages(score, pc.group_size, mask), values
-            spread = {"group_reward_std": score.view(-1, pc.group_size).std(1, unbiased=False).mean().item()}
+            advantages, returns = group_advantages(score, pc.group_size, mask, pc.min_group_spread), values
+            spread = {"group_reward_std": score.view(-1, pc.group_size).std(1, unbiased=False).mean().item(),
+                      "skipped_groups": skipped_groups(score, pc.group_size, pc.min_group_spread)}
             extra["ref_logprobs"] = ref_logprobs
         else:
             advantages, returns = gae(rewards, values, mask, pc.gamma, pc.lam)
@@ -347,10 +401,10 @@ class Stage3Task(TrainingTask):
         sequence_kl = kl.sum(1).mean().item()
         self.rollout_metrics = {
             "reward": score.mean().item(), "reward_semantic": scores["semantic"].mean().item(),
-            "reward_phonemes": scores["phonemes"].mean().item(),
+            "reward_phonemes": scores["phonemes"].mean().item(), "reward_asr": scores["asr"].mean().item(),
             "reward_style": scores["style"].mean().item(), "kl": sequence_kl, "kl_coef": self.kl.value, **spread,
             "rollout_seconds_audio": samples["codes_lengths"].float().mean().item() / self.codec.frame_rate,
-            "rollouts_per_second": rollouts_per_second}
+            **self.duration(samples), "rollouts_per_second": rollouts_per_second}
         self.kl.update(sequence_kl, pc.batch_size)
         self.buffer = {**{k: v for k, v in samples.items() if v is not None}, "old_logprobs": logprobs,
                        "old_values": values, "advantages": advantages, "returns": returns, "mask": mask, **extra}
@@ -391,53 +445,76 @@ class Stage3Task(TrainingTask):
 
     # -- validation -------------------------------------------------------------------------------
 
+    def duration(self, samples: dict[str, Any]) -> dict[str, float]:
+        """How the samples are timed: seconds per phoneme (per text token) and the share that ended by their
+        own end-of-speech rather than at the length limit. A reward hacked by speaking slower, or by speech
+        that never stops, moves them."""
+        seconds = samples["codes_lengths"].float() / self.codec.frame_rate
+        phonemes = samples["text_mask"].sum(1).float().clamp(min=1).to(seconds.device)
+        return {"seconds_per_phoneme": (seconds / phonemes).mean().item(),
+                "eos_share": samples["ended_by_eos"].float().mean().item()}
+
     @torch.no_grad()
     def validate(self, loader: Any) -> dict[str, float]:
-        """On held-out texts: the judge's scores of the policy's samples, the KL to the reference, and
-        proxies a reward hack would show — the reference's log-likelihood per frame of the samples
-        (do they still look like speech to the stage-2 model?), the judge's CER when it repeats what it
-        heard, the spoken duration per character, and (`ppo.eval_asr`) the offline ASR's WER and CER."""
+        """On held-out texts (`ppo.eval_seeds` samples of each): the judge's scores of the policy's samples,
+        the KL to the reference, what the evaluation ASR (never the reward's) hears in them (val_asr_wer, by
+        which stage3_best is kept) and what the reward's ASR hears, and the proxies a reward hack would show:
+        the reference's log-likelihood per frame of the samples (do they still look like speech to the
+        stage-2 model?), the judge's CER when it repeats what it heard, seconds per phoneme and the share of
+        samples ended by their own end-of-speech."""
         metrics: dict[str, float] = {}
         for batch in loader:
-            samples = self.speak(self.policy, batch["texts"], batch["descriptions"], seed=self.cfg.training.seed)
+            texts = list(batch["texts"]) * self.cfg.ppo.eval_seeds
+            descriptions = list(batch["descriptions"]) * self.cfg.ppo.eval_seeds
+            samples = self.speak(self.policy, texts, descriptions, seed=self.cfg.training.seed)
             ears = self.listen(samples)
-            scores = self.judge(samples, batch["texts"], batch["descriptions"], ears)
+            wavs = self.waveforms(samples)
+            reward_heard = self.hear_reward(samples, wavs) if asr.is_available(self.cfg.ppo.reward_asr) else None
+            scores = self.judge(samples, texts, descriptions, ears, heard=reward_heard)
             logprobs, _, mask, _ = step_logprobs(self.policy, samples, self.cfg.ppo.temperature)
             ref_logprobs, _, _, _ = step_logprobs(self.reference, samples, self.cfg.ppo.temperature)
-            inputs = build_student_inputs(self.llm, [JUDGE_INSTRUCTION] * len(batch["texts"]), ears[2], None)
+            inputs = build_student_inputs(self.llm, [JUDGE_INSTRUCTION] * len(texts), ears[2], None)
             heard = generate_reply(self.llm, inputs, max_new_tokens=self.cfg.llm.max_new_tokens)
             frames = samples["codes_lengths"].float()
-            chars = torch.tensor([len(t) for t in batch["texts"]], dtype=torch.float, device=frames.device)
-            asr_heard = self._asr_heard(samples)
+            chars = torch.tensor([len(t) for t in texts], dtype=torch.float, device=frames.device)
+            eval_heard = self.hear_eval(wavs)
             metrics = {"val_reward_semantic": scores["semantic"].mean().item(),
                        "val_reward_phonemes": scores["phonemes"].mean().item(),
                        "val_reward_style": scores["style"].mean().item(),
                        "val_kl": ((logprobs - ref_logprobs) * mask).sum(1).mean().item(),
                        "val_ref_logprob_per_frame": ((ref_logprobs * mask).sum(1) / frames).mean().item(),
-                       "val_judge_cer": corpus_cer(batch["texts"], heard),
-                       "val_seconds_per_char": (frames / self.codec.frame_rate / chars).mean().item()}
+                       "val_judge_cer": corpus_cer(texts, heard),
+                       "val_seconds_per_char": (frames / self.codec.frame_rate / chars).mean().item(),
+                       **{f"val_{k}": v for k, v in self.duration(samples).items()}}
             per_sample = {"reward": self.reward(scores), **scores}   # each sample's scores, for eval_judge
             self._last_heard = [{"text": t, "heard": h, **{k: v[i].item() for k, v in per_sample.items()}}
-                                for i, (t, h) in enumerate(zip(batch["texts"], heard))]
-            if asr_heard is not None:
-                metrics["val_asr_wer"] = corpus_wer(batch["texts"], asr_heard)
-                metrics["val_asr_cer"] = corpus_cer(batch["texts"], asr_heard)
-                for row, text in zip(self._last_heard, asr_heard):
-                    row["asr"] = text
+                                for i, (t, h) in enumerate(zip(texts, heard))]
+            if reward_heard is not None:
+                metrics["val_reward_asr"] = scores["asr"].mean().item()
+                metrics["val_reward_asr_wer"] = corpus_wer(texts, reward_heard)
+                metrics["val_reward_asr_cer"] = corpus_cer(texts, reward_heard)
+                for row, text in zip(self._last_heard, reward_heard):
+                    row["reward_asr_heard"] = text
+            if eval_heard is not None:
+                metrics["val_asr_wer"] = corpus_wer(texts, eval_heard)
+                metrics["val_asr_cer"] = corpus_cer(texts, eval_heard)
+                for row, text in zip(self._last_heard, eval_heard):
+                    row["eval_asr_heard"] = text
+        if metrics and not self.start_duration:   # the first validation is of the starting policy
+            self.start_duration = {k: metrics[f"val_{k}"] for k in ("seconds_per_phoneme", "eos_share")}
+        self._last_val = metrics
         return metrics
 
-    def _asr_heard(self, samples: dict[str, Any]) -> Optional[list[str]]:
-        """What the offline ASR hears in each sample (decoded by the codec), or None when `ppo.eval_asr` is
-        off or the ASR is not installed."""
-        if not self.cfg.ppo.eval_asr or not asr.is_available():
-            return None
-        transcribe = asr.transcriber()
-        heard = []
-        with torch.autocast(self.policy.device.type, enabled=False):   # the audio inference makes: full precision
-            for codes, n in zip(samples["codes"], samples["codes_lengths"].tolist()):
-                wav = self.codec.decode(codes[:, :n].cpu()).float() if n else torch.zeros(0)
-                heard.append(transcribe(wav, self.codec.sample_rate) if wav.numel() else "")
-        return heard
+    def may_be_best(self) -> bool:
+        """Not a policy whose held-out seconds per phoneme, or share of samples ended by their own
+        end-of-speech, moved from the start's by more than `ppo.duration_tolerance` (relative; the share may
+        rise): what a reward hacked by slower speech or by speech that never stops would show."""
+        tolerance, last, start = self.cfg.ppo.duration_tolerance, self._last_val, self.start_duration
+        if tolerance is None or not start or "val_seconds_per_phoneme" not in last:
+            return True
+        pace = abs(last["val_seconds_per_phoneme"] / start["seconds_per_phoneme"] - 1.0) <= tolerance
+        ends = last["val_eos_share"] >= start["eos_share"] * (1.0 - tolerance)
+        return pace and ends
 
     def on_validation_end(self, step: int, out_dir: Path) -> list[str]:
         heard = getattr(self, "_last_heard", [])
@@ -459,6 +536,7 @@ class Stage3Task(TrainingTask):
 
     def state_dict(self) -> dict[str, Any]:
         return {"micro": self.micro, "kl": self.kl.state_dict(), "rollout_metrics": dict(self.rollout_metrics),
+                "start_duration": dict(self.start_duration),
                 "buffer": {k: v.detach().cpu() for k, v in self.buffer.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -466,6 +544,7 @@ class Stage3Task(TrainingTask):
         if "kl" in state:
             self.kl.load_state_dict(state["kl"])
         self.rollout_metrics = dict(state.get("rollout_metrics", {}))
+        self.start_duration = dict(state.get("start_duration", {}))
         device = self.policy.device
         self.buffer = {k: v.to(device) for k, v in state.get("buffer", {}).items()}
 
