@@ -394,6 +394,10 @@ class AlignConfig:
     ctc_steps: int = 0
     """The alignment phase: the first steps train the adapter by CTC onto the LLM's embedding table, without
     running the LLM (ira/models/vocabulary_reader.py); distillation follows. 0 = distillation from the start."""
+    ctc_share: Optional[float] = None
+    """With a time budget, the alignment phase also ends once it has had this share of it, before
+    `ctc_steps` if the machine is slower: the distillation after it trains the cue that makes the LLM repeat
+    and stop, and needs its minutes. None: steps alone decide."""
     ctc_weight: float = 0.0
     """Weight of that CTC loss after the alignment phase (keeps the soft tokens on the words)."""
     phoneme_ctc_weight: float = 0.0
@@ -430,6 +434,8 @@ class AlignConfig:
         check.positive("teacher_batch_size", self.teacher_batch_size)
         check.that("eval_clips", self.eval_clips >= 0, "must be >= 0 (0 = off; scored when at least 4 clips)")
         check.that("ctc_steps", self.ctc_steps >= 0, "must be >= 0 (0 = no alignment phase)")
+        check.that("ctc_share", self.ctc_share is None or 0.0 < self.ctc_share < 1.0,
+                   "must be in (0, 1): the share of stage 2's time budget the alignment phase may take, or null")
         check.that("ctc_weight", self.ctc_weight >= 0.0, "must be >= 0")
         check.that("phoneme_ctc_weight", self.phoneme_ctc_weight >= 0.0, "must be >= 0")
         check.that("llm_batch_size", self.llm_batch_size >= 0, "must be >= 0 (0 = the whole batch)")

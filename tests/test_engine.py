@@ -507,3 +507,20 @@ def test_the_budget_schedule_follows_whichever_is_further_along():
     assert budget_lr_factor(10, 30.0, 60.0, 5, 1000) == pytest.approx(0.55)             # half the time: mid-cosine
     assert budget_lr_factor(10, 120.0, 60.0, 5, 1000) == pytest.approx(0.1)             # past the budget
     assert budget_lr_factor(900, 1.0, 60.0, 5, 1000) == pytest.approx(lr_factor(900, 5, 1000))      # steps lead
+
+
+def test_a_budgeted_run_tells_its_task_the_share_of_the_budget_spent_after_every_step(tmp_path):
+    class Watching(ToyTask):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.shares: list[float] = []
+
+        def on_budget_used(self, share: float) -> None:
+            self.shares.append(share)
+
+    cfg = toy_config(tmp_path / "timed", max_steps=5, max_minutes=600.0)
+    task = Watching(cfg)
+    assert _fit(cfg, task).ok
+    assert len(task.shares) == 5 and task.shares == sorted(task.shares) and 0.0 < task.shares[0] < 1.0
+    untimed = Watching(toy_config(tmp_path / "untimed", max_steps=3))
+    assert _fit(untimed.cfg, untimed).ok and untimed.shares == []          # no budget: no share

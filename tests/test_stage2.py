@@ -271,6 +271,28 @@ def test_after_the_phase_only_the_cue_learns_when_the_reading_is_kept(runs, bund
     assert all(p.grad is None for p in others)                                # the reading stays as it is
 
 
+def test_the_alignment_phase_ends_by_its_share_of_the_time_budget(runs, bundled_llm):
+    """align.ctc_share: a slower machine that cannot make align.ctc_steps in the phase's minutes still leaves
+    the distillation its share; the switch is part of the resumable state."""
+    root, cfg, stage1, _, _ = runs
+    cfg = cfg.with_overrides(["align.ctc_steps=1000", "align.ctc_share=0.5"])
+    task = Stage2Task(cfg, load_checkpoint(stage1.last_checkpoint), llm=bundled_llm, cpu=True)
+    task._steps_done = 10
+    task.on_budget_used(0.49)
+    assert task.in_alignment_phase
+    task.on_budget_used(0.51)
+    assert not task.in_alignment_phase and task._steps_done < cfg.align.ctc_steps
+    task.on_budget_used(0.2)                      # never back: the phase has ended
+    assert not task.in_alignment_phase
+    again = Stage2Task(cfg, load_checkpoint(stage1.last_checkpoint), llm=bundled_llm, cpu=True)
+    again.load_state_dict(task.state_dict())
+    assert not again.in_alignment_phase
+    steps_only = Stage2Task(cfg.with_overrides(["align.ctc_share=null"]), load_checkpoint(stage1.last_checkpoint),
+                            llm=bundled_llm, cpu=True)
+    steps_only.on_budget_used(0.99)
+    assert steps_only.in_alignment_phase
+
+
 def test_understanding_figures_with_the_real_llm(bundled_llm):
     from ira.eval.understanding import score_understanding
 

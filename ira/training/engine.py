@@ -533,7 +533,10 @@ class Trainer:
                     if epoch_end:
                         p.epoch += 1
                         p.batches_in_epoch = 0
-                    out_of_time = self._out_of_time()
+                    used = self._budget_used()
+                    out_of_time = used is not None and used >= 1.0
+                    if used is not None:
+                        self.task.on_budget_used(used)
                     finished = p.step >= self.total_steps or out_of_time
 
                     if p.step % tc.log_every == 0 or p.step == 1 or finished:   # step 1: a curve from the start
@@ -753,15 +756,16 @@ class Trainer:
         """Wall-clock seconds of this run so far, earlier runs it resumed included."""
         return self.progress.elapsed_before + time.perf_counter() - self._t0
 
-    def _out_of_time(self) -> bool:
-        """Whether training.max_minutes is spent (decided on rank 0, so every rank ends at the same step)."""
+    def _budget_used(self) -> Optional[float]:
+        """The share of training.max_minutes spent so far (rank 0's clock, so that every rank ends, and
+        switches phases, at the same step); None without a time budget."""
         budget, acc = self.cfg.training.max_minutes, self.accelerator
         if budget is None:
-            return False
-        over = torch.tensor(float(self._elapsed() >= budget * 60.0), device=acc.device)
+            return None
+        used = torch.tensor(self._elapsed() / (budget * 60.0), dtype=torch.float64, device=acc.device)
         if acc.num_processes > 1:
-            dist.broadcast(over, src=0)
-        return bool(over)
+            dist.broadcast(used, src=0)
+        return float(used)
 
     def _apply_time_budget(self, next_step: int) -> None:
         """With training.max_minutes, set the learning rate of the next step from `budget_lr_factor`."""

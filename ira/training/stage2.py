@@ -145,6 +145,7 @@ class Stage2Task(TrainingTask):
         self.tasks = parse_tasks(cfg.align.tasks)
         self._last_replies: list[dict[str, Any]] = []
         self._steps_done = 0  # training_step calls so far: the alignment phase is the first align.ctc_steps
+        self._phase_timed_out = False   # the alignment phase ended by its share of the time budget (align.ctc_share)
         self._understanding: Optional[dict[str, Any]] = None  # the last validation's figures, for the checkpoint
 
         prepared = ensure_prepared(cfg)
@@ -249,7 +250,19 @@ class Stage2Task(TrainingTask):
 
     @property
     def in_alignment_phase(self) -> bool:
-        return self._steps_done < self.cfg.align.ctc_steps
+        return self._steps_done < self.cfg.align.ctc_steps and not self._phase_timed_out
+
+    def on_budget_used(self, share: float) -> None:
+        """End the alignment phase once it has had its share of the time budget (`align.ctc_share`), even
+        before `align.ctc_steps`: on a slower or busier machine the distillation that trains the cue (what
+        makes the LLM repeat, then stop) still gets its minutes."""
+        limit = self.cfg.align.ctc_share
+        if limit is None or share < limit or not self.in_alignment_phase:
+            return
+        self._phase_timed_out = True
+        log.warning("stage 2: the alignment phase ends at step %d of its %d (align.ctc_steps): it has had its %.0f%% "
+                    "of the time budget (align.ctc_share); give stage 2 more minutes for the whole phase",
+                    self._steps_done, self.cfg.align.ctc_steps, 100 * limit)
 
     def _ctc_losses(self, batch: dict[str, Any], soft: torch.Tensor, frames: torch.Tensor,
                     frames_valid: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -359,10 +372,11 @@ class Stage2Task(TrainingTask):
         return [str(path)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps_done": self._steps_done}
+        return {"steps_done": self._steps_done, "phase_timed_out": self._phase_timed_out}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._steps_done = int(state.get("steps_done", 0))
+        self._phase_timed_out = bool(state.get("phase_timed_out", False))
 
     def checkpoint_metadata(self) -> dict[str, str]:
         meta = {key: self.source.metadata[key] for key in ("codec_fingerprint", "codec_meta", "tokenizer",
