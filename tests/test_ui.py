@@ -142,6 +142,60 @@ def test_paths_outside_the_workspace_are_refused(app):
     assert value(app.client.predict("tiny", api_name="/list_corpora")) == "tiny"   # still serving
 
 
+SECRET = "SECRET-FIRST-LINE:x:0:0:not for the app"
+"""The first line of a file outside the workspace, which no answer of the app may hold."""
+
+
+def _tone(path: Path) -> Path:
+    import numpy as np
+    t = np.arange(24000) / 24000
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 180 * t)).astype("float32"), 24000)
+    return path
+
+
+def test_a_metadata_file_linked_from_outside_is_refused_and_named(app):
+    """`ln -s /etc/passwd data/leak/metadata.csv`: showing, preparing or importing the corpus names the link and
+    reads nothing through it (before: the metadata parser's error quoted the outside file's first line)."""
+    secret = app.outside / "passwd"
+    secret.write_text(SECRET + "\n")
+    leak = app.root / "data" / "leak"
+    leak.mkdir(parents=True)
+    (leak / "metadata.csv").symlink_to(secret)
+    calls = {"show": lambda: app.client.predict("leak", api_name="/show_corpus"),
+             "prepare": lambda: app.client.predict("leak", False, api_name="/prepare_corpus"),
+             "import": lambda: app.client.predict("folder", "copied", 1, "data/leak", 0, False,
+                                                  api_name="/build_corpus"),
+             "rebuild": lambda: app.client.predict("dummy", "leak", 3, "", 0, False, api_name="/build_corpus")}
+    for what, call in calls.items():
+        with pytest.raises(AppError) as caught:
+            call()
+        message = str(caught.value)
+        assert "SECRET" not in message, (what, message)
+        assert "data/leak/metadata.csv" in message and "outside the workspace" in message, (what, message)
+    assert not (app.root / "data" / "copied").exists() and secret.read_text() == SECRET + "\n"
+
+
+def test_wavs_linked_from_outside_are_refused_before_preparing(app):
+    """A wav in wavs/ that links outside: the corpus is refused before anything of it is read or prepared, the
+    link named; a link that stays inside the workspace is followed."""
+    corpus = app.root / "data" / "linked"
+    (corpus / "wavs").mkdir(parents=True)
+    _tone(corpus / "wavs" / "own.wav")
+    (app.root / "uploads").mkdir(exist_ok=True)
+    (corpus / "wavs" / "inner.wav").symlink_to(_tone(app.root / "uploads" / "inner.wav"))
+    (corpus / "wavs" / "stray.wav").symlink_to(_tone(app.outside / "stray.wav"))
+    (corpus / "metadata.csv").write_text("own|A tone.\ninner|Another tone.\nstray|A third tone.\n")
+    for api_name, args in (("/prepare_corpus", ("linked", False)), ("/show_corpus", ("linked",))):
+        with pytest.raises(AppError, match=r"corpus 'linked' holds links that lead outside the workspace: "
+                                           r"data/linked/wavs/stray\.wav \(to .*stray\.wav\)"):
+            app.client.predict(*args, api_name=api_name)
+    assert sorted(p.name for p in corpus.iterdir()) == ["metadata.csv", "wavs"]   # nothing prepared, no cache
+    (corpus / "wavs" / "stray.wav").unlink()
+    (corpus / "metadata.csv").write_text("own|A tone.\ninner|Another tone.\n")
+    summary, clips, *_ = app.client.predict("linked", False, api_name="/prepare_corpus")
+    assert sorted(row[0] for row in clips["data"]) == ["inner", "own"], summary
+
+
 def test_workspace_resolve_unit(tmp_path: Path):
     ws = Workspace.create(tmp_path / "ws")
     assert ws.resolve("data/x") == ws.root / "data" / "x"
@@ -159,6 +213,34 @@ def test_workspace_resolve_unit(tmp_path: Path):
         ws.resolve("data/none", must_exist=True)
     with pytest.raises(WorkspaceError, match="not allowed"):
         ws.corpus_dir("a/b")
+
+
+def test_links_out_of_the_workspace_are_found_through_links_that_stay_inside(tmp_path: Path):
+    ws = Workspace.create(tmp_path / "ws")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.wav").write_bytes(b"outside")
+    shared = ws.root / "uploads" / "wavs"
+    shared.mkdir(parents=True)
+    (shared / "a.wav").write_bytes(b"inside")
+    (shared / "x.wav").symlink_to(tmp_path / "elsewhere" / "x.wav")
+    corpus = ws.data_dir / "c"
+    corpus.mkdir()
+    (corpus / "metadata.csv").write_text("a|A.\n")
+    (corpus / "wavs").symlink_to(shared, target_is_directory=True)   # inside: followed, and what it holds checked
+    (corpus / "loop").symlink_to(corpus / "loop")
+    assert ws.links_leaving(corpus) == [(corpus / "loop", None), (corpus / "wavs" / "x.wav",
+                                                                  tmp_path / "elsewhere" / "x.wav")]
+    with pytest.raises(WorkspaceError, match=r"corpus 'c' holds links that lead outside the workspace: data/c/loop "
+                                             r"\(a loop of links\), data/c/wavs/x\.wav \(to .*elsewhere/x\.wav\)"):
+        ws.existing_corpus("c")
+    (corpus / "loop").unlink()
+    (shared / "x.wav").unlink()
+    assert ws.existing_corpus("c") == corpus and ws.links_leaving(corpus) == []
+    assert ws.checked(corpus / "wavs" / "a.wav") == shared / "a.wav"
+    with pytest.raises(WorkspaceError, match=r"the log /etc/passwd leads outside the workspace \(to /etc/passwd\)"):
+        ws.checked("/etc/passwd", "the log")
+    with pytest.raises(WorkspaceError, match="no corpus 'none' in data/"):
+        ws.existing_corpus("none")
 
 
 def test_corpora_linked_from_outside_are_not_listed_and_are_named(tmp_path: Path):
