@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -448,6 +449,42 @@ def test_checkpoints_are_listed_run_by_run_with_best_and_latest_first(tmp_path: 
         "runs/new/stage2_best.safetensors", "runs/new/stage2_latest.safetensors", "runs/new/stage2_step3.safetensors",
         "runs/old/stage1_best.safetensors", "runs/old/stage1_latest.safetensors",
         *[f"runs/old/stage1_step{i}.safetensors" for i in (5, 4, 3, 2, 1)]]
+
+
+def test_checkpoints_reached_through_links_out_of_the_workspace_are_not_listed_or_read(tmp_path: Path):
+    """A run folder, a checkpoint or a recipe that links outside: not in the Generate tab's list (before, its
+    label showed the outside checkpoint's step and loss) nor offered as a recipe's final checkpoint."""
+    from ira.checkpoint import save_checkpoint
+    from ui.generate_tab import finished_recipe_checkpoint, speaking_checkpoints
+
+    ws = Workspace.create(tmp_path / "ws")
+    outside = tmp_path / "outside"
+    foreign = save_checkpoint(outside / "stage1_best.safetensors", {"w": {"x": torch.zeros(1)}}, stage="1", epoch=0,
+                              step=777, config={})
+    from ira.training.recipe import RecipeState
+    outside_run = _recipe_run(tmp_path, "outside", 12, ["done"] * 4)   # a finished recipe outside the workspace
+    final = Path(RecipeState.load(outside_run / "recipe.json").final_checkpoint())
+    final.parent.mkdir(parents=True)
+    shutil.copy(foreign, final)
+    (ws.runs_dir / "ext").symlink_to(outside, target_is_directory=True)
+    (ws.runs_dir / "ext_recipe").symlink_to(tmp_path / "runs" / "outside", target_is_directory=True)
+    (ws.runs_dir / "mine").mkdir()
+    (ws.runs_dir / "mine" / "stage1_best.safetensors").symlink_to(foreign)
+    own = save_checkpoint(ws.runs_dir / "own" / "stage1_latest.safetensors", {"w": {"x": torch.zeros(1)}}, stage="1",
+                          epoch=0, step=5, config={})
+    assert ws.list_checkpoints() == ["runs/own/stage1_latest.safetensors"]
+    labels = [label for label, _ in speaking_checkpoints(ws)]
+    assert labels == ["own/stage1_latest · stage 1 · step 5"], labels
+    assert finished_recipe_checkpoint(ws) is None
+    # a recipe inside the workspace whose recorded final checkpoint lies outside it: not offered either
+    run = _recipe_run(ws.root, "whole", 12, ["done"] * 4)
+    state = RecipeState.load(run / "recipe.json")
+    state.stages[-1].checkpoint = str(foreign)
+    state.save(run / "recipe.json")
+    assert finished_recipe_checkpoint(ws) is None
+    state.stages[-1].checkpoint = str(own)
+    state.save(run / "recipe.json")
+    assert finished_recipe_checkpoint(ws) == "runs/own/stage1_latest.safetensors"
 
 
 def test_checkpoint_labels_say_stage_step_and_the_metric_the_run_keeps_its_best_by():

@@ -232,11 +232,14 @@ class Workspace:
     def list_checkpoints(self) -> list[str]:
         """Every `*.safetensors` under runs/ (relative to the workspace), run by run (the run written to last
         first) and, within a run, its best, then its latest, then the others newest first: the checkpoint a
-        user wants is at the top, not after twenty step saves."""
-        # a full recipe's stages write to subfolders of its run (runs/<name>/stage1/...): listed as runs too
-        nested = [p for p in self.runs_dir.glob("*/*/*.safetensors") if (p.parent.parent / RECIPE_STATE).is_file()]
-        found = [p for p in [*self.runs_dir.glob("*/*.safetensors"), *nested]
-                 if not p.name.startswith(".") and ".tmp" not in p.name]
+        user wants is at the top, not after twenty step saves. A run folder or a checkpoint that links outside
+        the workspace is not listed (nor read)."""
+        found: list[Path] = []
+        for run in sorted(p for p in self.runs_dir.iterdir() if p.is_dir() and self.inside(p)):
+            # a full recipe's stages write to subfolders of its run (runs/<name>/stage1/...): listed as runs too
+            nested = run.glob("*/*.safetensors") if (run / RECIPE_STATE).is_file() else []
+            found += [p for p in [*run.glob("*.safetensors"), *nested]
+                      if not p.name.startswith(".") and ".tmp" not in p.name and self.inside(p)]
         mtime = {p: p.stat().st_mtime for p in found}
         run_time: dict[Path, float] = {}
         for p in found:
