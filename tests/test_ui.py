@@ -300,6 +300,55 @@ def test_train_tab_watches_and_stops_a_job(app):
     assert "STOPPED" in status and "Stopped at step" in status
 
 
+def test_a_run_or_corpus_linking_outside_is_neither_shown_nor_trained_on(app):
+    """A run whose train.log and latest checkpoint link outside: its status names the link instead of showing the
+    outside file as its log (before: the Log box showed it), and Resume refuses it, appending nothing to the
+    outside file; a corpus with a wav linked from outside is refused before a job could prepare it."""
+    from ui.runner import JobRecord, train_command
+    from ui.style_tab import corpus_path
+    from ui.train_tab import training_overrides
+
+    ws = Workspace.create(app.root)
+    secret = app.outside / "secret.log"
+    secret.write_text(SECRET + "\n")
+    create_dummy_corpus(app.root / "data" / "for_leaky", num_clips=3)
+    run_dir = app.root / "runs" / "leaky"
+    run_dir.mkdir(parents=True)
+    (run_dir / "train.log").symlink_to(secret)
+    (app.outside / "foreign.safetensors").write_bytes(b"not a checkpoint")
+    (run_dir / "stage1_latest.safetensors").symlink_to(app.outside / "foreign.safetensors")
+    command = train_command("1", "cpu", training_overrides(ws, "1", "for_leaky", "leaky", 1, 5, 2, 1e-3, FAST))
+    JobRecord(name="leaky", stage="1", command=command, output_dir=str(run_dir), log_path=str(run_dir / "train.log"),
+              pid=2 ** 22 + 13, create_time=0.0, started=time.time() - 60, ended=time.time() - 30,
+              returncode=3).save()
+    outputs = app.client.predict("leaky", None, api_name="/training_status")
+    assert SECRET not in str(outputs)
+    assert "runs/leaky/train.log leads outside the workspace" in outputs[0], outputs[0]
+    form = dict(stage="1", run_name="leaky", preset="cpu", corpus="for_leaky", checkpoint="(none)", epochs=1,
+                max_steps=5, batch_size=2, learning_rate=1e-3)
+    try:
+        with pytest.raises(AppError, match=r"run 'leaky' holds links that lead outside the workspace: "
+                                           r"runs/leaky/stage1_latest\.safetensors \(to .*\), runs/leaky/train\.log"):
+            app.client.predict(**form, api_name="/resume_training")
+    finally:   # the old code started a job here: let it end (it fails on the foreign file)
+        deadline = time.time() + 60
+        while app.runner.active() is not None and time.time() < deadline:
+            time.sleep(0.2)
+    assert secret.read_text() == SECRET + "\n"
+
+    corpus = create_dummy_corpus(app.root / "data" / "stray", num_clips=3)
+    wav = sorted((corpus / "wavs").iterdir())[0]
+    shutil.move(wav, app.outside / wav.name)
+    wav.symlink_to(app.outside / wav.name)
+    stray = rf"corpus 'stray' holds links that lead outside the workspace: data/stray/wavs/{wav.name}"
+    # (a learning rate the config refuses: the old code refused that, instead of starting a job on the corpus)
+    with pytest.raises(AppError, match=stray):
+        app.client.predict(**{**form, "run_name": "on_stray", "corpus": "stray", "learning_rate": -1.0},
+                           api_name="/start_training")
+    with pytest.raises(WorkspaceError, match=stray):   # the Voice Style tab's search
+        corpus_path(ws, "stray")
+
+
 def _plot_rows(plot: dict) -> list[dict]:
     """gradio_client returns a LinePlot as {"value": {"columns": [...], "data": [[...], ...]}, ...}."""
     value = plot.get("value", plot)
