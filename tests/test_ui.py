@@ -391,6 +391,28 @@ def test_auth_protects_the_app(tmp_path: Path):
         demo.close()
 
 
+def test_uploads_and_served_clips_stay_inside_the_workspace(tmp_path: Path):
+    """Gradio's own files (an upload, the copy of a clip it serves) are written under workspace/gradio_cache,
+    not in the system's temporary folder (README: the app reads and writes only inside --workspace)."""
+    ws_root = tmp_path / "ws"
+    create_dummy_corpus(ws_root / "data" / "served", num_clips=2)
+    demo = build_app(ws_root, preset="cpu", overrides=FAST, runner=JobRunner(ws_root / "runs"), hardware=HARDWARE)
+    try:
+        launched = launch_app(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+        cache = (ws_root / "gradio_cache").resolve()
+        clip = _tone(tmp_path / "upload.wav")
+        with open(clip, "rb") as handle:
+            uploaded = httpx.post(launched.local_url + "gradio_api/upload", files=[("files", handle)],
+                                  trust_env=False).json()
+        assert len(uploaded) == 1 and Path(uploaded[0]).is_relative_to(cache), uploaded
+        client = Client(launched.local_url, verbose=False, analytics_enabled=False, download_files=False)
+        served = client.predict("served", "dummy_0001", api_name="/clip_audio")
+        assert Path(served["path"]).is_relative_to(cache), served
+        assert httpx.get(served["url"], trust_env=False).status_code == 200
+    finally:
+        demo.close()
+
+
 def test_app_cli_rejects_a_malformed_auth(capsys):
     spec = importlib.util.spec_from_file_location("ira_app_main", REPO / "app.py")
     module = importlib.util.module_from_spec(spec)

@@ -20,7 +20,7 @@ from ui.header import build_header, resolve_preset  # noqa: E402
 from ui.runner import JobRunner  # noqa: E402
 from ui.style_tab import build_style_tab  # noqa: E402
 from ui.train_tab import build_train_tab  # noqa: E402
-from ui.workspace import Workspace  # noqa: E402
+from ui.workspace import Workspace, keep_gradio_files_in  # noqa: E402
 
 QUEUE_SIZE = 64
 
@@ -28,13 +28,15 @@ QUEUE_SIZE = 64
 def build_app(workspace: str | Path | Workspace = "workspace", preset: str = "auto",
               overrides: Optional[list[str]] = None, runner: Optional[JobRunner] = None,
               hardware: Optional[HardwareInfo] = None) -> gr.Blocks:
-    """The Blocks app on `workspace` (created if missing) with the `preset` config plus `overrides`.
+    """The Blocks app on `workspace` (created if missing) with the `preset` config plus `overrides`; Gradio's
+    uploads and served files go to workspace/gradio_cache (`keep_gradio_files_in`: one workspace per process).
 
     Each event has its own queue slot (Gradio's default concurrency limit is 1 *per event*), so a
     corpus build never holds up the Train tab; builds are serialised among themselves, and the
     status timer has no limit.
     """
     ws = workspace if isinstance(workspace, Workspace) else Workspace.create(workspace)
+    keep_gradio_files_in(ws)   # before any component exists: each reads its cache folder when it is made
     hardware = hardware or detect_hardware()
     requested = (preset or "auto").strip().lower()
     chosen = resolve_preset(requested, hardware)

@@ -3,6 +3,8 @@
     workspace/data/<name>/    corpora (docs/data_layout.md)
     workspace/runs/<name>/    training runs: checkpoints, metrics.jsonl, train.log, job.json
     workspace/runs/<name>/<stage folder>/    a full recipe's stages (style/, stage1/, ...; recipe.json above)
+    workspace/generated/      the Generate tab's speech
+    workspace/gradio_cache/   Gradio's files: uploads and recordings, and the copies of the files it serves
 
 Every path a user types goes through :meth:`Workspace.resolve`, which refuses anything that lands
 outside the workspace once `..` and symlinks are resolved, so a shared demo link cannot be used to
@@ -27,6 +29,10 @@ from ira.training.recipe import STATE_FILE as RECIPE_STATE
 
 DATA = "data"
 RUNS = "runs"
+GRADIO_FILES = "gradio_cache"
+GRADIO_TEMP_DIR = "GRADIO_TEMP_DIR"
+"""The variable Gradio 6 reads for the folder of its uploads and of the copies of the files it serves
+(`gradio.utils.get_upload_folder`; without it, `<system temp>/gradio`)."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SHOWN_LINKS = 5
 """How many links out of the workspace an error names (the first ones found)."""
@@ -48,6 +54,23 @@ def is_inside(root: Path, path: str | Path) -> bool:
     """True when `path`, once every link is followed, lies in the folder `root` (itself resolved)."""
     real = real_path(path)
     return real is not None and real.is_relative_to(root)
+
+
+def gradio_folder(root: str | Path) -> Path:
+    """Where Gradio's files go for the workspace folder `root` (made or not)."""
+    return Path(root).expanduser().resolve() / GRADIO_FILES
+
+
+def keep_gradio_files_in(ws: "Workspace") -> Path:
+    """Make Gradio write its uploads, recordings and served copies in workspace/gradio_cache (created here).
+
+    Gradio reads the folder from GRADIO_TEMP_DIR when a component or its server is made (a few routes it never
+    serves here read it at `import gradio`: `python app.py` sets it before that import). The variable is the
+    process's, so one process serves one workspace: the last call wins."""
+    folder = ws.checked(ws.root / GRADIO_FILES, "Gradio's folder")
+    folder.mkdir(exist_ok=True)
+    os.environ[GRADIO_TEMP_DIR] = str(folder)
+    return folder
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -102,9 +125,13 @@ class Workspace:
             raise WorkspaceError(f"{text!r} does not exist (looked for {resolved})")
         return resolved
 
+    def _absolute(self, path: str | Path) -> Path:
+        """A relative path is the workspace's (as for a job, which runs in the workspace folder)."""
+        return self.root / Path(path).expanduser()   # an absolute path stays itself
+
     def inside(self, path: str | Path) -> bool:
-        """True when `path` (links followed) lies inside the workspace."""
-        return is_inside(self.root, path)
+        """True when `path` (links followed; a relative one: in the workspace) lies inside the workspace."""
+        return is_inside(self.root, self._absolute(path))
 
     def shown(self, path: str | Path) -> str:
         """`path` as the page names it: relative to the workspace as written (links not followed), so that a
@@ -117,8 +144,8 @@ class Workspace:
     def checked(self, path: str | Path, what: str = "file") -> Path:
         """`path`, a file or folder the app found (listed in a folder, recorded by a job), resolved, after
         checking that it stays inside the workspace. A link that leads outside is a WorkspaceError that names
-        it (`what` says what it is, e.g. "the corpus's metadata.csv")."""
-        real = real_path(path)
+        it (`what` says what it is, e.g. "the run's log"). A relative path is the workspace's."""
+        real = real_path(self._absolute(path))
         if real is None or not real.is_relative_to(self.root):
             where = f"to {real}" if real is not None else "in a loop of links"
             raise WorkspaceError(f"{what} {self.shown(path)} leads outside the workspace ({where}); the app only "
@@ -131,7 +158,7 @@ class Workspace:
         itself included, that lead outside the workspace, in a breadth-first walk in name order (the folder's
         own files, e.g. metadata.csv, before those of its subfolders). Links that stay inside are followed,
         each real folder once; only links cost a resolve, so a folder of 20,000 wavs is one directory read."""
-        start = Path(folder)
+        start = self._absolute(folder)
         real = real_path(start)
         if real is None or not real.is_relative_to(self.root):
             return [(start, real)]
