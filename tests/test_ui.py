@@ -413,6 +413,55 @@ def test_uploads_and_served_clips_stay_inside_the_workspace(tmp_path: Path):
         demo.close()
 
 
+CLOSED_WITHOUT_LOGIN = [("GET", "openapi.json"), ("GET", "docs"), ("GET", "config"), ("GET", "gradio_api/info"),
+                        ("GET", "gradio_api/openapi.json"), ("GET", "gradio_api/user"), ("GET", "gradio_api/token"),
+                        ("GET", "gradio_api/app_id"), ("GET", "gradio_api/startup-events"),
+                        ("GET", "gradio_api/heartbeat/abc"), ("POST", "gradio_api/cancel"),
+                        ("POST", "gradio_api/reset"), ("GET", "gradio_api/runs"), ("POST", "gradio_api/upload"),
+                        ("POST", "gradio_api/queue/join"), ("POST", "gradio_api/stream/abc"),
+                        ("GET", "gradio_api/stream/abc/0/1/playlist.m3u8"), ("GET", "monitoring"),
+                        ("GET", "gradio_api/run-history/buckets"), ("GET", "gradio_api/mcp/sse")]
+"""Gradio's routes that need no data to answer: with --auth, none answers without a login (before, FastAPI's
+/openapi.json listed every route, and cancel, reset, heartbeat, user, token, app_id and startup-events answered)."""
+
+
+def test_with_auth_only_the_login_page_answers_without_a_login(tmp_path: Path):
+    import re
+
+    demo = build_app(tmp_path / "ws", preset="cpu", overrides=FAST, runner=JobRunner(tmp_path / "ws" / "runs"),
+                     hardware=HARDWARE)
+    try:
+        url = launch_app(demo, port=free_port(), auth=[("alice", "pw")], prevent_thread_lock=True,
+                         quiet=True).local_url
+        anyone = httpx.Client(base_url=url, trust_env=False, timeout=10)
+
+        def status(method: str, path: str) -> int:   # the status only: an open heartbeat would stream forever
+            body = {"session_hash": "abc", "fn_index": 0, "event_id": "e", "data": []} if method == "POST" else None
+            with anyone.stream(method, path, json=body) as answer:
+                return answer.status_code
+
+        answers = {f"{method} /{path}": status(method, path) for method, path in CLOSED_WITHOUT_LOGIN}
+        assert all(code in (401, 404) for code in answers.values()), answers
+        # the login page and its assets stay open; the page no longer carries the API's description
+        page = anyone.get("/")
+        assert page.status_code == 200 and '"auth_required":true' in page.text
+        assert "build_corpus" not in page.text and "named_endpoints" in page.text
+        assets = re.findall(r'(?:src|href)="\.?/?((?:assets|static)/[^"]+)"', page.text) + ["theme.css", "favicon.ico"]
+        assert len(assets) >= 3 and all(anyone.get(asset).status_code == 200 for asset in assets), assets
+        assert anyone.post("/login", data={"username": "alice", "password": "wrong"}).status_code == 400
+
+        alice = httpx.Client(base_url=url, trust_env=False, timeout=10)
+        assert alice.post("/login", data={"username": "alice", "password": "pw"}).status_code == 200
+        assert "build_corpus" in alice.get("/").text   # signed in: the app as it always was
+        assert alice.get("/config").status_code == 200 and alice.get("/gradio_api/user").json() == "alice"
+        assert alice.post("/gradio_api/cancel", json={"session_hash": "abc", "fn_index": 0,
+                                                      "event_id": "e"}).json() == {"success": True}
+        client = Client(url, auth=("alice", "pw"), verbose=False, analytics_enabled=False)
+        assert value(client.predict(None, api_name="/list_corpora")) is None
+    finally:
+        demo.close()
+
+
 def test_app_cli_rejects_a_malformed_auth(capsys):
     spec = importlib.util.spec_from_file_location("ira_app_main", REPO / "app.py")
     module = importlib.util.module_from_spec(spec)
