@@ -349,6 +349,34 @@ def test_a_run_or_corpus_linking_outside_is_neither_shown_nor_trained_on(app):
         corpus_path(ws, "stray")
 
 
+def test_a_job_record_naming_files_outside_the_workspace_is_not_followed(tmp_path: Path):
+    """job.json is the app's own, but a hand-edited one is not followed out of the workspace: its config file is
+    not read (before: Resume loaded it) and an output folder outside is refused before a job could write there."""
+    from ira.config import load_config
+    from ui.runner import JobRecord
+    from ui.train_tab import check_job_paths, recipe_overrides, run_settings
+
+    ws = Workspace.create(tmp_path / "ws")
+    create_dummy_corpus(ws.data_dir / "small", num_clips=3)
+    config = tmp_path / "outside.yaml"
+    config.write_text((REPO / "configs" / "cpu_config.yaml").read_text())
+    run_dir = ws.runs_dir / "edited"
+    run_dir.mkdir()
+    sets = recipe_overrides(ws, "small", "edited", [])
+    for preset, expected in (("cpu", "cpu"), (str(config), None)):
+        JobRecord(name="edited", stage="1", command=["python", "-m", "ira.cli", "train", "--stage", "1", "--config",
+                                                     preset, *[a for item in sets for a in ("--set", item)]],
+                  output_dir=str(run_dir), log_path=str(run_dir / "train.log"), pid=2 ** 22 + 17, create_time=0.0,
+                  started=time.time(), ended=time.time(), returncode=3).save()
+        settings = run_settings(ws, "edited")
+        assert (settings.preset if settings else None) == expected
+    check_job_paths(ws, "edited", load_config("cpu", sets))
+    elsewhere = load_config("cpu", sets + [f"training.output_dir={tmp_path / 'elsewhere'}"])
+    with pytest.raises(WorkspaceError, match=r"the output folder of run 'edited' \(training.output_dir\) "
+                                             r".*elsewhere leads outside the workspace"):
+        check_job_paths(ws, "edited", elsewhere)
+
+
 def _plot_rows(plot: dict) -> list[dict]:
     """gradio_client returns a LinePlot as {"value": {"columns": [...], "data": [[...], ...]}, ...}."""
     value = plot.get("value", plot)

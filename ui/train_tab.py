@@ -104,11 +104,13 @@ stage's, or the same stage's to continue it), checked before launching."""
 
 def check_job_paths(ws: Workspace, run_name: str, cfg: IRAConfig) -> None:
     """What a job will read and write stays inside the workspace: its corpus (`data.dir`, which a stage prepares
-    first) and its run folder (log, metrics, checkpoints, samples, and the checkpoint Resume continues from); a
-    link out of the workspace in either is refused before the job starts, and named."""
+    first), its run folder (log, job record, the checkpoint Resume continues from) and its output folder
+    (`training.output_dir`, the same unless a job record says otherwise: metrics, checkpoints, samples); a link
+    out of the workspace in any of them is refused before the job starts, and named."""
     corpus = Path(cfg.data.dir)
     ws.check_folder(corpus, f"corpus '{corpus.name}'")
     ws.check_folder(ws.run_dir(run_name), f"run '{run_name}'")
+    ws.check_folder(cfg.training.output_dir, f"the output folder of run '{run_name}' (training.output_dir)")
 
 
 def check_before_launch(ws: Workspace, stage: str, corpus: str, batch_size: float, start_checkpoint: Optional[Path]
@@ -182,9 +184,11 @@ def run_settings(ws: Workspace, run_name: str) -> Optional[RunSettings]:
     sets = [command[i + 1] for i, arg in enumerate(command[:-1]) if arg == "--set"]
     start = command[command.index("--resume_checkpoint") + 1] if "--resume_checkpoint" in command else None
     try:
+        if preset not in PRESETS:   # a config file (the app records preset names): read only inside the workspace
+            ws.checked(preset, "the run's config file")
         cfg = load_config(preset, sets)
         minutes = float(command[command.index("--minutes") + 1]) if "--minutes" in command else None
-    except (ConfigError, ValueError, IndexError):
+    except (ConfigError, ValueError, IndexError):   # a WorkspaceError too
         return None
     epochs, steps, batch, lr = form_defaults(cfg, record.stage)
     data_dir = Path(cfg.data.dir)

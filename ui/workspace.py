@@ -190,6 +190,7 @@ class Workspace:
     def check_folder(self, folder: str | Path, what: str) -> Path:
         """`folder` resolved, after checking that nothing under it leads outside the workspace (see
         `links_leaving`); else a WorkspaceError naming the first such links and what to do."""
+        real = self.checked(folder, what)   # the folder itself: "... leads outside the workspace"
         links = self.links_leaving(folder, SHOWN_LINKS + 1)
         if links:
             named = ", ".join(f"{self.shown(link)} (to {target})" if target is not None else
@@ -199,7 +200,7 @@ class Workspace:
                                  f"reads and writes files inside its workspace {self.root} and never follows a link "
                                  "out of it: copy those files into the workspace instead of linking them, then try "
                                  "again")
-        return self.checked(folder, what)
+        return real
 
     def corpus_dir(self, name: str) -> Path:
         return self.resolve(Path(DATA) / check_name(name, "corpus name"))
