@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ui.workspace import GRADIO_TEMP_DIR, gradio_folder
+    # before `import gradio`: a few of its folders are fixed at import (build_app makes and checks this one)
+    os.environ[GRADIO_TEMP_DIR] = str(gradio_folder(args.workspace))
     from ui.app import build_app, launch_app, parse_auth
     try:
         auth = parse_auth(args.auth)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -142,6 +143,60 @@ def test_paths_outside_the_workspace_are_refused(app):
     assert value(app.client.predict("tiny", api_name="/list_corpora")) == "tiny"   # still serving
 
 
+SECRET = "SECRET-FIRST-LINE:x:0:0:not for the app"
+"""The first line of a file outside the workspace, which no answer of the app may hold."""
+
+
+def _tone(path: Path) -> Path:
+    import numpy as np
+    t = np.arange(24000) / 24000
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 180 * t)).astype("float32"), 24000)
+    return path
+
+
+def test_a_metadata_file_linked_from_outside_is_refused_and_named(app):
+    """`ln -s /etc/passwd data/leak/metadata.csv`: showing, preparing or importing the corpus names the link and
+    reads nothing through it (before: the metadata parser's error quoted the outside file's first line)."""
+    secret = app.outside / "passwd"
+    secret.write_text(SECRET + "\n")
+    leak = app.root / "data" / "leak"
+    leak.mkdir(parents=True)
+    (leak / "metadata.csv").symlink_to(secret)
+    calls = {"show": lambda: app.client.predict("leak", api_name="/show_corpus"),
+             "prepare": lambda: app.client.predict("leak", False, api_name="/prepare_corpus"),
+             "import": lambda: app.client.predict("folder", "copied", 1, "data/leak", 0, False,
+                                                  api_name="/build_corpus"),
+             "rebuild": lambda: app.client.predict("dummy", "leak", 3, "", 0, False, api_name="/build_corpus")}
+    for what, call in calls.items():
+        with pytest.raises(AppError) as caught:
+            call()
+        message = str(caught.value)
+        assert "SECRET" not in message, (what, message)
+        assert "data/leak/metadata.csv" in message and "outside the workspace" in message, (what, message)
+    assert not (app.root / "data" / "copied").exists() and secret.read_text() == SECRET + "\n"
+
+
+def test_wavs_linked_from_outside_are_refused_before_preparing(app):
+    """A wav in wavs/ that links outside: the corpus is refused before anything of it is read or prepared, the
+    link named; a link that stays inside the workspace is followed."""
+    corpus = app.root / "data" / "linked"
+    (corpus / "wavs").mkdir(parents=True)
+    _tone(corpus / "wavs" / "own.wav")
+    (app.root / "uploads").mkdir(exist_ok=True)
+    (corpus / "wavs" / "inner.wav").symlink_to(_tone(app.root / "uploads" / "inner.wav"))
+    (corpus / "wavs" / "stray.wav").symlink_to(_tone(app.outside / "stray.wav"))
+    (corpus / "metadata.csv").write_text("own|A tone.\ninner|Another tone.\nstray|A third tone.\n")
+    for api_name, args in (("/prepare_corpus", ("linked", False)), ("/show_corpus", ("linked",))):
+        with pytest.raises(AppError, match=r"corpus 'linked' holds links that lead outside the workspace: "
+                                           r"data/linked/wavs/stray\.wav \(to .*stray\.wav\)"):
+            app.client.predict(*args, api_name=api_name)
+    assert sorted(p.name for p in corpus.iterdir()) == ["metadata.csv", "wavs"]   # nothing prepared, no cache
+    (corpus / "wavs" / "stray.wav").unlink()
+    (corpus / "metadata.csv").write_text("own|A tone.\ninner|Another tone.\n")
+    summary, clips, *_ = app.client.predict("linked", False, api_name="/prepare_corpus")
+    assert sorted(row[0] for row in clips["data"]) == ["inner", "own"], summary
+
+
 def test_workspace_resolve_unit(tmp_path: Path):
     ws = Workspace.create(tmp_path / "ws")
     assert ws.resolve("data/x") == ws.root / "data" / "x"
@@ -159,6 +214,34 @@ def test_workspace_resolve_unit(tmp_path: Path):
         ws.resolve("data/none", must_exist=True)
     with pytest.raises(WorkspaceError, match="not allowed"):
         ws.corpus_dir("a/b")
+
+
+def test_links_out_of_the_workspace_are_found_through_links_that_stay_inside(tmp_path: Path):
+    ws = Workspace.create(tmp_path / "ws")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.wav").write_bytes(b"outside")
+    shared = ws.root / "uploads" / "wavs"
+    shared.mkdir(parents=True)
+    (shared / "a.wav").write_bytes(b"inside")
+    (shared / "x.wav").symlink_to(tmp_path / "elsewhere" / "x.wav")
+    corpus = ws.data_dir / "c"
+    corpus.mkdir()
+    (corpus / "metadata.csv").write_text("a|A.\n")
+    (corpus / "wavs").symlink_to(shared, target_is_directory=True)   # inside: followed, and what it holds checked
+    (corpus / "loop").symlink_to(corpus / "loop")
+    assert ws.links_leaving(corpus) == [(corpus / "loop", None), (corpus / "wavs" / "x.wav",
+                                                                  tmp_path / "elsewhere" / "x.wav")]
+    with pytest.raises(WorkspaceError, match=r"corpus 'c' holds links that lead outside the workspace: data/c/loop "
+                                             r"\(a loop of links\), data/c/wavs/x\.wav \(to .*elsewhere/x\.wav\)"):
+        ws.existing_corpus("c")
+    (corpus / "loop").unlink()
+    (shared / "x.wav").unlink()
+    assert ws.existing_corpus("c") == corpus and ws.links_leaving(corpus) == []
+    assert ws.checked(corpus / "wavs" / "a.wav") == shared / "a.wav"
+    with pytest.raises(WorkspaceError, match=r"the log /etc/passwd leads outside the workspace \(to /etc/passwd\)"):
+        ws.checked("/etc/passwd", "the log")
+    with pytest.raises(WorkspaceError, match="no corpus 'none' in data/"):
+        ws.existing_corpus("none")
 
 
 def test_corpora_linked_from_outside_are_not_listed_and_are_named(tmp_path: Path):
@@ -217,6 +300,83 @@ def test_train_tab_watches_and_stops_a_job(app):
     assert "STOPPED" in status and "Stopped at step" in status
 
 
+def test_a_run_or_corpus_linking_outside_is_neither_shown_nor_trained_on(app):
+    """A run whose train.log and latest checkpoint link outside: its status names the link instead of showing the
+    outside file as its log (before: the Log box showed it), and Resume refuses it, appending nothing to the
+    outside file; a corpus with a wav linked from outside is refused before a job could prepare it."""
+    from ui.runner import JobRecord, train_command
+    from ui.style_tab import corpus_path
+    from ui.train_tab import training_overrides
+
+    ws = Workspace.create(app.root)
+    secret = app.outside / "secret.log"
+    secret.write_text(SECRET + "\n")
+    create_dummy_corpus(app.root / "data" / "for_leaky", num_clips=3)
+    run_dir = app.root / "runs" / "leaky"
+    run_dir.mkdir(parents=True)
+    (run_dir / "train.log").symlink_to(secret)
+    (app.outside / "foreign.safetensors").write_bytes(b"not a checkpoint")
+    (run_dir / "stage1_latest.safetensors").symlink_to(app.outside / "foreign.safetensors")
+    command = train_command("1", "cpu", training_overrides(ws, "1", "for_leaky", "leaky", 1, 5, 2, 1e-3, FAST))
+    JobRecord(name="leaky", stage="1", command=command, output_dir=str(run_dir), log_path=str(run_dir / "train.log"),
+              pid=2 ** 22 + 13, create_time=0.0, started=time.time() - 60, ended=time.time() - 30,
+              returncode=3).save()
+    outputs = app.client.predict("leaky", None, api_name="/training_status")
+    assert SECRET not in str(outputs)
+    assert "runs/leaky/train.log leads outside the workspace" in outputs[0], outputs[0]
+    form = dict(stage="1", run_name="leaky", preset="cpu", corpus="for_leaky", checkpoint="(none)", epochs=1,
+                max_steps=5, batch_size=2, learning_rate=1e-3)
+    try:
+        with pytest.raises(AppError, match=r"run 'leaky' holds links that lead outside the workspace: "
+                                           r"runs/leaky/stage1_latest\.safetensors \(to .*\), runs/leaky/train\.log"):
+            app.client.predict(**form, api_name="/resume_training")
+    finally:   # the old code started a job here: let it end (it fails on the foreign file)
+        deadline = time.time() + 60
+        while app.runner.active() is not None and time.time() < deadline:
+            time.sleep(0.2)
+    assert secret.read_text() == SECRET + "\n"
+
+    corpus = create_dummy_corpus(app.root / "data" / "stray", num_clips=3)
+    wav = sorted((corpus / "wavs").iterdir())[0]
+    shutil.move(wav, app.outside / wav.name)
+    wav.symlink_to(app.outside / wav.name)
+    stray = rf"corpus 'stray' holds links that lead outside the workspace: data/stray/wavs/{wav.name}"
+    # (a learning rate the config refuses: the old code refused that, instead of starting a job on the corpus)
+    with pytest.raises(AppError, match=stray):
+        app.client.predict(**{**form, "run_name": "on_stray", "corpus": "stray", "learning_rate": -1.0},
+                           api_name="/start_training")
+    with pytest.raises(WorkspaceError, match=stray):   # the Voice Style tab's search
+        corpus_path(ws, "stray")
+
+
+def test_a_job_record_naming_files_outside_the_workspace_is_not_followed(tmp_path: Path):
+    """job.json is the app's own, but a hand-edited one is not followed out of the workspace: its config file is
+    not read (before: Resume loaded it) and an output folder outside is refused before a job could write there."""
+    from ira.config import load_config
+    from ui.runner import JobRecord
+    from ui.train_tab import check_job_paths, recipe_overrides, run_settings
+
+    ws = Workspace.create(tmp_path / "ws")
+    create_dummy_corpus(ws.data_dir / "small", num_clips=3)
+    config = tmp_path / "outside.yaml"
+    config.write_text((REPO / "configs" / "cpu_config.yaml").read_text())
+    run_dir = ws.runs_dir / "edited"
+    run_dir.mkdir()
+    sets = recipe_overrides(ws, "small", "edited", [])
+    for preset, expected in (("cpu", "cpu"), (str(config), None)):
+        JobRecord(name="edited", stage="1", command=["python", "-m", "ira.cli", "train", "--stage", "1", "--config",
+                                                     preset, *[a for item in sets for a in ("--set", item)]],
+                  output_dir=str(run_dir), log_path=str(run_dir / "train.log"), pid=2 ** 22 + 17, create_time=0.0,
+                  started=time.time(), ended=time.time(), returncode=3).save()
+        settings = run_settings(ws, "edited")
+        assert (settings.preset if settings else None) == expected
+    check_job_paths(ws, "edited", load_config("cpu", sets))
+    elsewhere = load_config("cpu", sets + [f"training.output_dir={tmp_path / 'elsewhere'}"])
+    with pytest.raises(WorkspaceError, match=r"the output folder of run 'edited' \(training.output_dir\) "
+                                             r".*elsewhere leads outside the workspace"):
+        check_job_paths(ws, "edited", elsewhere)
+
+
 def _plot_rows(plot: dict) -> list[dict]:
     """gradio_client returns a LinePlot as {"value": {"columns": [...], "data": [[...], ...]}, ...}."""
     value = plot.get("value", plot)
@@ -254,6 +414,77 @@ def test_auth_protects_the_app(tmp_path: Path):
         assert launched.messages == []
         assert httpx.get(launched.local_url + "config", trust_env=False).status_code == 401
         client = Client(launched.local_url, auth=("alice", "pw"), verbose=False, analytics_enabled=False)
+        assert value(client.predict(None, api_name="/list_corpora")) is None
+    finally:
+        demo.close()
+
+
+def test_uploads_and_served_clips_stay_inside_the_workspace(tmp_path: Path):
+    """Gradio's own files (an upload, the copy of a clip it serves) are written under workspace/gradio_cache,
+    not in the system's temporary folder (README: the app reads and writes only inside --workspace)."""
+    ws_root = tmp_path / "ws"
+    create_dummy_corpus(ws_root / "data" / "served", num_clips=2)
+    demo = build_app(ws_root, preset="cpu", overrides=FAST, runner=JobRunner(ws_root / "runs"), hardware=HARDWARE)
+    try:
+        launched = launch_app(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+        cache = (ws_root / "gradio_cache").resolve()
+        clip = _tone(tmp_path / "upload.wav")
+        with open(clip, "rb") as handle:
+            uploaded = httpx.post(launched.local_url + "gradio_api/upload", files=[("files", handle)],
+                                  trust_env=False).json()
+        assert len(uploaded) == 1 and Path(uploaded[0]).is_relative_to(cache), uploaded
+        client = Client(launched.local_url, verbose=False, analytics_enabled=False, download_files=False)
+        served = client.predict("served", "dummy_0001", api_name="/clip_audio")
+        assert Path(served["path"]).is_relative_to(cache), served
+        assert httpx.get(served["url"], trust_env=False).status_code == 200
+    finally:
+        demo.close()
+
+
+CLOSED_WITHOUT_LOGIN = [("GET", "openapi.json"), ("GET", "docs"), ("GET", "config"), ("GET", "gradio_api/info"),
+                        ("GET", "gradio_api/openapi.json"), ("GET", "gradio_api/user"), ("GET", "gradio_api/token"),
+                        ("GET", "gradio_api/app_id"), ("GET", "gradio_api/startup-events"),
+                        ("GET", "gradio_api/heartbeat/abc"), ("POST", "gradio_api/cancel"),
+                        ("POST", "gradio_api/reset"), ("GET", "gradio_api/runs"), ("POST", "gradio_api/upload"),
+                        ("POST", "gradio_api/queue/join"), ("POST", "gradio_api/stream/abc"),
+                        ("GET", "gradio_api/stream/abc/0/1/playlist.m3u8"), ("GET", "monitoring"),
+                        ("GET", "gradio_api/run-history/buckets"), ("GET", "gradio_api/mcp/sse")]
+"""Gradio's routes that need no data to answer: with --auth, none answers without a login (before, FastAPI's
+/openapi.json listed every route, and cancel, reset, heartbeat, user, token, app_id and startup-events answered)."""
+
+
+def test_with_auth_only_the_login_page_answers_without_a_login(tmp_path: Path):
+    import re
+
+    demo = build_app(tmp_path / "ws", preset="cpu", overrides=FAST, runner=JobRunner(tmp_path / "ws" / "runs"),
+                     hardware=HARDWARE)
+    try:
+        url = launch_app(demo, port=free_port(), auth=[("alice", "pw")], prevent_thread_lock=True,
+                         quiet=True).local_url
+        anyone = httpx.Client(base_url=url, trust_env=False, timeout=10)
+
+        def status(method: str, path: str) -> int:   # the status only: an open heartbeat would stream forever
+            body = {"session_hash": "abc", "fn_index": 0, "event_id": "e", "data": []} if method == "POST" else None
+            with anyone.stream(method, path, json=body) as answer:
+                return answer.status_code
+
+        answers = {f"{method} /{path}": status(method, path) for method, path in CLOSED_WITHOUT_LOGIN}
+        assert all(code in (401, 404) for code in answers.values()), answers
+        # the login page and its assets stay open; the page no longer carries the API's description
+        page = anyone.get("/")
+        assert page.status_code == 200 and '"auth_required":true' in page.text
+        assert "build_corpus" not in page.text and "named_endpoints" in page.text
+        assets = re.findall(r'(?:src|href)="\.?/?((?:assets|static)/[^"]+)"', page.text) + ["theme.css", "favicon.ico"]
+        assert len(assets) >= 3 and all(anyone.get(asset).status_code == 200 for asset in assets), assets
+        assert anyone.post("/login", data={"username": "alice", "password": "wrong"}).status_code == 400
+
+        alice = httpx.Client(base_url=url, trust_env=False, timeout=10)
+        assert alice.post("/login", data={"username": "alice", "password": "pw"}).status_code == 200
+        assert "build_corpus" in alice.get("/").text   # signed in: the app as it always was
+        assert alice.get("/config").status_code == 200 and alice.get("/gradio_api/user").json() == "alice"
+        assert alice.post("/gradio_api/cancel", json={"session_hash": "abc", "fn_index": 0,
+                                                      "event_id": "e"}).json() == {"success": True}
+        client = Client(url, auth=("alice", "pw"), verbose=False, analytics_enabled=False)
         assert value(client.predict(None, api_name="/list_corpora")) is None
     finally:
         demo.close()
@@ -366,6 +597,42 @@ def test_checkpoints_are_listed_run_by_run_with_best_and_latest_first(tmp_path: 
         "runs/new/stage2_best.safetensors", "runs/new/stage2_latest.safetensors", "runs/new/stage2_step3.safetensors",
         "runs/old/stage1_best.safetensors", "runs/old/stage1_latest.safetensors",
         *[f"runs/old/stage1_step{i}.safetensors" for i in (5, 4, 3, 2, 1)]]
+
+
+def test_checkpoints_reached_through_links_out_of_the_workspace_are_not_listed_or_read(tmp_path: Path):
+    """A run folder, a checkpoint or a recipe that links outside: not in the Generate tab's list (before, its
+    label showed the outside checkpoint's step and loss) nor offered as a recipe's final checkpoint."""
+    from ira.checkpoint import save_checkpoint
+    from ui.generate_tab import finished_recipe_checkpoint, speaking_checkpoints
+
+    ws = Workspace.create(tmp_path / "ws")
+    outside = tmp_path / "outside"
+    foreign = save_checkpoint(outside / "stage1_best.safetensors", {"w": {"x": torch.zeros(1)}}, stage="1", epoch=0,
+                              step=777, config={})
+    from ira.training.recipe import RecipeState
+    outside_run = _recipe_run(tmp_path, "outside", 12, ["done"] * 4)   # a finished recipe outside the workspace
+    final = Path(RecipeState.load(outside_run / "recipe.json").final_checkpoint())
+    final.parent.mkdir(parents=True)
+    shutil.copy(foreign, final)
+    (ws.runs_dir / "ext").symlink_to(outside, target_is_directory=True)
+    (ws.runs_dir / "ext_recipe").symlink_to(tmp_path / "runs" / "outside", target_is_directory=True)
+    (ws.runs_dir / "mine").mkdir()
+    (ws.runs_dir / "mine" / "stage1_best.safetensors").symlink_to(foreign)
+    own = save_checkpoint(ws.runs_dir / "own" / "stage1_latest.safetensors", {"w": {"x": torch.zeros(1)}}, stage="1",
+                          epoch=0, step=5, config={})
+    assert ws.list_checkpoints() == ["runs/own/stage1_latest.safetensors"]
+    labels = [label for label, _ in speaking_checkpoints(ws)]
+    assert labels == ["own/stage1_latest · stage 1 · step 5"], labels
+    assert finished_recipe_checkpoint(ws) is None
+    # a recipe inside the workspace whose recorded final checkpoint lies outside it: not offered either
+    run = _recipe_run(ws.root, "whole", 12, ["done"] * 4)
+    state = RecipeState.load(run / "recipe.json")
+    state.stages[-1].checkpoint = str(foreign)
+    state.save(run / "recipe.json")
+    assert finished_recipe_checkpoint(ws) is None
+    state.stages[-1].checkpoint = str(own)
+    state.save(run / "recipe.json")
+    assert finished_recipe_checkpoint(ws) == "runs/own/stage1_latest.safetensors"
 
 
 def test_checkpoint_labels_say_stage_step_and_the_metric_the_run_keeps_its_best_by():

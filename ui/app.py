@@ -17,10 +17,11 @@ from ira.hardware import HardwareInfo, detect_hardware  # noqa: E402
 from ui.data_tab import build_data_tab  # noqa: E402
 from ui.generate_tab import build_generate_tab  # noqa: E402
 from ui.header import build_header, resolve_preset  # noqa: E402
+from ui.login_guard import server_options  # noqa: E402
 from ui.runner import JobRunner  # noqa: E402
 from ui.style_tab import build_style_tab  # noqa: E402
 from ui.train_tab import build_train_tab  # noqa: E402
-from ui.workspace import Workspace  # noqa: E402
+from ui.workspace import Workspace, keep_gradio_files_in  # noqa: E402
 
 QUEUE_SIZE = 64
 
@@ -28,13 +29,15 @@ QUEUE_SIZE = 64
 def build_app(workspace: str | Path | Workspace = "workspace", preset: str = "auto",
               overrides: Optional[list[str]] = None, runner: Optional[JobRunner] = None,
               hardware: Optional[HardwareInfo] = None) -> gr.Blocks:
-    """The Blocks app on `workspace` (created if missing) with the `preset` config plus `overrides`.
+    """The Blocks app on `workspace` (created if missing) with the `preset` config plus `overrides`; Gradio's
+    uploads and served files go to workspace/gradio_cache (`keep_gradio_files_in`: one workspace per process).
 
     Each event has its own queue slot (Gradio's default concurrency limit is 1 *per event*), so a
     corpus build never holds up the Train tab; builds are serialised among themselves, and the
     status timer has no limit.
     """
     ws = workspace if isinstance(workspace, Workspace) else Workspace.create(workspace)
+    keep_gradio_files_in(ws)   # before any component exists: each reads its cache folder when it is made
     hardware = hardware or detect_hardware()
     requested = (preset or "auto").strip().lower()
     chosen = resolve_preset(requested, hardware)
@@ -91,7 +94,8 @@ def launch_app(demo: gr.Blocks, *, host: str = "127.0.0.1", port: Optional[int] 
                auth: Optional[list[tuple[str, str]]] = None, prevent_thread_lock: bool = False,
                quiet: bool = False) -> Launched:
     """Serve `demo`. A share link that cannot be made (offline, firewall) leaves the app serving
-    locally with a message; it never stops the app."""
+    locally with a message; it never stops the app. With `auth`, only the login page answers without a
+    login (`ui.login_guard`)."""
     messages: list[str] = []
 
     def say(message: str) -> None:
@@ -106,7 +110,7 @@ def launch_app(demo: gr.Blocks, *, host: str = "127.0.0.1", port: Optional[int] 
                   prevent_thread_lock=True, show_error=True, quiet=quiet, ssr_mode=False,
                   auth_message="IRA: sign in with the user and password given to --auth" if auth else None)
     try:
-        _, local_url, share_url = demo.launch(share=share, **kwargs)
+        _, local_url, share_url = demo.launch(share=share, **kwargs, **server_options())
     except Exception as exc:
         if not share:
             raise
@@ -114,7 +118,7 @@ def launch_app(demo: gr.Blocks, *, host: str = "127.0.0.1", port: Optional[int] 
         if demo.is_running:   # the server is up; only the tunnel failed
             local_url, share_url = demo.local_url, None
         else:
-            _, local_url, share_url = demo.launch(share=False, **kwargs)
+            _, local_url, share_url = demo.launch(share=False, **kwargs, **server_options())
     if share and not share_url:
         say(f"could not create a public --share link (no internet access, or the share server is "
             f"unreachable). The app keeps running locally at {local_url}")

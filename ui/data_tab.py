@@ -16,7 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from ira.config import load_config
-from ira.data.corpus import METADATA, corpus_summary, read_metadata, read_source, wav_path
+from ira.data.corpus import corpus_summary, read_metadata, read_source, wav_path
 from ira.data.prepare import prepare_corpus
 from ui.workspace import Workspace, WorkspaceError
 
@@ -57,10 +57,12 @@ def _scaled(progress: Progress, lo: float, hi: float) -> Progress:
 def fetch_source(ws: Workspace, source: str, name: str, num: int, folder: str, seed: int,
                  progress: Progress) -> Path:
     """Run a data source into workspace/data/<name> (LJSpeech: data/LJSpeech-1.1); returns the folder."""
+    out = ws.corpus_dir(DEFAULT_NAMES["ljspeech"] if source == "ljspeech" else name)
+    if out.exists():   # a build reads what is there (its source.json, its metadata.csv) and adds to it
+        ws.check_folder(out, f"corpus folder '{out.name}'")
     if source == "ljspeech":
         from ira.data.ljspeech import download_ljspeech
         return download_ljspeech(ws.data_dir, progress=progress, keep_archive=False)
-    out = ws.corpus_dir(name)
     if source == "synth":
         from ira.data.synth import synthesize_corpus
         synthesize_corpus(out, num_utterances=int(num), seed=int(seed), progress=progress)
@@ -70,7 +72,7 @@ def fetch_source(ws: Workspace, source: str, name: str, num: int, folder: str, s
         create_dummy_corpus(out, num_clips=int(num), seed=int(seed))
     elif source == "folder":
         from ira.data.folder import import_folder
-        src = ws.resolve(folder, must_exist=True)
+        src = ws.check_folder(ws.resolve(folder, must_exist=True), f"folder '{folder.strip()}'")
         import_folder(src, out, progress=progress)
     else:
         raise WorkspaceError(f"unknown source {source!r}; choose one of {', '.join(v for _, v in SOURCES)}")
@@ -82,6 +84,7 @@ def build_corpus(ws: Workspace, preset: str, overrides: list[str], source: str, 
     """Source, then `prepare_corpus` (validate, annotate, fit the codec, cache the tokens)."""
     cfg = load_config(preset, overrides)   # first: a config mistake costs nothing
     corpus = fetch_source(ws, source, name, num, folder, seed, _scaled(progress, 0.0, 0.4))
+    ws.check_folder(corpus, f"corpus '{corpus.name}'")   # what the package prepares stays inside the workspace
     result = prepare_corpus(cfg, corpus, progress=_scaled(progress, 0.4, 1.0), force=force)
     return corpus_view(ws, corpus.name, codec_text=result.codec.describe())
 
@@ -89,15 +92,8 @@ def build_corpus(ws: Workspace, preset: str, overrides: list[str], source: str, 
 def prepare_existing(ws: Workspace, preset: str, overrides: list[str], name: str, force: bool,
                      progress: Progress) -> CorpusView:
     cfg = load_config(preset, overrides)
-    result = prepare_corpus(cfg, _existing(ws, name), progress=progress, force=force)
+    result = prepare_corpus(cfg, ws.existing_corpus(name), progress=progress, force=force)
     return corpus_view(ws, name, codec_text=result.codec.describe())
-
-
-def _existing(ws: Workspace, name: str) -> Path:
-    corpus = ws.corpus_dir(name)
-    if not (corpus / METADATA).is_file():
-        raise WorkspaceError(f"there is no corpus '{name}' in {ws.data_dir} (no {METADATA}); build it first")
-    return corpus
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -134,7 +130,7 @@ def _counts(values: list[Any], limit: int = 12) -> str:
 
 def corpus_view(ws: Workspace, name: str, codec_text: str | None = None) -> CorpusView:
     """What is on disk for workspace/data/<name>: prepare_report.json, annotations.jsonl, the wavs."""
-    corpus = _existing(ws, name)
+    corpus = ws.existing_corpus(name)
     report = _read_json(corpus / "prepare_report.json") or {}
     annotations = _read_annotations(corpus) if report.get("status") == "done" else []
     source = read_source(corpus) or {}

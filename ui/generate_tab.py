@@ -46,9 +46,12 @@ def speaking_checkpoints(ws: Workspace) -> list[tuple[str, str]]:
 
 def finished_recipe_checkpoint(ws: Workspace) -> Optional[str]:
     """The final checkpoint (its last stage's handed-over one) of the newest finished full recipe under runs/,
-    relative to the workspace; None when no recipe has finished (or its checkpoint is gone)."""
+    relative to the workspace; None when no recipe has finished (or its checkpoint is gone, or lies outside the
+    workspace: neither a recipe.json nor the checkpoint it names is read through a link out of it)."""
     finished = []
     for path in ws.runs_dir.glob(f"*/{STATE_FILE}"):
+        if not ws.inside(path):
+            continue
         try:
             final = RecipeState.load(path).final_checkpoint()
         except RecipeError:
@@ -57,7 +60,7 @@ def finished_recipe_checkpoint(ws: Workspace) -> Optional[str]:
             finished.append((path.stat().st_mtime, final))
     for _, final in sorted(finished, reverse=True):
         found = Path(final) if Path(final).is_absolute() else ws.root / final   # relative: to the job's folder
-        if found.is_file():
+        if found.is_file() and ws.inside(found):
             return ws.relative(found)
     return None
 

@@ -13,6 +13,9 @@ States: running, stopping, finished (exit 0), failed (exit code and log tail), s
 A full recipe (`ira train --recipe full`, stage "recipe" in job.json) runs its stages in subfolders of the
 run (`style/`, `stage1/`, ...): its Stop is the same `<run>/STOP`, which the running stage watches too, and
 its metrics are those of the stage running now (or the last that ran), as `<run>/recipe.json` says.
+
+Every file the runner opens (job.json, the log, metrics.jsonl, recipe.json, the folders a job recorded) is
+first checked to stay inside the workspace (`ui.workspace`): a link out of it is a WorkspaceError naming it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from ira.cli import EXIT_OK, EXIT_STOPPED
 from ira.training.metrics_log import METRICS_FILE, tail_metrics
 from ira.training.recipe import STAGE_NAMES, STATE_FILE, RecipeError, RecipeState
 from ira.training.stop import request_stop
+from ui.workspace import Workspace
 
 JOB_FILE = "job.json"
 LOG_FILE = "train.log"
@@ -187,6 +191,7 @@ class JobRunner:
                  term_grace_s: float = TERM_GRACE_S):
         self.runs_dir = Path(runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.workspace = Workspace(self.runs_dir.parent.resolve())   # the folder its jobs run in (their cwd)
         self.stop_grace_s = stop_grace_s
         self.term_grace_s = term_grace_s
         self._lock = threading.RLock()
@@ -204,9 +209,11 @@ class JobRunner:
                 raise JobError(f"a training job is already running: run '{running.name}' (stage {running.stage}, "
                                f"pid {running.pid}). Stop it first, or wait for it to finish")
             run_dir = self.runs_dir / name
+            self.workspace.checked(run_dir, "the run folder")
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "STOP").unlink(missing_ok=True)   # a flag left by an earlier run is not for this one
             log_path = run_dir / LOG_FILE
+            self.workspace.checked(log_path, "the run's log")
             child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
             child_env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (str(REPO_ROOT), child_env.get("PYTHONPATH", "")) if p)
@@ -233,11 +240,11 @@ class JobRunner:
     def stop(self, name: str) -> JobStatus:
         """Ask the job of run `name` to stop (flag file now, signals later if it does not)."""
         with self._lock:
-            record = JobRecord.load(self.runs_dir / name)
+            record = self.record(name)
             if record is None or not self._alive(record):
                 raise JobError(f"run '{name}' has no running job to stop")
             if record.stop_requested is None:
-                request_stop(record.output_dir)
+                request_stop(self.workspace.checked(record.output_dir, "the run folder"))
                 record.stop_requested = time.time()
                 record.save()
             self._start_escalation(record)
@@ -311,6 +318,8 @@ class JobRunner:
         """The record of the job that is running now in any run of this folder, or None."""
         with self._lock:
             for job_file in sorted(self.runs_dir.glob(f"*/{JOB_FILE}")):
+                if not self.workspace.inside(job_file):   # a run linked from outside is not ours to watch
+                    continue
                 try:
                     record = JobRecord.load(job_file.parent)
                 except JobError:
@@ -325,6 +334,8 @@ class JobRunner:
         """The record of the job started last in this folder (running or not), or None."""
         records = []
         for job_file in self.runs_dir.glob(f"*/{JOB_FILE}"):
+            if not self.workspace.inside(job_file):
+                continue
             try:
                 record = JobRecord.load(job_file.parent)
             except JobError:
@@ -333,20 +344,32 @@ class JobRunner:
                 records.append(record)
         return max(records, key=lambda r: r.started, default=None)
 
+    def record(self, name: str) -> Optional[JobRecord]:
+        """The job record of run `name` (None: the run never had a job), checked to be inside the workspace."""
+        run_dir = self.runs_dir / name
+        self.workspace.checked(run_dir / JOB_FILE, "the job record")
+        return JobRecord.load(run_dir)
+
+    def recipe_state(self, name_or_dir: str | Path) -> Optional[RecipeState]:
+        """The recipe.json of run `name_or_dir` (a name, or a run folder a job recorded), checked to be inside the
+        workspace; None when the run is no recipe."""
+        run_dir = self.runs_dir / name_or_dir   # an absolute folder stays itself
+        self.workspace.checked(run_dir / STATE_FILE, "the recipe's state")
+        return recipe_state(run_dir)
+
     def watched_folder(self, name: str) -> Path:
         """Where run `name` writes its metrics: its folder, or for a full recipe the folder of the stage
         running now (else of the last one that ran)."""
         run_dir = self.runs_dir / name
-        state = recipe_state(run_dir)
+        state = self.recipe_state(name)
         current = state.current() if state is not None else None
         if current is None:
             return run_dir
-        folder = Path(current.folder)
-        return folder if folder.is_absolute() else self.runs_dir.parent / folder   # the job's working folder
+        return self.workspace.checked(current.folder, "the recipe stage's folder")   # relative: to the job's folder
 
     def metrics(self, name: str) -> list[dict[str, Any]]:
         """Every complete row of the run's metrics.jsonl (`watched_folder`; cached: only new lines are parsed)."""
-        path = self.watched_folder(name) / METRICS_FILE
+        path = self.workspace.checked(self.watched_folder(name) / METRICS_FILE, "the run's metrics log")
         with self._lock:
             tail = self._metrics.setdefault(path, _MetricsTail(path))
             return list(tail.read())
@@ -354,7 +377,7 @@ class JobRunner:
     def status(self, name: str) -> JobStatus:
         """Where the job of run `name` stands; 'idle' when the run never had one."""
         with self._lock:
-            record = JobRecord.load(self.runs_dir / name)
+            record = self.record(name)
             rows = self.metrics(name)
             if record is None:
                 status = JobStatus(name=name, state="idle", message="no job has run here yet")
@@ -367,9 +390,10 @@ class JobRunner:
             if alive and record.stop_requested is not None:
                 self._start_escalation(record)
         status = JobStatus(name=name, state="running", stage=record.stage, pid=record.pid,
-                           returncode=record.returncode, log_tail=log_tail(record.log_path))
+                           returncode=record.returncode,
+                           log_tail=log_tail(self.workspace.checked(record.log_path, "the run's log")))
         terminal = _progress_from(rows, status, since=record.started - 1.0, running=alive)
-        state = recipe_state(record.output_dir) if record.stage == RECIPE_STAGE else None
+        state = self.recipe_state(record.output_dir) if record.stage == RECIPE_STAGE else None
         current = state.current() if state is not None else None
         status.recipe_stage = current.stage if current is not None else None
         if alive:

@@ -19,7 +19,6 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from ira.data.corpus import METADATA
 from ira.models.style import StyleEncoder
 from ira.style_search import (DEFAULT_MAX_CLIPS, Neighbour, Progress, StyleIndex, compare, index_key,
                               nearest, style_index, style_map)
@@ -66,11 +65,7 @@ def checkpoint_path(ws: Workspace, rel: Optional[str]) -> Path:
 def corpus_path(ws: Workspace, name: Optional[str]) -> Path:
     if not name or not str(name).strip():
         raise ValueError("choose a corpus to search (build one in the Data tab, then press ↻ Refresh)")
-    corpus = ws.corpus_dir(name)
-    if not (corpus / METADATA).is_file():
-        raise ValueError(f"there is no corpus '{name}' in {ws.relative(ws.data_dir)}/ (no {METADATA}); "
-                         "build it in the Data tab")
-    return corpus
+    return ws.existing_corpus(name)   # its metadata.csv and wavs stay inside the workspace
 
 
 def check_description(text: Optional[str], what: str = "the voice description") -> str:

@@ -24,9 +24,9 @@ from ira.checkpoint import CheckpointError, checkpoint_figure, latest_path, read
 from ira.eval.card import SPEAKING_STAGES, Card, CardError, read_card, wav_path
 from ira.training.recipe import BUDGET_SHARES, DEFAULT_MINUTES, STAGE_NAMES, STATE_FILE, RecipeState
 from ui.data_tab import guarded
-from ui.runner import (RECIPE_STAGE, JobError, JobRecord, JobRunner, JobStatus, format_eta, recipe_command,
-                       recipe_state, shell_quote, train_command)
-from ui.workspace import Workspace
+from ui.runner import (JOB_FILE, RECIPE_STAGE, JobError, JobRecord, JobRunner, JobStatus, format_eta,
+                       recipe_command, shell_quote, train_command)
+from ui.workspace import Workspace, WorkspaceError, check_name
 
 
 ALL_STAGES = (("Voice style encoder", "style"), ("1 · SpeechLM pre-training", "1"),
@@ -84,9 +84,7 @@ def recipe_overrides(ws: Workspace, corpus: str, run: str, base: list[str]) -> l
     other number is the preset's, per stage."""
     if not corpus:
         raise ValueError("choose a corpus (build one in the Data tab first)")
-    corpus_dir = ws.corpus_dir(corpus)
-    if not (corpus_dir / "metadata.csv").is_file():
-        raise ValueError(f"corpus '{corpus}' is not in {ws.data_dir}; build it in the Data tab")
+    corpus_dir = ws.existing_corpus(corpus)
     return [*base, f"data.dir={json.dumps(str(corpus_dir))}",
             f"training.output_dir={json.dumps(str(ws.run_dir(run)))}"]
 
@@ -102,6 +100,17 @@ def recipe_minutes(value: Optional[float]) -> float:
 STARTS_FROM = {"1": ("style", "1"), "2": ("1", "2", "3"), "3": ("2", "3")}
 """The checkpoints a run of a stage can start from: what `ira train --resume_checkpoint` accepts (the previous
 stage's, or the same stage's to continue it), checked before launching."""
+
+
+def check_job_paths(ws: Workspace, run_name: str, cfg: IRAConfig) -> None:
+    """What a job will read and write stays inside the workspace: its corpus (`data.dir`, which a stage prepares
+    first), its run folder (log, job record, the checkpoint Resume continues from) and its output folder
+    (`training.output_dir`, the same unless a job record says otherwise: metrics, checkpoints, samples); a link
+    out of the workspace in any of them is refused before the job starts, and named."""
+    corpus = Path(cfg.data.dir)
+    ws.check_folder(corpus, f"corpus '{corpus.name}'")
+    ws.check_folder(ws.run_dir(run_name), f"run '{run_name}'")
+    ws.check_folder(cfg.training.output_dir, f"the output folder of run '{run_name}' (training.output_dir)")
 
 
 def check_before_launch(ws: Workspace, stage: str, corpus: str, batch_size: float, start_checkpoint: Optional[Path]
@@ -164,8 +173,9 @@ class RunSettings:
 def run_settings(ws: Workspace, run_name: str) -> Optional[RunSettings]:
     """The settings run `run_name` was started with, read from `runs/<name>/job.json`; None without a record."""
     try:
+        ws.checked(ws.run_dir(run_name) / JOB_FILE, "the job record")
         record = JobRecord.load(ws.run_dir(run_name))
-    except (JobError, ValueError):
+    except (JobError, ValueError):   # a WorkspaceError too: a job.json linked from outside is not read
         return None
     if record is None or "--config" not in record.command:
         return None
@@ -174,9 +184,11 @@ def run_settings(ws: Workspace, run_name: str) -> Optional[RunSettings]:
     sets = [command[i + 1] for i, arg in enumerate(command[:-1]) if arg == "--set"]
     start = command[command.index("--resume_checkpoint") + 1] if "--resume_checkpoint" in command else None
     try:
+        if preset not in PRESETS:   # a config file (the app records preset names): read only inside the workspace
+            ws.checked(preset, "the run's config file")
         cfg = load_config(preset, sets)
         minutes = float(command[command.index("--minutes") + 1]) if "--minutes" in command else None
-    except (ConfigError, ValueError, IndexError):
+    except (ConfigError, ValueError, IndexError):   # a WorkspaceError too
         return None
     epochs, steps, batch, lr = form_defaults(cfg, record.stage)
     data_dir = Path(cfg.data.dir)
@@ -318,7 +330,7 @@ def recipe_progress_markdown(state: Optional[RecipeState], status: Optional[JobS
             parts.append(f"`{relative(record.checkpoint)}`")
             try:
                 figure = checkpoint_figure(read_metadata(resolve(record.checkpoint)))
-            except CheckpointError:   # moved or deleted since: the line says what it can
+            except (CheckpointError, WorkspaceError):   # moved, deleted or linked outside: the line says what it can
                 figure = ""
             if figure:
                 parts.append(figure)
@@ -354,7 +366,11 @@ def stage_cards(state: Optional[RecipeState], resolve: Callable[[str], Path] = P
             cards.append(StageCard(record.stage, None, None, "no card yet: it is made right after the stage "
                                                              "(Resume makes a missing one)"))
         else:
-            path = resolve(record.card)
+            try:
+                path = resolve(record.card)
+            except WorkspaceError as exc:   # a card outside the workspace is not read
+                cards.append(StageCard(record.stage, None, None, str(exc)))
+                continue
             try:
                 cards.append(StageCard(record.stage, path, read_card(path)))
             except CardError as exc:
@@ -520,6 +536,7 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
             cfg_overrides = recipe_overrides(ws, corpus_name, run_name, overrides)
         minutes = recipe_minutes(minutes)
         cfg = load_config(preset_value, cfg_overrides)   # a bad value is a clear error now, not in the log
+        check_job_paths(ws, run_name, cfg)
         if not resume_run:
             if state_path.is_file():
                 raise ValueError(f"run '{run_name}' already holds a full recipe: press Resume to continue it where "
@@ -551,7 +568,7 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         else:
             cfg_overrides = training_overrides(ws, stage_value, corpus_name, run_name, n_epochs, steps, batch, lr,
                                                overrides)
-        load_config(preset_value, cfg_overrides)   # a bad value is a clear error now, not in the log
+        check_job_paths(ws, run_name, load_config(preset_value, cfg_overrides))   # bad values: clear errors now
         latest = latest_path(run_dir, stage_value)
         init = None
         if resume_run:
@@ -592,10 +609,11 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
     def on_stop(run_name: str) -> str:
         try:
             status = runner.stop(run_name)
+            state = runner.recipe_state(ws.run_dir(run_name))
         except (JobError, ValueError) as exc:
             raise gr.Error(str(exc), title="Stop", print_exception=False) from exc
         gr.Info(f"Stop requested: run '{run_name}' finishes its step, writes a checkpoint and exits.")
-        return with_recipe_progress(status, recipe_state(ws.run_dir(run_name)))
+        return with_recipe_progress(status, state)
 
     def with_recipe_progress(status: JobStatus, state: Optional[RecipeState]) -> str:
         """The status, and below it one line per stage when the run is a full recipe (`state`)."""
@@ -606,25 +624,30 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
     def workspace_path(path: str) -> str:
         """A recipe.json path as the workspace shows it (a relative one is relative to the job's folder, the
         workspace root)."""
-        return ws.relative(job_path(path))
+        return ws.relative(ws.root / path)
 
     def job_path(path: str) -> Path:
-        """A path recorded by a job (recipe.json) to open: a relative one is relative to the workspace root."""
-        return Path(path) if Path(path).is_absolute() else ws.root / path
+        """A path recorded by a job (recipe.json) to open (a relative one is relative to the workspace root),
+        checked to be inside the workspace: else a WorkspaceError naming it."""
+        return ws.checked(path, "the recipe's file")
 
     def on_tick(run_name: str, metric_name: Optional[str], seen: Any) -> tuple:
         try:
-            ws.run_dir(run_name)
-        except ValueError:
+            check_name(run_name, "run name")
+        except ValueError:   # half-typed: nothing to show yet
             return (gr.skip(),) * len(tick_outputs)
-        status = runner.status(run_name)
-        rows = runner.metrics(run_name)
-        state = recipe_state(ws.run_dir(run_name))   # read once a tick: the progress lines and the cards
+        try:
+            ws.run_dir(run_name)   # a run folder linked from outside the workspace is refused, and named
+            status = runner.status(run_name)
+            rows = runner.metrics(run_name)
+            state = runner.recipe_state(run_name)   # read once a tick: the progress lines and the cards
+        except (JobError, WorkspaceError) as exc:   # a job.json, log or metrics file linked from outside: not read
+            return unreadable_run(run_name, exc, seen)
         text = with_recipe_progress(status, state)
         cards = stage_cards(state, resolve=job_path)
         cards_text = cards_markdown(cards, relative=workspace_path)
-        inside = [s for s in status.samples if _inside(ws, s)]
-        card_choices = [(label, path) for label, path in card_audio_choices(cards) if _inside(ws, path)]
+        inside = [s for s in status.samples if ws.inside(s)]
+        card_choices = [(label, path) for label, path in card_audio_choices(cards) if ws.inside(path)]
         key = [run_name, metric_name, len(rows), text, status.log_tail[-2000:], cards_text, [inside, card_choices]]
         if key == seen:
             return (gr.skip(),) * len(tick_outputs)
@@ -648,8 +671,18 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
                 last_lines(status.log_tail, LOG_LINES), sample_update, replies_update, cards_text, key, gr.skip(),
                 gr.skip())
 
+    def unreadable_run(run_name: str, problem: Exception, seen: Any) -> tuple:
+        """The tick's outputs for a run the app cannot read: the reason in the status, nothing else shown."""
+        text = f"### Run `{run_name}`\n\n{problem}"
+        key = [run_name, text]
+        if key == seen:
+            return (gr.skip(),) * len(tick_outputs)
+        return (text, None, gr.Dropdown(choices=[], value=None), gr.LinePlot(value=None), "",
+                gr.Dropdown(choices=[], value=None), gr.Dataframe(value=None, visible=False), "", key, gr.skip(),
+                gr.skip())
+
     def on_sample(path: Optional[str]) -> Optional[str]:
-        return path if path and _inside(ws, path) and Path(path).is_file() else None
+        return path if path and ws.inside(path) and Path(path).is_file() else None
 
     def on_load(stage_value: str, run_name: str) -> tuple:
         """A page load re-attaches to the running job, else shows the run started last, with the settings
@@ -739,10 +772,3 @@ def replies_table(path: str, limit: int = 20) -> Optional[pd.DataFrame]:
             table[column] = table[column].round(3)
     return table
 
-
-def _inside(ws: Workspace, path: str) -> bool:
-    try:
-        ws.resolve(path)
-    except ValueError:
-        return False
-    return True

@@ -3,15 +3,22 @@
     workspace/data/<name>/    corpora (docs/data_layout.md)
     workspace/runs/<name>/    training runs: checkpoints, metrics.jsonl, train.log, job.json
     workspace/runs/<name>/<stage folder>/    a full recipe's stages (style/, stage1/, ...; recipe.json above)
+    workspace/generated/      the Generate tab's speech
+    workspace/gradio_cache/   Gradio's files: uploads and recordings, and the copies of the files it serves
 
 Every path a user types goes through :meth:`Workspace.resolve`, which refuses anything that lands
 outside the workspace once `..` and symlinks are resolved, so a shared demo link cannot be used to
-read or overwrite other files on the machine.
+read or overwrite other files on the machine. The paths the app finds itself (a corpus's metadata.csv
+and wavs, a run's checkpoints, logs, samples and cards, the paths a job recorded) go through
+:meth:`Workspace.checked` and :meth:`Workspace.check_folder`: a link that leaves the workspace is refused
+and named, one that stays inside is followed. This module is the one place that decides.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
@@ -22,11 +29,48 @@ from ira.training.recipe import STATE_FILE as RECIPE_STATE
 
 DATA = "data"
 RUNS = "runs"
+GRADIO_FILES = "gradio_cache"
+GRADIO_TEMP_DIR = "GRADIO_TEMP_DIR"
+"""The variable Gradio 6 reads for the folder of its uploads and of the copies of the files it serves
+(`gradio.utils.get_upload_folder`; without it, `<system temp>/gradio`)."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SHOWN_LINKS = 5
+"""How many links out of the workspace an error names (the first ones found)."""
 
 
 class WorkspaceError(ValueError):
     """A path or name the UI refuses; the message says what is allowed."""
+
+
+def real_path(path: str | Path) -> Path | None:
+    """Where `path` really is (every link followed, `..` collapsed); None for a link loop."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):   # RuntimeError: pathlib's "Symlink loop" (Python < 3.13)
+        return None
+
+
+def is_inside(root: Path, path: str | Path) -> bool:
+    """True when `path`, once every link is followed, lies in the folder `root` (itself resolved)."""
+    real = real_path(path)
+    return real is not None and real.is_relative_to(root)
+
+
+def gradio_folder(root: str | Path) -> Path:
+    """Where Gradio's files go for the workspace folder `root` (made or not)."""
+    return Path(root).expanduser().resolve() / GRADIO_FILES
+
+
+def keep_gradio_files_in(ws: "Workspace") -> Path:
+    """Make Gradio write its uploads, recordings and served copies in workspace/gradio_cache (created here).
+
+    Gradio reads the folder from GRADIO_TEMP_DIR when a component or its server is made (a few routes it never
+    serves here read it at `import gradio`: `python app.py` sets it before that import). The variable is the
+    process's, so one process serves one workspace: the last call wins."""
+    folder = ws.checked(ws.root / GRADIO_FILES, "Gradio's folder")
+    folder.mkdir(exist_ok=True)
+    os.environ[GRADIO_TEMP_DIR] = str(folder)
+    return folder
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -81,8 +125,94 @@ class Workspace:
             raise WorkspaceError(f"{text!r} does not exist (looked for {resolved})")
         return resolved
 
+    def _absolute(self, path: str | Path) -> Path:
+        """A relative path is the workspace's (as for a job, which runs in the workspace folder)."""
+        return self.root / Path(path).expanduser()   # an absolute path stays itself
+
+    def inside(self, path: str | Path) -> bool:
+        """True when `path` (links followed; a relative one: in the workspace) lies inside the workspace."""
+        return is_inside(self.root, self._absolute(path))
+
+    def shown(self, path: str | Path) -> str:
+        """`path` as the page names it: relative to the workspace as written (links not followed), so that a
+        link is named by its own name, not by where it leads."""
+        path = Path(path)
+        if path.is_absolute() and path.is_relative_to(self.root):
+            return str(path.relative_to(self.root))
+        return str(path)
+
+    def checked(self, path: str | Path, what: str = "file") -> Path:
+        """`path`, a file or folder the app found (listed in a folder, recorded by a job), resolved, after
+        checking that it stays inside the workspace. A link that leads outside is a WorkspaceError that names
+        it (`what` says what it is, e.g. "the run's log"). A relative path is the workspace's."""
+        real = real_path(self._absolute(path))
+        if real is None or not real.is_relative_to(self.root):
+            where = f"to {real}" if real is not None else "in a loop of links"
+            raise WorkspaceError(f"{what} {self.shown(path)} leads outside the workspace ({where}); the app only "
+                                 f"reads and writes files inside its workspace {self.root} and never follows a link "
+                                 "out of it: copy the file into the workspace instead of linking it")
+        return real
+
+    def links_leaving(self, folder: str | Path, limit: int = SHOWN_LINKS) -> list[tuple[Path, Path | None]]:
+        """(entry, where it leads; None for a loop) for the first `limit` entries under `folder`, the folder
+        itself included, that lead outside the workspace, in a breadth-first walk in name order (the folder's
+        own files, e.g. metadata.csv, before those of its subfolders). Links that stay inside are followed,
+        each real folder once; only links cost a resolve, so a folder of 20,000 wavs is one directory read."""
+        start = self._absolute(folder)
+        real = real_path(start)
+        if real is None or not real.is_relative_to(self.root):
+            return [(start, real)]
+        found: list[tuple[Path, Path | None]] = []
+        queue, seen = deque([(start, real)]), set()
+        while queue and len(found) < limit:
+            shown, real_dir = queue.popleft()
+            if real_dir in seen:
+                continue
+            seen.add(real_dir)
+            try:
+                entries = sorted(os.scandir(real_dir), key=lambda entry: entry.name)
+            except (NotADirectoryError, FileNotFoundError):
+                continue
+            for entry in entries:
+                here = shown / entry.name
+                if entry.is_symlink():
+                    target = real_path(entry.path)
+                    if target is None or not target.is_relative_to(self.root):
+                        found.append((here, target))
+                        if len(found) >= limit:
+                            break
+                    elif target.is_dir():
+                        queue.append((here, target))
+                elif entry.is_dir(follow_symlinks=False):
+                    queue.append((here, Path(entry.path)))
+        return found
+
+    def check_folder(self, folder: str | Path, what: str) -> Path:
+        """`folder` resolved, after checking that nothing under it leads outside the workspace (see
+        `links_leaving`); else a WorkspaceError naming the first such links and what to do."""
+        real = self.checked(folder, what)   # the folder itself: "... leads outside the workspace"
+        links = self.links_leaving(folder, SHOWN_LINKS + 1)
+        if links:
+            named = ", ".join(f"{self.shown(link)} (to {target})" if target is not None else
+                              f"{self.shown(link)} (a loop of links)" for link, target in links[:SHOWN_LINKS])
+            more = " and more" if len(links) > SHOWN_LINKS else ""
+            raise WorkspaceError(f"{what} holds links that lead outside the workspace: {named}{more}. The app only "
+                                 f"reads and writes files inside its workspace {self.root} and never follows a link "
+                                 "out of it: copy those files into the workspace instead of linking them, then try "
+                                 "again")
+        return real
+
     def corpus_dir(self, name: str) -> Path:
         return self.resolve(Path(DATA) / check_name(name, "corpus name"))
+
+    def existing_corpus(self, name: str) -> Path:
+        """workspace/data/<name> to read or prepare: it must hold a metadata.csv, and nothing in it may lead
+        outside the workspace (checked before any of its files is read or handed to the package)."""
+        corpus = self.corpus_dir(name)
+        if not (corpus / METADATA).is_file():
+            raise WorkspaceError(f"there is no corpus '{name}' in {self.relative(self.data_dir)}/ (no {METADATA}); "
+                                 "build it in the Data tab")
+        return self.check_folder(corpus, f"corpus '{name}'")
 
     def run_dir(self, name: str) -> Path:
         return self.resolve(Path(RUNS) / check_name(name, "run name"))
@@ -99,14 +229,11 @@ class Workspace:
         to another folder of the workspace is followed; one that points outside is not listed, since
         every use of it would be refused: `links_outside` names them)."""
         return sorted(p.name for p in self.data_dir.iterdir()
-                      if p.is_dir() and (p / METADATA).is_file() and _NAME.match(p.name) and self._inside(p))
+                      if p.is_dir() and (p / METADATA).is_file() and _NAME.match(p.name) and self.inside(p))
 
     def links_outside(self) -> list[str]:
         """Names under data/ that are links pointing outside the workspace (not listed, never followed)."""
-        return sorted(p.name for p in self.data_dir.iterdir() if p.is_symlink() and not self._inside(p))
-
-    def _inside(self, path: Path) -> bool:
-        return path.resolve().is_relative_to(self.root)
+        return sorted(p.name for p in self.data_dir.iterdir() if p.is_symlink() and not self.inside(p))
 
     def list_runs(self) -> list[str]:
         return sorted(p.name for p in self.runs_dir.iterdir() if p.is_dir() and _NAME.match(p.name))
@@ -133,11 +260,14 @@ class Workspace:
     def list_checkpoints(self) -> list[str]:
         """Every `*.safetensors` under runs/ (relative to the workspace), run by run (the run written to last
         first) and, within a run, its best, then its latest, then the others newest first: the checkpoint a
-        user wants is at the top, not after twenty step saves."""
-        # a full recipe's stages write to subfolders of its run (runs/<name>/stage1/...): listed as runs too
-        nested = [p for p in self.runs_dir.glob("*/*/*.safetensors") if (p.parent.parent / RECIPE_STATE).is_file()]
-        found = [p for p in [*self.runs_dir.glob("*/*.safetensors"), *nested]
-                 if not p.name.startswith(".") and ".tmp" not in p.name]
+        user wants is at the top, not after twenty step saves. A run folder or a checkpoint that links outside
+        the workspace is not listed (nor read)."""
+        found: list[Path] = []
+        for run in sorted(p for p in self.runs_dir.iterdir() if p.is_dir() and self.inside(p)):
+            # a full recipe's stages write to subfolders of its run (runs/<name>/stage1/...): listed as runs too
+            nested = run.glob("*/*.safetensors") if (run / RECIPE_STATE).is_file() else []
+            found += [p for p in [*run.glob("*.safetensors"), *nested]
+                      if not p.name.startswith(".") and ".tmp" not in p.name and self.inside(p)]
         mtime = {p: p.stat().st_mtime for p in found}
         run_time: dict[Path, float] = {}
         for p in found:
