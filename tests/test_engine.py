@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -374,17 +373,31 @@ def test_ddp_two_cpu_processes_shard_the_data_and_only_rank0_writes(tmp_path):
     assert start["num_processes"] == 2
 
 
+class FakeClock:
+    """A clock that moves only when told (the engine's time budget and throughput read it): no test waits
+    for, or depends on, the machine's real speed."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def test_throughput_counts_the_whole_log_window():
     """samples/s over a log window is samples / the window's training time, not the last step's."""
     from ira.training.engine import _Window
 
-    window = _Window()
-    window.t0 -= 10.0                       # the window has been open for 10 s of training
+    clock = FakeClock()
+    window = _Window(clock)
+    clock.advance(10.0)                     # the window has been open for 10 s of training
     for _ in range(10):
         window.add({"loss": torch.tensor(1.0), "samples": 4}, None)
     window.exclude(5.0)                     # 5 s of it went to validation and a checkpoint
-    elapsed = time.perf_counter() - window.t0
-    assert 4.9 < elapsed < 5.5 and window.samples == 40
+    assert window.seconds() == 5.0 and window.samples == 40
 
 
 # ---------------------------------------------------------------- best, early stop, retention, budget
@@ -484,21 +497,29 @@ def test_only_the_newest_epoch_checkpoints_are_kept(tmp_path):
 
 
 class _Slow(ToyTask):
+    """Each training step takes `seconds` of the trainer's (fake) clock."""
+
+    def __init__(self, cfg, clock: FakeClock, seconds: float, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.clock, self.seconds = clock, seconds
+
     def training_step(self, batch):
-        time.sleep(0.05)
+        if self.model.training:
+            self.clock.advance(self.seconds)
         return super().training_step(batch)
 
 
 def test_a_time_budget_ends_the_run_with_a_low_learning_rate(tmp_path):
-    cfg = toy_config(tmp_path, num_epochs=50, max_minutes=0.02, log_every=1)   # 1.2 s of 50 ms steps
-    start = time.perf_counter()
-    result = _fit(cfg, _Slow(cfg, with_val=False))
+    cfg = toy_config(tmp_path, num_epochs=50, max_minutes=0.02, log_every=1)   # 1.2 s: 400 steps by epochs
+    clock = FakeClock()
+    task = _Slow(cfg, clock, seconds=1 / 16, with_val=False)
+    result = Trainer(cfg, task, run_name="test", cpu=True, clock=clock).fit()
     assert result.status == "done" and "budget" in result.message
-    assert time.perf_counter() - start < 10 and 5 < result.step < 40
+    assert result.step == 20                           # the first step at which 1.2 s are spent: 20 x 1/16 s
     lrs = [r["lr"] for r in read_metrics(result.metrics_path) if r.get("split") == "train"]
     peak = max(lrs)
     assert lrs[-1] < 0.3 * peak                        # the cosine followed the clock, not the 400 steps
-    assert load_train_state(result.last_checkpoint)["elapsed_s"] >= 1.2
+    assert load_train_state(result.last_checkpoint)["elapsed_s"] == 1.25
 
 
 def test_the_budget_schedule_follows_whichever_is_further_along():

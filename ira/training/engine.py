@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import psutil
 import torch
@@ -48,6 +48,9 @@ from ira.training.stop import StopRequest, drop_stale_flags
 from ira.training.task import COUNT_KEYS, StageTask, batch_size
 
 Status = Literal["done", "stopped", "nan", "oom"]
+Clock = Callable[[], float]
+"""Seconds from an arbitrary start (time.perf_counter); the time budget and the throughput read it, so a
+test can hand the trainer a clock it moves itself."""
 TRAIN_STATE_VERSION = 1
 FP16_MAX_SKIPPED_STEPS = 25   # consecutive overflowing fp16 steps before we call it divergence
 BARRIER_TIMEOUT = timedelta(hours=2)  # other ranks wait while rank 0 validates and writes samples
@@ -203,14 +206,15 @@ class _Progress:
 class _Window:
     """Sums over the steps since the last log line (device tensors: no sync per micro-step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = time.perf_counter) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.micro = 0
         self.samples = 0.0
         self.frames = 0.0
         self.grad_norm = 0.0
         self.steps = 0
-        self.t0 = time.perf_counter()
+        self.clock = clock
+        self.t0 = clock()
 
     def add(self, out: dict[str, Any], batch: Any) -> None:
         for key, value in out.items():
@@ -230,12 +234,18 @@ class _Window:
         """Leave time that was not training (validation, checkpoints) out of the throughput."""
         self.t0 += seconds
 
+    def seconds(self) -> float:
+        """The window's training time so far (what the throughput divides by; never 0)."""
+        return max(self.clock() - self.t0, 1e-9)
+
 
 class Trainer:
     """Runs a `StageTask` (see ira.training.task) with the settings in `cfg.training`."""
 
-    def __init__(self, cfg: Any, task: StageTask, run_name: Optional[str] = None, *, cpu: bool = False):
-        """`cpu=True` forces the CPU even where a GPU is present (tests, debugging)."""
+    def __init__(self, cfg: Any, task: StageTask, run_name: Optional[str] = None, *, cpu: bool = False,
+                 clock: Clock = time.perf_counter):
+        """`cpu=True` forces the CPU even where a GPU is present (tests, debugging); `clock` is what the time
+        budget (training.max_minutes) and the throughput are measured by."""
         if not str(getattr(task, "stage", "")):
             raise ValueError(f"{type(task).__name__}.stage must be set ('1', '2', '3' or 'style')")
         self.cfg = cfg
@@ -243,6 +253,7 @@ class Trainer:
         self.stage = str(task.stage)
         self.run_name = run_name or f"stage{self.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.cpu = cpu
+        self.clock = clock
         self.output_dir = Path(cfg.training.output_dir)
         self.accelerator: Optional[Accelerator] = None
         self.progress = _Progress()
@@ -483,13 +494,13 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         bar = tqdm(total=self.total_steps, initial=p.step, disable=not acc.is_main_process,
                    desc=f"stage {self.stage}", unit="step", dynamic_ncols=True, mininterval=1.0)
-        self._t0 = time.perf_counter()
+        self._t0 = self.clock()
         # a fresh run only (nothing saved or restored yet): a resume, even from the step-0 save, has done it
         if p.step == 0 and p.last_saved_step < 0 and getattr(self.task, "validate_at_start", False):
             self._validate()        # the starting weights: the best to beat
             if p.best_pending:
                 self._save("best")
-        window = _Window()          # after that validation: the first throughput figure is of training alone
+        window = _Window(self.clock)   # after that validation: the first throughput figure is of training alone
         try:
             while True:
                 self.n_batches = self._epoch_len(p.epoch)
@@ -538,8 +549,8 @@ class Trainer:
 
                     if p.step % tc.log_every == 0 or p.step == 1 or finished:   # step 1: a curve from the start
                         self._log_train(window, lr, bar)
-                        window = _Window()
-                    paused = time.perf_counter()
+                        window = _Window(self.clock)
+                    paused = self.clock()
                     if (p.step % tc.eval_every == 0 and not stop_reason) or finished:
                         self._validate()
                         finished = finished or p.early_stop is not None
@@ -549,7 +560,7 @@ class Trainer:
                         self._save(reason)
                     if p.best_pending:
                         self._save("best")
-                    window.exclude(time.perf_counter() - paused)
+                    window.exclude(self.clock() - paused)
                     if stop_reason:
                         return self._stopped(stop_reason)
                     if finished:
@@ -689,7 +700,7 @@ class Trainer:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
         totals = packed.tolist()
         micro, samples, frames = totals[-3:]
-        elapsed = max(time.perf_counter() - window.t0, 1e-9)
+        elapsed = window.seconds()
         record: dict[str, Any] = {k: v / max(micro, 1) for k, v in zip(keys, totals)}
         record["lr"] = lr
         record["grad_norm"] = window.grad_norm / max(window.steps, 1)
@@ -751,7 +762,7 @@ class Trainer:
 
     def _elapsed(self) -> float:
         """Wall-clock seconds of this run so far, earlier runs it resumed included."""
-        return self.progress.elapsed_before + time.perf_counter() - self._t0
+        return self.progress.elapsed_before + self.clock() - self._t0
 
     def _out_of_time(self) -> bool:
         """Whether training.max_minutes is spent (decided on rank 0, so every rank ends at the same step)."""
