@@ -36,6 +36,18 @@ def test_generate_into_a_folder_is_refused_before_anything_loads(tmp_path, capsy
         save_audio(tmp_path, torch.zeros(100), 16000)
 
 
+def test_generate_from_non_finite_weights_is_an_error_naming_the_file(tmp_path, capsys):
+    """A diverged run's checkpoint (an older IRA saved such files) speaks nothing: exit 1, no wav, no traceback."""
+    from test_checkpoint import _save, poison
+
+    bad = poison(_save(tmp_path / "stage1_latest.safetensors"))
+    out = tmp_path / "speech.wav"
+    assert main(["generate", "--checkpoint", str(bad), "--text", "hello", "-o", str(out)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"error: {bad}: 2 tensor(s) hold NaN or infinite values" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("script, args", [
     ("eval_judge.py", ["--texts", "2"]),
     ("eval_style.py", []),
