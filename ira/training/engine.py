@@ -38,7 +38,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ira.checkpoint import (Checkpoint, CheckpointError, best_path, check_compatible, checkpoint_path, find_latest,
-                            latest_path, load_checkpoint, remove_stale_temporaries, require_stage)
+                            is_finite_checkpoint, latest_path, load_checkpoint, nonfinite_tensors,
+                            remove_stale_temporaries, require_stage, stage_checkpoints)
+from ira.config import TrainingConfig
 from ira.training.checkpoint import link_latest, load_train_state, prune_checkpoints, save_checkpoint
 from ira.training.metrics_log import MetricsLogger, memory_stats
 from ira.training.optim import build_adamw, param_groups
@@ -54,6 +56,14 @@ test can hand the trainer a clock it moves itself."""
 TRAIN_STATE_VERSION = 1
 FP16_MAX_SKIPPED_STEPS = 25   # consecutive overflowing fp16 steps before we call it divergence
 BARRIER_TIMEOUT = timedelta(hours=2)  # other ranks wait while rank 0 validates and writes samples
+
+
+class _NonFiniteWeights(Exception):
+    """Raised by `Trainer._save` instead of writing weights that hold NaN or inf; `_run` ends the run as diverged."""
+
+    def __init__(self, names: list[str]):
+        super().__init__(", ".join(names))
+        self.names = names
 
 
 class TrainingError(RuntimeError):
@@ -386,7 +396,10 @@ class Trainer:
                        f"raise training.max_steps or training.num_epochs to train further.")
             self.logger.event("done", step=p.step, message=message, checkpoint=p.last_checkpoint)
             return "done", message
-        return self._loop(rng_pending)
+        try:
+            return self._loop(rng_pending)
+        except _NonFiniteWeights as exc:
+            return self._weights_diverged(exc.names)
 
     def _trainable_modules(self) -> list[str]:
         owned: dict[int, str] = {}
@@ -614,26 +627,75 @@ class Trainer:
     # ------------------------------------------------------------------ outcomes
 
     def _diverged(self, what: str, step_loss: torch.Tensor, grad_norm: Any) -> tuple[Status, str]:
-        tc, p = self.cfg.training, self.progress
+        """The loss or the gradient of this step is NaN/inf: stop before the update."""
         self.optimizer.zero_grad(set_to_none=True)
-        accum = tc.grad_accum_steps
-        loss = float(step_loss) / accum
-        last = p.last_checkpoint or self._existing_latest()
-        keep = (f"The last good checkpoint is {last} (nothing was saved after the problem)."
-                if last else "No checkpoint had been saved yet.")
-        tips = [f"a lower training.learning_rate (e.g. {tc.learning_rate / 2:g})",
+        loss = float(step_loss) / self.cfg.training.grad_accum_steps
+        return self._stop_diverged(self.progress.step + 1,
+                                   f"the {what} is not finite (loss {loss:g}, grad norm {float(grad_norm):g})",
+                                   what=what, loss=loss, grad_norm=float(grad_norm))
+
+    def _weights_diverged(self, names: list[str]) -> tuple[Status, str]:
+        """An update left weights NaN/inf (a finite loss and gradient, too large a step): nothing was saved."""
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return self._stop_diverged(self.progress.step, f"{len(names)} weight tensor(s) are not finite after the "
+                                                       f"update ({shown}), so they were not saved",
+                                   what="weights", tensors=names[:20])
+
+    def _stop_diverged(self, step: int, problem: str, **event: Any) -> tuple[Status, str]:
+        """End the run as "nan": name the newest checkpoint whose weights are really finite, and what to change."""
+        tc, p = self.cfg.training, self.progress
+        last = self._last_good_checkpoint()
+        if last is not None:
+            keep, then = (f"The last good checkpoint (finite weights) is {last}; nothing was saved after the problem.",
+                          f"; then resume with --resume_checkpoint {last}.")
+        elif stage_checkpoints(self.output_dir, self.stage):
+            keep, then = (f"No checkpoint in {self.output_dir} has finite weights.",
+                          "; then start anew with another training.output_dir.")
+        else:
+            keep, then = "No checkpoint had been saved yet.", "; then start the run again."
+        tips = [f"a lower training.learning_rate (e.g. {self._lower_learning_rate():g}; now {tc.learning_rate:g})",
                 f"a longer training.warmup_steps (now {tc.warmup_steps})"]
         if self.precision != "no":
             tips.append(f"full fp32 with training.mixed_precision=no (now {self.precision})")
         tips.append(f"a smaller training.grad_clip (now {tc.grad_clip:g})")
-        message = (f"Training stopped at step {p.step + 1}: the {what} is not finite (loss {loss:g}, "
-                   f"grad norm {float(grad_norm):g}). {keep} Try {', '.join(tips)}"
-                   + (f"; then resume with --resume_checkpoint {last}." if last else "."))
-        self.logger.event("nan", step=p.step + 1, epoch=self._epoch_float(), what=what, loss=loss,
-                          grad_norm=float(grad_norm), last_checkpoint=last, message=message)
+        message = f"Training stopped at step {step}: {problem}. {keep} Try {', '.join(tips)}{then}"
+        self.logger.event("nan", step=step, epoch=self._epoch_float(), last_checkpoint=last, message=message, **event)
         self._say(message)
         p.last_checkpoint = last
         return "nan", message
+
+    def _lower_learning_rate(self) -> float:
+        """Half the learning rate that diverged, or the default where that is no real number."""
+        lr = self.cfg.training.learning_rate
+        return lr / 2 if math.isfinite(lr) and lr > 0 else TrainingConfig.learning_rate
+
+    def _last_good_checkpoint(self) -> Optional[Path]:
+        """The newest checkpoint of this stage whose weights are all finite: this run's last save (or the one it
+        resumed), else the folder's newest. Each is read again, not trusted: a checkpoint that an older IRA wrote
+        may hold the NaN it diverged with."""
+        candidates = [self.progress.last_checkpoint, latest_path(self.output_dir, self.stage),
+                      *stage_checkpoints(self.output_dir, self.stage)]
+        seen: set[Path] = set()
+        for candidate in candidates:
+            if candidate is None or Path(candidate) in seen:
+                continue
+            seen.add(Path(candidate))
+            if is_finite_checkpoint(candidate):
+                return Path(candidate)
+        return None
+
+    def _nonfinite_weights(self) -> list[str]:
+        """The module tensors that hold NaN or inf (every rank agrees: one all-reduce)."""
+        acc = self.accelerator
+        flat = {f"{name}.{key}": t.detach() for name, module in self.modules.items()
+                for key, t in module.state_dict().items()}
+        bad = nonfinite_tensors(flat)
+        if acc.num_processes > 1:
+            flag = torch.tensor(float(bool(bad)), device=acc.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if bool(flag) and not bad:
+                bad = ["(weights of another process)"]
+        return bad
 
     def _stopped(self, reason: str) -> tuple[Status, str]:
         p = self.progress
@@ -792,6 +854,9 @@ class Trainer:
                     link_latest(latest_path(self.output_dir, self.stage), best_path(self.output_dir, self.stage))
                 p.best_pending = False
             return
+        bad = self._nonfinite_weights()
+        if bad:
+            raise _NonFiniteWeights(bad)
         rng = capture_rng_state()
         rngs = gather_object([rng]) if acc.num_processes > 1 else [rng]
         path = (checkpoint_path(self.output_dir, self.stage, epoch=p.epoch) if reason == "epoch"
