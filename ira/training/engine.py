@@ -45,6 +45,7 @@ from ira.training.checkpoint import link_latest, load_train_state, prune_checkpo
 from ira.training.metrics_log import MetricsLogger, memory_stats
 from ira.training.optim import build_adamw, param_groups
 from ira.training.rng import capture_rng_state, restore_rng_state, rng_isolated
+from ira.training.run_folder import RunFolderError, RunFolderLock, claim_run_folder
 from ira.training.schedule import budget_lr_factor, warmup_cosine
 from ira.training.stop import StopRequest, drop_stale_flags
 from ira.training.task import COUNT_KEYS, StageTask, batch_size
@@ -283,7 +284,6 @@ class Trainer:
         t_start = time.time()
         tc = self.cfg.training
         self.progress, self.checkpoints_written, self.val_metrics = _Progress(), [], {}
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         dev = device_type(self.cpu)
         self.precision = resolve_mixed_precision(tc.mixed_precision, dev)
         acc = Accelerator(
@@ -301,6 +301,47 @@ class Trainer:
             ],
         )
         self.accelerator = acc
+        try:
+            lock = self._claim_output_dir(resume_from)
+            try:
+                status, message = self._fit_in_claimed_folder(resume_from, lock)
+            finally:
+                if lock is not None:
+                    lock.release()
+        finally:
+            self._release(acc)
+        return FitResult(status=status, message=message, step=self.progress.step,
+                         epoch=self._epoch_float(), last_checkpoint=self.progress.last_checkpoint,
+                         metrics_path=self.logger.path, checkpoints_written=list(self.checkpoints_written),
+                         val_metrics=dict(self.val_metrics), elapsed_s=round(time.time() - t_start, 3))
+
+    def _claim_output_dir(self, resume_from: Optional[str | Path]) -> Optional[RunFolderLock]:
+        """The main process locks training.output_dir and checks that this run writes over no other run's
+        checkpoints (ira.training.run_folder); every rank learns the outcome, so all refuse together."""
+        acc = self.accelerator
+        lock: Optional[RunFolderLock] = None
+        refused: Optional[RunFolderError] = None
+        if acc.is_main_process:
+            resuming = latest_path(self.output_dir, self.stage) if str(resume_from) == "latest" else resume_from
+            try:
+                lock = claim_run_folder(self.output_dir, self.stage, resuming)
+            except RunFolderError as exc:
+                refused = exc
+        if acc.num_processes > 1:
+            flag = torch.tensor(float(refused is not None), device=acc.device)
+            dist.broadcast(flag, src=0)
+            if bool(flag) and refused is None:
+                refused = RunFolderError(f"the main process refused training.output_dir={self.output_dir} "
+                                         f"(its error says why)")
+        if refused is not None:
+            raise refused
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        return lock
+
+    def _fit_in_claimed_folder(self, resume_from: Optional[str | Path],
+                               lock: Optional[RunFolderLock]) -> tuple[Status, str]:
+        """The run itself, once its folder is its own: metrics, stop requests, the loop, the OOM guard."""
+        acc, tc = self.accelerator, self.cfg.training
         self.logger = MetricsLogger(
             self.output_dir, self.stage, enabled=acc.is_main_process,
             tensorboard_dir=(self.output_dir / "tensorboard" / self.run_name) if tc.tensorboard else None)
@@ -309,30 +350,27 @@ class Trainer:
                              also=[tc.stop_file] if tc.stop_file else ()) as stop:
                 self.stop = stop
                 if acc.is_main_process:
+                    self._note_stale_lock(lock)
                     self._drop_stale_stop_file()
                     self._drop_stale_temporaries()
                 try:
-                    status, message = self._run(resume_from)
+                    return self._run(resume_from)
                 except Exception as exc:
                     if not is_oom_error(exc):
                         raise
-                    status, message = "oom", self._oom_message(exc)
+                    message = self._oom_message(exc)
                     del exc
                     self._free_after_oom()
                     self.logger.event("oom", step=self.progress.step, message=message,
                                       last_checkpoint=self.progress.last_checkpoint)
                     self._say(message)
+                    return "oom", message
         except BaseException as exc:
             self.logger.event("error", step=self.progress.step,
                               message=f"{type(exc).__name__}: {exc}")
             raise
         finally:
             self.logger.close()
-            self._release(acc)
-        return FitResult(status=status, message=message, step=self.progress.step,
-                         epoch=self._epoch_float(), last_checkpoint=self.progress.last_checkpoint,
-                         metrics_path=self.logger.path, checkpoints_written=list(self.checkpoints_written),
-                         val_metrics=dict(self.val_metrics), elapsed_s=round(time.time() - t_start, 3))
 
     # ------------------------------------------------------------------ setup
 
@@ -914,6 +952,12 @@ class Trainer:
     def _existing_latest(self) -> Optional[Path]:
         latest = latest_path(self.output_dir, self.stage)
         return latest if latest.is_file() else None
+
+    def _note_stale_lock(self, lock: Optional[RunFolderLock]) -> None:
+        """Say so when the folder's lock was left by a run that ended without releasing it (killed)."""
+        if lock is not None and lock.stale_pid is not None:
+            self.logger.event("warning", message=f"took over {lock.path}, left by process {lock.stale_pid}, which "
+                                                 f"ended without releasing it (killed?)")
 
     def _drop_stale_stop_file(self) -> None:
         """A STOP file older than this process was left by an earlier run: it is not for us."""
