@@ -162,9 +162,23 @@ def _out_of_space_message(path: Path, expected_bytes: Optional[int]) -> str:
     free = shutil.disk_usage(path.parent).free
     needed = f"about {expected_bytes / 1e6:.1f} MB" if expected_bytes else "more space"
     return (f"the disk holding {path.parent} is full (or a file-size limit was hit): writing {path.name} needed "
-            f"{needed} and {free / 1e6:.1f} MB are free. Nothing was lost: the previous checkpoint is intact. "
-            f"Free some space (old stage*_step* checkpoints can go; training.keep_step_checkpoints keeps fewer) "
-            f"or set training.output_dir to a disk with room, then resume.")
+            f"{needed} and {free / 1e6:.1f} MB are free. {_what_is_kept(path)}")
+
+
+def _what_is_kept(path: Path) -> str:
+    """After a refused write of `path`: what the folder still holds, truly (the earlier checkpoints of its stage,
+    the file's own previous content, or nothing at all), and what to do."""
+    room = ("Free some space (old stage*_step* checkpoints can go; training.keep_step_checkpoints keeps fewer) or set "
+            "training.output_dir to a disk with room")
+    stage = re.match(r"stage([A-Za-z0-9]+)_", path.name)
+    kept = stage_checkpoints(path.parent, stage.group(1)) if stage else []
+    if kept:
+        return (f"Nothing was lost: the checkpoints saved before are intact (the newest: {kept[0]}). {room}, then "
+                f"resume from it.")
+    if path.exists():
+        return f"Nothing was lost: {path} keeps its previous content. {room}."
+    return (f"No checkpoint had been saved in {path.parent} yet, so there is none to resume from. {room}, then "
+            f"start the run again.")
 
 
 def tensor_bytes(obj: Any) -> int:
