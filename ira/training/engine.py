@@ -7,9 +7,9 @@ What it does, so the stages do not have to: device placement, mixed precision, D
 under `torchrun` / `accelerate launch`), gradient accumulation and clipping, AdamW with weight
 decay on matrices only, warm-up + cosine learning rate, validation every `eval_every` optimizer
 steps and at the end, checkpoints every `save_every` steps, at each epoch end and at the end,
-exact resume (weights, optimizer, schedule, RNG, position in the epoch), a NaN/inf guard, an
-out-of-memory guard, stop requests (Ctrl-C, SIGTERM, `<output_dir>/STOP`), metrics.jsonl and a
-progress bar. See `ira.training.task` for the contract a stage implements.
+exact resume (weights, optimizer, schedule, RNG, position in the epoch), a NaN/inf guard (no checkpoint
+with non-finite weights is ever written), an out-of-memory guard, stop requests (Ctrl-C, SIGTERM,
+`<output_dir>/STOP`), one run per output folder (its lock), metrics.jsonl and a progress bar. See `ira.training.task` for the contract a stage implements.
 """
 
 from __future__ import annotations
@@ -280,6 +280,10 @@ class Trainer:
         `resume_from`: a checkpoint of this stage written by this trainer (with its
         .train_state.pt side file), or "latest" for `<output_dir>/stage{stage}_latest.safetensors`;
         the run continues exactly where it was saved.
+
+        The run holds `output_dir` until it returns or raises: RunFolderError (nothing written) when another run
+        holds it, when it is a file, or when a fresh run would write over the checkpoints of an earlier run of
+        this stage there (ira.training.run_folder).
         """
         t_start = time.time()
         tc = self.cfg.training
