@@ -7,6 +7,7 @@ codec's sample rate" in the code base.
 from __future__ import annotations
 
 import os
+import stat
 from functools import lru_cache
 from pathlib import Path
 
@@ -106,11 +107,38 @@ def trim_silence(wav: torch.Tensor, sr: int, top_db: float = 40.0, pad_ms: float
 
 
 def check_output_file(path: str | Path) -> Path:
-    """A path audio may be written to (checked before minutes of generation, not after)."""
+    """A path audio may be written to: a new name, or a regular file that the write replaces (checked before
+    minutes of generation, and again when writing).
+
+    Anything else is refused. The write renames a finished temporary file over the path, so it would replace
+    the path itself: a symbolic link (not what it points to), a named pipe, a device node (as root, `-o
+    /dev/full` replaced the device) or a socket.
+    """
     path = Path(path)
-    if path.is_dir():
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return path
+    if stat.S_ISREG(mode):
+        return path
+    if stat.S_ISDIR(mode):
         raise AudioError(f"{path} is a folder; give the file to write, e.g. {path / 'speech.wav'}")
-    return path
+    if stat.S_ISLNK(mode):
+        raise AudioError(f"{path} is a symbolic link (to {os.readlink(path)}); audio is written only to a regular "
+                         f"file or a new name: give the file it points to, or another name")
+    raise AudioError(f"{path} is {_file_kind(mode)}, not a regular file; audio is written only to a regular file or "
+                     f"a new name (the write replaces what is there): give another name, e.g. "
+                     f"{Path.cwd() / 'speech.wav'}")
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
 
 
 def save_audio(path: str | Path, wav: torch.Tensor | np.ndarray, sample_rate: int) -> Path:

@@ -77,6 +77,29 @@ def train_state_path(path: str | Path) -> Path:
     return path.with_name(stem + TRAIN_STATE_SUFFIX)
 
 
+def stage_checkpoints(output_dir: str | Path, stage: str) -> list[Path]:
+    """Every checkpoint of `stage` in `output_dir` (`stage{stage}_*.safetensors`: step, epoch, latest, best),
+    newest first by the step in its header (temporary files are never considered)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob(f"stage{stage}_*{SUFFIX}") if p.is_file()]
+    return sorted(found, key=_recency, reverse=True)
+
+
+def _recency(path: Path) -> tuple[int, float]:
+    """(step in the header, modification time): unreadable headers sort as oldest."""
+    try:
+        step = int(read_metadata(path).get("step", -1))
+    except (CheckpointError, ValueError):
+        step = -1
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        mtime = 0.0
+    return step, mtime
+
+
 def find_latest(output_dir: str | Path, stage: str) -> Optional[Path]:
     """`stage{stage}_latest.safetensors` if it exists (temporary files are never considered)."""
     path = latest_path(output_dir, stage)
@@ -139,9 +162,23 @@ def _out_of_space_message(path: Path, expected_bytes: Optional[int]) -> str:
     free = shutil.disk_usage(path.parent).free
     needed = f"about {expected_bytes / 1e6:.1f} MB" if expected_bytes else "more space"
     return (f"the disk holding {path.parent} is full (or a file-size limit was hit): writing {path.name} needed "
-            f"{needed} and {free / 1e6:.1f} MB are free. Nothing was lost: the previous checkpoint is intact. "
-            f"Free some space (old stage*_step* checkpoints can go; training.keep_step_checkpoints keeps fewer) "
-            f"or set training.output_dir to a disk with room, then resume.")
+            f"{needed} and {free / 1e6:.1f} MB are free. {_what_is_kept(path)}")
+
+
+def _what_is_kept(path: Path) -> str:
+    """After a refused write of `path`: what the folder still holds, truly (the earlier checkpoints of its stage,
+    the file's own previous content, or nothing at all), and what to do."""
+    room = ("Free some space (old stage*_step* checkpoints can go; training.keep_step_checkpoints keeps fewer) or set "
+            "training.output_dir to a disk with room")
+    stage = re.match(r"stage([A-Za-z0-9]+)_", path.name)
+    kept = stage_checkpoints(path.parent, stage.group(1)) if stage else []
+    if kept:
+        return (f"Nothing was lost: the checkpoints saved before are intact (the newest: {kept[0]}). {room}, then "
+                f"resume from it.")
+    if path.exists():
+        return f"Nothing was lost: {path} keeps its previous content. {room}."
+    return (f"No checkpoint had been saved in {path.parent} yet, so there is none to resume from. {room}, then "
+            f"start the run again.")
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -197,6 +234,35 @@ def _saveable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN or an infinity (one flag per tensor, read once)."""
+    names = [name for name, t in tensors.items() if t.is_floating_point() and t.numel()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(tensors[name]).all() for name in names]).tolist()
+    return [name for name, ok in zip(names, finite) if not ok]
+
+
+def _nonfinite_summary(names: list[str], n: int = 5) -> str:
+    """"3 tensors hold NaN or infinite values (speech_lm.head.weight, ...)"."""
+    shown = ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+    return f"{len(names)} tensor(s) hold NaN or infinite values ({shown})"
+
+
+def refuse_nonfinite(path: str | Path, modules: Mapping[str, ModuleOrState]) -> None:
+    """Raise CheckpointError, before anything is written, when a module's weights hold NaN or inf."""
+    _refuse_nonfinite(Path(path), {f"{name}.{key}": value for name, obj in modules.items()
+                                   for key, value in _module_state(obj).items()})
+
+
+def _refuse_nonfinite(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: {_nonfinite_summary(bad)}. Weights that are not finite "
+                              f"cannot speak or be trained further; the training diverged before this save "
+                              f"(lower the learning rate, then resume from an earlier checkpoint)")
+
+
 def new_checkpoint_id() -> str:
     """The id that ties a checkpoint to its side file (and tells two saves apart)."""
     return uuid.uuid4().hex
@@ -236,6 +302,7 @@ def save_checkpoint(path: str | Path, modules: Mapping[str, ModuleOrState], *, s
                                   f"the tensor names, e.g. speech_lm.)")
         for key, value in _module_state(obj).items():
             tensors[f"{name}.{key}"] = value
+    _refuse_nonfinite(path, tensors)
     config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     from ira import __version__
 
@@ -422,15 +489,36 @@ def _check_path(path: Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load every tensor of an IRA checkpoint, grouped by module. Errors are CheckpointError."""
+    """Load every tensor of an IRA checkpoint, grouped by module. Errors are CheckpointError: among them a
+    checkpoint whose weights hold NaN or infinite values (a diverged run's), which nothing can use."""
     path = Path(path)
     meta = read_metadata(path)
+    flat = _read_tensors(path, device)
+    bad = nonfinite_tensors(flat)
+    if bad:
+        raise CheckpointError(f"{path}: {_nonfinite_summary(bad)}: it was saved by a run whose weights had diverged, "
+                              f"so it can neither speak nor resume. Use an earlier checkpoint of that run "
+                              f"({_available(path.parent)}).")
     tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in checkpoint_modules(meta)}
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        for key in f.keys():
-            module, _, rest = key.partition(".")
-            tensors.setdefault(module, {})[rest] = f.get_tensor(key)
+    for key, tensor in flat.items():
+        module, _, rest = key.partition(".")
+        tensors.setdefault(module, {})[rest] = tensor
     return Checkpoint(path=path, tensors=tensors, metadata=dict(meta))
+
+
+def _read_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+def is_finite_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a readable IRA checkpoint whose weights are all finite (a good one to go back to)."""
+    try:
+        path = Path(path)
+        read_metadata(path)
+        return not nonfinite_tensors(_read_tensors(path))
+    except Exception:  # noqa: BLE001 - CheckpointError, OSError, safetensors' own errors: not a good one either way
+        return False
 
 
 def as_checkpoint(checkpoint: "Checkpoint | str | Path") -> Checkpoint:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -159,6 +160,7 @@ def run_training(stage: str, cfg: IRAConfig, resume_from: str | None = None, in_
     it, unless it runs `in_recipe` (the recipe says that: the same recipe command again)."""
     import importlib
 
+    check_run_folder_first(stage, cfg, resume_from)
     module_name, function_name = TRAIN_STAGES[stage].split(":")
     run = getattr(importlib.import_module(module_name), function_name)
     result = run(cfg, resume_from=resume_from)
@@ -169,6 +171,23 @@ def run_training(stage: str, cfg: IRAConfig, resume_from: str | None = None, in_
         print(f"checkpoint: {result.last_checkpoint}")
     print(f"metrics: {result.metrics_path}")
     return {"done": EXIT_OK, "stopped": EXIT_STOPPED}.get(result.status, EXIT_FAILED)
+
+
+def check_run_folder_first(stage: str, cfg: IRAConfig, resume_from: str | None) -> None:
+    """Refuse at once what the trainer would refuse only after loading the data and the models (minutes for
+    stage 2): training.output_dir naming a file, a folder another run holds, a fresh run over an earlier run's
+    checkpoints (ira/training/run_folder.py). The trainer checks again under its lock."""
+    from ira.checkpoint import CheckpointError, read_metadata
+    from ira.training.run_folder import check_fresh_run, check_not_held, check_output_dir
+
+    folder = check_output_dir(cfg.training.output_dir)
+    if os.environ.get("WORLD_SIZE", "1") == "1":   # under torchrun, rank 0 may hold it already: the trainer decides
+        check_not_held(folder)
+    try:   # a checkpoint of this stage continues its run; one of another stage starts this one afresh
+        continues = resume_from is not None and read_metadata(resume_from).get("stage") == str(stage)
+    except CheckpointError:
+        return   # the stage reports the bad checkpoint itself
+    check_fresh_run(folder, stage, resume_from if continues else None)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

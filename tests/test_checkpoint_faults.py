@@ -27,13 +27,9 @@ def _save(path: Path, value: float, train_state: dict | None = None) -> Path:
                            train_state=train_state)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="RLIMIT_FSIZE on Linux")
-@pytest.mark.parametrize("with_side_file", [True, False], ids=["torch.save side file", "safetensors file"])
-def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path, with_side_file):
-    """The file system refuses the bytes (here a file-size limit, the same refusal as a full disk): the
-    error names the folder and the size needed, never "[enforce fail at inline_container.cc] unexpected pos"."""
-    latest = tmp_path / "stage1_latest.safetensors"
-    _save(latest, 1.0, train_state={"optimizer": {"m": torch.zeros(4)}})
+def _save_over_a_file_size_limit(path: Path, with_side_file: bool) -> str:
+    """Save a ~1 MB checkpoint to `path` in a child process whose file-size limit is 100 kB (the file system
+    refuses the bytes as a full disk does); returns the CheckpointError's message."""
     code = textwrap.dedent(f"""
         import resource, signal, sys
         import torch
@@ -44,7 +40,7 @@ def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path, with_si
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
         state = {{"optimizer": {{"m": torch.zeros(512, 512)}}}} if {with_side_file} else None
         try:
-            save_checkpoint({str(latest)!r}, {{"speech_lm": big}}, stage="1", epoch=0, step=2, config={{}},
+            save_checkpoint({str(path)!r}, {{"speech_lm": big}}, stage="1", epoch=0, step=2, config={{}},
                             train_state=state)
         except CheckpointError as exc:
             print(exc)
@@ -52,7 +48,21 @@ def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path, with_si
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 3, out.stderr[-2000:]
-    message = out.stdout
+    return out.stdout
+
+
+FILE_SIZE_LIMIT = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="RLIMIT_FSIZE on Linux")
+
+
+@FILE_SIZE_LIMIT
+@pytest.mark.parametrize("with_side_file", [True, False], ids=["torch.save side file", "safetensors file"])
+def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path, with_side_file):
+    """The file system refuses the bytes (here a file-size limit, the same refusal as a full disk): the
+    error names the folder and the size needed, never "[enforce fail at inline_container.cc] unexpected pos"."""
+    latest = tmp_path / "stage1_latest.safetensors"
+    _save(latest, 1.0, train_state={"optimizer": {"m": torch.zeros(4)}})
+    message = _save_over_a_file_size_limit(tmp_path / "stage1_step2.safetensors", with_side_file)
+    assert f"the checkpoints saved before are intact (the newest: {latest})" in message and "then resume" in message
     assert "is full" in message and str(tmp_path) in message and "MB" in message
     assert "about 1.0 MB" in message or "about 1.1 MB" in message
     assert "enforce fail" not in message
@@ -60,6 +70,16 @@ def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path, with_si
     assert ckpt.step == 1 and torch.all(ckpt.tensors["speech_lm"]["weight"] == 1.0)
     assert load_train_state(latest, ckpt.checkpoint_id)["step"] == 1
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@FILE_SIZE_LIMIT
+@pytest.mark.parametrize("with_side_file", [True, False], ids=["torch.save side file", "safetensors file"])
+def test_a_full_disk_at_the_very_first_save_says_there_is_no_checkpoint(tmp_path, with_side_file):
+    message = _save_over_a_file_size_limit(tmp_path / "stage1_step2.safetensors", with_side_file)
+    assert "is full" in message and "intact" not in message and "then resume" not in message
+    assert f"No checkpoint had been saved in {tmp_path} yet, so there is none to resume from" in message
+    assert "start the run again" in message
+    assert not list(tmp_path.iterdir())              # no side file, no temporary file left behind
 
 
 def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):

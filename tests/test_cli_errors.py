@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,58 @@ def test_generate_into_a_folder_is_refused_before_anything_loads(tmp_path, capsy
     assert "is a folder" in err and str(tmp_path / "speech.wav") in err
     with pytest.raises(AudioError, match="is a folder"):
         save_audio(tmp_path, torch.zeros(100), 16000)
+
+
+def _special_file(kind: str, path: Path) -> tuple[Path, str]:
+    """A FIFO, a symbolic link to a wav or a device node (like /dev/null, made in tmp_path: the old code replaced
+    the node it wrote to) at `path`, and the words the error uses for it."""
+    import stat
+
+    if kind == "fifo":
+        os.mkfifo(path)
+        return path, "is a named pipe (FIFO)"
+    if kind == "symlink":
+        target = path.with_name("target.wav")
+        target.write_bytes(b"RIFF untouched")
+        path.symlink_to(target)
+        return path, f"is a symbolic link (to {target})"
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except (PermissionError, AttributeError):
+        pytest.skip("making a device node needs root (CAP_MKNOD)")
+    return path, "is a device"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "device"])
+def test_audio_is_written_only_to_a_regular_file_or_a_new_name(tmp_path, capsys, kind):
+    path, words = _special_file(kind, tmp_path / "out.wav")
+    before = os.lstat(path)
+    missing_checkpoint = tmp_path / "never_read.safetensors"   # the output is checked before anything loads
+    assert main(["generate", "--checkpoint", str(missing_checkpoint), "--text", "hello", "-o", str(path)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"error: {path} {words}" in err and "regular file or a new name" in err and "Traceback" not in err
+    with pytest.raises(AudioError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        save_audio(path, torch.zeros(100), 16000)
+    after = os.lstat(path)
+    assert (after.st_mode, after.st_ino, after.st_rdev) == (before.st_mode, before.st_ino, before.st_rdev)
+    if kind == "symlink":
+        assert (tmp_path / "target.wav").read_bytes() == b"RIFF untouched"
+    assert not list(tmp_path.glob(".*.tmp"))    # no temporary file left behind
+    # a regular file and a new name are written as before
+    assert save_audio(tmp_path / "new.wav", torch.zeros(100), 16000).is_file()
+    assert save_audio(tmp_path / "new.wav", torch.zeros(200), 16000).stat().st_size > 200
+
+
+def test_generate_from_non_finite_weights_is_an_error_naming_the_file(tmp_path, capsys):
+    """A diverged run's checkpoint (an older IRA saved such files) speaks nothing: exit 1, no wav, no traceback."""
+    from test_checkpoint import _save, poison
+
+    bad = poison(_save(tmp_path / "stage1_latest.safetensors"))
+    out = tmp_path / "speech.wav"
+    assert main(["generate", "--checkpoint", str(bad), "--text", "hello", "-o", str(out)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"error: {bad}: 2 tensor(s) hold NaN or infinite values" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("script, args", [

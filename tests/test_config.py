@@ -123,3 +123,25 @@ def test_stage3_may_not_be_judged_by_the_asr_that_rewards_it():
                        ("ppo.duration_tolerance", "0")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config("cpu", [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("training.learning_rate=inf", "training.learning_rate"),
+    ("training.learning_rate=.inf", "training.learning_rate"),
+    ("training.grad_clip=.nan", "training.grad_clip"),
+    ("training.max_minutes=.inf", "training.max_minutes"),
+    ("align.learning_rate=-.inf", "align.learning_rate"),
+    ("ppo.clip_range=.inf", "ppo.clip_range"),
+])
+def test_non_finite_numbers_are_errors_naming_the_key(override, key):
+    """inf passes `> 0`: it was accepted, and the first step made every weight non-finite."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*must be a finite number") as err:
+        load_config("cpu", [override])
+    assert "give a real value" in str(err.value)
+
+
+def test_a_non_finite_number_in_a_file_names_the_file(tmp_path):
+    path = _write(tmp_path, {"training": {"learning_rate": float("nan")}})
+    with pytest.raises(ConfigError, match=r"training\.learning_rate.*finite.*its default 0\.0003") as err:
+        load_config(path)
+    assert str(path) in str(err.value)

@@ -477,6 +477,22 @@ def test_import_folder_in_place_and_copy(tmp_path, dummy_corpus):
         import_folder(tmp_path / "imported", dummy_corpus)
 
 
+@pytest.mark.parametrize("inside", ["wavs", "wavs/copy"])
+def test_import_into_the_sources_own_wavs_is_refused(tmp_path, capsys, inside):
+    """`ira data folder X --out X/wavs` wrote a corpus (metadata.csv, wavs/) among X's own clips."""
+    from ira.cli import EXIT_FAILED, main
+
+    src = write_corpus(tmp_path / "mine", "a|one|one\nb|two|two\n", ["a", "b"])
+    before = sorted(str(p.relative_to(src)) for p in src.rglob("*"))
+    out = src / inside
+    with pytest.raises(CorpusError, match=f"{out} is inside {src / 'wavs'}.*choose a folder outside it"):
+        import_folder(src, out)
+    assert main(["data", "folder", str(src), "--out", str(out), "--no-prepare"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"error: {out} is inside {src / 'wavs'}" in err and "Traceback" not in err
+    assert sorted(str(p.relative_to(src)) for p in src.rglob("*")) == before
+
+
 def test_import_folder_reports_problems(tmp_path):
     src = write_corpus(tmp_path / "src", "a|one|one\nb|two|two\nc|three|three\n", ["a"])
     with pytest.raises(CorpusError, match=r"lists 2 clip\(s\) of 3 whose wav is missing .*b.wav, c.wav"):

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -265,6 +264,73 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert again.status == "done" and again.step == 8
 
 
+class _BlowsUp(ToyTask):
+    """A step whose loss and gradient are finite but whose update leaves a weight infinite (too large a step)."""
+
+    def __init__(self, cfg, at: int, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.at = at
+
+    def training_step(self, batch):
+        out = super().training_step(batch)
+        if self.model.training and self.calls == self.at:
+            self.model[4].bias.data.fill_(float("inf"))   # the bias's gradient does not read its value
+        return out
+
+
+def _stage_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("stage1_*"))
+
+
+def test_weights_that_an_update_made_infinite_are_never_saved(tmp_path):
+    cfg = toy_config(tmp_path, max_steps=8, save_every=1)
+    result = _fit(cfg, _BlowsUp(cfg, at=3))
+    assert result.status == "nan" and result.step == 3
+    assert "weight tensor(s) are not finite" in result.message and "speech_lm.4.bias" in result.message
+    assert not (tmp_path / "stage1_step3.safetensors").exists()
+    # the message names a checkpoint that is really good, and resuming from it works
+    assert result.last_checkpoint == tmp_path / "stage1_latest.safetensors"
+    assert f"last good checkpoint (finite weights) is {result.last_checkpoint}" in result.message
+    assert load_checkpoint(result.last_checkpoint).step == 2
+    assert _fit(cfg, ToyTask(cfg), resume=result.last_checkpoint).status == "done"
+
+
+def test_an_infinite_learning_rate_names_no_bad_checkpoint_and_a_real_rate(tmp_path):
+    """The config refuses inf now; the engine must still never save nor name the weights it makes."""
+    cfg = toy_config(tmp_path, max_steps=8, save_every=1)
+    cfg.training.learning_rate = float("inf")
+    result = _fit(cfg, ToyTask(cfg))
+    assert result.status == "nan" and result.step == 1 and result.last_checkpoint is None
+    assert "No checkpoint had been saved yet" in result.message and "--resume_checkpoint" not in result.message
+    assert "training.learning_rate (e.g. 0.0003; now inf)" in result.message
+    assert _stage_files(tmp_path) == []
+
+
+def test_a_divergence_never_names_a_checkpoint_with_non_finite_weights(tmp_path):
+    """A folder that an older IRA left with a NaN latest: the newest finite checkpoint is named instead."""
+    from test_checkpoint import poison
+
+    cfg = toy_config(tmp_path, max_steps=4, save_every=2, keep_step_checkpoints=0)
+    assert _fit(cfg, ToyTask(cfg)).status == "done"
+    for name in ("stage1_latest", "stage1_step4", "stage1_best"):
+        poison(tmp_path / f"{name}.safetensors")
+    trainer = Trainer(cfg, ToyTask(cfg), cpu=True)
+    assert trainer._last_good_checkpoint() == tmp_path / "stage1_step2.safetensors"
+    poison(tmp_path / "stage1_step2.safetensors")
+    assert trainer._last_good_checkpoint() is None
+
+
+def test_resuming_from_non_finite_weights_is_refused_naming_the_file(tmp_path):
+    from test_checkpoint import poison
+    from ira.training.checkpoint import CheckpointError
+
+    cfg = toy_config(tmp_path, max_steps=4, save_every=2)
+    assert _fit(cfg, ToyTask(cfg)).status == "done"
+    bad = poison(tmp_path / "stage1_latest.safetensors")
+    with pytest.raises(CheckpointError, match=f"{bad}: 2 tensor\\(s\\) hold NaN or infinite values"):
+        _fit(cfg, ToyTask(cfg), resume=bad)
+
+
 def test_out_of_memory_is_caught_with_advice(tmp_path):
     cfg = toy_config(tmp_path, max_steps=8, save_every=2, grad_accum_steps=1)
     result = _fit(cfg, ToyTask(cfg, oom_at=3))
@@ -374,17 +440,31 @@ def test_ddp_two_cpu_processes_shard_the_data_and_only_rank0_writes(tmp_path):
     assert start["num_processes"] == 2
 
 
+class FakeClock:
+    """A clock that moves only when told (the engine's time budget and throughput read it): no test waits
+    for, or depends on, the machine's real speed."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def test_throughput_counts_the_whole_log_window():
     """samples/s over a log window is samples / the window's training time, not the last step's."""
     from ira.training.engine import _Window
 
-    window = _Window()
-    window.t0 -= 10.0                       # the window has been open for 10 s of training
+    clock = FakeClock()
+    window = _Window(clock)
+    clock.advance(10.0)                     # the window has been open for 10 s of training
     for _ in range(10):
         window.add({"loss": torch.tensor(1.0), "samples": 4}, None)
     window.exclude(5.0)                     # 5 s of it went to validation and a checkpoint
-    elapsed = time.perf_counter() - window.t0
-    assert 4.9 < elapsed < 5.5 and window.samples == 40
+    assert window.seconds() == 5.0 and window.samples == 40
 
 
 # ---------------------------------------------------------------- best, early stop, retention, budget
@@ -484,21 +564,29 @@ def test_only_the_newest_epoch_checkpoints_are_kept(tmp_path):
 
 
 class _Slow(ToyTask):
+    """Each training step takes `seconds` of the trainer's (fake) clock."""
+
+    def __init__(self, cfg, clock: FakeClock, seconds: float, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.clock, self.seconds = clock, seconds
+
     def training_step(self, batch):
-        time.sleep(0.05)
+        if self.model.training:
+            self.clock.advance(self.seconds)
         return super().training_step(batch)
 
 
 def test_a_time_budget_ends_the_run_with_a_low_learning_rate(tmp_path):
-    cfg = toy_config(tmp_path, num_epochs=50, max_minutes=0.02, log_every=1)   # 1.2 s of 50 ms steps
-    start = time.perf_counter()
-    result = _fit(cfg, _Slow(cfg, with_val=False))
+    cfg = toy_config(tmp_path, num_epochs=50, max_minutes=0.02, log_every=1)   # 1.2 s: 400 steps by epochs
+    clock = FakeClock()
+    task = _Slow(cfg, clock, seconds=1 / 16, with_val=False)
+    result = Trainer(cfg, task, run_name="test", cpu=True, clock=clock).fit()
     assert result.status == "done" and "budget" in result.message
-    assert time.perf_counter() - start < 10 and 5 < result.step < 40
+    assert result.step == 20                           # the first step at which 1.2 s are spent: 20 x 1/16 s
     lrs = [r["lr"] for r in read_metrics(result.metrics_path) if r.get("split") == "train"]
     peak = max(lrs)
     assert lrs[-1] < 0.3 * peak                        # the cosine followed the clock, not the 400 steps
-    assert load_train_state(result.last_checkpoint)["elapsed_s"] >= 1.2
+    assert load_train_state(result.last_checkpoint)["elapsed_s"] == 1.25
 
 
 def test_the_budget_schedule_follows_whichever_is_further_along():

@@ -82,6 +82,29 @@ def test_bad_clips_are_dropped_with_reasons_and_stereo_48k_is_kept(tmp_path, cor
     assert {row["id"] for row in report["dropped"]} == {"corrupt", "silent", "tiny"}
 
 
+def test_a_clip_cut_short_of_its_transcript_is_dropped_with_the_reason(tmp_path, corpus):
+    """A wav cut to a third of its length, its full sentence kept in metadata.csv: the model would learn that
+    sentence from a third of its sound. The other clips, eSpeak's fastest included, are kept."""
+    data = tmp_path / "c"
+    shutil.copytree(corpus, data)
+    clips = read_metadata(data)
+    longest = max(clips, key=lambda c: len(c.normalized_text))
+    speech, sr = sf.read(str(longest.wav_path), dtype="float32")
+    sf.write(str(longest.wav_path), speech[: len(speech) // 3], sr)
+    from ira.data import espeak
+    if espeak.is_available():   # the fastest reading measured in the synthetic corpus's settings: 28 characters/s
+        text = "Kwame needed a rolling pin in May."
+        fast, fast_sr = espeak.synthesize(text, voice="en-gb-scotland", rate=220)
+        _append_clip(data, "fastest", text, fast, fast_sr)
+    result = prepare_corpus(_cfg(data))
+    assert [row["id"] for row in result.dropped] == [longest.id]
+    assert result.kept == len(read_metadata(data)) - 1
+    reason = result.dropped[0]["reason"]
+    assert reason.startswith("too short for its transcript") and f"for {len(longest.normalized_text)} characters" in reason
+    report = json.loads((data / "prepare_report.json").read_text())
+    assert report["dropped"] == result.dropped
+
+
 def test_stale_cache_is_rebuilt_with_the_same_codec_when_data_changes(tmp_path, corpus):
     data = tmp_path / "c"
     shutil.copytree(corpus, data)

@@ -243,6 +243,26 @@ def test_a_recipe_folder_of_another_budget_is_refused_with_the_command_that_cont
         run_recipe(cfg, "full", 30, lambda *a: "done", say=lambda _: None)
 
 
+def test_a_recipe_folder_another_recipe_holds_is_refused_and_left_alone(tmp_path):
+    """Two recipe commands at once in one folder: the second would rewrite recipe.json (a stage it could not start
+    recorded as failed) under the first."""
+    from test_run_folder import _holder
+    from ira.training.run_folder import RunFolderError
+
+    cfg = load_config("cpu", [f"training.output_dir={tmp_path}"])
+    plan("full", 30, tmp_path).save(tmp_path / "recipe.json")
+    before = (tmp_path / "recipe.json").read_text()
+    ran: list = []
+    holder = _holder(tmp_path)
+    try:
+        with pytest.raises(RunFolderError, match=f"process {holder.pid}"):
+            run_recipe(cfg, "full", 30, lambda *a: ran.append(a) or "done", say=lambda _: None)
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert ran == [] and (tmp_path / "recipe.json").read_text() == before
+
+
 def test_from_nothing_the_recipe_speaks_the_synthetic_corpus_first_and_names_the_command_for_other_sources(tmp_path):
     from ira.data.corpus import read_metadata
 

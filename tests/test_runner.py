@@ -144,6 +144,40 @@ def test_failed_job_reports_exit_code_and_log_tail(tmp_path: Path, fake: Path):
     assert "the fake loss exploded" in status.log_tail
 
 
+def test_a_folder_another_run_holds_is_refused_before_anything_is_written(tmp_path: Path, fake: Path):
+    """`ira train` in a shell holds runs/a: the app neither starts a job there nor touches its STOP or files."""
+    from test_run_folder import _holder
+
+    runs = tmp_path / "runs"
+    holder = _holder(runs / "a")
+    try:
+        (runs / "a" / "STOP").write_text("the shell run's stop request\n")
+        with pytest.raises(JobError, match=f"runs/a is in use.*process {holder.pid}"):
+            JobRunner(runs).start("a", "1", command(fake, runs, "a", steps=5))
+        assert sorted(p.name for p in (runs / "a").iterdir()) == ["LOCK", "STOP"]
+    finally:
+        holder.stdin.close()
+        holder.wait()
+
+
+def test_a_run_the_command_refuses_shows_the_refusal(tmp_path: Path):
+    """The real `ira train` as the child, into a folder that holds an earlier stage-1 run: it refuses at once, and
+    the app's status says why (not only "exit code 1")."""
+    from ddp_worker import ToyTask, toy_config
+    from ira.training.engine import Trainer
+
+    runs = tmp_path / "runs"
+    cfg = toy_config(runs / "a", max_steps=2)
+    assert Trainer(cfg, ToyTask(cfg), cpu=True).fit().ok
+    runner = JobRunner(runs)
+    runner.start("a", "1", train_command("1", "cpu", [f"training.output_dir={runs / 'a'}",
+                                                      f"data.dir={tmp_path / 'no_corpus'}"]))
+    status = wait_for(lambda: (s := runner.status("a")).state == "failed" and s, timeout=300)
+    assert status.returncode == 1
+    assert f"{runs / 'a'} already holds a stage-1 run" in status.message
+    assert f"--resume_checkpoint {runs / 'a' / 'stage1_latest.safetensors'}" in status.message
+
+
 @pytest.mark.parametrize("mode, signal_needed", [("ignore_stop", "term_sent"), ("ignore_all", "kill_sent")])
 def test_stop_escalates_to_sigterm_then_sigkill(tmp_path: Path, fake: Path, mode: str, signal_needed: str):
     runs = tmp_path / "runs"

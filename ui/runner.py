@@ -37,6 +37,7 @@ import psutil
 from ira.cli import EXIT_OK, EXIT_STOPPED
 from ira.training.metrics_log import METRICS_FILE, tail_metrics
 from ira.training.recipe import STAGE_NAMES, STATE_FILE, RecipeError, RecipeState
+from ira.training.run_folder import RunFolderError, check_not_held
 from ira.training.stop import request_stop
 from ui.workspace import Workspace
 
@@ -210,6 +211,10 @@ class JobRunner:
                                f"pid {running.pid}). Stop it first, or wait for it to finish")
             run_dir = self.runs_dir / name
             self.workspace.checked(run_dir, "the run folder")
+            try:   # a run started outside the app (ira train in a shell) may hold the folder: touch nothing of it
+                check_not_held(run_dir)
+            except RunFolderError as exc:
+                raise JobError(str(exc)) from exc
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "STOP").unlink(missing_ok=True)   # a flag left by an earlier run is not for this one
             log_path = run_dir / LOG_FILE
@@ -411,9 +416,12 @@ class JobRunner:
             return _recipe_outcome(status, record, state, terminal)
         event = terminal.get("event") if terminal else None
         detail = str(terminal.get("message", "")) if terminal else ""
-        if event == "done":
+        # the exit code outranks an event: a job refused at once (exit 1) logs nothing of its own, and the
+        # events just before its start may be those of the run it refused to write over
+        exited = record.returncode in (None, EXIT_OK, EXIT_STOPPED)
+        if event == "done" and record.returncode in (None, EXIT_OK):
             status.state, status.message = "finished", detail or "finished"
-        elif event == "stopped" or (record.stop_requested is not None and event is None):
+        elif (event == "stopped" and exited) or (record.stop_requested is not None and event is None):
             status.state = "stopped"
             forced = " (the process had to be killed)" if record.kill_sent else ""
             status.message = (detail or "stopped") + forced
@@ -421,8 +429,23 @@ class JobRunner:
             status.state = "failed" if record.returncode != 0 or event in ("nan", "oom", "error") else "finished"
             code = ("exit code unknown (it ended while the app was not running)" if record.returncode is None
                     else f"exit code {record.returncode}")
+            own = detail if event in ("nan", "oom", "error") or exited else ""
+            detail = own or error_line(status.log_tail)   # refused before it logged anything: its error line
             status.message = f"{code}: {detail}" if detail else f"{code}; see the log below"
         return status
+
+
+_COMMAND_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] \$ ")
+"""The line `JobRunner.start` writes into the log before each job's own output."""
+
+
+def error_line(log: str) -> str:
+    """The last `error: ...` line the newest job wrote in its log (what `ira` prints when it refuses or fails
+    without a traceback), without the prefix; "" when there is none."""
+    lines = [line.strip() for line in log.splitlines()]
+    starts = [i for i, line in enumerate(lines) if _COMMAND_LINE.match(line)]
+    errors = [line for line in lines[(starts[-1] + 1 if starts else 0):] if line.startswith("error: ")]
+    return errors[-1][len("error: "):] if errors else ""
 
 
 def _recipe_outcome(status: JobStatus, record: JobRecord, state: Optional[RecipeState],
@@ -445,6 +468,7 @@ def _recipe_outcome(status: JobStatus, record: JobRecord, state: Optional[Recipe
         code = ("exit code unknown (it ended while the app was not running)" if record.returncode is None
                 else f"exit code {record.returncode}")
         detail = str(terminal.get("message", "")) if terminal and terminal.get("event") != "done" else ""
+        detail = detail or error_line(status.log_tail)
         status.message = f"full recipe failed{where} ({code})" + (f": {detail}" if detail else "; see the log below")
     return status
 

@@ -31,6 +31,16 @@ def check_folder(src: str | Path) -> list[Clip]:
     return clips
 
 
+def check_outside_wavs(src: Path, out_dir: Path) -> None:
+    """The copy may not go into the source's own wavs/ folder: its metadata.csv and wavs/ would sit among the
+    clips it copies (and a later import of the source would read them as clips)."""
+    wavs = (src / WAVS).resolve()
+    if out_dir.resolve() == wavs or out_dir.resolve().is_relative_to(wavs):
+        raise CorpusError(f"{out_dir} is inside {src / WAVS}, the folder of the clips it would copy; choose a folder "
+                          f"outside it (e.g. {src.parent / (src.name + '-copy')}), or leave out --out to use "
+                          f"{src} in place")
+
+
 def _same_file(src: Path, dst: Path) -> bool:
     """dst is src's hard link or a copy with its size and modification time."""
     if not dst.is_file():
@@ -66,6 +76,7 @@ def import_folder(src: str | Path, out_dir: str | Path | None = None,
             progress(1.0, f"{len(clips)} clips in {src} are ready")
         return src
     out_dir = Path(out_dir)
+    check_outside_wavs(src, out_dir)
     claim_corpus_dir(out_dir, "folder")
     (out_dir / WAVS).mkdir(parents=True, exist_ok=True)
     for i, clip in enumerate(clips):

@@ -34,6 +34,7 @@ from ira.data.annotate import annotate_clip, fit_annotation_stats
 from ira.data.corpus import Clip, read_labels, read_metadata
 from ira.data.descriptions import describe
 from ira.data.token_cache import SPLITS, is_fresh, split_path, write_split
+from ira.models.reading_rate import IMPLAUSIBLE_CHARS_PER_SECOND, min_seconds_for
 from ira.text_tokenizer import TextNotReadableError, build_text_tokenizer
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def data_hash(data_dir: Path, cfg: IRAConfig) -> str:
             h.update(f"{entry.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
     d = cfg.data
     h.update(json.dumps([d.min_duration, d.max_duration, d.val_fraction, d.max_text_chars,
-                         d.trim_silence_db, SILENCE_DB]).encode())
+                         d.trim_silence_db, SILENCE_DB, IMPLAUSIBLE_CHARS_PER_SECOND]).encode())
     if cfg.speech_lm.text_tokenizer.split(":")[0] == "phoneme":   # it decides which transcripts are kept
         h.update(json.dumps([cfg.speech_lm.text_tokenizer, cfg.speech_lm.max_text_tokens]).encode())
     return h.hexdigest()[:16]
@@ -138,6 +139,10 @@ def _check_clip(clip: Clip, cfg: IRAConfig, sample_rate: int) -> tuple[torch.Ten
         return None, f"too short after trimming silence ({seconds:.2f} s < data.min_duration={cfg.data.min_duration})"
     if seconds > cfg.data.max_duration:
         return None, f"too long ({seconds:.1f} s > data.max_duration={cfg.data.max_duration})"
+    if seconds < min_seconds_for(text):
+        return None, (f"too short for its transcript ({seconds:.2f} s after trimming silence for {len(text)} characters: "
+                      f"{len(text) / seconds:.0f} characters a second, faster than any speech reads "
+                      f"({IMPLAUSIBLE_CHARS_PER_SECOND:g}); is the audio cut, or the transcript another clip's?)")
     return wav, None
 
 

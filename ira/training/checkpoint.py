@@ -23,7 +23,7 @@ from ira.checkpoint import (FORMAT, FORMAT_VERSION, RESERVED_KEYS, SUFFIX, TRAIN
                             Checkpoint, CheckpointError, ModuleOrState, atomic_write, best_path,
                             check_checkpoint_name, check_compatible, checkpoint_modules, checkpoint_path,
                             find_latest, latest_path, load_checkpoint, new_checkpoint_id, read_header,
-                            read_metadata, require_stage, tensor_bytes,
+                            read_metadata, refuse_nonfinite, require_stage, tensor_bytes,
                             train_state_path)
 from ira.checkpoint import save_checkpoint as save_checkpoint_file
 
@@ -43,6 +43,7 @@ def save_checkpoint(path: str | Path, modules: Mapping[str, ModuleOrState], *, s
     Only the main process should call this."""
     path = Path(path)
     check_checkpoint_name(path)
+    refuse_nonfinite(path, modules)   # before the side file: a refused save replaces nothing
     checkpoint_id = new_checkpoint_id()
     side = train_state_path(path)
     if train_state is not None:

@@ -7,9 +7,9 @@ What it does, so the stages do not have to: device placement, mixed precision, D
 under `torchrun` / `accelerate launch`), gradient accumulation and clipping, AdamW with weight
 decay on matrices only, warm-up + cosine learning rate, validation every `eval_every` optimizer
 steps and at the end, checkpoints every `save_every` steps, at each epoch end and at the end,
-exact resume (weights, optimizer, schedule, RNG, position in the epoch), a NaN/inf guard, an
-out-of-memory guard, stop requests (Ctrl-C, SIGTERM, `<output_dir>/STOP`), metrics.jsonl and a
-progress bar. See `ira.training.task` for the contract a stage implements.
+exact resume (weights, optimizer, schedule, RNG, position in the epoch), a NaN/inf guard (no checkpoint
+with non-finite weights is ever written), an out-of-memory guard, stop requests (Ctrl-C, SIGTERM,
+`<output_dir>/STOP`), one run per output folder (its lock), metrics.jsonl and a progress bar. See `ira.training.task` for the contract a stage implements.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import psutil
 import torch
@@ -38,19 +38,33 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ira.checkpoint import (Checkpoint, CheckpointError, best_path, check_compatible, checkpoint_path, find_latest,
-                            latest_path, load_checkpoint, remove_stale_temporaries, require_stage)
+                            is_finite_checkpoint, latest_path, load_checkpoint, nonfinite_tensors,
+                            remove_stale_temporaries, require_stage, stage_checkpoints)
+from ira.config import TrainingConfig
 from ira.training.checkpoint import link_latest, load_train_state, prune_checkpoints, save_checkpoint
 from ira.training.metrics_log import MetricsLogger, memory_stats
 from ira.training.optim import build_adamw, param_groups
 from ira.training.rng import capture_rng_state, restore_rng_state, rng_isolated
+from ira.training.run_folder import RunFolderError, RunFolderLock, claim_run_folder
 from ira.training.schedule import budget_lr_factor, warmup_cosine
 from ira.training.stop import StopRequest, drop_stale_flags
 from ira.training.task import COUNT_KEYS, StageTask, batch_size
 
 Status = Literal["done", "stopped", "nan", "oom"]
+Clock = Callable[[], float]
+"""Seconds from an arbitrary start (time.perf_counter); the time budget and the throughput read it, so a
+test can hand the trainer a clock it moves itself."""
 TRAIN_STATE_VERSION = 1
 FP16_MAX_SKIPPED_STEPS = 25   # consecutive overflowing fp16 steps before we call it divergence
 BARRIER_TIMEOUT = timedelta(hours=2)  # other ranks wait while rank 0 validates and writes samples
+
+
+class _NonFiniteWeights(Exception):
+    """Raised by `Trainer._save` instead of writing weights that hold NaN or inf; `_run` ends the run as diverged."""
+
+    def __init__(self, names: list[str]):
+        super().__init__(", ".join(names))
+        self.names = names
 
 
 class TrainingError(RuntimeError):
@@ -203,14 +217,15 @@ class _Progress:
 class _Window:
     """Sums over the steps since the last log line (device tensors: no sync per micro-step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = time.perf_counter) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.micro = 0
         self.samples = 0.0
         self.frames = 0.0
         self.grad_norm = 0.0
         self.steps = 0
-        self.t0 = time.perf_counter()
+        self.clock = clock
+        self.t0 = clock()
 
     def add(self, out: dict[str, Any], batch: Any) -> None:
         for key, value in out.items():
@@ -230,12 +245,18 @@ class _Window:
         """Leave time that was not training (validation, checkpoints) out of the throughput."""
         self.t0 += seconds
 
+    def seconds(self) -> float:
+        """The window's training time so far (what the throughput divides by; never 0)."""
+        return max(self.clock() - self.t0, 1e-9)
+
 
 class Trainer:
     """Runs a `StageTask` (see ira.training.task) with the settings in `cfg.training`."""
 
-    def __init__(self, cfg: Any, task: StageTask, run_name: Optional[str] = None, *, cpu: bool = False):
-        """`cpu=True` forces the CPU even where a GPU is present (tests, debugging)."""
+    def __init__(self, cfg: Any, task: StageTask, run_name: Optional[str] = None, *, cpu: bool = False,
+                 clock: Clock = time.perf_counter):
+        """`cpu=True` forces the CPU even where a GPU is present (tests, debugging); `clock` is what the time
+        budget (training.max_minutes) and the throughput are measured by."""
         if not str(getattr(task, "stage", "")):
             raise ValueError(f"{type(task).__name__}.stage must be set ('1', '2', '3' or 'style')")
         self.cfg = cfg
@@ -243,6 +264,7 @@ class Trainer:
         self.stage = str(task.stage)
         self.run_name = run_name or f"stage{self.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.cpu = cpu
+        self.clock = clock
         self.output_dir = Path(cfg.training.output_dir)
         self.accelerator: Optional[Accelerator] = None
         self.progress = _Progress()
@@ -258,11 +280,14 @@ class Trainer:
         `resume_from`: a checkpoint of this stage written by this trainer (with its
         .train_state.pt side file), or "latest" for `<output_dir>/stage{stage}_latest.safetensors`;
         the run continues exactly where it was saved.
+
+        The run holds `output_dir` until it returns or raises: RunFolderError (nothing written) when another run
+        holds it, when it is a file, or when a fresh run would write over the checkpoints of an earlier run of
+        this stage there (ira.training.run_folder).
         """
         t_start = time.time()
         tc = self.cfg.training
         self.progress, self.checkpoints_written, self.val_metrics = _Progress(), [], {}
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         dev = device_type(self.cpu)
         self.precision = resolve_mixed_precision(tc.mixed_precision, dev)
         acc = Accelerator(
@@ -280,6 +305,47 @@ class Trainer:
             ],
         )
         self.accelerator = acc
+        try:
+            lock = self._claim_output_dir(resume_from)
+            try:
+                status, message = self._fit_in_claimed_folder(resume_from, lock)
+            finally:
+                if lock is not None:
+                    lock.release()
+        finally:
+            self._release(acc)
+        return FitResult(status=status, message=message, step=self.progress.step,
+                         epoch=self._epoch_float(), last_checkpoint=self.progress.last_checkpoint,
+                         metrics_path=self.logger.path, checkpoints_written=list(self.checkpoints_written),
+                         val_metrics=dict(self.val_metrics), elapsed_s=round(time.time() - t_start, 3))
+
+    def _claim_output_dir(self, resume_from: Optional[str | Path]) -> Optional[RunFolderLock]:
+        """The main process locks training.output_dir and checks that this run writes over no other run's
+        checkpoints (ira.training.run_folder); every rank learns the outcome, so all refuse together."""
+        acc = self.accelerator
+        lock: Optional[RunFolderLock] = None
+        refused: Optional[RunFolderError] = None
+        if acc.is_main_process:
+            resuming = latest_path(self.output_dir, self.stage) if str(resume_from) == "latest" else resume_from
+            try:
+                lock = claim_run_folder(self.output_dir, self.stage, resuming)
+            except RunFolderError as exc:
+                refused = exc
+        if acc.num_processes > 1:
+            flag = torch.tensor(float(refused is not None), device=acc.device)
+            dist.broadcast(flag, src=0)
+            if bool(flag) and refused is None:
+                refused = RunFolderError(f"the main process refused training.output_dir={self.output_dir} "
+                                         f"(its error says why)")
+        if refused is not None:
+            raise refused
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        return lock
+
+    def _fit_in_claimed_folder(self, resume_from: Optional[str | Path],
+                               lock: Optional[RunFolderLock]) -> tuple[Status, str]:
+        """The run itself, once its folder is its own: metrics, stop requests, the loop, the OOM guard."""
+        acc, tc = self.accelerator, self.cfg.training
         self.logger = MetricsLogger(
             self.output_dir, self.stage, enabled=acc.is_main_process,
             tensorboard_dir=(self.output_dir / "tensorboard" / self.run_name) if tc.tensorboard else None)
@@ -288,30 +354,27 @@ class Trainer:
                              also=[tc.stop_file] if tc.stop_file else ()) as stop:
                 self.stop = stop
                 if acc.is_main_process:
+                    self._note_stale_lock(lock)
                     self._drop_stale_stop_file()
                     self._drop_stale_temporaries()
                 try:
-                    status, message = self._run(resume_from)
+                    return self._run(resume_from)
                 except Exception as exc:
                     if not is_oom_error(exc):
                         raise
-                    status, message = "oom", self._oom_message(exc)
+                    message = self._oom_message(exc)
                     del exc
                     self._free_after_oom()
                     self.logger.event("oom", step=self.progress.step, message=message,
                                       last_checkpoint=self.progress.last_checkpoint)
                     self._say(message)
+                    return "oom", message
         except BaseException as exc:
             self.logger.event("error", step=self.progress.step,
                               message=f"{type(exc).__name__}: {exc}")
             raise
         finally:
             self.logger.close()
-            self._release(acc)
-        return FitResult(status=status, message=message, step=self.progress.step,
-                         epoch=self._epoch_float(), last_checkpoint=self.progress.last_checkpoint,
-                         metrics_path=self.logger.path, checkpoints_written=list(self.checkpoints_written),
-                         val_metrics=dict(self.val_metrics), elapsed_s=round(time.time() - t_start, 3))
 
     # ------------------------------------------------------------------ setup
 
@@ -375,7 +438,10 @@ class Trainer:
                        f"raise training.max_steps or training.num_epochs to train further.")
             self.logger.event("done", step=p.step, message=message, checkpoint=p.last_checkpoint)
             return "done", message
-        return self._loop(rng_pending)
+        try:
+            return self._loop(rng_pending)
+        except _NonFiniteWeights as exc:
+            return self._weights_diverged(exc.names)
 
     def _trainable_modules(self) -> list[str]:
         owned: dict[int, str] = {}
@@ -483,13 +549,13 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         bar = tqdm(total=self.total_steps, initial=p.step, disable=not acc.is_main_process,
                    desc=f"stage {self.stage}", unit="step", dynamic_ncols=True, mininterval=1.0)
-        self._t0 = time.perf_counter()
+        self._t0 = self.clock()
         # a fresh run only (nothing saved or restored yet): a resume, even from the step-0 save, has done it
         if p.step == 0 and p.last_saved_step < 0 and getattr(self.task, "validate_at_start", False):
             self._validate()        # the starting weights: the best to beat
             if p.best_pending:
                 self._save("best")
-        window = _Window()          # after that validation: the first throughput figure is of training alone
+        window = _Window(self.clock)   # after that validation: the first throughput figure is of training alone
         try:
             while True:
                 self.n_batches = self._epoch_len(p.epoch)
@@ -541,8 +607,8 @@ class Trainer:
 
                     if p.step % tc.log_every == 0 or p.step == 1 or finished:   # step 1: a curve from the start
                         self._log_train(window, lr, bar)
-                        window = _Window()
-                    paused = time.perf_counter()
+                        window = _Window(self.clock)
+                    paused = self.clock()
                     if (p.step % tc.eval_every == 0 and not stop_reason) or finished:
                         self._validate()
                         finished = finished or p.early_stop is not None
@@ -552,7 +618,7 @@ class Trainer:
                         self._save(reason)
                     if p.best_pending:
                         self._save("best")
-                    window.exclude(time.perf_counter() - paused)
+                    window.exclude(self.clock() - paused)
                     if stop_reason:
                         return self._stopped(stop_reason)
                     if finished:
@@ -606,26 +672,75 @@ class Trainer:
     # ------------------------------------------------------------------ outcomes
 
     def _diverged(self, what: str, step_loss: torch.Tensor, grad_norm: Any) -> tuple[Status, str]:
-        tc, p = self.cfg.training, self.progress
+        """The loss or the gradient of this step is NaN/inf: stop before the update."""
         self.optimizer.zero_grad(set_to_none=True)
-        accum = tc.grad_accum_steps
-        loss = float(step_loss) / accum
-        last = p.last_checkpoint or self._existing_latest()
-        keep = (f"The last good checkpoint is {last} (nothing was saved after the problem)."
-                if last else "No checkpoint had been saved yet.")
-        tips = [f"a lower training.learning_rate (e.g. {tc.learning_rate / 2:g})",
+        loss = float(step_loss) / self.cfg.training.grad_accum_steps
+        return self._stop_diverged(self.progress.step + 1,
+                                   f"the {what} is not finite (loss {loss:g}, grad norm {float(grad_norm):g})",
+                                   what=what, loss=loss, grad_norm=float(grad_norm))
+
+    def _weights_diverged(self, names: list[str]) -> tuple[Status, str]:
+        """An update left weights NaN/inf (a finite loss and gradient, too large a step): nothing was saved."""
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return self._stop_diverged(self.progress.step, f"{len(names)} weight tensor(s) are not finite after the "
+                                                       f"update ({shown}), so they were not saved",
+                                   what="weights", tensors=names[:20])
+
+    def _stop_diverged(self, step: int, problem: str, **event: Any) -> tuple[Status, str]:
+        """End the run as "nan": name the newest checkpoint whose weights are really finite, and what to change."""
+        tc, p = self.cfg.training, self.progress
+        last = self._last_good_checkpoint()
+        if last is not None:
+            keep, then = (f"The last good checkpoint (finite weights) is {last}; nothing was saved after the problem.",
+                          f"; then resume with --resume_checkpoint {last}.")
+        elif stage_checkpoints(self.output_dir, self.stage):
+            keep, then = (f"No checkpoint in {self.output_dir} has finite weights.",
+                          "; then start anew with another training.output_dir.")
+        else:
+            keep, then = "No checkpoint had been saved yet.", "; then start the run again."
+        tips = [f"a lower training.learning_rate (e.g. {self._lower_learning_rate():g}; now {tc.learning_rate:g})",
                 f"a longer training.warmup_steps (now {tc.warmup_steps})"]
         if self.precision != "no":
             tips.append(f"full fp32 with training.mixed_precision=no (now {self.precision})")
         tips.append(f"a smaller training.grad_clip (now {tc.grad_clip:g})")
-        message = (f"Training stopped at step {p.step + 1}: the {what} is not finite (loss {loss:g}, "
-                   f"grad norm {float(grad_norm):g}). {keep} Try {', '.join(tips)}"
-                   + (f"; then resume with --resume_checkpoint {last}." if last else "."))
-        self.logger.event("nan", step=p.step + 1, epoch=self._epoch_float(), what=what, loss=loss,
-                          grad_norm=float(grad_norm), last_checkpoint=last, message=message)
+        message = f"Training stopped at step {step}: {problem}. {keep} Try {', '.join(tips)}{then}"
+        self.logger.event("nan", step=step, epoch=self._epoch_float(), last_checkpoint=last, message=message, **event)
         self._say(message)
         p.last_checkpoint = last
         return "nan", message
+
+    def _lower_learning_rate(self) -> float:
+        """Half the learning rate that diverged, or the default where that is no real number."""
+        lr = self.cfg.training.learning_rate
+        return lr / 2 if math.isfinite(lr) and lr > 0 else TrainingConfig.learning_rate
+
+    def _last_good_checkpoint(self) -> Optional[Path]:
+        """The newest checkpoint of this stage whose weights are all finite: this run's last save (or the one it
+        resumed), else the folder's newest. Each is read again, not trusted: a checkpoint that an older IRA wrote
+        may hold the NaN it diverged with."""
+        candidates = [self.progress.last_checkpoint, latest_path(self.output_dir, self.stage),
+                      *stage_checkpoints(self.output_dir, self.stage)]
+        seen: set[Path] = set()
+        for candidate in candidates:
+            if candidate is None or Path(candidate) in seen:
+                continue
+            seen.add(Path(candidate))
+            if is_finite_checkpoint(candidate):
+                return Path(candidate)
+        return None
+
+    def _nonfinite_weights(self) -> list[str]:
+        """The module tensors that hold NaN or inf (every rank agrees: one all-reduce)."""
+        acc = self.accelerator
+        flat = {f"{name}.{key}": t.detach() for name, module in self.modules.items()
+                for key, t in module.state_dict().items()}
+        bad = nonfinite_tensors(flat)
+        if acc.num_processes > 1:
+            flag = torch.tensor(float(bool(bad)), device=acc.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if bool(flag) and not bad:
+                bad = ["(weights of another process)"]
+        return bad
 
     def _stopped(self, reason: str) -> tuple[Status, str]:
         p = self.progress
@@ -692,7 +807,7 @@ class Trainer:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
         totals = packed.tolist()
         micro, samples, frames = totals[-3:]
-        elapsed = max(time.perf_counter() - window.t0, 1e-9)
+        elapsed = window.seconds()
         record: dict[str, Any] = {k: v / max(micro, 1) for k, v in zip(keys, totals)}
         record["lr"] = lr
         record["grad_norm"] = window.grad_norm / max(window.steps, 1)
@@ -754,7 +869,7 @@ class Trainer:
 
     def _elapsed(self) -> float:
         """Wall-clock seconds of this run so far, earlier runs it resumed included."""
-        return self.progress.elapsed_before + time.perf_counter() - self._t0
+        return self.progress.elapsed_before + self.clock() - self._t0
 
     def _budget_used(self) -> Optional[float]:
         """The share of training.max_minutes spent so far (rank 0's clock, so that every rank ends, and
@@ -785,6 +900,9 @@ class Trainer:
                     link_latest(latest_path(self.output_dir, self.stage), best_path(self.output_dir, self.stage))
                 p.best_pending = False
             return
+        bad = self._nonfinite_weights()
+        if bad:
+            raise _NonFiniteWeights(bad)
         rng = capture_rng_state()
         rngs = gather_object([rng]) if acc.num_processes > 1 else [rng]
         path = (checkpoint_path(self.output_dir, self.stage, epoch=p.epoch) if reason == "epoch"
@@ -842,6 +960,12 @@ class Trainer:
     def _existing_latest(self) -> Optional[Path]:
         latest = latest_path(self.output_dir, self.stage)
         return latest if latest.is_file() else None
+
+    def _note_stale_lock(self, lock: Optional[RunFolderLock]) -> None:
+        """Say so when the folder's lock was left by a run that ended without releasing it (killed)."""
+        if lock is not None and lock.stale_pid is not None:
+            self.logger.event("warning", message=f"took over {lock.path}, left by process {lock.stale_pid}, which "
+                                                 f"ended without releasing it (killed?)")
 
     def _drop_stale_stop_file(self) -> None:
         """A STOP file older than this process was left by an earlier run: it is not for us."""

@@ -28,6 +28,7 @@ import psutil
 from ira.checkpoint import CheckpointError, best_path, checkpoint_figure, find_latest, read_metadata
 from ira.config import STAGE_SECTIONS, IRAConfig
 from ira.eval.card import CARD_DIR, SPEAKING_STAGES
+from ira.training.run_folder import RunFolderLock
 from ira.training.stop import STOP_FILE, drop_stale_flags
 
 log = logging.getLogger("ira")
@@ -215,9 +216,16 @@ def run_recipe(cfg: IRAConfig, recipe: str, minutes: float, run_stage: RunStage,
 
     `run_stage(stage, cfg, resume_from)` runs one stage and returns "done", "stopped" or "failed".
     `make_card(checkpoint, stage_cfg)` makes the card of each speaking stage once it is done, before the next
-    stage starts (None: no cards)."""
+    stage starts (None: no cards). The recipe holds its folder's lock while it runs (a second recipe there is
+    refused, naming this one's pid); each stage holds its own subfolder's."""
+    with RunFolderLock(cfg.training.output_dir):
+        return _run_recipe_here(cfg, recipe, minutes, run_stage, say, make_card)
+
+
+def _run_recipe_here(cfg: IRAConfig, recipe: str, minutes: float, run_stage: RunStage,
+                     say: Callable[[str], None], make_card: Optional[MakeCard]) -> str:
+    """`run_recipe` in the folder it holds."""
     output_dir = Path(cfg.training.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     state_path = output_dir / STATE_FILE
     stop_flag = output_dir / STOP_FILE
     # flags older than this process were left by an earlier run (a stage killed before clearing its own)
