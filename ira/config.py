@@ -518,6 +518,10 @@ class PPOConfig:
     """The policy is the SpeechLM's distribution at this temperature: rollouts are sampled from it and every
     log-probability (the ratio's, the KL's) is taken from it. The speaker's default (0.6) makes PPO improve
     the samples a user hears."""
+    cfg_scale: Optional[float] = None
+    """The policy samples with classifier-free guidance at this scale, as the speaker does (its default 1.5), and
+    every log-probability is the guided one: PPO improves what a user hears (stage 2's held-out WER without
+    guidance 0.74, with 1.5 0.48). None (or 1) = the conditional model alone; guidance costs a second pass."""
     top_k: int = 0
     """Must stay 0: PPO scores each sample under the whole tempered distribution, and a top-k cut would make
     its ratios and its KL wrong."""
@@ -574,6 +578,8 @@ class PPOConfig:
                    f"is the reward's ASR ({self.reward_asr!r}): a policy rewarded by an ASR must be judged by "
                    f"another, or it is chosen for pleasing that ASR; use base for one and tiny.en for the other")
         check.that("temperature", self.temperature > 0.0, "must be > 0 (PPO needs sampled rollouts)")
+        check.that("cfg_scale", self.cfg_scale is None or self.cfg_scale > 0.0,
+                   "must be > 0 (1.5 as the speaker; 1 = no guidance), or null")
         check.that("top_k", self.top_k == 0, "must be 0: PPO scores each sample under the whole tempered "
                    "distribution, so a top-k cut would make its ratios and KL wrong; lower ppo.temperature instead")
         check.that("advantage", self.advantage in PPO_ADVANTAGES,

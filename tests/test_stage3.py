@@ -27,9 +27,13 @@ def ppo_run(tiny_stage3):
     return tiny_stage3
 
 
-def test_first_minibatch_of_an_iteration_has_ratio_one(tiny_stage2, bundled_llm, tmp_path):
-    cfg = _cfg(tiny_stage2, tmp_path).with_training_from("ppo")
+@pytest.mark.parametrize("guidance", [1.5, None])
+def test_first_minibatch_of_an_iteration_has_ratio_one(tiny_stage2, bundled_llm, tmp_path, guidance):
+    """The samples are scored under the distribution they were drawn from, guided (the presets) or not."""
+    scale = "null" if guidance is None else guidance
+    cfg = _cfg(tiny_stage2, tmp_path, f"ppo.cfg_scale={scale}").with_training_from("ppo")
     task = Stage3Task(cfg, load_checkpoint(tiny_stage2[3].last_checkpoint), llm=bundled_llm, cpu=True)
+    assert task.cfg_scale == guidance
     batch = next(iter(task.train_dataloader()))
     out = task.training_step(batch)
     assert out["ratio_mean"].item() == pytest.approx(1.0, abs=1e-5)

@@ -26,9 +26,10 @@ base): `stage3_best` is its lowest WER, so a policy that only learned to please 
 kept; nor is one whose seconds per phoneme or share of samples ended by their own end-of-speech moved away
 from the start's (`ppo.duration_tolerance`).
 
-The policy is the SpeechLM's distribution at `ppo.temperature`: samples are drawn from it, and every
-log-probability (policy, old policy, reference) is taken from it, so PPO improves the samples of the
-temperature a user speaks with.
+The policy is the SpeechLM's distribution at `ppo.temperature`, guided by `ppo.cfg_scale` as the speaker
+samples (classifier-free guidance: the conditional and the unconditional logits of every step): samples are
+drawn from it, and every log-probability (policy, old policy, reference) is taken from it, so PPO improves
+the samples a user hears.
 
 A step's action is one column of the delayed grid; its log-probability is the sum over the codebooks
 that were sampled there (forced fill/EOS positions do not count). Dropout is off in every policy pass
@@ -112,22 +113,34 @@ class ValueHead(nn.Module):
         return self.proj(hidden.float()).squeeze(-1)
 
 
-def step_logprobs(model: SpeechLM, batch: dict[str, Any], temperature: float = 1.0
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def step_logprobs(model: SpeechLM, batch: dict[str, Any], temperature: float = 1.0,
+                  cfg_scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forced pass over sampled audio: per-step (log-prob, entropy, mask, hidden) [B, S] ([B, S, d]),
-    under the model's distribution at `temperature` (the one the samples were drawn from).
+    under the distribution the samples were drawn from: the model's at `temperature`, guided by `cfg_scale`
+    (uncond + s * (cond - uncond), as `SpeechLM.generate` samples; None = no guidance).
 
-    Every condition is kept (no dropout of text or style), as at rollout time."""
+    The conditional rows keep every condition (no dropout of text or style), as at rollout time; with guidance
+    the same samples run again with both dropped, in the same batch."""
     n = batch["codes"].shape[0]
-    keep = torch.zeros(n, dtype=torch.bool, device=batch["codes"].device)
-    out = model(batch["text_ids"], batch["text_mask"], batch.get("style"), batch["codes"], batch["codes_lengths"],
-                drop_text=keep, drop_style=keep, return_hidden=True, align_frames=batch.get("align_frames"))
-    log_probs = F.log_softmax(out.logits.float() / temperature, dim=-1)            # [B, K, S, C]
-    targets = out.targets.clamp(max=log_probs.shape[-1] - 1)
-    picked = log_probs.gather(-1, targets[..., None]).squeeze(-1) * out.target_mask
-    entropy = -(log_probs.exp() * log_probs).sum(-1) * out.target_mask
-    mask = out.target_mask.any(dim=1)
-    return picked.sum(1), entropy.sum(1), mask, out.hidden
+    device = batch["codes"].device
+    keep = torch.zeros(n, dtype=torch.bool, device=device)
+    guided = cfg_scale is not None
+    twice = (lambda x: None if x is None else torch.cat([x, x])) if guided else (lambda x: x)
+    drop = torch.cat([keep, torch.ones_like(keep)]) if guided else keep
+    out = model(twice(batch["text_ids"]), twice(batch["text_mask"]), twice(batch.get("style")), twice(batch["codes"]),
+                twice(batch["codes_lengths"]), drop_text=drop, drop_style=drop, return_hidden=True,
+                align_frames=twice(batch.get("align_frames")))
+    logits = out.logits.float()
+    if guided:
+        cond, uncond = logits[:n], logits[n:]
+        logits = uncond + cfg_scale * (cond - uncond)
+    log_probs = F.log_softmax(logits / temperature, dim=-1)                        # [B, K, S, C]
+    targets, target_mask = out.targets[:n], out.target_mask[:n]
+    targets = targets.clamp(max=log_probs.shape[-1] - 1)
+    picked = log_probs.gather(-1, targets[..., None]).squeeze(-1) * target_mask
+    entropy = -(log_probs.exp() * log_probs).sum(-1) * target_mask
+    mask = target_mask.any(dim=1)
+    return picked.sum(1), entropy.sum(1), mask, out.hidden[:n]
 
 
 class PromptDataset(Dataset):
@@ -200,6 +213,7 @@ class Stage3Task(TrainingTask):
                              f"or set ppo.asr_weight=0")
         self.eval_asr = pc.eval_asr_model if pc.eval_asr and asr.is_available(pc.eval_asr_model) else None
         self.start_duration: dict[str, float] = {}   # the first validation's seconds per phoneme and EOS share
+        self.cfg_scale = pc.cfg_scale if pc.cfg_scale not in (None, 1.0) else None   # 1 = the conditional model
         self._last_val: dict[str, float] = {}         # the latest validation's figures (may_be_best reads them)
         self.llm = llm or load_llm(cfg.llm, device=process_device(cpu))
         if self.adapter.out_dim != self.llm.hidden_size:
@@ -289,7 +303,7 @@ class Stage3Task(TrainingTask):
         codes = model.generate(text_ids=conditions["text_ids"], text_mask=conditions["text_mask"],
                                style=conditions["style"], max_frames=max_frames, min_frames=min_frames,
                                temperature=self.cfg.ppo.temperature, top_k=self.cfg.ppo.top_k, seed=seed,
-                               length_tolerance=LENGTH_TOLERANCE, align_frames=align_frames)
+                               cfg_scale=self.cfg_scale, length_tolerance=LENGTH_TOLERANCE, align_frames=align_frames)
         model.train(was_training)
         codes = [c if c.shape[1] else torch.zeros(c.shape[0], 1, dtype=torch.long) for c in codes]
         padded, lengths = pad_codes(codes)
@@ -383,9 +397,9 @@ class Stage3Task(TrainingTask):
         rollouts_per_second = len(texts) / max(time.perf_counter() - start, 1e-9)   # spoken and judged
         score = self.reward(scores)
         self.policy.eval()
-        logprobs, _, mask, hidden = step_logprobs(self.policy, samples, pc.temperature)
+        logprobs, _, mask, hidden = step_logprobs(self.policy, samples, pc.temperature, self.cfg_scale)
         values = self.value_head(hidden) * mask
-        ref_logprobs, _, _, _ = step_logprobs(self.reference, samples, pc.temperature)
+        ref_logprobs, _, _, _ = step_logprobs(self.reference, samples, pc.temperature, self.cfg_scale)
         rewards, kl = shaped_rewards(score.to(logprobs.device), logprobs, ref_logprobs, mask, self.kl.value)
         extra: dict[str, torch.Tensor] = {}
         if pc.advantage == "group":   # the score alone is standardised; the KL is a loss term (training_step)
@@ -429,7 +443,7 @@ class Stage3Task(TrainingTask):
         mb = {k: v[rows] for k, v in self.buffer.items()}
         self.policy.eval()                 # no dropout: the ratio compares like with like
         pc = self.cfg.ppo
-        logprobs, entropy, _, hidden = step_logprobs(self.policy, mb, pc.temperature)
+        logprobs, entropy, _, hidden = step_logprobs(self.policy, mb, pc.temperature, self.cfg_scale)
         values = self.value_head(hidden)
         out = ppo_losses(logprobs, mb["old_logprobs"], mb["advantages"], values, mb["old_values"], mb["returns"],
                          mb["mask"], entropy=entropy, clip_range=pc.clip_range, clip_range_value=pc.clip_range_value,
@@ -471,8 +485,8 @@ class Stage3Task(TrainingTask):
             wavs = self.waveforms(samples)
             reward_heard = self.hear_reward(samples, wavs) if asr.is_available(self.cfg.ppo.reward_asr) else None
             scores = self.judge(samples, texts, descriptions, ears, heard=reward_heard)
-            logprobs, _, mask, _ = step_logprobs(self.policy, samples, self.cfg.ppo.temperature)
-            ref_logprobs, _, _, _ = step_logprobs(self.reference, samples, self.cfg.ppo.temperature)
+            logprobs, _, mask, _ = step_logprobs(self.policy, samples, self.cfg.ppo.temperature, self.cfg_scale)
+            ref_logprobs, _, _, _ = step_logprobs(self.reference, samples, self.cfg.ppo.temperature, self.cfg_scale)
             inputs = build_student_inputs(self.llm, [JUDGE_INSTRUCTION] * len(texts), ears[2], None)
             heard = generate_reply(self.llm, inputs, max_new_tokens=self.cfg.llm.max_new_tokens)
             frames = samples["codes_lengths"].float()
