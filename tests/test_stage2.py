@@ -1,9 +1,11 @@
 """Stage 2 on a tiny corpus with the real bundled LLM: what trains, what stays frozen, what is saved."""
 
 import json
+import pickle
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 import torch.nn.functional as F
 
@@ -136,6 +138,13 @@ def test_feature_cache_is_rebuilt_when_stale_and_never_half_read(runs, tmp_path)
         expected, _ = model.audio_features(split.clip_codes(1)[None], torch.tensor([split.lengths()[1]]))
     assert len(features) == len(split)
     assert torch.allclose(features.clip_features(1).float(), expected[0], atol=2e-2)   # float16 copy
+    # written batch by batch at each clip's place, still a whole safetensors file that reads back the same
+    with safe_open(str(path), framework="pt") as handle:
+        whole, offsets = handle.get_tensor("features"), handle.get_tensor("offsets")
+    assert offsets.tolist() == [0, *torch.tensor(split.lengths()).cumsum(0).tolist()]
+    assert all(torch.equal(features.clip_features(i), whole[offsets[i]:offsets[i + 1]]) for i in range(len(split)))
+    copy = pickle.loads(pickle.dumps(features))                     # a DataLoader worker's copy opens its own file
+    assert copy._fd is None and torch.equal(copy.clip_features(2), features.clip_features(2))
     stamp = path.stat().st_mtime_ns
     feature_cache.load_or_build(path, model, split, layer=0, max_frames=1024)
     assert path.stat().st_mtime_ns == stamp                         # fresh: read, not recomputed
