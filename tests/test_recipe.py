@@ -122,6 +122,7 @@ def test_every_stage_runs_in_order_from_the_previous_best_and_a_stopped_recipe_c
     assert calls[0][1].endswith("stage2/stage2_latest.safetensors")   # stage 2 resumes exactly where it stopped
     state = json.loads((root / "recipe" / "recipe.json").read_text())
     assert [s["status"] for s in state["stages"]] == ["done"] * 4
+    assert all(s["peak_memory_mb"] > 50 for s in state["stages"])   # each stage's own peak, in recipe.json
     assert calls[1][1] == state["stages"][2]["checkpoint"]
     assert read_header(state["stages"][2]["checkpoint"]).step >= stopped_at
     assert read_header(state["stages"][3]["checkpoint"]).stage == "3"

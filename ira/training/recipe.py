@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 import psutil
 
+from ira import peak_memory
 from ira.checkpoint import CheckpointError, best_path, checkpoint_figure, find_latest, read_metadata
 from ira.config import STAGE_SECTIONS, IRAConfig
 from ira.eval.card import CARD_DIR, SPEAKING_STAGES
@@ -66,6 +67,7 @@ class StageRecord:
     started: Optional[float] = None    # when its current run began (time.time()): the app shows live minutes
     card: Optional[str] = None      # card.json of its handed-over checkpoint (ira/eval/card.py), once made
     card_error: Optional[str] = None   # why no card could be made (the recipe went on without it)
+    peak_memory_mb: Optional[float] = None   # the stage's peak resident memory (ira/peak_memory.py)
 
 
 @dataclass
@@ -262,6 +264,7 @@ def _run_recipe_here(cfg: IRAConfig, recipe: str, minutes: float, run_stage: Run
         record.status, record.start_from, record.started = "running", resume_from, time.time()
         state.save(state_path)
         say(f"{name}: {record.minutes:g} min budget" + (f", from {resume_from}" if resume_from else ""))
+        own_peak = peak_memory.reset()
         try:
             stage_cfg = stage_config(cfg, record)
             outcome = run_stage(record.stage, stage_cfg, resume_from)
@@ -272,6 +275,7 @@ def _run_recipe_here(cfg: IRAConfig, recipe: str, minutes: float, run_stage: Run
             record.minutes_used = round(record.minutes_used + (time.time() - record.started) / 60.0, 2)
             record.checkpoint = handed_over(record)
             record.status = outcome if outcome in ("done", "stopped") else "failed"
+            record.peak_memory_mb = round(max(peak_memory.peak_mb(), record.peak_memory_mb or 0.0), 1)
             state.save(state_path)
         if record.status != "done":
             say(f"{name}: {record.status}; run the same command again to continue the recipe here")
@@ -285,7 +289,8 @@ def _run_recipe_here(cfg: IRAConfig, recipe: str, minutes: float, run_stage: Run
             figure = checkpoint_figure(read_metadata(record.checkpoint))
         except CheckpointError:   # said by its card below; the hand-over goes on
             figure = ""
-        say(f"{name}: done in {record.minutes_used:.1f} min -> {record.checkpoint}" + (f" ({figure})" if figure else ""))
+        say(f"{name}: done in {record.minutes_used:.1f} min -> {record.checkpoint}" + (f" ({figure})" if figure else "")
+            + f"; peak memory {record.peak_memory_mb / 1024:.1f} GB" + ("" if own_peak else " (of the whole process)"))
         if make_card is not None and needs_card(record):
             write_stage_card(record, stage_cfg, make_card, say)
             state.save(state_path)
