@@ -174,3 +174,34 @@ def test_the_style_figures_travel_with_the_encoder_to_later_checkpoints(tmp_path
     assert only_style.tensors["speech_lm"] == {} and only_style.tensors["style"]
     assert StyleEncoder.from_checkpoint(only_style).measured == pytest.approx(STYLE_GOOD)
     assert load_checkpoint(later).tensors["speech_lm"]["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_real_training_writes_the_figures_the_notes_read(tmp_path, one_thread):
+    """A real (tiny) style run records its retrieval figures in its checkpoint, and a stage-1 run started from it
+    carries them: the stage-1 checkpoint's note on voice descriptions comes from the style stage's measurement."""
+    from ira.checkpoint import read_metadata
+    from ira.config import load_config
+    from ira.data.dummy import create_dummy_corpus
+    from ira.training.stage1 import run_stage1
+    from ira.training.stage_style import run_style_training
+
+    from conftest import TINY_STAGES, TINY_STYLE
+
+    corpus = create_dummy_corpus(tmp_path / "data", num_clips=12, seed=0)
+    style = run_style_training(load_config("cpu", TINY_STYLE + [f"data.dir={corpus}", "training.eval_every=1",
+                                                                "data.val_fraction=0.25",
+                                                                f"training.output_dir={tmp_path / 'style'}"]), cpu=True)
+    assert style.ok, style.message
+    figures = json.loads(read_metadata(style.last_checkpoint)[STYLE_EVAL_KEY])
+    assert 0 <= figures["top5"] <= 1 and figures["chance_top5"] > 0 and figures["step"] >= 1
+    stage1 = run_stage1(load_config("cpu", TINY_STAGES + [f"data.dir={corpus}", "training.max_steps=1",
+                                                          "training.val_asr_sentences=0",
+                                                          f"training.output_dir={tmp_path / 's1'}"]),
+                        resume_from=style.last_checkpoint, cpu=True)
+    assert stage1.ok, stage1.message
+    meta = read_metadata(stage1.last_checkpoint)
+    assert json.loads(meta[STYLE_EVAL_KEY]) == pytest.approx(figures)
+    note = checkpoint_quality(meta).style
+    assert note.measured and f"after {figures['step']} training steps" in note.text
+    assert SPEECH_EVAL_KEY not in meta                                   # no ASR asked: nothing said of its speech
+    assert checkpoint_quality(meta).speech.text.startswith("not measured")
