@@ -238,7 +238,7 @@ def build_style_tab(ws: Workspace, preset: str, overrides: list[str], device: st
                 "and where it falls on a map of the corpus.")
     with gr.Row():
         checkpoint = gr.Dropdown(checkpoints, value=pick_choice(None, checkpoints), allow_custom_value=True, scale=3,
-                                 label="Checkpoint with a style encoder (from workspace/runs, newest first)")
+                                 label="Checkpoint with a style encoder (workspace/runs; best first in each run)")
         corpus = gr.Dropdown(corpora, value=pick_choice(None, corpora), allow_custom_value=True, scale=2,
                              label="Corpus to search")
         refresh = gr.Button("↻ Refresh", scale=0, min_width=100)
