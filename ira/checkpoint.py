@@ -488,12 +488,16 @@ def _check_path(path: Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    modules: Optional[Iterable[str]] = None) -> Checkpoint:
     """Load every tensor of an IRA checkpoint, grouped by module. Errors are CheckpointError: among them a
-    checkpoint whose weights hold NaN or infinite values (a diverged run's), which nothing can use."""
+    checkpoint whose weights hold NaN or infinite values (a diverged run's), which nothing can use.
+
+    `modules`: read only the tensors of these modules (the others stay empty in `tensors`): the app's Voice Style
+    tab reads a stage-3 checkpoint's small style encoder without its SpeechLM, adapter and the rest."""
     path = Path(path)
     meta = read_metadata(path)
-    flat = _read_tensors(path, device)
+    flat = _read_tensors(path, device, None if modules is None else set(modules))
     bad = nonfinite_tensors(flat)
     if bad:
         raise CheckpointError(f"{path}: {_nonfinite_summary(bad)}: it was saved by a run whose weights had diverged, "
@@ -506,9 +510,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     return Checkpoint(path=path, tensors=tensors, metadata=dict(meta))
 
 
-def _read_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, device: str | torch.device = "cpu", modules: Optional[set[str]] = None
+                  ) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt", device=str(device)) as f:
-        return {key: f.get_tensor(key) for key in f.keys()}
+        return {key: f.get_tensor(key) for key in f.keys() if modules is None or key.partition(".")[0] in modules}
 
 
 def is_finite_checkpoint(path: str | Path) -> bool:

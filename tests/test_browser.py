@@ -207,6 +207,11 @@ def test_click_through_the_tabs(served, page, shots):
     page.wait_for_function("() => document.body.innerText.includes('answered in')", timeout=120_000)
     answer = page.get_by_label("The LLM's answer about the speech (it never sees the text)").input_value()
     assert answer.strip()
+    # a four-step PPO checkpoint's outputs carry what was measured of them, in plain words, beside them
+    shown = page.evaluate("() => document.body.innerText")
+    speech = shown.split("answered in", 1)[1]
+    assert "Speech: near random" in speech or "Speech: not measured" in speech, speech
+    assert "The LLM's answer: " in speech
     page.screenshot(path=str(shots / "4-generate.png"), full_page=True)
 
 

@@ -76,7 +76,12 @@ def _search(app, description: str = QUERY, checkpoint=None, corpus: str = "tiny"
 def test_lists_hold_the_style_checkpoints_and_the_corpora(style_app):
     checkpoint, corpus = style_app.client.predict(None, None, api_name="/style_lists")
     choices = {c[1] if isinstance(c, (list, tuple)) else c for c in checkpoint["choices"]}
-    assert choices == {f"runs/voice/{p.name}" for p in (style_app.root / "runs" / "voice").glob("*.safetensors")}
+    # one line per distinct save: a file reached by another name (best, latest) is named in that line's label
+    named = set()
+    for label, path in checkpoint["choices"]:
+        named |= {Path(path).stem, *(label.split(" · also ")[1].split(", ") if " · also " in label else [])}
+    files = (style_app.root / "runs" / "voice").glob("*.safetensors")
+    assert named == {p.stem for p in files} and len(choices) == len(checkpoint["choices"])
     assert style_app.other not in choices and len(choices) >= 1
     assert checkpoint["value"] in choices
     assert corpus["value"] == "tiny"
@@ -85,6 +90,10 @@ def test_lists_hold_the_style_checkpoints_and_the_corpora(style_app):
 def test_search_finds_the_nearest_clips_and_maps_the_description(style_app):
     readout, table, clip, audio, plot = _search(style_app)
     assert "16-d unit vector" in readout and f"{N_CLIPS} clips" in readout and "embedded" in readout
+    # what the results and the encoder are worth, beside them: a two-step encoder is near random or unmeasured
+    assert "**These results**: " in readout and "**This encoder**: " in readout
+    encoder = readout.split("**This encoder**: ")[1]
+    assert encoder.startswith(("near random", "not measured")), readout
     assert table["headers"] == ["id", "description", "similarity"] and len(table["data"]) == K
     sims = [row[2] for row in table["data"]]
     assert sims == sorted(sims, reverse=True) and all(-1.0 <= s <= 1.0 for s in sims)
@@ -120,6 +129,7 @@ def test_search_finds_the_nearest_clips_and_maps_the_description(style_app):
 def test_compare_two_descriptions(style_app):
     same = style_app.client.predict(style_app.rel, QUERY, f"  {QUERY} ", api_name="/style_compare")
     assert "Cosine similarity +1.000" in same and "nearly the same voice" in same
+    assert "pairs of different descriptions score" in same and "**This encoder**: " in same   # read against them
     other = style_app.client.predict(style_app.rel, QUERY, "a fast, squeaky child", api_name="/style_compare")
     assert "Cosine similarity" in other and "+1.000" not in other
     with pytest.raises(AppError, match="second description is empty"):
@@ -129,8 +139,9 @@ def test_compare_two_descriptions(style_app):
 def test_bad_inputs_are_clear_errors(style_app):
     with pytest.raises(AppError, match="voice description is empty"):
         _search(style_app, "  ")
-    with pytest.raises(AppError, match="choose a checkpoint"):
-        style_app.client.predict(None, "tiny", QUERY, K, 2000, api_name="/style_search")
+    # no checkpoint chosen: said in the readout, not as a red error badge on each output
+    assert "Choose a checkpoint" in style_app.client.predict(None, "tiny", QUERY, K, 2000, api_name="/style_search")[0]
+    assert "Choose a checkpoint" in style_app.client.predict(None, "a", "b", api_name="/style_compare")
     with pytest.raises(AppError, match="holds no style encoder"):
         _search(style_app, checkpoint=style_app.other)
     with pytest.raises(AppError, match="outside the workspace"):

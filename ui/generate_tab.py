@@ -8,7 +8,6 @@ them (`load_llm` reuses one copy per process). API endpoints: /speak, /understan
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -22,7 +21,8 @@ import torch
 
 from ira.inference import RESPOND_PROMPT, IRAPipeline, create_pipeline_from_checkpoints
 from ira.speaker import SamplingSettings
-from ira.checkpoint import checkpoint_modules, read_metadata
+from ira.checkpoint import read_metadata
+from ira.eval.quality import Quality, answer_cut_note, checkpoint_quality, find_card
 from ira.training.recipe import STATE_FILE, RecipeError, RecipeState
 from ui.data_tab import guarded
 from ui.ffmpeg import ensure_ffmpeg_on_path
@@ -37,11 +37,15 @@ CHUNK_FRAMES = 15
 DEFAULT_TEXT = "Hello! This is my own speech model talking."
 DEFAULT_STYLE = "a slow, deep voice with a British accent"
 MAX_CACHED_PIPELINES = 2
+ANSWER_TOKENS = 64
+"""The most tokens the LLM answers with here; an answer that reaches it is said to be cut off."""
+NO_CHECKPOINT = "Choose a checkpoint above first (train stage 1 in the Train tab, then press ↻ Refresh)."
 
 
 def speaking_checkpoints(ws: Workspace) -> list[tuple[str, str]]:
-    """(label, path) of the workspace checkpoints that can speak (stage 1, 2 or 3), newest run first."""
-    return ws.labelled_checkpoints(lambda meta: meta.get("stage") in SPEAKING_STAGES)
+    """(label, path) of the workspace checkpoints that can speak (stage 1, 2 or 3): one line per distinct save,
+    grouped by run (the run written to last first), best first within a run (`Workspace.distinct_checkpoints`)."""
+    return ws.distinct_checkpoints(lambda meta: meta.get("stage") in SPEAKING_STAGES)
 
 
 def finished_recipe_checkpoint(ws: Workspace) -> Optional[str]:
@@ -79,30 +83,33 @@ def cannot_hear(rel: str) -> str:
             f"checkpoint above, or train stage 2 from this one in the Train tab.")
 
 
+def checkpoint_quality_of(ws: Workspace, rel: str) -> Quality:
+    """What the checkpoint was measured to do (ira/eval/quality.py): its header's figures and, when it is this
+    save's, the card next to it (read only when it stays inside the workspace)."""
+    path = ws.resolve(rel, must_exist=True)
+    meta = read_metadata(path)
+    return checkpoint_quality(meta, find_card(path, meta, allowed=ws.inside))
+
+
 def checkpoint_summary(ws: Workspace, rel: str) -> str:
-    """One line on what a checkpoint can do here: speak, follow descriptions, answer."""
-    meta = read_metadata(ws.resolve(rel, must_exist=True))
-    modules = checkpoint_modules(meta)
-    parts = [f"stage {meta.get('stage')}, step {meta.get('step')}",
-             "follows voice descriptions" if "style" in modules else "no style encoder (descriptions ignored)",
-             understanding_summary(meta) if "adapter" in modules else
-             "no adapter: speaks, but the LLM cannot answer (train stage 2)"]
-    return " · ".join(parts)
+    """The checkpoint line: stage and step, then one plain sentence per skill, from what was measured."""
+    return checkpoint_quality_of(ws, rel).markdown()
 
 
-def understanding_summary(meta: dict[str, str]) -> str:
-    """What the LLM hears through this checkpoint's adapter, as its stage-2 validation measured it."""
-    try:
-        figures = json.loads(meta.get("understanding", ""))
-        accuracy, clips = float(figures["choice_accuracy"]), int(figures["clips"])
-    except (ValueError, KeyError, TypeError):
-        return "adapter not measured: run `ira eval understanding` before trusting its answers"
-    measured = f"4-way choice {accuracy:.2f} on {clips} held-out clips, chance 0.25"
-    if accuracy < 0.5:
-        return f"the LLM does not hear its audio yet ({measured}): train stage 2 longer"
-    cer = figures.get("repeat_cer")
-    repeat = f", repeats with CER {float(cer):.2f}" if cer is not None else ""
-    return f"the LLM understands its audio ({measured}{repeat})"
+def speech_notes(quality: Quality, described: bool) -> list[str]:
+    """Markdown lines beside a checkpoint's speech: how intelligible it was measured to be and, when a description
+    or reference clip steered it, what its style encoder was measured to do."""
+    lines = [f"**Speech**: {quality.speech.text}"] if quality.speech is not None else []
+    if described:
+        lines.append(f"**Voice description**: {quality.style.text}")
+    return lines
+
+
+def answer_notes(quality: Quality, tokens: int, limit: int = ANSWER_TOKENS) -> list[str]:
+    """Markdown lines beside the LLM's answer: what the adapter was measured to let it hear, and a cut answer."""
+    lines = [f"**The LLM's answer**: {quality.answers.text}"] if quality.answers is not None else []
+    cut = answer_cut_note(tokens, limit)
+    return lines + ([f"**Cut off**: {cut}"] if cut else [])
 
 
 class PipelineCache:
@@ -197,6 +204,7 @@ def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[
             ask = gr.Button("Ask the LLM", variant="primary")
         with gr.Column(scale=2):
             reply = gr.Textbox(label="The LLM's answer", lines=4, interactive=False)
+            reply_note = gr.Markdown("")
     offered = gr.State(first)   # the default last offered: a refresh moves it on unless the user chose another
 
     def pipeline_for(rel: Optional[str], progress: Optional[gr.Progress] = None) -> IRAPipeline:
@@ -209,13 +217,19 @@ def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[
                  temp: float, k: float, p: float, cfg: float, seed_value: float, seconds: float,
                  progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
         start = time.perf_counter()
+        if not rel or not str(rel).strip():   # said beside the outputs, not as an error badge on each of them
+            gr.Warning(NO_CHECKPOINT)
+            yield None, None, "", NO_CHECKPOINT
+            return
         settings = guarded("Settings", sampling_settings, temp, k, p, cfg, seed_value, seconds)
         progress(0.0, desc="loading the checkpoint")
         pipeline = guarded("Loading the checkpoint", pipeline_for, rel, progress)
+        quality = guarded("Reading the checkpoint", checkpoint_quality_of, ws, rel)
         if pipeline.speaker.style_encoder is None and ((style_value or "").strip() or reference_path):
             gr.Warning("This checkpoint has no style encoder: the voice description and reference are ignored "
                        "(train stage 1 from a style checkpoint to use them).")
             style_value, reference_path = None, None
+        described = bool((style_value or "").strip() or reference_path)
         chunks = guarded("Speaking", pipeline.speaker.stream_with_codes, text_value, style_value or None,
                          reference_path or None, settings, CHUNK_FRAMES)
         codes, waves, first = [], [], None
@@ -239,28 +253,42 @@ def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[
         path = str(pipeline.save_audio(wav, out))
         spoken = time.perf_counter() - start
         status = f"{wav.numel() / pipeline.sample_rate:.2f} s of speech in {spoken:.2f} s (first audio after {first:.2f} s)"
+        heard = speech_notes(quality, described)
         if not pipeline.can_understand:
-            yield None, path, "", f"{status}. {cannot_hear(rel)}"
+            yield None, path, "", "\n\n".join([f"{status}. {cannot_hear(rel)}", *heard])
             return
-        yield None, path, "", f"{status}; the LLM is listening…"
+        yield None, path, "", "\n\n".join([f"{status}; the LLM is listening…", *heard])
         result = guarded("The LLM's answer", pipeline.answer_speech, torch.cat(codes, dim=1), wav,
-                         (question_value or "").strip() or RESPOND_PROMPT)
+                         (question_value or "").strip() or RESPOND_PROMPT, ANSWER_TOKENS)
+        answered = (f"{status}; answered in {result['adapter_s'] + result['llm_s']:.2f} s "
+                    f"({result['tokens']} tokens)")
         yield (None, path, result["reply"] or "(no answer)",
-               f"{status}; answered in {result['adapter_s'] + result['llm_s']:.2f} s "
-               f"({result['tokens']} tokens)")
+               "\n\n".join([answered, *heard, *answer_notes(quality, result["tokens"])]))
 
-    def on_ask(rel: str, audio_path: Optional[str], prompt_value: str) -> str:
+    def on_ask(rel: str, audio_path: Optional[str], prompt_value: str) -> tuple[str, str]:
+        if not rel or not str(rel).strip():
+            gr.Warning(NO_CHECKPOINT)
+            return "", NO_CHECKPOINT
         if not audio_path:
             raise gr.Error("record or upload some speech first", title="Understand", print_exception=False)
         pipeline = guarded("Loading the checkpoint", pipeline_for, rel)
         if not pipeline.can_understand:
             raise gr.Error(cannot_hear(rel), title="Understand", print_exception=False)
-        return guarded("Understanding", pipeline.understand, audio_path, prompt_value or "What did the speaker say?")
+        quality = guarded("Reading the checkpoint", checkpoint_quality_of, ws, rel)
+        reply = guarded("Understanding", pipeline.understand, audio_path, prompt_value or "What did the speaker say?",
+                        max_new_tokens=ANSWER_TOKENS)
+        tokens = len(pipeline.listener.llm.tokenizer.encode(reply, add_special_tokens=False)) if reply else 0
+        return reply, "\n\n".join(answer_notes(quality, tokens))
 
-    def on_checkpoint(rel: Optional[str]) -> str:
-        if not rel:
-            return "No checkpoint chosen."
-        return guarded("Reading the checkpoint", checkpoint_summary, ws, rel)
+    def on_checkpoint(rel: Optional[str]) -> tuple:
+        """The new checkpoint's line, and the outputs of the previous one cleared (they are not this one's)."""
+        cleared = (None, None, "", "", "", "")
+        if not rel or not str(rel).strip():
+            return ("No checkpoint chosen.", *cleared)
+        try:
+            return (checkpoint_summary(ws, rel), *cleared)
+        except (ValueError, OSError) as exc:   # a typed path that is not a checkpoint: said here, not as an error badge
+            return (f"Cannot read this checkpoint: {exc}", *cleared)
 
     def refresh_lists(current: Optional[str] = None, last_offered: Optional[str] = None) -> tuple:
         """Today's checkpoints; the choice stays unless it is still the default the tab offered, which then
@@ -272,9 +300,10 @@ def build_generate_tab(ws: Workspace, device: str = "auto", pipelines: Optional[
 
     speak.click(on_speak, [checkpoint, text, style, reference, question, temperature, top_k, top_p, cfg_scale,
                            seed, max_seconds], [stream_out, full_out, answer, speak_status], api_name="speak",
-                concurrency_limit=1, concurrency_id="inference")
-    ask.click(on_ask, [checkpoint, heard, prompt], reply, api_name="understand_audio",
-              concurrency_limit=1, concurrency_id="inference")
-    checkpoint.change(on_checkpoint, checkpoint, about, api_visibility="private")
+                concurrency_limit=1, concurrency_id="inference", show_progress_on=[speak_status])
+    ask.click(on_ask, [checkpoint, heard, prompt], [reply, reply_note], api_name="understand_audio",
+              concurrency_limit=1, concurrency_id="inference", show_progress_on=[reply])
+    checkpoint.change(on_checkpoint, checkpoint, [about, stream_out, full_out, answer, speak_status, reply, reply_note],
+                      api_name="generate_checkpoint_quality")
     refresh.click(refresh_lists, [checkpoint, offered], [checkpoint, offered], api_name="generate_checkpoints")
     return GenerateTab(checkpoint=checkpoint, offered=offered, refresh_lists=refresh_lists)

@@ -20,8 +20,9 @@ import pandas as pd
 import torch
 
 from ira.models.style import StyleEncoder
+from ira.eval.quality import BASELINE_DESCRIPTIONS, Note, checkpoint_quality, compare_note, nearest_note
 from ira.style_search import (DEFAULT_MAX_CLIPS, Neighbour, Progress, StyleIndex, compare, index_key,
-                              nearest, style_index, style_map)
+                              nearest, similarities, style_index, style_map)
 from ira.checkpoint import checkpoint_modules, load_checkpoint, read_metadata
 from ira.models.hub import style_encoder_from_checkpoint
 from ui.data_tab import clip_audio_path, guarded
@@ -37,14 +38,18 @@ SERIES = ("corpus clip", "nearest clip", "your description")
 MAP_COLORS = {"corpus clip": "#9ca3af", "nearest clip": "#2563eb", "your description": "#dc2626"}
 MAX_ENCODERS = 2
 MAX_INDEXES = 4
+EMPTY_TABLE = pd.DataFrame([], columns=TABLE_COLUMNS)
+NO_CHECKPOINT = ("Choose a checkpoint with a style encoder above first (train the style stage in the Train tab, then "
+                 "press ↻ Refresh).")
 
 
 # ------------------------------------------------------------------------------- pure helpers
 
 
 def style_checkpoints(ws: Workspace) -> list[tuple[str, str]]:
-    """(label, path) of the workspace checkpoints that hold a style encoder (any stage), newest run first."""
-    return ws.labelled_checkpoints(lambda meta: "style" in checkpoint_modules(meta))
+    """(label, path) of the workspace checkpoints that hold a style encoder (any stage): one line per distinct save,
+    grouped by run (the run written to last first), best first within a run (`Workspace.distinct_checkpoints`)."""
+    return ws.distinct_checkpoints(lambda meta: "style" in checkpoint_modules(meta))
 
 
 def checkpoint_path(ws: Workspace, rel: Optional[str]) -> Path:
@@ -74,17 +79,18 @@ def check_description(text: Optional[str], what: str = "the voice description") 
     return str(text)
 
 
-def similarity_reading(cos: float) -> str:
-    """A one-line reading of a cosine similarity between two style vectors."""
-    if cos >= 0.9:
-        return "nearly the same voice, to this encoder"
-    if cos >= 0.6:
-        return "similar voices"
-    if cos >= 0.3:
-        return "somewhat alike"
-    if cos >= 0.0:
-        return "different voices"
-    return "opposite voices (far apart in the style space)"
+def encoder_note(path: Path) -> Note:
+    """What the checkpoint's style encoder was measured to do (ira/eval/quality.py), from its header."""
+    return checkpoint_quality(read_metadata(path)).style
+
+
+def baseline_similarities(encoder: StyleEncoder) -> list[float]:
+    """The cosine similarity of every pair of `BASELINE_DESCRIPTIONS` (varied voices) with this encoder: what it
+    gives two descriptions of different voices, against which a comparison is read."""
+    with torch.no_grad():
+        vectors = encoder.embed_text(list(BASELINE_DESCRIPTIONS)).float().cpu()
+    sims = vectors @ vectors.T
+    return [float(sims[i, j]) for i in range(len(vectors)) for j in range(i + 1, len(vectors))]
 
 
 def embedding_readout(vector: torch.Tensor, index: StyleIndex, corpus: str, loaded: bool, seconds: float) -> str:
@@ -138,7 +144,8 @@ class StyleModels:
         key = (str(path), read_metadata(path).get("checkpoint_id", ""))
         with self._encoder_lock:
             if key not in self._encoders:
-                model = style_encoder_from_checkpoint(load_checkpoint(path), self.device)
+                # only the style tensors: a stage-3 checkpoint's SpeechLM and adapter are not read (item 5 of issue 37)
+                model = style_encoder_from_checkpoint(load_checkpoint(path, modules=("style",)), self.device)
                 while len(self._encoders) >= self.max_encoders:
                     self._encoders.pop(next(iter(self._encoders)))
                 self._encoders[key] = model
@@ -183,22 +190,28 @@ def search(ws: Workspace, models: StyleModels, rel: Optional[str], corpus: Optio
     with torch.no_grad():
         vector = encoder.embed_description(description).float().cpu()
     found = nearest(index, vector, min(int(k), MAX_K))
+    reading = nearest_note([n.similarity for n in found], similarities(index, vector).tolist())
     table = pd.DataFrame([[n.clip_id, n.description, round(n.similarity, 4)] for n in found],
                          columns=TABLE_COLUMNS)
     frame, explained = map_frame(index, found, vector, description)
     ids = [n.clip_id for n in found]
     audio = clip_audio_path(ws, corpus_dir.name, ids[0]) if ids else None
-    return SearchResult(embedding_readout(vector, index, corpus_dir.name, loaded, seconds), table, ids, audio, frame,
-                        explained)
+    notes = f"**These results**: {reading.text}  \n**This encoder**: {encoder_note(path).text}  \n"
+    return SearchResult(notes + embedding_readout(vector, index, corpus_dir.name, loaded, seconds), table, ids, audio,
+                        frame, explained)
 
 
 def compare_descriptions(ws: Workspace, models: StyleModels, rel: Optional[str], a: Optional[str],
                          b: Optional[str]) -> str:
-    """Markdown: the cosine similarity of two descriptions and a one-line reading."""
+    """Markdown: the cosine similarity of two descriptions, read against what the same encoder gives descriptions of
+    different voices (`compare_note`), and what the encoder was measured to do."""
     a = check_description(a, "the first description")
     b = check_description(b, "the second description")
-    cos = compare(models.encoder(checkpoint_path(ws, rel)), a, b)
-    return f"**Cosine similarity {cos:+.3f}**: {similarity_reading(cos)}"
+    path = checkpoint_path(ws, rel)
+    encoder = models.encoder(path)
+    cos = compare(encoder, a, b)
+    reading = compare_note(cos, baseline_similarities(encoder))
+    return f"**Cosine similarity {cos:+.3f}**: {reading.text}  \n**This encoder**: {encoder_note(path).text}"
 
 
 # ------------------------------------------------------------------------------------- the tab
@@ -225,7 +238,7 @@ def build_style_tab(ws: Workspace, preset: str, overrides: list[str], device: st
                 "and where it falls on a map of the corpus.")
     with gr.Row():
         checkpoint = gr.Dropdown(checkpoints, value=pick_choice(None, checkpoints), allow_custom_value=True, scale=3,
-                                 label="Checkpoint with a style encoder (from workspace/runs, newest first)")
+                                 label="Checkpoint with a style encoder (workspace/runs; best first in each run)")
         corpus = gr.Dropdown(corpora, value=pick_choice(None, corpora), allow_custom_value=True, scale=2,
                              label="Corpus to search")
         refresh = gr.Button("↻ Refresh", scale=0, min_width=100)
@@ -262,6 +275,9 @@ def build_style_tab(ws: Workspace, preset: str, overrides: list[str], device: st
 
     def on_search(rel: Optional[str], name: Optional[str], text: Optional[str], k_value: float,
                   max_value: float, progress: gr.Progress = gr.Progress()) -> tuple:
+        if not rel or not str(rel).strip():   # said in the readout, not as an error badge on each output
+            gr.Warning(NO_CHECKPOINT)
+            return NO_CHECKPOINT, EMPTY_TABLE, gr.Dropdown(choices=[], value=None), None, None
         report = lambda fraction, message: progress(fraction, desc=message)  # noqa: E731
         result = guarded("Searching the voices", search, ws, models, rel, name, text, int(k_value or DEFAULT_K),
                          int(max_value or DEFAULT_MAX_CLIPS), report)
@@ -273,6 +289,9 @@ def build_style_tab(ws: Workspace, preset: str, overrides: list[str], device: st
                                y_title=f"principal axis 2 ({share[1]})"))
 
     def on_compare(rel: Optional[str], a: Optional[str], b: Optional[str]) -> str:
+        if not rel or not str(rel).strip():
+            gr.Warning(NO_CHECKPOINT)
+            return NO_CHECKPOINT
         return guarded("Comparing the descriptions", compare_descriptions, ws, models, rel, a, b)
 
     def on_clip(name: Optional[str], clip_id: Optional[str]) -> Optional[str]:
@@ -293,9 +312,15 @@ def build_style_tab(ws: Workspace, preset: str, overrides: list[str], device: st
 
     search_inputs = [checkpoint, corpus, description, k, max_clips]
     search_outputs = [readout, table, clip, audio, plot]
-    search_button.click(on_search, search_inputs, search_outputs, api_name="style_search")
-    description.submit(on_search, search_inputs, search_outputs, api_visibility="private")
+
+    def on_checkpoint(rel: Optional[str]) -> tuple:
+        """Another encoder: the previous one's results and comparison are not this one's, so they go."""
+        return "", EMPTY_TABLE, gr.Dropdown(choices=[], value=None), None, None, ""
+
+    search_button.click(on_search, search_inputs, search_outputs, api_name="style_search", show_progress_on=[readout])
+    description.submit(on_search, search_inputs, search_outputs, api_visibility="private", show_progress_on=[readout])
     compare_button.click(on_compare, [checkpoint, first, second], compared, api_name="style_compare")
+    checkpoint.change(on_checkpoint, checkpoint, [*search_outputs, compared], api_visibility="private")
     clip.input(on_clip, [corpus, clip], audio, api_name="style_clip_audio")
     table.select(on_table_select, corpus, [clip, audio], api_visibility="private")
     refresh.click(refresh_lists, [checkpoint, corpus], [checkpoint, corpus], api_name="style_lists")

@@ -16,6 +16,8 @@ and named, one that stays inside is followed. This module is the one place that 
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from collections import deque
@@ -257,6 +259,29 @@ class Workspace:
         `list_checkpoints`: a dropdown's choices, labelled with what each checkpoint is (`checkpoint_label`)."""
         return [(checkpoint_label(rel, meta), rel) for rel, meta in self.checkpoint_headers() if keep(meta)]
 
+    def distinct_checkpoints(self, keep: Callable[[dict[str, str]], bool] = lambda meta: True
+                             ) -> list[tuple[str, str]]:
+        """(label, relative path): one line per distinct save whose header `keep` accepts, grouped by run folder
+        (the run written to last first, as `list_checkpoints`) and, within a run, best first by the figure the run
+        keeps its best by (`checkpoint_order`). A save reached by several names (stage1_best, stage1_latest and
+        stage1_step16 hold the same checkpoint_id) is one line, under its most telling name, whose label names
+        the others ("also stage1_latest")."""
+        runs: dict[str, list[tuple[str, dict[str, str]]]] = {}
+        for rel, meta in self.checkpoint_headers():
+            if keep(meta):
+                runs.setdefault(str(Path(rel).parent), []).append((rel, meta))
+        lines: list[tuple[str, str]] = []
+        for headers in runs.values():
+            saves: dict[str, list[tuple[str, dict[str, str]]]] = {}
+            for rel, meta in headers:   # best, latest, then the others: the first name of a save is its best one
+                saves.setdefault(meta.get("checkpoint_id") or rel, []).append((rel, meta))
+            for names in sorted(saves.values(), key=lambda names: checkpoint_order(*names[0])):
+                rel, meta = names[0]
+                also = [Path(other).name.removesuffix(".safetensors") for other, _ in names[1:]]
+                label = checkpoint_label(rel, meta) + (f" · also {', '.join(also)}" if also else "")
+                lines.append((label, rel))
+        return lines
+
     def list_checkpoints(self) -> list[str]:
         """Every `*.safetensors` under runs/ (relative to the workspace), run by run (the run written to last
         first) and, within a run, its best, then its latest, then the others newest first: the checkpoint a
@@ -284,6 +309,28 @@ def pick_choice(current: Optional[str], choices: Sequence[str] | Sequence[tuple[
     else the first value (None when there is none)."""
     values = [c[1] if isinstance(c, tuple) else c for c in choices]
     return current if current in values else (values[0] if values else None)
+
+
+HIGHER_IS_BETTER = ("accuracy", "top1", "top5", "match", "reward")
+"""Words in a metric's name that mean larger is better (choice accuracy, top-5, rewards); the others (WER, CER,
+losses, errors) are better small."""
+
+
+def checkpoint_order(rel: str, meta: Mapping[str, str]) -> tuple:
+    """Sort key of a run's checkpoints, best first: by the figure the run keeps its best by (its direction read from
+    the metric's name), saves without one after those with one; then the higher step; then the name."""
+    try:
+        metric = json.loads(meta.get("metric") or "null")
+        value = float(metric["value"])
+        higher = any(word in str(metric.get("name", "")) for word in HIGHER_IS_BETTER)
+        figure = (0, -value if higher else value) if math.isfinite(value) else (1, 0.0)
+    except (ValueError, TypeError, KeyError):
+        figure = (1, 0.0)
+    try:
+        step = int(meta.get("step", -1))
+    except ValueError:
+        step = -1
+    return (*figure, -step, rel)
 
 
 def checkpoint_label(rel: str, meta: Mapping[str, str]) -> str:

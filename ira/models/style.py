@@ -39,7 +39,7 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ INIT_TEMPERATURE = 0.07        # CLIP's initial temperature
 MAX_LOGIT_SCALE = 100.0        # CLIP's clamp on exp(log_scale)
 TRIM_DB = 40.0                 # silence trimming of raw waveforms, as in data preparation
 SILENCE_DB = -55.0             # quieter clips are refused, as in data preparation
+STYLE_EVAL_KEY = "style_eval"
+"""Checkpoint metadata: the encoder's retrieval figures (JSON), see `StyleEncoder.measured` (the app reads them
+through ira/eval/quality.py, which names the key too: models never import evaluation)."""
 
 
 # ------------------------------------------------------------------------------------------ loss
@@ -193,6 +196,10 @@ class StyleEncoder(nn.Module):
             self.text_proj = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(text_dim, cfg.embed_dim))
         self.audio = AudioTower(cfg)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / INIT_TEMPERATURE)))
+        self.measured: Optional[dict[str, float]] = None
+        """Its retrieval figures at the style stage's last validation (top5, chance_top5, n_queries, step...):
+        saved as the checkpoint's `style_eval` and carried by every later stage's checkpoint with the encoder, so
+        the app can say how well a stage-3 checkpoint's encoder finds a described voice (ira/eval/quality.py)."""
 
     @classmethod
     def from_checkpoint(cls, checkpoint: "Checkpoint | str | Path", device: str | torch.device = "cpu") -> "StyleEncoder":
@@ -208,6 +215,7 @@ class StyleEncoder(nn.Module):
             raise CheckpointError(f"{ckpt.path} was trained on the sentence encoder {recorded!r}, but this machine "
                                   f"loads {model.sentence_encoder.name!r}; the projection only fits the former")
         ckpt.load_into("style", model)
+        model.measured = _measured(ckpt.metadata.get(STYLE_EVAL_KEY))
         for p in model.parameters():
             p.requires_grad_(False)
         return model.to(device).eval()
@@ -237,8 +245,11 @@ class StyleEncoder(nn.Module):
 
     def metadata(self) -> dict[str, str]:
         """Checkpoint metadata of the module "style" (string values)."""
-        return {"embed_dim": str(self.cfg.embed_dim), "text_encoder": self.sentence_encoder.name,
+        meta = {"embed_dim": str(self.cfg.embed_dim), "text_encoder": self.sentence_encoder.name,
                 "style_config": json.dumps(asdict(self.cfg))}
+        if self.measured is not None:
+            meta[STYLE_EVAL_KEY] = json.dumps(self.measured)
+        return meta
 
     # -------------------------------------------------------------- text tower
 
@@ -352,6 +363,16 @@ def pad_mels(items: Sequence[torch.Tensor], max_frames: int | None = None) -> tu
     for i, m in enumerate(cut):
         batch[i, :, : m.shape[1]] = m
     return batch, lengths
+
+
+def _measured(text: Optional[str]) -> Optional[dict[str, float]]:
+    """A checkpoint's `style_eval` entry as a dict; None when it has none (older checkpoints) or it is unreadable
+    (the figures only inform the app: a bad entry is dropped, not an error)."""
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def load_style_encoder(path: str | Path, device: str | torch.device = "cpu") -> StyleEncoder:

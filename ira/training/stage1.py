@@ -24,6 +24,7 @@ from ira.data.dataset import LengthBucketBatchSampler, SpeechTokenDataset, pad_c
 from ira.data.prepare import PrepareResult, ensure_prepared
 from ira.data.token_cache import TokenSplit, load_split
 from ira.eval import asr
+from ira.eval.quality import SPEECH_EVAL_KEY
 from ira.eval.speech import Heard, score_speaker
 from ira.models.hub import CodecState, component_metadata, style_encoder_from_checkpoint
 from ira.models.reading_rate import min_frames_for
@@ -103,6 +104,7 @@ class Stage1Task(TrainingTask):
         self.asr_sentences = list(dict.fromkeys(self.val_split.texts))[: cfg.training.val_asr_sentences]
         self.best_metric = ("val_wer", "min") if self.asr_sentences and asr.is_available() else ("val_loss", "min")
         self.last_heard: list[Heard] = []
+        self.speech_eval: Optional[dict[str, float]] = None   # the last validation's val_wer, for the header
         self.style_tables: dict[str, StyleTable] = {}
         if style_encoder is not None:
             if style_encoder.embed_dim != cfg.speech_lm.style_dim:
@@ -161,6 +163,8 @@ class Stage1Task(TrainingTask):
         speaker = Speaker(self.model, self.tokenizer, self.codec)
         score = score_speaker(speaker, sentences, asr.transcriber())
         self.last_heard = score.items
+        # the header's note on its speech, and stage 2's (whose SpeechLM this is): ira/eval/quality.py
+        self.speech_eval = {"wer": score.wer, "cer": score.cer, "sentences": len(sentences)}
         return {"val_wer": score.wer, "val_cer": score.cer}
 
     def validate(self, loader: Any) -> dict[str, float]:
@@ -225,6 +229,8 @@ class Stage1Task(TrainingTask):
         meta = component_metadata(self.codec, self.tokenizer, self.model)
         if self.style_encoder is not None:
             meta.update(self.style_encoder.metadata())
+        if self.speech_eval is not None:
+            meta[SPEECH_EVAL_KEY] = json.dumps(self.speech_eval)
         return meta
 
 

@@ -34,6 +34,7 @@ from ira.config import IRAConfig
 from ira.data.dataset import LengthBucketBatchSampler
 from ira.data.prepare import ensure_prepared
 from ira.data.token_cache import TokenSplit, cache_dir, load_split
+from ira.eval.quality import SPEECH_EVAL_KEY
 from ira.eval.understanding import score_understanding
 from ira.hardware import resolve_device
 from ira.models.adapter import PerceiverAdapter
@@ -379,8 +380,10 @@ class Stage2Task(TrainingTask):
         self._phase_timed_out = bool(state.get("phase_timed_out", False))
 
     def checkpoint_metadata(self) -> dict[str, str]:
+        # stage 1's speech_eval too: the SpeechLM is stage 1's, frozen, so its measured speech is this one's
         meta = {key: self.source.metadata[key] for key in ("codec_fingerprint", "codec_meta", "tokenizer",
-                                                            "speech_lm") if key in self.source.metadata}
+                                                            "speech_lm", SPEECH_EVAL_KEY)
+                if key in self.source.metadata}
         if self.style_encoder is not None:
             meta.update(self.style_encoder.metadata())
         meta["adapter"] = json.dumps(self.adapter.config_dict())

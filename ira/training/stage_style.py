@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 MATCH_ATTRIBUTES = ("pitch", "rate", "gender", "accent")
 """What `attr_match` compares between the query clip and the retrieved one."""
 EVAL_BATCH = 64
+STYLE_EVAL_FIGURES = ("top1", "top5", "chance_top1", "chance_top5", "desc_match", "desc_match_chance", "n_clips",
+                      "n_queries")
+"""The retrieval figures a checkpoint's `style_eval` header keeps (with the step they were measured at)."""
 
 
 @dataclass
@@ -337,6 +340,9 @@ class StyleTask(TrainingTask):
         indices = [i for batch in loader for i in torch.as_tensor(batch).tolist()]
         clips = [self.val_clips[i] for i in indices]
         metrics = evaluate_retrieval(self.model, clips, soft_targets=self.cfg.style.soft_targets)
+        # what the checkpoint's header (and every later stage's) says about this encoder: ira/eval/quality.py
+        self.model.measured = {**{k: metrics[k] for k in STYLE_EVAL_FIGURES},
+                               "step": self.micro_step // max(1, self.cfg.training.grad_accum_steps)}
         return {f"val_{k}": v for k, v in metrics.items()}
 
     def checkpoint_metadata(self) -> dict[str, str]:
