@@ -805,7 +805,8 @@ def test_a_recipe_job_is_watched_in_its_running_stage_and_its_settings_read_back
 
 
 def test_full_recipe_start_resume_and_its_errors_through_the_api(app):
-    """Start refuses a budget <= 0 and a corpus smaller than the preset's batches, naming what to change;
+    """Start refuses a budget <= 0, naming what to enter (a corpus smaller than the preset's batches is not refused:
+    the recipe fits its batches to it, tests/test_recipe.py);
     Resume continues a recipe with the budget and settings it was started with (here every stage is done
     already, so the child only checks recipe.json and exits)."""
     from ira.training.recipe import RecipeState
@@ -821,9 +822,6 @@ def test_full_recipe_start_resume_and_its_errors_through_the_api(app):
                 max_steps=0, batch_size=2, learning_rate=1e-3)
     with pytest.raises(AppError, match=r"Budget \(minutes\) must be more than 0 .* got 0"):
         app.client.predict(**form, budget_minutes=0, api_name="/start_training")
-    with pytest.raises(AppError, match="the cpu preset's style.batch_size is 64, more than corpus 'small' has "
-                                       r"training clips \(5\): build a larger corpus"):
-        app.client.predict(**form, budget_minutes=5, api_name="/start_training")
     with pytest.raises(AppError, match="run 'whole' has no full recipe to continue"):
         app.client.predict(**form, budget_minutes=5, api_name="/resume_training")
 

@@ -23,6 +23,7 @@ from ira.cli import TRAIN_STAGES
 from ira.checkpoint import CheckpointError, checkpoint_figure, latest_path, read_header, read_metadata
 from ira.eval.card import SPEAKING_STAGES, Card, CardError, read_card, wav_path
 from ira.training.recipe import BUDGET_SHARES, DEFAULT_MINUTES, STAGE_NAMES, STATE_FILE, RecipeState
+from ira.training.recipe import training_clips as corpus_training_clips
 from ui.data_tab import guarded
 from ui.runner import (JOB_FILE, RECIPE_STAGE, JobError, JobRecord, JobRunner, JobStatus, format_eta,
                        recipe_command, shell_quote, train_command)
@@ -135,23 +136,7 @@ def check_before_launch(ws: Workspace, stage: str, corpus: str, batch_size: floa
 def training_clips(ws: Workspace, corpus: str) -> Optional[int]:
     """The training split's size of a prepared corpus; None before it is prepared (training prepares it and
     checks the batch itself)."""
-    try:
-        return int(json.loads((ws.corpus_dir(corpus) / "prepare_report.json").read_text())["train"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def check_recipe_batches(ws: Workspace, corpus: str, cfg: IRAConfig, preset: str) -> None:
-    """The recipe trains with the preset's batch sizes: the voice style encoder and stage 1 need a training
-    split at least one batch long (the style encoder drops a last, shorter batch and would get none)."""
-    train_clips = training_clips(ws, corpus)
-    for stage in ("style", "1"):
-        batch = form_defaults(cfg, stage)[2]
-        if train_clips is not None and batch > train_clips:
-            key = f"{STAGE_SECTIONS.get(stage, 'training')}.batch_size"
-            raise ValueError(f"the {preset} preset's {key} is {batch}, more than corpus '{corpus}' has training "
-                             f"clips ({train_clips}): build a larger corpus for the full recipe, or train the stages "
-                             f"one by one with a smaller Batch size")
+    return corpus_training_clips(ws.corpus_dir(corpus))
 
 
 @dataclass
@@ -544,7 +529,6 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
             if any(run_dir.glob("*.safetensors")):
                 raise ValueError(f"run '{run_name}' holds a single-stage run: choose a new run name for the "
                                  "full recipe")
-            check_recipe_batches(ws, corpus_name, cfg, preset_value)
         command = recipe_command(preset_value, minutes, cfg_overrides)
         record = runner.start(run_name, RECIPE, command)
         verb = "Continued" if resume_run else "Started"
