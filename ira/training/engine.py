@@ -425,7 +425,7 @@ class Trainer:
         self.logger.event(
             "start", run_name=self.run_name, step=p.step, epoch=self._epoch_float(),
             total_steps=self.total_steps, batches_per_epoch=self.n_batches,
-            grad_accum_steps=tc.grad_accum_steps,
+            grad_accum_steps=tc.grad_accum_steps, eval_every=tc.eval_every, max_minutes=tc.max_minutes,
             num_processes=acc.num_processes, device=str(acc.device), mixed_precision=self.precision,
             trainable_params=sum(q.numel() for q in self.params),
             modules={n: ("trained" if n in trainable else "frozen") for n in self.modules},
