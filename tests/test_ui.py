@@ -980,3 +980,19 @@ def test_the_samples_player_says_when_the_first_samples_come():
     assert samples_note(JobStatus(name="r", state="stopped", step=130, eval_every=100), False) == ""
     assert samples_note(JobStatus(name="r", state="running", step=3), False) == \
         "none yet: they come with the first validation"
+
+
+def test_a_timed_run_has_the_eta_of_its_budget_not_of_its_epochs_steps():
+    """A single stage with a time budget (training.max_minutes, in the engine's start event) ends when the budget
+    is spent: its ETA is the budget left when that comes before the steps' end (1 minute of 2, not 100,000 steps
+    at 10 a minute); without a budget, the steps' ETA."""
+    from ui.runner import JobStatus, _progress_from
+
+    rows = [{"time": 100.0, "event": "start", "step": 0, "total_steps": 100_000, "max_minutes": 2},
+            {"time": 160.0, "split": "train", "step": 10, "loss": 1.0, "lr": 1e-3}]
+    timed = JobStatus(name="r", state="running")
+    _progress_from(rows, timed, since=0.0, running=True)
+    assert timed.eta_s == 60.0
+    untimed = JobStatus(name="r", state="running")
+    _progress_from([{**rows[0], "max_minutes": None}, rows[1]], untimed, since=0.0, running=True)
+    assert untimed.eta_s == (100_000 - 10) * 6.0

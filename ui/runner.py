@@ -522,6 +522,10 @@ def _progress_from(rows: list[dict[str, Any]], status: JobStatus, since: float,
         elapsed = float(last_train["time"]) - float(start["time"])
         if done > 0 and elapsed > 0:
             status.eta_s = max(0.0, (status.total_steps - last_train["step"]) * elapsed / done)
+        budget = start.get("max_minutes")
+        if isinstance(budget, (int, float)) and budget > 0:   # its time budget ends it first, whatever its steps say
+            left = max(0.0, float(budget) * 60.0 - max(0.0, elapsed))
+            status.eta_s = left if status.eta_s is None else min(status.eta_s, left)
     if terminal is not None and terminal.get("checkpoint"):
         status.last_checkpoint = str(terminal["checkpoint"])
     return terminal
