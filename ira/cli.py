@@ -202,7 +202,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def run_recipe_command(cfg: IRAConfig, recipe: str, minutes: float | None, resume_checkpoint: str | None) -> int:
-    from ira.training.recipe import RecipeError, ensure_corpus, has_corpus, run_recipe
+    from ira.training.recipe import (SPEAKING, RecipeError, ensure_corpus, has_corpus, prepare_for_recipe,
+                                     run_recipe)
 
     if minutes is None:
         print("ira train --recipe: give its wall-clock budget with --minutes M", file=sys.stderr)
@@ -218,8 +219,9 @@ def run_recipe_command(cfg: IRAConfig, recipe: str, minutes: float | None, resum
 
     try:
         if not has_corpus(cfg):
-            with tqdm_progress("synthesise") as progress:
+            with tqdm_progress(SPEAKING) as progress:
                 ensure_corpus(cfg, progress=progress)
+        cfg = prepare_for_recipe(cfg, progress_bar=tqdm_progress)
         outcome = run_recipe(cfg, recipe, minutes, one_stage)
     except RecipeError as e:
         print(f"ira train --recipe: {e}", file=sys.stderr)

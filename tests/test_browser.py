@@ -1,7 +1,8 @@
 """Click through the app in headless Chromium (Debian's package, driven by Playwright) and save a
-screenshot of each tab: build a corpus, train stage 1 and switch tabs while it trains, look up a voice
-description and compare two, speak and read the LLM's answer; start the full recipe, watch its per-stage
-progress lines and stop it.
+screenshot of each tab: build a corpus, train stage 1 and switch tabs while it trains (Start disabled while it
+runs, Stop while it is idle, the form after Resume), look up a voice description and compare two, speak and read
+the LLM's answer; start the full recipe, watch its per-stage progress lines and stop it; the quick start from an
+empty workspace to a finished tiny recipe and its speech.
 
 Screenshots go to $IRA_SCREENSHOTS (default: the test's temporary folder).
 """
@@ -18,6 +19,7 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+expect = playwright_api.expect
 
 from conftest import TINY_APP, TINY_STYLE, free_port  # noqa: E402
 from ira.hardware import detect_hardware  # noqa: E402
@@ -147,21 +149,31 @@ def test_click_through_the_tabs(served, page, shots):
 
     # Train: start a real stage-1 run; while it trains another tab answers at once.
     _tab(page, "Train")
+    start, stop = (page.get_by_role("button", name=name, exact=True) for name in ("Start", "Stop"))
+    expect(stop).to_be_disabled()   # idle: nothing to stop, so Stop cannot be pressed (no red "Error")
+    page.get_by_label("1 · SpeechLM pre-training").check()   # the tab opens on the full recipe
+    # choosing it fills in the run name from the server: wait for it, or it may overwrite ours
+    page.wait_for_function("() => [...document.querySelectorAll('input, textarea')].some(e => e.value === 'stage1')")
     page.get_by_label("Run name").fill("clicked")
     _choose(page, "Corpus (from the Data tab)", "clicked")
     page.get_by_label("Max steps (0: by epochs / the preset's)").fill("100000")
     page.get_by_role("button", name="Start", exact=True).click()
     page.wait_for_function("() => document.body.innerText.includes('RUNNING')", timeout=120_000)
     page.wait_for_function("() => /step [1-9]/.test(document.body.innerText)", timeout=120_000)
+    # while it runs: Start is disabled (no "press Resume" for a running job), Stop is enabled
+    expect(start).to_be_disabled(timeout=30_000)
+    expect(stop).to_be_enabled()
     page.wait_for_timeout(5_000)   # a few refreshes of the plots (every 2 s)
     page.screenshot(path=str(shots / "2-train.png"), full_page=True)
     _tab(page, "Generate")
     # the other tab answers while the job trains (no timing: a busy machine is slow, not broken)
     page.get_by_role("button", name="Speak").wait_for(state="visible", timeout=60_000)
     _tab(page, "Train")
-    page.get_by_role("button", name="Stop", exact=True).click()
+    stop.click()
     page.wait_for_function("() => document.body.innerText.includes('STOPPED')", timeout=120_000)
     assert list((root / "runs" / "clicked").glob("stage1_*.safetensors"))
+    expect(stop).to_be_disabled(timeout=30_000)
+    expect(start).to_be_enabled()
     # the log box shows its newest lines without scrolling: the stop line is in view
     page.wait_for_function(LOG_SHOWS_ITS_LAST_LINE, arg="Stopped at step", timeout=30_000)
     # a second Start of the same run is refused; its red "Error" badges go at the next refresh
@@ -185,6 +197,13 @@ def test_click_through_the_tabs(served, page, shots):
     page.wait_for_function("() => document.body.innerText.includes('RUNNING')", timeout=120_000)
     job = json.loads((root / "runs" / "clicked" / "job.json").read_text())
     assert "training.max_steps=100000" in job["command"]
+    # the form shows what the job runs with, not the 7 typed before Resume; its message outlives the refreshes
+    max_steps = page.get_by_label("Max steps (0: by epochs / the preset's)")
+    expect(max_steps).to_have_value("100000", timeout=30_000)
+    page.wait_for_timeout(5_000)
+    assert max_steps.input_value() == "100000"
+    assert "with the settings it was started with" in page.inner_text("body")
+    expect(start).to_be_disabled()
     page.get_by_role("button", name="Stop", exact=True).click()
     page.wait_for_function("() => document.body.innerText.includes('STOPPED')", timeout=120_000)
 
@@ -246,3 +265,59 @@ def test_full_recipe_starts_shows_each_stage_and_stops(recipe_served, recipe_pag
     assert [s["status"] for s in state["stages"]] == ["done", "stopped", "pending", "pending"]
     assert json.loads((root / "runs" / "recipe" / "job.json").read_text())["stage"] == "recipe"
     assert (root / "runs" / "recipe" / "stage1" / "stage1_latest.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def quick_served(tmp_path_factory):
+    """An app on an empty workspace, sized for a whole recipe in minutes (tests/test_recipe.py's tiny stages)."""
+    from test_recipe import TINY_RECIPE
+
+    root = tmp_path_factory.mktemp("empty_workspace")
+    # the preset's style batch (64): the recipe must fit it to the dummy corpus
+    overrides = [item for item in TINY_RECIPE if not item.startswith("style.batch_size=")]
+    demo = build_app(root, preset="cpu", overrides=overrides, hardware=detect_hardware())
+    launched = launch_app(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield root, launched.local_url
+    demo.close()
+
+
+def test_the_quick_start_goes_from_an_empty_workspace_to_speech(quick_served, browser, shots):
+    """The page's quick start, step by step as a newcomer would: 1. build the dummy corpus (11 training clips,
+    fewer than the preset's batches: the recipe fits them), 2. the full recipe (the Train tab's default) runs to
+    its end, 3. its last checkpoint speaks in the Generate tab."""
+    root, url = quick_served
+    page = _open(browser, url)
+    try:
+        assert "Quick start" in page.inner_text("body")
+        _tab(page, "Data")
+        page.get_by_label("Dummy corpus (a few clips, seconds)").check()
+        page.wait_for_function("() => [...document.querySelectorAll('input, textarea')].some(e => e.value === 'dummy')")
+        page.get_by_role("button", name="Build corpus").click()
+        page.wait_for_function("() => document.body.innerText.includes('Corpus dummy') && "
+                               "/\\d+ clips kept/.test(document.body.innerText)", timeout=120_000)
+
+        _tab(page, "Train")
+        assert page.get_by_label("Budget (minutes)").is_visible()   # the full recipe is chosen already
+        _choose(page, "Corpus (from the Data tab)", "dummy")
+        page.get_by_label("Budget (minutes)").fill("20")
+        page.get_by_role("button", name="Start", exact=True).click()
+        page.wait_for_function("() => document.body.innerText.includes('RUNNING')", timeout=120_000)
+        expect(page.get_by_role("button", name="Start", exact=True)).to_be_disabled(timeout=30_000)
+        page.wait_for_function("() => document.body.innerText.includes('FINISHED') && "
+                               "document.body.innerText.includes('full recipe done')", timeout=900_000)
+        page.screenshot(path=str(shots / "6-quick-start-recipe.png"), full_page=True)
+        state = json.loads((root / "runs" / "recipe" / "recipe.json").read_text())
+        assert [s["status"] for s in state["stages"]] == ["done"] * 4
+        log = (root / "runs" / "recipe" / "train.log").read_text()
+        assert "style.batch_size" in log and "fewer than the preset's batches" in log   # the fit was said
+        final = Path(state["stages"][-1]["checkpoint"])
+        final = final if final.is_absolute() else root / final
+
+        _tab(page, "Generate")
+        _choose(page, "Checkpoint (stage 1, 2 or 3; from workspace/runs)", str(final.relative_to(root)))
+        page.get_by_label("Text to speak").fill("Good morning.")
+        page.get_by_role("button", name="Speak").click()
+        page.wait_for_function("() => document.body.innerText.includes('answered in')", timeout=180_000)
+        page.screenshot(path=str(shots / "7-quick-start-generate.png"), full_page=True)
+    finally:
+        page.close()

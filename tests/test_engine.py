@@ -589,6 +589,22 @@ def test_a_time_budget_ends_the_run_with_a_low_learning_rate(tmp_path):
     assert load_train_state(result.last_checkpoint)["elapsed_s"] == 1.25
 
 
+def test_the_terminal_bar_of_a_budgeted_run_counts_its_minutes_not_the_steps_of_its_epochs(tmp_path, capsys):
+    """With training.max_minutes the clock ends the run, so the bar counts the budget's minutes (a step total
+    from the epochs, 400 here, would promise a run that never happens); without one it counts steps."""
+    cfg = toy_config(tmp_path / "timed", num_epochs=50, max_minutes=0.02, log_every=1)
+    clock = FakeClock()
+    assert Trainer(cfg, _Slow(cfg, clock, seconds=1 / 16, with_val=False), run_name="test", cpu=True,
+                   clock=clock).fit().ok
+    err = capsys.readouterr().err
+    assert "100%" in err and "/0.02 min of its budget" in err and "step=20" in err
+    assert "/400" not in err
+    untimed = toy_config(tmp_path / "untimed", max_steps=3)
+    assert _fit(untimed, ToyTask(untimed)).ok
+    err = capsys.readouterr().err
+    assert "3/3" in err and "min of its budget" not in err
+
+
 def test_the_budget_schedule_follows_whichever_is_further_along():
     from ira.training.schedule import budget_lr_factor
     assert budget_lr_factor(2, 0.0, 60.0, 5, 100) == pytest.approx(0.6)                 # warm-up by steps

@@ -276,3 +276,58 @@ def test_from_nothing_the_recipe_speaks_the_synthetic_corpus_first_and_names_the
     other = load_config("cpu", [f"data.dir={tmp_path / 'lj'}", "data.source=ljspeech"])
     with pytest.raises(RecipeError, match="ira data ljspeech"):
         ensure_corpus(other, said.append)
+
+
+def test_a_small_corpus_gets_batches_it_can_fill_and_each_change_is_said():
+    """The cpu preset's batches (style 64, stage 1 8, stage 2 32, PPO 16 in groups of 4 with minibatches of 8)
+    on the Data tab's dummy corpus (11 training clips): every batch fits, PPO's stays whole groups with a
+    minibatch that divides it; a corpus that already fits is left as it is; one clip is a clear error."""
+    from ira.training.recipe import fit_to_corpus
+
+    cfg = load_config("cpu")
+    assert (cfg.style.batch_size, cfg.ppo.batch_size, cfg.ppo.group_size, cfg.ppo.advantage) == (64, 16, 4, "group")
+    fitted, notes = fit_to_corpus(cfg, 11)
+    assert fitted.style.batch_size == 11 and fitted.align.batch_size == 11
+    assert fitted.training.batch_size == cfg.training.batch_size == 8      # fits already: unchanged
+    assert fitted.ppo.batch_size == 8 and fitted.ppo.minibatch_size == 8   # two groups of 4
+    assert len(notes) == 1 and "11 training clips" in notes[0]
+    assert "style.batch_size 64 -> 11" in notes[0] and "ppo.batch_size 16 -> 8" in notes[0]
+    assert "training.batch_size" not in notes[0]
+    odd, _ = fit_to_corpus(load_config("cpu", ["ppo.minibatch_size=4"]), 6)
+    assert (odd.ppo.batch_size, odd.ppo.minibatch_size, odd.training.batch_size) == (4, 4, 6)
+    same, notes = fit_to_corpus(cfg, 20_000)
+    assert same is cfg and notes == []
+    with pytest.raises(RecipeError, match="1 training clip.*build a larger corpus"):
+        fit_to_corpus(cfg, 1)
+    with pytest.raises(RecipeError, match=r"fewer than one PPO group \(ppo.group_size=4\)"):
+        fit_to_corpus(cfg, 3)
+
+
+def test_the_recipe_prepares_the_corpus_once_before_its_stages_with_a_named_phase(tmp_path):
+    """`prepare_for_recipe`: the corpus is prepared up front under its own progress bar (not inside stage 1's
+    budget), then the batches fit its training split; a second call finds the cache fresh and opens no bar."""
+    import contextlib
+
+    from ira.data.dummy import create_dummy_corpus
+    from ira.data.prepare import cache_is_fresh
+    from ira.training.recipe import PREPARING, prepare_for_recipe
+
+    create_dummy_corpus(tmp_path / "data", num_clips=12, seed=0)
+    cfg = load_config("cpu", ["codec.name=mel", "codec.mel_n_codebooks=2", "codec.mel_codebook_size=16",
+                              "codec.mel_kmeans_iters=2", f"data.dir={tmp_path / 'data'}"])
+    bars: list[str] = []
+    fractions: list[float] = []
+
+    @contextlib.contextmanager
+    def bar(title):
+        bars.append(title)
+        yield lambda fraction, message: fractions.append(fraction)
+
+    said: list[str] = []
+    fitted = prepare_for_recipe(cfg, said.append, progress_bar=bar)
+    assert bars == [PREPARING] and fractions and max(fractions) == 1.0
+    assert cache_is_fresh(cfg) and "preparing the corpus" in said[0]
+    train = json.loads((tmp_path / "data" / "prepare_report.json").read_text())["train"]
+    assert fitted.style.batch_size == train < 64 and any("style.batch_size 64 ->" in s for s in said)
+    again = prepare_for_recipe(cfg, said.append, progress_bar=bar)
+    assert bars == [PREPARING] and again.style.batch_size == train

@@ -18,6 +18,7 @@ import pandas as pd
 from ira.config import load_config
 from ira.data.corpus import corpus_summary, read_metadata, read_source, wav_path
 from ira.data.prepare import prepare_corpus
+from ui.page_words import page_words
 from ui.workspace import Workspace, WorkspaceError
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ def corpus_view(ws: Workspace, name: str, codec_text: str | None = None) -> Corp
     dropped = report.get("dropped") or []
     lines.append(f"- **Problems**: {len(dropped)} clip(s) dropped, listed below" if dropped
                  else "- **Problems**: none found")
-    problems = pd.DataFrame([[d.get("id", ""), d.get("reason", ""), ws.relative(d.get("file", ""))]
+    problems = pd.DataFrame([[d.get("id", ""), page_words(str(d.get("reason", ""))), ws.relative(d.get("file", ""))]
                              for d in dropped], columns=PROBLEM_COLUMNS)
     first = clip_audio_path(ws, name, clip_ids[0]) if clip_ids else None
     return CorpusView(name, "\n".join(lines), pd.DataFrame(rows, columns=CLIP_COLUMNS), problems, clip_ids, first)

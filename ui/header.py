@@ -36,5 +36,18 @@ def header_markdown(hardware: HardwareInfo, preset: str, requested: str) -> str:
     return "\n".join(lines)
 
 
+QUICK_START = """### Quick start · 1 → 2 → 3
+1. **Data**: choose *Dummy corpus* (12 clips in seconds: tries the whole path) or *Synthetic multi-voice corpus*
+   (what a model needs to speak new text: 20,000 clips, about 10 minutes), then press **Build corpus**.
+2. **Train**: *Full recipe* is chosen: pick your corpus, set the budget in minutes and press **Start**. It trains
+   the voice style encoder and stages 1, 2 and 3 in order, one line each with its minutes; the first run also
+   prepares the corpus once (not counted in the budget).
+3. **Generate**: pick the recipe's last checkpoint (`runs/recipe/stage3/...`), type a sentence and press **Speak**."""
+"""The way in, above the tabs: a newcomer gets from an empty workspace to speech without the README."""
+
+
 def build_header(hardware: HardwareInfo, preset: str, requested: str) -> gr.Markdown:
-    return gr.Markdown(header_markdown(hardware, preset, requested))
+    header = gr.Markdown(header_markdown(hardware, preset, requested))
+    with gr.Accordion("Quick start: from nothing to speech in three steps", open=True):
+        gr.Markdown(QUICK_START)
+    return header

@@ -143,6 +143,9 @@ class JobStatus:
     samples: list[str] = field(default_factory=list)
     last_checkpoint: Optional[str] = None
     recipe_stage: Optional[str] = None   # a full recipe: the stage its step, metrics and samples are from
+    training_started: Optional[float] = None   # when its training loop began (the `start` event): a time budget
+    # counts from there; what came before (data, models, caches) is getting ready
+    eval_every: Optional[int] = None     # steps between validations (each one writes the samples), from `start`
 
     @property
     def active(self) -> bool:
@@ -305,6 +308,11 @@ class JobRunner:
 
     # ---------------------------------------------------------------- watching
 
+    def is_running(self, record: JobRecord) -> bool:
+        """Whether the job of `record` is still running (its process, not a reused pid)."""
+        with self._lock:
+            return self._alive(record)
+
     def _alive(self, record: JobRecord) -> bool:
         child = self._children.get(record.pid)
         if child is not None:
@@ -362,19 +370,23 @@ class JobRunner:
         self.workspace.checked(run_dir / STATE_FILE, "the recipe's state")
         return recipe_state(run_dir)
 
-    def watched_folder(self, name: str) -> Path:
-        """Where run `name` writes its metrics: its folder, or for a full recipe the folder of the stage
-        running now (else of the last one that ran)."""
+    def watched_folder(self, name: str, stage: Optional[str] = None) -> Path:
+        """Where run `name` writes its metrics: its folder, or for a full recipe the folder of `stage` (one of its
+        stages that has run), else of the stage running now (else of the last one that ran)."""
         run_dir = self.runs_dir / name
         state = self.recipe_state(name)
-        current = state.current() if state is not None else None
+        if state is None:
+            return run_dir
+        picked = [r for r in state.stages if r.stage == stage and r.status != "pending"]
+        current = picked[0] if picked else state.current()
         if current is None:
             return run_dir
         return self.workspace.checked(current.folder, "the recipe stage's folder")   # relative: to the job's folder
 
-    def metrics(self, name: str) -> list[dict[str, Any]]:
-        """Every complete row of the run's metrics.jsonl (`watched_folder`; cached: only new lines are parsed)."""
-        path = self.workspace.checked(self.watched_folder(name) / METRICS_FILE, "the run's metrics log")
+    def metrics(self, name: str, stage: Optional[str] = None) -> list[dict[str, Any]]:
+        """Every complete row of the run's metrics.jsonl (`watched_folder`: a recipe's `stage`, else its running
+        one; cached: only new lines are parsed)."""
+        path = self.workspace.checked(self.watched_folder(name, stage) / METRICS_FILE, "the run's metrics log")
         with self._lock:
             tail = self._metrics.setdefault(path, _MetricsTail(path))
             return list(tail.read())
@@ -404,9 +416,10 @@ class JobRunner:
         if alive:
             status.state = "stopping" if record.stop_requested is not None else "running"
             if record.kill_sent is not None:
-                status.message = "stop requested: the process did not end after SIGTERM and was sent SIGKILL"
+                status.message = "stop requested: it did not end when asked twice, so its process was killed"
             elif record.term_sent is not None:
-                status.message = "stop requested: no exit after the STOP flag, so SIGTERM was sent"
+                status.message = (f"stop requested: it did not stop within {self.stop_grace_s:g} s, so the app asked "
+                                  "its process to end")
             elif record.stop_requested is not None:
                 status.message = "stop requested: finishing the step and writing a checkpoint"
             else:
@@ -502,11 +515,17 @@ def _progress_from(rows: list[dict[str, Any]], status: JobStatus, since: float,
                 status.lr = float(row["lr"])
     if start is not None:
         status.total_steps = start.get("total_steps")
+        status.training_started = float(start.get("time", 0.0)) or None
+        status.eval_every = start.get("eval_every") if isinstance(start.get("eval_every"), int) else None
     if running and start is not None and last_train is not None and status.total_steps:
         done = last_train["step"] - int(start.get("step", 0))
         elapsed = float(last_train["time"]) - float(start["time"])
         if done > 0 and elapsed > 0:
             status.eta_s = max(0.0, (status.total_steps - last_train["step"]) * elapsed / done)
+        budget = start.get("max_minutes")
+        if isinstance(budget, (int, float)) and budget > 0:   # its time budget ends it first, whatever its steps say
+            left = max(0.0, float(budget) * 60.0 - max(0.0, elapsed))
+            status.eta_s = left if status.eta_s is None else min(status.eta_s, left)
     if terminal is not None and terminal.get("checkpoint"):
         status.last_checkpoint = str(terminal["checkpoint"])
     return terminal

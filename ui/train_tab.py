@@ -22,8 +22,11 @@ from ira.config import PRESETS, STAGE_SECTIONS, ConfigError, IRAConfig, load_con
 from ira.cli import TRAIN_STAGES
 from ira.checkpoint import CheckpointError, checkpoint_figure, latest_path, read_header, read_metadata
 from ira.eval.card import SPEAKING_STAGES, Card, CardError, read_card, wav_path
-from ira.training.recipe import BUDGET_SHARES, DEFAULT_MINUTES, STAGE_NAMES, STATE_FILE, RecipeState
+from ira.training.recipe import (BUDGET_SHARES, DEFAULT_MINUTES, PREPARING, SPEAKING, STAGE_NAMES, STATE_FILE,
+                                 RecipeState)
+from ira.training.recipe import training_clips as corpus_training_clips
 from ui.data_tab import guarded
+from ui.page_words import page_words
 from ui.runner import (JOB_FILE, RECIPE_STAGE, JobError, JobRecord, JobRunner, JobStatus, format_eta,
                        recipe_command, shell_quote, train_command)
 from ui.workspace import Workspace, WorkspaceError, check_name
@@ -37,6 +40,8 @@ RECIPE = RECIPE_STAGE
 RECIPE_CHOICE = ("Full recipe · every stage in order, in one time budget", RECIPE)
 """The Stage radio's last entry: `ira train --recipe full` (style encoder, 1, 2, 3, each from the one before)."""
 RECIPE_RUN = "recipe"
+FOLLOW = ("the stage running now", "")
+"""The stage picker's first choice: a recipe's plots follow its running stage (else the last that ran)."""
 PREREQUISITE = {"1": "style", "2": "1", "3": "2"}
 """The stage whose checkpoint a stage starts from (optional for stage 1, required for 2 and 3)."""
 REQUIRED = ("2", "3")
@@ -47,6 +52,9 @@ MAX_POINTS = 1500
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg"}
 NOT_PLOTTED = {"time", "step", "epoch", "stage", "split", "event"}
 PLOT_COLUMNS = ["step", "value", "series"]
+AXIS_FORMATS = {"x_axis_format": ".6~g", "y_axis_format": ".4~g"}
+"""d3 formats of the plots' ticks: at most 4 significant digits, trailing zeros trimmed (a single point's axis
+spans a tiny range, which the default labels with six decimals)."""
 _PLOT_FORMAT = gr.LinePlot(x="step", y="value", color="series", render=False)   # formats frames for plot_value
 
 
@@ -135,23 +143,7 @@ def check_before_launch(ws: Workspace, stage: str, corpus: str, batch_size: floa
 def training_clips(ws: Workspace, corpus: str) -> Optional[int]:
     """The training split's size of a prepared corpus; None before it is prepared (training prepares it and
     checks the batch itself)."""
-    try:
-        return int(json.loads((ws.corpus_dir(corpus) / "prepare_report.json").read_text())["train"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def check_recipe_batches(ws: Workspace, corpus: str, cfg: IRAConfig, preset: str) -> None:
-    """The recipe trains with the preset's batch sizes: the voice style encoder and stage 1 need a training
-    split at least one batch long (the style encoder drops a last, shorter batch and would get none)."""
-    train_clips = training_clips(ws, corpus)
-    for stage in ("style", "1"):
-        batch = form_defaults(cfg, stage)[2]
-        if train_clips is not None and batch > train_clips:
-            key = f"{STAGE_SECTIONS.get(stage, 'training')}.batch_size"
-            raise ValueError(f"the {preset} preset's {key} is {batch}, more than corpus '{corpus}' has training "
-                             f"clips ({train_clips}): build a larger corpus for the full recipe, or train the stages "
-                             f"one by one with a smaller Batch size")
+    return corpus_training_clips(ws.corpus_dir(corpus))
 
 
 @dataclass
@@ -268,6 +260,32 @@ error rate heard by the offline ASR; stage 2: the LLM's 4-way choice accuracy fr
 the judge's semantic reward, on the rollouts and on held-out texts)."""
 
 
+METRIC_LABELS = {
+    "top5": "voices found among the 5 nearest (held-out, top-5)", "top1": "voices found first (held-out, top-1)",
+    "desc_match": "descriptions matched (held-out)", "attr_match": "voice attributes matched (held-out)",
+    "wer": "word error rate heard by the ASR (held-out)", "cer": "character error rate heard by the ASR (held-out)",
+    "length_rel_error": "length error of the speech (held-out)",
+    "choice_accuracy": "the LLM's 4-way choice from audio alone (accuracy)",
+    "repeat_cer": "the LLM repeating what was said (character error rate)",
+    "judge_margin": "the judge's margin for the right text", "kd_loss": "distillation loss (KL to the teacher)",
+    "ce_loss": "transcript cross-entropy",
+    "reward": "reward (the sum PPO maximises)", "reward_semantic": "reward: the LLM judge",
+    "reward_asr": "reward: the ASR", "reward_phonemes": "reward: the phoneme reader", "reward_style": "reward: the voice",
+    "asr_wer": "word error rate heard by the evaluation ASR (held-out)", "kl": "KL to the reference model",
+    "lr": "learning rate", "grad_norm": "gradient norm",
+}
+"""The metrics named in words in the plot's choice, in this order; every other logged figure (approx_kl,
+memory.rss_mb, ce_cb0...) is listed by its raw name behind "more"."""
+
+
+def metric_choices(names: list[str], every: bool = False) -> list[tuple[str, str]]:
+    """(label, name) of the metrics to offer: the named ones that were logged, in METRIC_LABELS's order, then with
+    `every` the others by their raw names."""
+    named = [(label, key) for key, label in METRIC_LABELS.items() if key in names]
+    raw = [(name, name) for name in names if name not in METRIC_LABELS] if every else []
+    return named + raw
+
+
 def default_metric(names: list[str], stage: Optional[str] = None) -> Optional[str]:
     """The stage's quality figure when logged, else the first stage-specific metric (not lr, grad norm,
     throughput or memory), else lr."""
@@ -278,35 +296,85 @@ def default_metric(names: list[str], stage: Optional[str] = None) -> Optional[st
     return specific[0] if specific else ("lr" if "lr" in names else (names[0] if names else None))
 
 
-def status_markdown(ws: Workspace, status: JobStatus) -> str:
+def status_markdown(ws: Workspace, status: JobStatus, eta_s: Optional[float] = None) -> str:
+    """The run's headline (state, stage, step, ETA, learning rate), its message and last checkpoint. A full
+    recipe's ETA is `eta_s` (`recipe_eta`: the budget left), and its step has no total (its time budget ends each
+    stage, not a step count)."""
     parts = [f"**{status.state.upper()}**"]
-    if status.stage == RECIPE:
+    recipe = status.stage == RECIPE
+    if recipe:
         parts.append("full recipe")
         if status.recipe_stage:
             parts.append(STAGE_NAMES[status.recipe_stage])
     elif status.stage:
         parts.append(f"stage {status.stage}")
     if status.step is not None:
-        total = f" / {status.total_steps}" if status.total_steps else ""
-        percent = f" ({100 * status.step / status.total_steps:.0f} %)" if status.total_steps else ""
+        total = f" / {status.total_steps}" if status.total_steps and not recipe else ""
+        percent = f" ({100 * status.step / status.total_steps:.0f} %)" if total else ""
         parts.append(f"step {status.step}{total}{percent}")
     if status.active:
-        parts.append(f"ETA {format_eta(status.eta_s)}")
+        parts.append(f"ETA {format_eta(eta_s if recipe else status.eta_s)}")
     if status.lr is not None:
         parts.append(f"lr {status.lr:.2e}")
-    lines = [f"### Run `{status.name}`", " · ".join(parts), "", status.message]
+    lines = [f"### Run `{status.name}`", " · ".join(parts), "", page_words(status.message, ws.root)]
     if status.last_checkpoint:
         lines.append(f"\nLast checkpoint: `{ws.relative(status.last_checkpoint)}`")
     return "\n".join(lines)
 
 
+READY_WORDS = "getting it ready (data, models, caches) and its final validation are not counted in its budget"
+
+
+@dataclass
+class StageClock:
+    """One recipe stage's minutes as its budget counts them."""
+    used: float                  # minutes of its budget spent (a running stage: of training since it began)
+    left_s: Optional[float]      # seconds of it left while it runs or waits; None once it ended
+    getting_ready: bool = False  # running, but its training has not begun (loading, caches): its clock waits
+    ready_min: float = 0.0       # minutes this run of it spent getting ready (not in `used`)
+
+
+def stage_clock(record: Any, status: Optional[JobStatus], running: bool, now: float) -> StageClock:
+    """The budget clock of a recipe stage (`record`, a StageRecord). A stage's time budget counts from its
+    training's start (the engine's clock), so the minutes spent getting it ready are shown apart, not as budget
+    spent; a running stage's steps may end it before its budget does (the nearer ETA wins)."""
+    if not running:
+        left = max(0.0, record.minutes - record.minutes_used) * 60.0 if record.status in ("pending", "stopped") \
+            else None
+        return StageClock(record.minutes_used, left)
+    here = status is not None and status.recipe_stage == record.stage
+    begun = status.training_started if here else None
+    started = record.started or now
+    if begun is None or begun < started - 1.0:   # no training yet in this run of it: getting ready
+        return StageClock(record.minutes_used, max(0.0, record.minutes - record.minutes_used) * 60.0,
+                          getting_ready=True, ready_min=max(0.0, now - started) / 60.0)
+    used = record.minutes_used + max(0.0, now - begun) / 60.0
+    left = max(0.0, (record.minutes - used) * 60.0)
+    if here and status.eta_s is not None:
+        left = min(left, status.eta_s)
+    return StageClock(used, left, ready_min=max(0.0, begun - started) / 60.0)
+
+
+def recipe_eta(state: Optional[RecipeState], status: Optional[JobStatus] = None, now: Optional[float] = None
+               ) -> Optional[float]:
+    """Seconds of budget the recipe has left: the running stage's and every stage still to run (getting each
+    ready adds to it); None without a state."""
+    if state is None:
+        return None
+    now = time.time() if now is None else now
+    active = status is None or status.active or status.state == "idle"
+    left = [stage_clock(r, status, r.status == "running" and active, now).left_s for r in state.stages]
+    return sum(x for x in left if x is not None)
+
+
 def recipe_progress_markdown(state: Optional[RecipeState], status: Optional[JobStatus] = None,
                              relative: Callable[[str], str] = str, now: Optional[float] = None,
                              resolve: Callable[[str], Path] = Path) -> str:
-    """One line per stage of a recipe from its recipe.json: its name, status, minutes used of its budget, its
-    handed-over checkpoint once done with the figure it was chosen by (read from the file's header at
-    `resolve(path)`) and, for the stage running now, its step and ETA (from `status`, which follows that
-    stage's metrics). "" without a state (`ui.runner.recipe_state`: not a recipe, or unreadable).
+    """One line per stage of a recipe from its recipe.json: its name, status, minutes used of its budget (one
+    clock: `stage_clock`), its handed-over checkpoint once done with the figure it was chosen by (read from the
+    file's header at `resolve(path)`) and, for the stage running now, its step and the ETA its budget gives, or
+    that it is getting ready. A stage past its share says why. "" without a state (`ui.runner.recipe_state`: not
+    a recipe, or unreadable).
 
     A stage recipe.json still calls "running" after the app's job ended (killed) is shown as stopped."""
     if state is None:
@@ -317,15 +385,21 @@ def recipe_progress_markdown(state: Optional[RecipeState], status: Optional[JobS
     lines = []
     for record in state.stages:
         running = record.status == "running" and active
-        used = record.minutes_used + (max(0.0, now - record.started) / 60.0 if running and record.started else 0.0)
-        used_total += used
+        clock = stage_clock(record, status, running, now)
+        used_total += clock.used
         word = record.status if record.status != "running" or active else "stopped (its process ended)"
-        parts = [STAGE_NAMES[record.stage], f"**{word}**", f"{used:.1f} / {record.minutes:g} min"]
-        if running and status is not None and status.recipe_stage == record.stage:
-            if status.step is not None:
-                parts.append(f"step {status.step}" + (f" / {status.total_steps}" if status.total_steps else ""))
-            left = max(0.0, (record.minutes - used) * 60.0)   # its time budget ends it, whatever its steps say
-            parts.append(f"ETA {format_eta(left if status.eta_s is None else min(status.eta_s, left))}")
+        parts = [STAGE_NAMES[record.stage], f"**{word}**", f"{clock.used:.1f} / {record.minutes:g} min"]
+        if running and clock.getting_ready:
+            parts.append(f"getting ready for {clock.ready_min:.1f} min (data, models, caches: its budget starts "
+                         "with its training)")
+        elif running:
+            if status is not None and status.step is not None:
+                parts.append(f"step {status.step}")
+            parts.append(f"ETA {format_eta(clock.left_s)}")
+            if clock.ready_min >= 0.1:
+                parts.append(f"+ {clock.ready_min:.1f} min getting ready")
+        elif record.status == "done" and record.minutes_used > record.minutes + 0.05:
+            parts.append(f"over its share by {record.minutes_used - record.minutes:.1f} min: {READY_WORDS}")
         if record.status == "done" and record.checkpoint:
             parts.append(f"`{relative(record.checkpoint)}`")
             try:
@@ -338,7 +412,24 @@ def recipe_progress_markdown(state: Optional[RecipeState], status: Optional[JobS
     shares = " / ".join(f"{100 * BUDGET_SHARES[r.stage]:.0f}" for r in state.stages)
     head = (f"**Full recipe** · {used_total:.1f} of {state.minutes:g} min used (split {shares} % across the "
             f"stages)")
+    if active and any(r.status != "done" for r in state.stages):
+        head += f" · ETA {format_eta(recipe_eta(state, status, now))} (the budget left; getting each stage ready adds to it)"
+    if used_total > state.minutes + 0.05:
+        head += (f" · over the budget by {used_total - state.minutes:.1f} min: each stage's budget counts its "
+                 "training; getting it ready (data, models, caches) and its final validation come on top")
     return "\n".join([head, "", *lines])
+
+
+ONE_TIME_PHASES = (SPEAKING, PREPARING)
+
+
+def one_time_markdown(log: str) -> str:
+    """What a recipe does before its first stage (no recipe.json yet): speaking the corpus, then preparing it
+    (checking, annotating, fitting the codec, caching the tokens), with the newest progress line of that phase
+    from its log; its minutes are not part of the budget."""
+    lines = [line.strip() for line in log.splitlines() if line.strip().startswith(ONE_TIME_PHASES)]
+    now = f": {lines[-1]}" if lines else ""
+    return (f"**Full recipe** · one-time preparation before its first stage (not counted in the budget){now}")
 
 
 @dataclass
@@ -433,6 +524,27 @@ def card_audio_choices(cards: list[StageCard]) -> list[tuple[str, str]]:
     return choices
 
 
+def samples_note(status: JobStatus, have_samples: bool) -> str:
+    """When the next audio samples come: each validation writes them, every `eval_every` steps and at the run's
+    end (a short, time-budgeted run gets its first at its end); "" once there are samples or nothing runs."""
+    if have_samples or not status.active or status.step is None:
+        return ""
+    if status.eval_every:
+        next_step = (status.step // status.eval_every + 1) * status.eval_every
+        return f"none yet: the first come with the validation at step {next_step}, or at the run's end if sooner"
+    return "none yet: they come with the first validation"
+
+
+def resumable(ws: Workspace, run_name: str) -> bool:
+    """Whether run `run_name` has something Resume continues from: a full recipe's recipe.json, or a stage's
+    latest checkpoint (checked inside the workspace: a link out of it is not offered)."""
+    try:
+        run_dir = ws.run_dir(run_name)
+    except (WorkspaceError, ValueError):
+        return False
+    return ((run_dir / STATE_FILE).is_file() or any(run_dir.glob("stage*_latest.safetensors"))) and ws.inside(run_dir)
+
+
 def prerequisite_choices(ws: Workspace) -> list[tuple[str, str]]:
     """(label, path) of every readable checkpoint, after (none)."""
     return [(NONE, NONE), *ws.labelled_checkpoints()]
@@ -466,42 +578,49 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
     n_epochs, n_steps, n_batch, lr = form_defaults(load_config(preset, overrides), "1")
     corpora = ws.list_corpora()
     with gr.Row():
-        stage = gr.Radio([*STAGES, RECIPE_CHOICE], value="1", label="Stage", scale=3)
-        run = gr.Textbox(value="stage1", label="Run name", info="output in workspace/runs/<name>", scale=1)
+        # the full recipe first: a newcomer's way from a corpus to every stage (the quick start's step 2)
+        stage = gr.Radio([*STAGES, RECIPE_CHOICE], value=RECIPE, label="Stage", scale=3)
+        run = gr.Textbox(value=RECIPE_RUN, label="Run name", info="output in workspace/runs/<name>", scale=1)
         preset_dd = gr.Dropdown(list(PRESETS), value=preset, label="Preset", scale=1)
     with gr.Row():
         # Custom values are allowed (API callers, files made outside the app): the handlers check them.
         corpus = gr.Dropdown(corpora, value=corpora[0] if corpora else None, label="Corpus (from the Data tab)",
                              allow_custom_value=True)
-        prerequisite = gr.Dropdown(prerequisite_choices(ws), value=NONE,
+        prerequisite = gr.Dropdown(prerequisite_choices(ws), value=NONE, visible=False,
                                    label="Start from checkpoint (the previous stage)", allow_custom_value=True)
         # no minimum: a budget <= 0 gets the handler's message, which says what to enter
-        budget = gr.Number(DEFAULT_MINUTES, label="Budget (minutes)", visible=False,
+        budget = gr.Number(DEFAULT_MINUTES, label="Budget (minutes)", visible=True,
                            info="the whole recipe's time, split 5/50/30/15 % across the style encoder and "
                                 "stages 1, 2, 3 (each with the preset's settings)")
         refresh = gr.Button("↻ Refresh lists", scale=0, min_width=120)
-    with gr.Row() as numbers_row:
+    with gr.Row(visible=False) as numbers_row:
         epochs = gr.Number(n_epochs, precision=0, minimum=1, label="Epochs")
         max_steps = gr.Number(n_steps, precision=0, minimum=0, label="Max steps (0: by epochs / the preset's)")
         batch_size = gr.Number(n_batch, precision=0, minimum=1, label="Batch size")
         learning_rate = gr.Number(lr, label="Learning rate")
     with gr.Row():
+        # each enabled only when it can act (the status timer sets them: `button_states`)
         start = gr.Button("Start", variant="primary")
-        stop = gr.Button("Stop", variant="stop")
-        resume = gr.Button("Resume from the run's latest checkpoint")
+        stop = gr.Button("Stop", variant="stop", interactive=False)
+        resume = gr.Button("Resume from the run's latest checkpoint", interactive=False)
+    notice_md = gr.Markdown("")   # what the last Start / Resume did: the timer leaves it alone
     status_md = gr.Markdown("No run selected.")
-    command_md = gr.Markdown("")
+    with gr.Accordion("The same run in a terminal", open=False):
+        command_md = gr.Markdown("")
+    with gr.Row():
+        # a full recipe: whose curves to show (the stage running now unless one is picked); hidden otherwise
+        shown_stage = gr.Dropdown([FOLLOW], value=FOLLOW[1], label="Plots of the stage", visible=False, scale=1)
+        metric = gr.Dropdown([], label="Other metric", allow_custom_value=True, scale=2)
+        every = gr.Checkbox(False, label="more: every logged figure, by its raw name", scale=1)
     with gr.Row():
         loss_plot = gr.LinePlot(x="step", y="value", color="series", title="Loss", x_title="step",
-                                y_title="loss", height=300)
-        with gr.Column():
-            metric = gr.Dropdown([], label="Other metric", allow_custom_value=True)
-            metric_plot = gr.LinePlot(x="step", y="value", color="series", x_title="step", height=240)
+                                y_title="loss", height=300, **AXIS_FORMATS)
+        metric_plot = gr.LinePlot(x="step", y="value", color="series", x_title="step", height=300, **AXIS_FORMATS)
     log_box = gr.Textbox(label="Log (train.log, last lines)", lines=LOG_LINES, max_lines=LOG_LINES, interactive=False,
                          autoscroll=True)
     with gr.Row():
         sample = gr.Dropdown([], label="Audio samples (latest validation; a recipe's cards)", allow_custom_value=True,
-                             scale=1)
+                             scale=1, info="")
         sample_audio = gr.Audio(type="filepath", label="Sample", interactive=False, scale=2)
     replies = gr.Dataframe(label="What the LLM answered (latest validation: stage 2's replies, stage 3's judge)",
                            visible=False, wrap=True, interactive=False)
@@ -544,7 +663,6 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
             if any(run_dir.glob("*.safetensors")):
                 raise ValueError(f"run '{run_name}' holds a single-stage run: choose a new run name for the "
                                  "full recipe")
-            check_recipe_batches(ws, corpus_name, cfg, preset_value)
         command = recipe_command(preset_value, minutes, cfg_overrides)
         record = runner.start(run_name, RECIPE, command)
         verb = "Continued" if resume_run else "Started"
@@ -607,18 +725,35 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
                        max_steps, batch_size, learning_rate, budget_minutes, True)
 
     def on_stop(run_name: str) -> str:
+        """Stop the run's job; with none running, say so (a toast) and show the run as it is, never an error: the
+        button is disabled then, so only a call through the API or a click racing the job's end gets here."""
         try:
-            status = runner.stop(run_name)
+            check_name(run_name, "run name")
+            record = runner.record(run_name)
+            if record is None or not runner.is_running(record):
+                gr.Info(f"Nothing to stop: run '{run_name}' has no training running.")
+                status = runner.status(run_name)
+            else:
+                status = runner.stop(run_name)
+                gr.Info(f"Stop requested: run '{run_name}' finishes its step, writes a checkpoint and exits.")
             state = runner.recipe_state(ws.run_dir(run_name))
-        except (JobError, ValueError) as exc:
+        except (JobError, ValueError) as exc:   # a WorkspaceError too: a run linked from outside
             raise gr.Error(str(exc), title="Stop", print_exception=False) from exc
-        gr.Info(f"Stop requested: run '{run_name}' finishes its step, writes a checkpoint and exits.")
         return with_recipe_progress(status, state)
+
+    def button_states(run_name: str, status: Optional[JobStatus]) -> tuple[bool, bool, bool]:
+        """(Start, Stop, Resume) enabled only when each can act: Start while no job runs, Stop while this run's job
+        runs (not yet stopping), Resume while no job runs and this run has a checkpoint or a recipe to go on from."""
+        busy = runner.active() is not None
+        running = status is not None and status.state == "running"
+        return not busy, running, not busy and resumable(ws, run_name)
 
     def with_recipe_progress(status: JobStatus, state: Optional[RecipeState]) -> str:
         """The status, and below it one line per stage when the run is a full recipe (`state`)."""
-        text = status_markdown(ws, status)
+        text = status_markdown(ws, status, eta_s=recipe_eta(state, status))
         progress = recipe_progress_markdown(state, status, relative=workspace_path, resolve=job_path)
+        if not progress and status.stage == RECIPE and status.active:
+            progress = one_time_markdown(status.log_tail)
         return f"{text}\n\n{progress}" if progress else text
 
     def workspace_path(path: str) -> str:
@@ -631,7 +766,8 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         checked to be inside the workspace: else a WorkspaceError naming it."""
         return ws.checked(path, "the recipe's file")
 
-    def on_tick(run_name: str, metric_name: Optional[str], seen: Any) -> tuple:
+    def on_tick(run_name: str, metric_name: Optional[str], seen: Any, shown: Optional[str] = FOLLOW[1],
+                every_metric: bool = False) -> tuple:
         try:
             check_name(run_name, "run name")
         except ValueError:   # half-typed: nothing to show yet
@@ -639,47 +775,59 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         try:
             ws.run_dir(run_name)   # a run folder linked from outside the workspace is refused, and named
             status = runner.status(run_name)
-            rows = runner.metrics(run_name)
             state = runner.recipe_state(run_name)   # read once a tick: the progress lines and the cards
+            ran = [r.stage for r in state.stages if r.status != "pending"] if state is not None else []
+            shown = shown if shown in ran else FOLLOW[1]
+            rows = runner.metrics(run_name, stage=shown or None)
         except (JobError, WorkspaceError) as exc:   # a job.json, log or metrics file linked from outside: not read
             return unreadable_run(run_name, exc, seen)
         text = with_recipe_progress(status, state)
+        buttons = button_states(run_name, status)
         cards = stage_cards(state, resolve=job_path)
         cards_text = cards_markdown(cards, relative=workspace_path)
         inside = [s for s in status.samples if ws.inside(s)]
         card_choices = [(label, path) for label, path in card_audio_choices(cards) if ws.inside(path)]
-        key = [run_name, metric_name, len(rows), text, status.log_tail[-2000:], cards_text, [inside, card_choices]]
+        note = samples_note(status, bool(inside or card_choices))
+        key = [run_name, metric_name, shown, bool(every_metric), ran, len(rows), text, status.log_tail[-2000:],
+               cards_text, buttons, [inside, card_choices, note]]
         if key == seen:
             return (gr.skip(),) * len(tick_outputs)
-        watched = status.recipe_stage or status.stage   # a recipe: the plots are those of its running stage
+        watched = shown or status.recipe_stage or status.stage   # a recipe: its running stage unless one is picked
         loss_df, metric_df, names = metric_frames(rows, watched, metric_name)
         chosen = metric_name if metric_name in names else default_metric(names, watched)
+        offered = metric_choices(names, bool(every_metric))
+        if chosen is not None and chosen not in [name for _, name in offered]:   # a raw default: offered too
+            offered.append((chosen, chosen))
+        title = METRIC_LABELS.get(chosen or "", chosen or "metric")
+        stage_choices = [FOLLOW, *((STAGE_NAMES[stage], stage) for stage in ran)]
         samples = [s for s in inside if Path(s).suffix.lower() in AUDIO_SUFFIXES]   # the player plays audio only
         texts = [s for s in inside if Path(s).suffix == ".jsonl"]
         # the latest validation's samples, then the cards' audio of a recipe's done stages
         sample_choices = [(Path(s).name, s) for s in samples] + card_choices
         seen_samples = seen[-1] if isinstance(seen, list) else None
-        changed = [inside, card_choices] != seen_samples
-        sample_update = (gr.Dropdown(choices=sample_choices, value=sample_choices[0][1] if sample_choices else None)
-                         if changed else gr.skip())
+        changed = [inside, card_choices, note] != seen_samples
+        sample_update = (gr.Dropdown(choices=sample_choices, value=sample_choices[0][1] if sample_choices else None,
+                                     info=note) if changed else gr.skip())
         replies_update = (gr.Dataframe(value=replies_table(texts[0]) if texts else None, visible=bool(texts))
                           if changed else gr.skip())
         return (text, plot_value(loss_df),
-                gr.Dropdown(choices=names, value=chosen),
-                gr.LinePlot(value=plot_value(metric_df), title=chosen or "metric",
-                            y_title=chosen or ""),
+                gr.Dropdown(choices=offered, value=chosen),
+                gr.LinePlot(value=plot_value(metric_df), title=title, y_title=chosen or ""),
                 last_lines(status.log_tail, LOG_LINES), sample_update, replies_update, cards_text, key, gr.skip(),
-                gr.skip())
+                gr.skip(), gr.skip(), gr.Dropdown(choices=stage_choices, value=shown, visible=state is not None),
+                *(gr.Button(interactive=on) for on in buttons))
 
     def unreadable_run(run_name: str, problem: Exception, seen: Any) -> tuple:
         """The tick's outputs for a run the app cannot read: the reason in the status, nothing else shown."""
         text = f"### Run `{run_name}`\n\n{problem}"
-        key = [run_name, text]
+        busy = runner.active() is not None
+        key = [run_name, text, busy]
         if key == seen:
             return (gr.skip(),) * len(tick_outputs)
         return (text, None, gr.Dropdown(choices=[], value=None), gr.LinePlot(value=None), "",
                 gr.Dropdown(choices=[], value=None), gr.Dataframe(value=None, visible=False), "", key, gr.skip(),
-                gr.skip())
+                gr.skip(), gr.skip(), gr.Dropdown(choices=[FOLLOW], value=FOLLOW[1], visible=False),
+                gr.Button(interactive=not busy), gr.Button(interactive=False), gr.Button(interactive=False))
 
     def on_sample(path: Optional[str]) -> Optional[str]:
         return path if path and ws.inside(path) and Path(path).is_file() else None
@@ -690,14 +838,28 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         latest = runner.active() or runner.latest()
         if latest is not None:
             stage_value, run_name = latest.stage, latest.name
-        started = run_settings(ws, run_name) if latest is not None else None
+        return (stage_value, run_name, *started_form(run_name, stage_value, latest is not None))
+
+    def started_form(run_name: str, stage_value: str, has_job: bool = True) -> tuple:
+        """(corpus, checkpoint, preset, epochs, max steps, batch, learning rate, budget) as run `run_name` was
+        started (skips where it has no job record): what the form shows on re-attach and after a Resume."""
+        started = run_settings(ws, run_name) if has_job else None
         corpus_dd, prereq_dd = refresh_lists(started.corpus if started else None,
                                              started.start_checkpoint if started else None, stage_value)
         if started is None:
-            return (stage_value, run_name, corpus_dd, prereq_dd, *(gr.skip(),) * 6)
-        return (stage_value, run_name, corpus_dd, prereq_dd, started.preset, started.epochs, started.max_steps,
+            return (corpus_dd, prereq_dd, *(gr.skip(),) * 6)
+        return (corpus_dd, prereq_dd, started.preset, started.epochs, started.max_steps,
                 started.batch_size, started.learning_rate,
                 started.minutes if started.minutes is not None else gr.skip())
+
+    def after_launch(run_name: str) -> tuple:
+        """After a Start or Resume that launched: the form shows the settings the job runs with (Resume keeps those
+        it was started with, whatever the form held), and the buttons what can be done now."""
+        started = run_settings(ws, run_name)
+        stage_value = started.stage if started is not None else gr.skip()
+        buttons = button_states(run_name, runner.status(run_name))
+        return (stage_value, *started_form(run_name, started.stage if started else RECIPE),
+                *(gr.Button(interactive=on) for on in buttons))
 
     def on_stage(stage_value: str, run_name: str, preset_value: str) -> tuple:
         """A new stage: its run name (if still a default), checkpoint and form numbers; the full recipe keeps
@@ -722,23 +884,27 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         return form_defaults(guarded("Loading the preset", load_config, preset_value, overrides), stage_value)
 
     form = [stage, run, preset_dd, corpus, prerequisite, epochs, max_steps, batch_size, learning_rate, budget]
-    start.click(on_start, form, [status_md, command_md, run], api_name="start_training", concurrency_limit=1,
-                concurrency_id="training_jobs")
-    resume.click(on_resume, form, [status_md, command_md, run], api_name="resume_training", concurrency_limit=1,
-                 concurrency_id="training_jobs")
+    numbers = [epochs, max_steps, batch_size, learning_rate]
+    launched_form = [stage, corpus, prerequisite, preset_dd, *numbers, budget, start, stop, resume]
+    start.click(on_start, form, [notice_md, command_md, run], api_name="start_training", concurrency_limit=1,
+                concurrency_id="training_jobs").success(after_launch, run, launched_form, api_visibility="private",
+                                                        show_progress="hidden")
+    resume.click(on_resume, form, [notice_md, command_md, run], api_name="resume_training", concurrency_limit=1,
+                 concurrency_id="training_jobs").success(after_launch, run, launched_form, api_visibility="private",
+                                                         show_progress="hidden")
     stop.click(on_stop, run, status_md, api_name="stop_training", concurrency_limit=1,
                concurrency_id="training_jobs")
-    # command_md and run are outputs of the tick (always skipped) so that each tick gives them a fresh status:
-    # a rejected Start's red "Error" badge on them then clears within one refresh instead of staying
+    # command_md, run and notice_md are outputs of the tick (always skipped) so that each tick gives them a fresh
+    # status: a rejected Start's red "Error" badge on them then clears within one refresh instead of staying
     tick_outputs = [status_md, loss_plot, metric, metric_plot, log_box, sample, replies, cards_md, last_seen,
-                    command_md, run]
-    timer.tick(on_tick, [run, metric, last_seen], tick_outputs, api_name="training_status",
+                    command_md, run, notice_md, shown_stage, start, stop, resume]
+    timer.tick(on_tick, [run, metric, last_seen, shown_stage, every], tick_outputs, api_name="training_status",
                concurrency_limit=None, show_progress="hidden")
-    metric.input(lambda r, m: on_tick(r, m, None), [run, metric], tick_outputs, api_visibility="private",
-                 show_progress="hidden")
+    for picker in (metric, shown_stage, every):   # a new choice redraws at once (not at the next tick)
+        picker.input(lambda r, m, shown, more: on_tick(r, m, None, shown, more), [run, metric, shown_stage, every],
+                     tick_outputs, api_visibility="private", show_progress="hidden")
     sample.change(on_sample, sample, sample_audio, api_visibility="private")
     refresh.click(refresh_lists, [corpus, prerequisite, stage], [corpus, prerequisite], api_name="training_lists")
-    numbers = [epochs, max_steps, batch_size, learning_rate]
     stage.input(on_stage, [stage, run, preset_dd], [run, prerequisite, *numbers], api_visibility="private")
     stage.change(on_mode, stage, [prerequisite, budget, numbers_row], api_visibility="private",
                  show_progress="hidden")

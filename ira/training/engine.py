@@ -425,7 +425,7 @@ class Trainer:
         self.logger.event(
             "start", run_name=self.run_name, step=p.step, epoch=self._epoch_float(),
             total_steps=self.total_steps, batches_per_epoch=self.n_batches,
-            grad_accum_steps=tc.grad_accum_steps,
+            grad_accum_steps=tc.grad_accum_steps, eval_every=tc.eval_every, max_minutes=tc.max_minutes,
             num_processes=acc.num_processes, device=str(acc.device), mixed_precision=self.precision,
             trainable_params=sum(q.numel() for q in self.params),
             modules={n: ("trained" if n in trainable else "frozen") for n in self.modules},
@@ -547,8 +547,7 @@ class Trainer:
         acc, tc, p = self.accelerator, self.cfg.training, self.progress
         step_loss = torch.zeros((), device=acc.device)
         lr = self.optimizer.param_groups[0]["lr"]
-        bar = tqdm(total=self.total_steps, initial=p.step, disable=not acc.is_main_process,
-                   desc=f"stage {self.stage}", unit="step", dynamic_ncols=True, mininterval=1.0)
+        bar = self._progress_bar()
         self._t0 = self.clock()
         # a fresh run only (nothing saved or restored yet): a resume, even from the step-0 save, has done it
         if p.step == 0 and p.last_saved_step < 0 and getattr(self.task, "validate_at_start", False):
@@ -591,7 +590,7 @@ class Trainer:
                         self._apply_time_budget(p.step + 1)
                         self.optimizer.zero_grad(set_to_none=True)
                     p.step += 1
-                    bar.update(1)
+                    self._advance_bar(bar)
                     window.steps += 1
                     window.grad_norm += float(grad_norm)
                     step_loss.zero_()
@@ -629,6 +628,30 @@ class Trainer:
                         f"but its len() is {self.n_batches}; len() must match what it yields")
         finally:
             bar.close()
+
+    def _progress_bar(self) -> Any:
+        """The terminal's bar: with a time budget (training.max_minutes) it counts the budget's minutes, which
+        end the run (a step total from the epochs, 118800 for a 50-minute stage 1, would say 21 hours); else the
+        steps."""
+        p, tc = self.progress, self.cfg.training
+        common = dict(disable=not self.accelerator.is_main_process, desc=f"stage {self.stage}", dynamic_ncols=True,
+                      mininterval=1.0)
+        if tc.max_minutes is None:
+            return tqdm(total=self.total_steps, initial=p.step, unit="step", **common)
+        bar = tqdm(total=float(tc.max_minutes), initial=min(p.elapsed_before / 60.0, float(tc.max_minutes)),
+                   unit="min", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:g} min of its budget "
+                                          "[{elapsed}<{remaining}{postfix}]", **common)
+        bar.set_postfix(step=p.step, refresh=False)
+        return bar
+
+    def _advance_bar(self, bar: Any) -> None:
+        """One step done: the step count, or the budget's minutes spent so far (the same clock that ends the run;
+        the step is in the bar's postfix, set with each logged loss)."""
+        tc = self.cfg.training
+        if tc.max_minutes is None:
+            bar.update(1)
+            return
+        bar.update(max(0.0, min(self._elapsed() / 60.0, float(tc.max_minutes)) - bar.n))
 
     def _forward(self, batch: Any) -> dict[str, Any]:
         out = self.step_module(batch)
@@ -817,7 +840,7 @@ class Trainer:
         record["memory"] = memory_stats(device)
         self.logger.metrics("train", self.progress.step, self._epoch_float(), record)
         if "loss" in record:
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.set_postfix(step=self.progress.step, loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
 
     def _validate(self) -> None:
         acc, p = self.accelerator, self.progress

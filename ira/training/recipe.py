@@ -14,14 +14,16 @@ recipe ends with that stage "stopped"; between two stages the recipe checks it b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import psutil
 
@@ -33,6 +35,7 @@ from ira.training.run_folder import RunFolderLock
 from ira.training.stop import STOP_FILE, drop_stale_flags
 
 log = logging.getLogger("ira")
+Progress = Callable[[float, str], None]
 
 RECIPES = ("full",)
 RECIPE_STAGES = ("style", "1", "2", "3")
@@ -173,6 +176,89 @@ def ensure_corpus(cfg: IRAConfig, say: Callable[[str], None] = print,
     minutes = (time.time() - start) / 60.0
     say(f"corpus: {data_dir} spoken in {minutes:.1f} min")
     return minutes
+
+
+MIN_CLIPS = 2
+"""The fewest training clips a recipe runs on: the voice style encoder contrasts the clips of a batch."""
+
+
+def training_clips(data_dir: str | Path) -> Optional[int]:
+    """The training split's size of a prepared corpus (its prepare_report.json); None before it is prepared."""
+    try:
+        return int(json.loads((Path(data_dir) / "prepare_report.json").read_text())["train"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def fit_to_corpus(cfg: IRAConfig, train_clips: int) -> tuple[IRAConfig, list[str]]:
+    """The recipe's config with every stage's batch no larger than the corpus's `train_clips`, and one note per
+    lowered batch. The presets are sized for the 20,000-clip corpus; a small one (the Data tab's dummy corpus has
+    11 training clips) would otherwise end the recipe in its first stage (the style encoder drops a last, short
+    batch and gets none; PPO refuses fewer prompts than its batch). PPO's batch stays a multiple of its group
+    (advantage "group") and its minibatch divides it. Fewer than MIN_CLIPS clips, or than one PPO group, is a
+    RecipeError saying to build a larger corpus."""
+    if train_clips < MIN_CLIPS:
+        raise RecipeError(f"corpus {cfg.data.dir} has {train_clips} training clip(s); the full recipe needs at "
+                          f"least {MIN_CLIPS}: build a larger corpus (the Data tab's dummy corpus has 11)")
+    wanted: dict[str, int] = {}
+    for key, batch in (("style.batch_size", cfg.style.batch_size), ("training.batch_size", cfg.training.batch_size),
+                       ("align.batch_size", cfg.align.batch_size)):
+        if batch > train_clips:
+            wanted[key] = train_clips
+    ppo = cfg.ppo
+    if ppo.batch_size > train_clips:
+        group = ppo.group_size if ppo.advantage == "group" else 1
+        batch = train_clips - train_clips % group
+        if batch < max(group, 1):
+            raise RecipeError(f"corpus {cfg.data.dir} has {train_clips} training clips, fewer than one PPO group "
+                              f"(ppo.group_size={group}): build a larger corpus for the full recipe")
+        wanted["ppo.batch_size"] = batch
+        minibatch = math.gcd(ppo.minibatch_size, batch)
+        if minibatch != ppo.minibatch_size:
+            wanted["ppo.minibatch_size"] = minibatch
+    if not wanted:
+        return cfg, []
+    current = {"style.batch_size": cfg.style.batch_size, "training.batch_size": cfg.training.batch_size,
+               "align.batch_size": cfg.align.batch_size, "ppo.batch_size": ppo.batch_size,
+               "ppo.minibatch_size": ppo.minibatch_size}
+    notes = [f"{key} {current[key]} -> {value}" for key, value in wanted.items()]
+    fitted = cfg.with_overrides([f"{key}={value}" for key, value in wanted.items()])
+    return fitted, [f"the corpus has {train_clips} training clips, fewer than the preset's batches: "
+                    + ", ".join(notes)]
+
+
+def prepare_for_recipe(cfg: IRAConfig, say: Callable[[str], None] = print,
+                       progress_bar: Optional[Callable[[str], ContextManager[Progress]]] = None) -> IRAConfig:
+    """The recipe's one-time preparation, before its first stage and with its own progress bar (`progress_bar(
+    title)` opens one; none: no bar): check, annotate and encode the corpus (every stage would otherwise do it
+    silently at its start), then fit the batches to its training split (`fit_to_corpus`, each change said)."""
+    from ira.data.prepare import cache_is_fresh, ensure_prepared
+
+    data_dir = Path(cfg.data.dir)
+    if not cache_is_fresh(cfg, data_dir):
+        start = time.time()
+        say(f"preparing the corpus {data_dir} once: checking and annotating the clips, fitting the codec, "
+            f"caching the tokens (not counted in the recipe's budget)")
+        with (progress_bar or _no_bar)(PREPARING) as progress:
+            ensure_prepared(cfg, progress=progress)
+        say(f"corpus prepared in {(time.time() - start) / 60:.1f} min")
+    clips = training_clips(data_dir)
+    if clips is None:
+        return cfg
+    fitted, notes = fit_to_corpus(cfg, clips)
+    for note in notes:
+        say(note)
+    return fitted
+
+
+PREPARING = "preparing the corpus (one-time)"
+SPEAKING = "speaking the corpus (one-time)"
+"""The titles of the recipe's one-time phases' progress bars (the terminal's, and the app's log)."""
+
+
+@contextlib.contextmanager
+def _no_bar(title: str) -> Iterator[Optional[Progress]]:
+    yield None
 
 
 RunStage = Callable[[str, IRAConfig, Optional[str]], str]
