@@ -106,7 +106,8 @@ def embedding_readout(vector: torch.Tensor, index: StyleIndex, corpus: str, load
         source = f"clips embedded in {seconds:.1f} s (cached for next time)"
     capped = f" (the first {len(index) + len(index.skipped)} of {index.total_clips})" \
         if index.total_clips > len(index) + len(index.skipped) else ""
-    lines = [f"**Embedding**: {vector.numel()}-d unit vector (norm {float(vector.norm()):.3f}): [{values}{more}]",
+    lines = [f"**The description's voice**, as the style encoder places it among {vector.numel()} directions "
+             f"(clips are compared by how close their own place is): [{values}{more}]",
              f"**Corpus** `{corpus}`: {len(index)} clips{capped}, {source}"]
     if index.skipped:
         lines.append(f"**Skipped**: {len(index.skipped)} clip(s) that could not be read, "
