@@ -492,7 +492,8 @@ def test_early_stop_after_patience_keeps_the_best(tmp_path, mode, values, best_a
     best = load_checkpoint(tmp_path / "stage1_best.safetensors")
     assert best.step == best_at
     # its header carries the metric the best was chosen by (the app's checkpoint lists show it)
-    assert json.loads(best.metadata["metric"]) == {"name": "val_score", "value": values[1], "step": best_at}
+    assert json.loads(best.metadata["metric"]) == {"name": "val_score", "value": values[1], "mode": mode,
+                                                        "step": best_at}
     state = load_train_state(tmp_path / "stage1_latest.safetensors")
     assert state["best"] == {"value": values[1], "step": 4, "since": 3, "name": "val_score"}
 

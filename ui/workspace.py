@@ -253,12 +253,6 @@ class Workspace:
                 continue
         return headers
 
-    def labelled_checkpoints(self, keep: Callable[[dict[str, str]], bool] = lambda meta: True
-                             ) -> list[tuple[str, str]]:
-        """(label, relative path) of the readable checkpoints whose header `keep` accepts, in the order of
-        `list_checkpoints`: a dropdown's choices, labelled with what each checkpoint is (`checkpoint_label`)."""
-        return [(checkpoint_label(rel, meta), rel) for rel, meta in self.checkpoint_headers() if keep(meta)]
-
     def distinct_checkpoints(self, keep: Callable[[dict[str, str]], bool] = lambda meta: True
                              ) -> list[tuple[str, str]]:
         """(label, relative path): one line per distinct save whose header `keep` accepts, grouped by run folder
@@ -313,7 +307,7 @@ def pick_choice(current: Optional[str], choices: Sequence[str] | Sequence[tuple[
 
 HIGHER_IS_BETTER = ("accuracy", "top1", "top5", "match", "reward")
 """Words in a metric's name that mean larger is better (choice accuracy, top-5, rewards); the others (WER, CER,
-losses, errors) are better small."""
+losses, errors) are better small. Only for headers written before the engine recorded the run's direction."""
 
 
 def checkpoint_order(rel: str, meta: Mapping[str, str]) -> tuple:
@@ -322,7 +316,8 @@ def checkpoint_order(rel: str, meta: Mapping[str, str]) -> tuple:
     try:
         metric = json.loads(meta.get("metric") or "null")
         value = float(metric["value"])
-        higher = any(word in str(metric.get("name", "")) for word in HIGHER_IS_BETTER)
+        higher = (metric["mode"] == "max" if "mode" in metric   # the run's own direction (engine's header)
+                  else any(word in str(metric.get("name", "")) for word in HIGHER_IS_BETTER))
         figure = (0, -value if higher else value) if math.isfinite(value) else (1, 0.0)
     except (ValueError, TypeError, KeyError):
         figure = (1, 0.0)

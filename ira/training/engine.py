@@ -969,11 +969,11 @@ class Trainer:
     def _metric_metadata(self) -> dict[str, str]:
         """The task's best-checkpoint metric at the last validation, for the checkpoint's header: the app
         labels its checkpoint lists with it ("stage 2 · step 1200 · val_choice_accuracy 0.72")."""
-        key = self.task.best_metric[0]
+        key, mode = self.task.best_metric
         value = self.val_metrics.get(key)
         if value is None or self.progress.last_eval_step < 0 or not math.isfinite(value):
             return {}
-        return {"metric": json.dumps({"name": key, "value": value, "step": self.progress.last_eval_step})}
+        return {"metric": json.dumps({"name": key, "value": value, "mode": mode, "step": self.progress.last_eval_step})}
 
     def _epoch_float(self) -> float:
         p = self.progress
