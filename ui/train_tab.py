@@ -547,15 +547,16 @@ def resumable(ws: Workspace, run_name: str) -> bool:
 
 def prerequisite_choices(ws: Workspace) -> list[tuple[str, str]]:
     """(label, path) of every readable checkpoint, after (none)."""
-    return [(NONE, NONE), *ws.labelled_checkpoints()]
+    return [(NONE, NONE), *ws.distinct_checkpoints()]
 
 
 def default_prerequisite(ws: Workspace, stage: str) -> str:
-    """The newest checkpoint of the stage `stage` needs (stages 2 and 3), or (none)."""
+    """The best checkpoint of the newest run of the stage `stage` needs (stages 2 and 3), or (none): a line of the
+    checkpoint list (`Workspace.distinct_checkpoints`)."""
     wanted = PREREQUISITE.get(stage)
     if wanted is None or stage not in REQUIRED:
         return NONE
-    for path in ws.list_checkpoints():   # newest first
+    for _, path in ws.distinct_checkpoints():   # newest run first, its best first
         if Path(path).name.startswith(f"stage{wanted}_"):
             return path
     return NONE
