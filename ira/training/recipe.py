@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, Optional
+from typing import Callable, ContextManager, Optional
 
 import psutil
 
@@ -200,12 +200,12 @@ def fit_to_corpus(cfg: IRAConfig, train_clips: int) -> tuple[IRAConfig, list[str
     if train_clips < MIN_CLIPS:
         raise RecipeError(f"corpus {cfg.data.dir} has {train_clips} training clip(s); the full recipe needs at "
                           f"least {MIN_CLIPS}: build a larger corpus (the Data tab's dummy corpus has 11)")
-    wanted: dict[str, int] = {}
-    for key, batch in (("style.batch_size", cfg.style.batch_size), ("training.batch_size", cfg.training.batch_size),
-                       ("align.batch_size", cfg.align.batch_size)):
-        if batch > train_clips:
-            wanted[key] = train_clips
     ppo = cfg.ppo
+    current = {"style.batch_size": cfg.style.batch_size, "training.batch_size": cfg.training.batch_size,
+               "align.batch_size": cfg.align.batch_size, "ppo.batch_size": ppo.batch_size,
+               "ppo.minibatch_size": ppo.minibatch_size}
+    wanted = {key: train_clips for key in ("style.batch_size", "training.batch_size", "align.batch_size")
+              if current[key] > train_clips}
     if ppo.batch_size > train_clips:
         group = ppo.group_size if ppo.advantage == "group" else 1
         batch = train_clips - train_clips % group
@@ -218,9 +218,6 @@ def fit_to_corpus(cfg: IRAConfig, train_clips: int) -> tuple[IRAConfig, list[str
             wanted["ppo.minibatch_size"] = minibatch
     if not wanted:
         return cfg, []
-    current = {"style.batch_size": cfg.style.batch_size, "training.batch_size": cfg.training.batch_size,
-               "align.batch_size": cfg.align.batch_size, "ppo.batch_size": ppo.batch_size,
-               "ppo.minibatch_size": ppo.minibatch_size}
     notes = [f"{key} {current[key]} -> {value}" for key, value in wanted.items()]
     fitted = cfg.with_overrides([f"{key}={value}" for key, value in wanted.items()])
     return fitted, [f"the corpus has {train_clips} training clips, fewer than the preset's batches: "
@@ -239,7 +236,7 @@ def prepare_for_recipe(cfg: IRAConfig, say: Callable[[str], None] = print,
         start = time.time()
         say(f"preparing the corpus {data_dir} once: checking and annotating the clips, fitting the codec, "
             f"caching the tokens (not counted in the recipe's budget)")
-        with (progress_bar or _no_bar)(PREPARING) as progress:
+        with progress_bar(PREPARING) if progress_bar else contextlib.nullcontext() as progress:
             ensure_prepared(cfg, progress=progress)
         say(f"corpus prepared in {(time.time() - start) / 60:.1f} min")
     clips = training_clips(data_dir)
@@ -254,11 +251,6 @@ def prepare_for_recipe(cfg: IRAConfig, say: Callable[[str], None] = print,
 PREPARING = "preparing the corpus (one-time)"
 SPEAKING = "speaking the corpus (one-time)"
 """The titles of the recipe's one-time phases' progress bars (the terminal's, and the app's log)."""
-
-
-@contextlib.contextmanager
-def _no_bar(title: str) -> Iterator[Optional[Progress]]:
-    yield None
 
 
 RunStage = Callable[[str, IRAConfig, Optional[str]], str]
