@@ -497,6 +497,11 @@ class PPOConfig:
     asr_weight: float = 0.0
     """Reward for what a listener hears: minus the character error rate (capped at 1) of what the reward's
     ASR (`reward_asr`) hears in each sample's decoded audio, against the text (0: off)."""
+    asr_likelihood_weight: float = 0.0
+    """Reward for how well the reward's ASR hears the text in each sample: its mean log-probability per token
+    of the text given the decoded audio (teacher-forced; 0: off). Continuous where the CER of one greedy
+    transcript jumps by whole words: it ranks a text's samples closer to how the evaluation ASR does
+    (docs/decisions.md)."""
     reward_asr: str = "tiny.en"
     """The ASR that rewards (`tiny.en`, `base` or a faster-whisper model folder; ira/eval/asr.py). It hears a
     whole group at once through a window fitted to the clips (`asr_window_margin`): ~10x cheaper than its
@@ -566,6 +571,7 @@ class PPOConfig:
         check.that("phoneme_weight", self.phoneme_weight >= 0.0, "must be >= 0")
         check.that("style_weight", self.style_weight >= 0.0, "must be >= 0")
         check.that("asr_weight", self.asr_weight >= 0.0, "must be >= 0")
+        check.that("asr_likelihood_weight", self.asr_likelihood_weight >= 0.0, "must be >= 0")
         check.that("asr_window_margin", self.asr_window_margin >= 0.0, "must be >= 0 (seconds)")
         check.that("min_group_spread", self.min_group_spread >= 0.0, "must be >= 0")
         check.that("duration_tolerance", self.duration_tolerance is None or self.duration_tolerance > 0,
@@ -573,7 +579,7 @@ class PPOConfig:
         for name in ("reward_asr", "eval_asr_model"):
             check.that(name, isinstance(getattr(self, name), str) and getattr(self, name).strip() != "",
                        "must name an ASR: tiny.en, base or a faster-whisper model folder")
-        check.that("eval_asr_model", not (self.asr_weight > 0 and self.eval_asr
+        check.that("eval_asr_model", not ((self.asr_weight > 0 or self.asr_likelihood_weight > 0) and self.eval_asr
                                           and self.eval_asr_model.strip() == self.reward_asr.strip()),
                    f"is the reward's ASR ({self.reward_asr!r}): a policy rewarded by an ASR must be judged by "
                    f"another, or it is chosen for pleasing that ASR; use base for one and tiny.en for the other")

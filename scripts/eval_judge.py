@@ -34,7 +34,7 @@ from ira.checkpoint import load_checkpoint, require_stage
 from ira.text_metrics import corpus_cer
 from ira.training.stage3 import Stage3Task
 
-SCORES = ("reward", "semantic", "phonemes", "asr", "style")
+SCORES = ("reward", "semantic", "phonemes", "asr", "asr_likelihood", "style")
 
 
 def _pearson(a: list[float], b: list[float]) -> float:

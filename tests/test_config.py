@@ -119,6 +119,11 @@ def test_stage3_may_not_be_judged_by_the_asr_that_rewards_it():
     with pytest.raises(ConfigError, match="ppo.eval_asr_model.*is the reward's ASR"):
         load_config("cpu", ["ppo.asr_weight=1.0", "ppo.reward_asr=base", "ppo.eval_asr_model=base"])
     assert load_config("cpu", ["ppo.asr_weight=0", "ppo.reward_asr=base", "ppo.eval_asr_model=base"])
+    with pytest.raises(ConfigError, match="ppo.eval_asr_model.*is the reward's ASR"):
+        load_config("cpu", ["ppo.asr_weight=0", "ppo.asr_likelihood_weight=1.0", "ppo.reward_asr=base",
+                            "ppo.eval_asr_model=base"])
+    with pytest.raises(ConfigError, match="ppo.asr_likelihood_weight"):
+        load_config("cpu", ["ppo.asr_likelihood_weight=-1"])
     for key, value in (("ppo.asr_weight", "-1"), ("ppo.min_group_spread", "-0.1"), ("ppo.eval_seeds", "0"),
                        ("ppo.duration_tolerance", "0")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -206,13 +206,14 @@ def test_ranking_agreement_tells_a_judge_that_hears_from_one_that_does_not():
     eval_judge = _eval_judge_script()
     heard = {"a b c d": ["a b c d", "a b x d", "x y z d"], "e f g h": ["e f g h", "e f g x", "x f x x"]}
     groups = [[{"text": text, "eval_asr_heard": asr, "reward": -i, "style": i, "semantic": 0.0, "phonemes": -2.0 * i,
-                "asr": -0.1 * i} for i, asr in enumerate(options)] for text, options in heard.items()]
+                "asr": -0.1 * i, "asr_likelihood": -0.5 * i} for i, asr in enumerate(options)] for text, options in heard.items()]
     out = eval_judge.ranking_agreement(groups)
     assert out["oracle_pick_cer"] == 0.0 and out["mean_cer"] > 0.1
     assert out["reward_vs_cer"] < -0.9 and out["reward_pick_cer"] == 0.0         # agrees: picks the best
     assert out["style_vs_cer"] > 0.9 and out["style_pick_cer"] > out["mean_cer"]  # the opposite
     assert out["phonemes_vs_cer"] < -0.9
     assert out["asr_vs_cer"] < -0.9 and out["asr_pick_cer"] == 0.0
+    assert out["asr_likelihood_vs_cer"] < -0.9 and out["asr_likelihood_pick_cer"] == 0.0
 
 
 @pytest.mark.skipif(not asr.is_available(asr.TINY), reason="the ira[eval] extra (faster-whisper) is not installed")
@@ -230,3 +231,23 @@ def test_asr_reward_prefers_the_text_spoken_over_another_text_over_silence():
     assert own > -0.15, heard
     assert own > another + 0.3 and another > silence, (heard, own, another, silence)
     assert silence == -1.0
+
+
+@pytest.mark.skipif(not asr.is_available(asr.TINY), reason="the ira[eval] extra (faster-whisper) is not installed")
+def test_asr_likelihood_prefers_the_text_spoken_over_another_text_over_silence():
+    """The reward ASR's log-likelihood of the text, from the same encoder pass as its transcript: eSpeak's clip
+    of the text scores above a clip of another text, both above silence, and an empty clip gets the floor; the
+    transcripts are those `transcribe_batch` hears."""
+    from ira.data import espeak
+
+    text = "The kettle began to whistle just as the phone rang."
+    other = "Please close the gate behind you when you leave."
+    clips = [torch.from_numpy(espeak.synthesize(t, voice="en-us")[0]) for t in (text, other)]
+    clips += [torch.zeros(3 * 22_050), torch.zeros(0)]
+    transcriber = asr.transcriber(asr.TINY)
+    heard, scores = transcriber.hear_batch(clips, 22_050, [text] * 4)
+    own, another, silence, empty = scores
+    assert own > -1.5 and own > another + 2.0 and another > silence, scores
+    assert empty == asr.SILENCE_LOG_LIKELIHOOD and heard[3] == ""
+    assert heard == transcriber.transcribe_batch(clips, 22_050)
+    assert transcriber.text_log_likelihood(clips[:1], 22_050, [text]) == [own]

@@ -38,6 +38,8 @@ MAX_TOKENS_PER_SECOND = 8
 """Whisper tokens per second of audio at most (~6 words/s; fast speech is ~4)."""
 MAX_WORDS_PER_SECOND = 6
 """Words heard per second of audio at most: beyond it the ASR is looping, not hearing."""
+SILENCE_LOG_LIKELIHOOD = -14.0
+"""`text_log_likelihood` of an empty clip: about the score of a clip of another sentence or of silence."""
 INSTALL_HINT = "install the evaluation extra: `pip install -e '.[eval]'` (scripts/setup.sh does it)"
 
 TINY = "tiny.en"
@@ -195,28 +197,23 @@ class Transcriber:
         most = int(MAX_WORDS_PER_SECOND * wav.numel() / ASR_SAMPLE_RATE) + 3
         return " ".join(words[:most]) if len(words) > most else text
 
-    def transcribe_batch(self, wavs: Sequence[torch.Tensor | np.ndarray], sample_rate: int,
-                         margin_seconds: float = 3.0, min_window_seconds: float = 10.0) -> list[str]:
-        """The text heard in each waveform, all in one batched pass through a window fitted to the longest
-        clip (+ `margin_seconds`, at least `min_window_seconds`) instead of Whisper's 30 s: the encoder's cost
-        is per window second, so short clips cost a third (what whisper.cpp's `audio_ctx` does). In windows
-        under ~7 s tiny.en starts to repeat the sentence. Greedy, as `__call__`; "" for an empty clip."""
-        import ctranslate2
+    def _window(self, wavs: Sequence[torch.Tensor | np.ndarray], sample_rate: int, margin_seconds: float,
+                min_window_seconds: float) -> tuple[list[torch.Tensor], list[int], np.ndarray, int]:
+        """The clips at 16 kHz, the indices of the non-empty ones, their log-mels in one batch zero-padded to
+        a window of the longest clip + `margin_seconds` (at least `min_window_seconds`, at most Whisper's
+        30 s), and that window in mel frames."""
         import torchaudio.functional as AF
-        from faster_whisper.tokenizer import Tokenizer
-        from faster_whisper.transcribe import get_suppressed_tokens
 
         clips = []
         for wav in wavs:
             wav = torch.as_tensor(wav, dtype=torch.float32).reshape(-1)
             resample = sample_rate != ASR_SAMPLE_RATE and wav.numel() > 0
             clips.append(AF.resample(wav, sample_rate, ASR_SAMPLE_RATE) if resample else wav)
-        texts = ["" for _ in clips]
         present = [i for i, wav in enumerate(clips) if wav.numel()]
-        if not present:
-            return texts
-        extractor, whisper = self.model.feature_extractor, self.model.model
+        extractor = self.model.feature_extractor
         features = [extractor(clips[i].numpy()) for i in present]
+        if not features:
+            return clips, present, np.zeros((0, 0, 0), dtype=np.float32), 0
         frames_per_second = ASR_SAMPLE_RATE / extractor.hop_length
         window = max(max(f.shape[-1] for f in features) + int(margin_seconds * frames_per_second),
                      int(min_window_seconds * frames_per_second))
@@ -224,21 +221,63 @@ class Transcriber:
         batch = np.zeros((len(features), features[0].shape[0], window), dtype=np.float32)
         for row, f in enumerate(features):      # zero beyond the clip, as faster-whisper pads a 30-s window
             batch[row, :, : min(window, f.shape[-1])] = f[:, :window]
+        return clips, present, batch, window
+
+    def transcribe_batch(self, wavs: Sequence[torch.Tensor | np.ndarray], sample_rate: int,
+                         margin_seconds: float = 3.0, min_window_seconds: float = 10.0) -> list[str]:
+        """The text heard in each waveform, all in one batched pass through a window fitted to the longest
+        clip (+ `margin_seconds`, at least `min_window_seconds`) instead of Whisper's 30 s: the encoder's cost
+        is per window second, so short clips cost a third (what whisper.cpp's `audio_ctx` does). In windows
+        under ~7 s tiny.en starts to repeat the sentence. Greedy, as `__call__`; "" for an empty clip."""
+        heard, _ = self.hear_batch(wavs, sample_rate, None, margin_seconds, min_window_seconds)
+        return heard
+
+    def text_log_likelihood(self, wavs: Sequence[torch.Tensor | np.ndarray], sample_rate: int,
+                            texts: Sequence[str], margin_seconds: float = 3.0,
+                            min_window_seconds: float = 10.0) -> list[float]:
+        """How well each waveform says its text: the ASR's mean log-probability per token of the text given the
+        audio, by teacher forcing, all in one batched pass through a window fitted to the clips (as
+        `transcribe_batch`). A continuous score: it moves with every sound a listener would miss, where the
+        CER of one greedy transcript jumps by whole words. An empty clip gets `SILENCE_LOG_LIKELIHOOD`."""
+        _, scores = self.hear_batch(wavs, sample_rate, texts, margin_seconds, min_window_seconds, transcribe=False)
+        return scores
+
+    def hear_batch(self, wavs: Sequence[torch.Tensor | np.ndarray], sample_rate: int,
+                   texts: Optional[Sequence[str]], margin_seconds: float = 3.0, min_window_seconds: float = 10.0,
+                   transcribe: bool = True) -> tuple[list[str], list[float]]:
+        """`transcribe_batch` (when `transcribe`) and `text_log_likelihood` (when `texts` are given) from one
+        pass of the encoder: ([] when not asked) each."""
+        import ctranslate2
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        clips, present, batch, window = self._window(wavs, sample_rate, margin_seconds, min_window_seconds)
+        heard = ["" for _ in clips] if transcribe else []
+        scores = [SILENCE_LOG_LIKELIHOOD for _ in clips] if texts is not None else []
+        if not present:
+            return heard, scores
+        whisper = self.model.model
         tokenizer = Tokenizer(self.model.hf_tokenizer, whisper.is_multilingual, task="transcribe", language="en")
         prompt = self.model.get_prompt(tokenizer, [], without_timestamps=True)
         longest = max(clips[i].numel() for i in present) / ASR_SAMPLE_RATE
         with self._lock:
             encoded = whisper.encode(ctranslate2.StorageView.from_array(batch), to_cpu=False)
-            results = whisper.generate(encoded, [list(prompt) for _ in present], beam_size=1,
-                                       max_length=len(prompt) + int(MAX_TOKENS_PER_SECOND * longest) + 8,
-                                       suppress_blank=True, suppress_tokens=get_suppressed_tokens(tokenizer, [-1]))
-        for i, result in zip(present, results):
-            text = tokenizer.decode([t for t in result.sequences_ids[0] if t < tokenizer.eot]).strip()
-            words = text.split()
-            most = int(MAX_WORDS_PER_SECOND * clips[i].numel() / ASR_SAMPLE_RATE) + 3
-            texts[i] = " ".join(words[:most]) if len(words) > most else text
-        return texts
-
+            if transcribe:
+                results = whisper.generate(encoded, [list(prompt) for _ in present], beam_size=1,
+                                           max_length=len(prompt) + int(MAX_TOKENS_PER_SECOND * longest) + 8,
+                                           suppress_blank=True, suppress_tokens=get_suppressed_tokens(tokenizer, [-1]))
+                for i, result in zip(present, results):
+                    text = tokenizer.decode([t for t in result.sequences_ids[0] if t < tokenizer.eot]).strip()
+                    words = text.split()
+                    most = int(MAX_WORDS_PER_SECOND * clips[i].numel() / ASR_SAMPLE_RATE) + 3
+                    heard[i] = " ".join(words[:most]) if len(words) > most else text
+            if texts is not None:
+                tokens = [tokenizer.encode(" " + texts[i].strip()) for i in present]
+                aligned = whisper.align(encoded, list(prompt), tokens, [window // 2] * len(present))
+                for i, result in zip(present, aligned):
+                    probs = np.clip(np.asarray(result.text_token_probs, dtype=np.float64), 1e-6, 1.0)
+                    scores[i] = float(np.log(probs).mean()) if probs.size else SILENCE_LOG_LIKELIHOOD
+        return heard, scores
 
 
 def spoken_cer(text: str, heard: str) -> float:

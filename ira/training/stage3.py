@@ -207,10 +207,11 @@ class Stage3Task(TrainingTask):
         self.style_encoder = style_encoder_from_checkpoint(source) if "style" in source.modules else None
         self.codec_state = CodecState(self.codec)
         pc = cfg.ppo
-        if pc.asr_weight > 0 and not asr.is_available(pc.reward_asr):
-            raise ValueError(f"ppo.asr_weight={pc.asr_weight} rewards what the ASR {pc.reward_asr!r} "
-                             f"(ppo.reward_asr) hears, and it cannot be loaded here: {asr.INSTALL_HINT}, "
-                             f"or set ppo.asr_weight=0")
+        for weight in ("asr_weight", "asr_likelihood_weight"):
+            if getattr(pc, weight) > 0 and not asr.is_available(pc.reward_asr):
+                raise ValueError(f"ppo.{weight}={getattr(pc, weight)} rewards what the ASR {pc.reward_asr!r} "
+                                 f"(ppo.reward_asr) hears, and it cannot be loaded here: {asr.INSTALL_HINT}, "
+                                 f"or set ppo.{weight}=0")
         self.eval_asr = pc.eval_asr_model if pc.eval_asr and asr.is_available(pc.eval_asr_model) else None
         self.start_duration: dict[str, float] = {}   # the first validation's seconds per phoneme and EOS share
         self.cfg_scale = pc.cfg_scale if pc.cfg_scale not in (None, 1.0) else None   # 1 = the conditional model
@@ -347,11 +348,24 @@ class Stage3Task(TrainingTask):
     @torch.no_grad()
     def judge(self, samples: dict[str, Any], texts: list[str], descriptions: list[str],
               ears: Optional[tuple[torch.Tensor, torch.Tensor, Any]] = None,
-              heard: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
+              heard: Optional[list[str]] = None, wavs: Optional[list[torch.Tensor]] = None,
+              likelihood: bool = False) -> dict[str, torch.Tensor]:
         """Semantic score (LLM's mean log-likelihood per token of the text, from the audio), phoneme score
         (the phoneme reader's, per phoneme; 0 without one), ASR score (minus the CER, capped at 1, of what
-        the reward's ASR heard; 0 when `ppo.asr_weight` is 0 and no `heard` is given) and style score.
-        `ears`: `listen(samples)`, `heard`: `hear_reward(samples)`, when the caller has them already."""
+        the reward's ASR heard; 0 when `ppo.asr_weight` is 0 and no `heard` is given), ASR likelihood (the
+        reward ASR's log-probability per token of the text; 0 when `ppo.asr_likelihood_weight` is 0 and not
+        `likelihood`) and style score. `ears`: `listen(samples)`, `heard`: `hear_reward(samples)`, `wavs`:
+        `waveforms(samples)`, when the caller has them already."""
+        pc = self.cfg.ppo
+        transcribe = heard is None and pc.asr_weight > 0
+        likelihood = likelihood or pc.asr_likelihood_weight > 0
+        heard_likelihood = None
+        if transcribe or likelihood:   # one pass of the reward ASR's encoder for both
+            wavs = wavs if wavs is not None else self.waveforms(samples)
+            said, heard_likelihood = asr.transcriber(pc.reward_asr).hear_batch(
+                wavs, self.codec.sample_rate, texts if likelihood else None, margin_seconds=pc.asr_window_margin,
+                transcribe=transcribe)
+            heard = said if transcribe else heard
         frames, frames_valid, audio = ears if ears is not None else self.listen(samples)
         semantic = reply_log_likelihood(self.llm, [JUDGE_INSTRUCTION] * len(texts), audio, texts)
         phonemes = torch.zeros_like(semantic)
@@ -362,16 +376,18 @@ class Stage3Task(TrainingTask):
         if self.style_encoder is not None and samples.get("style") is not None:
             style = (self._audio_style(samples) * samples["style"].to(semantic.device)).sum(-1)
         heard_score = torch.zeros_like(semantic)
-        if heard is not None or self.cfg.ppo.asr_weight > 0:
-            heard = heard if heard is not None else self.hear_reward(samples)
+        if heard is not None:
             heard_score = asr_score(texts, heard).to(semantic.device, semantic.dtype)
-        return {"semantic": semantic, "phonemes": phonemes, "asr": heard_score, "style": style}
+        return {"semantic": semantic, "phonemes": phonemes, "asr": heard_score, "style": style,
+                "asr_likelihood": (torch.zeros_like(semantic) if heard_likelihood is None else
+                                   torch.tensor(heard_likelihood, device=semantic.device, dtype=semantic.dtype))}
 
     def reward(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """The judge's scores weighted into the sequence reward PPO maximises [B]."""
         pc = self.cfg.ppo
         return (pc.semantic_weight * scores["semantic"] + pc.phoneme_weight * scores["phonemes"]
-                + pc.asr_weight * scores["asr"] + pc.style_weight * scores["style"])
+                + pc.asr_weight * scores["asr"] + pc.asr_likelihood_weight * scores["asr_likelihood"]
+                + pc.style_weight * scores["style"])
 
     def _audio_style(self, samples: dict[str, Any]) -> torch.Tensor:
         """Style-space vectors of the sampled audio (the codec's mel when it has one: no vocoder needed)."""
@@ -416,6 +432,7 @@ class Stage3Task(TrainingTask):
         self.rollout_metrics = {
             "reward": score.mean().item(), "reward_semantic": scores["semantic"].mean().item(),
             "reward_phonemes": scores["phonemes"].mean().item(), "reward_asr": scores["asr"].mean().item(),
+            "reward_asr_likelihood": scores["asr_likelihood"].mean().item(),
             "reward_style": scores["style"].mean().item(), "kl": sequence_kl, "kl_coef": self.kl.value, **spread,
             "rollout_seconds_audio": samples["codes_lengths"].float().mean().item() / self.codec.frame_rate,
             **self.duration(samples), "rollouts_per_second": rollouts_per_second}
@@ -484,7 +501,8 @@ class Stage3Task(TrainingTask):
             ears = self.listen(samples)
             wavs = self.waveforms(samples)
             reward_heard = self.hear_reward(samples, wavs) if asr.is_available(self.cfg.ppo.reward_asr) else None
-            scores = self.judge(samples, texts, descriptions, ears, heard=reward_heard)
+            scores = self.judge(samples, texts, descriptions, ears, heard=reward_heard, wavs=wavs,
+                                likelihood=reward_heard is not None)
             logprobs, _, mask, _ = step_logprobs(self.policy, samples, self.cfg.ppo.temperature, self.cfg_scale)
             ref_logprobs, _, _, _ = step_logprobs(self.reference, samples, self.cfg.ppo.temperature, self.cfg_scale)
             inputs = build_student_inputs(self.llm, [JUDGE_INSTRUCTION] * len(texts), ears[2], None)
@@ -505,6 +523,7 @@ class Stage3Task(TrainingTask):
                                 for i, (t, h) in enumerate(zip(texts, heard))]
             if reward_heard is not None:
                 metrics["val_reward_asr"] = scores["asr"].mean().item()
+                metrics["val_reward_asr_likelihood"] = scores["asr_likelihood"].mean().item()
                 metrics["val_reward_asr_wer"] = corpus_wer(texts, reward_heard)
                 metrics["val_reward_asr_cer"] = corpus_cer(texts, reward_heard)
                 for row, text in zip(self._last_heard, reward_heard):
