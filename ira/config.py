@@ -154,8 +154,9 @@ class SpeechLMConfig:
         check.that("style_from_audio_prob", 0.0 <= self.style_from_audio_prob <= 1.0, "must be in [0, 1]")
         check.that("length_loss_weight", self.length_loss_weight >= 0.0, "must be >= 0 (0 = no length head training)")
         check.positive("rope_theta", self.rope_theta)
-        check.that("align_heads", 0 <= self.align_heads <= self.n_heads,
-                   f"must be between 0 and speech_lm.n_heads ({self.n_heads})")
+        check.that("align_heads", 0 <= self.align_heads < self.n_heads,
+                   f"must be between 0 and speech_lm.n_heads - 1 ({self.n_heads - 1}): the alignment heads read "
+                   f"only the text, so at least one head of each layer must attend to the audio")
         check.positive("align_sigma", self.align_sigma)
 
 

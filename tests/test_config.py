@@ -57,6 +57,7 @@ def test_unknown_section(tmp_path):
     ("data.val_fraction=0.9", "data.val_fraction"),
     ("training.tensorboard=maybe", "training.tensorboard"),
     ("ppo.top_k=50", "ppo.top_k"),      # PPO's log-probabilities are of the whole tempered distribution
+    ("speech_lm.align_heads=4", "speech_lm.align_heads"),   # every head reading the text: none hears the audio
 ])
 def test_impossible_values_are_errors_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
