@@ -931,6 +931,25 @@ def test_the_app_opens_on_a_quick_start_and_the_train_tab_on_the_full_recipe(tmp
     demo.close()
 
 
+def test_the_data_tab_preselects_the_quick_small_corpus_and_labels_the_big_one(tmp_path: Path):
+    """A new user's first build is the quick start's step 1, the dummy corpus (seconds); the synthetic corpus a model
+    needs to speak new text stays one click away, labelled with the preset's size and about how long it takes."""
+    from ira.config import load_config
+
+    demo = build_app(tmp_path / "ws", preset="cpu", overrides=FAST, hardware=HARDWARE)
+    components = demo.get_config_file()["components"]
+    by_label = {c["props"].get("label"): c["props"] for c in components if c["props"].get("label")}
+    source = by_label["Source"]
+    assert source["value"] == "dummy" and by_label["Corpus name"]["value"] == "dummy"
+    assert by_label["Number of utterances"]["value"] == 12
+    labels = {value: label for label, value in source["choices"]}
+    clips = load_config("cpu", FAST).data.synth_num_utterances
+    assert labels["synth"] == (f"Synthetic multi-voice corpus (eSpeak NG, offline): {clips:,} clips, about 10 min "
+                               "on 2 CPU cores")
+    assert labels["dummy"] == "Dummy corpus (a few clips, seconds)"   # the label the browser tests click
+    demo.close()
+
+
 def test_the_packages_messages_are_shown_in_the_words_of_the_page(tmp_path: Path):
     """What `ira` says for a terminal (a flag file, --resume_checkpoint, a config key, absolute paths) is said on
     the page as its buttons say it; a message with none of those is left as it is."""
