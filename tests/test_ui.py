@@ -896,6 +896,41 @@ def test_full_recipe_start_resume_and_its_errors_through_the_api(app):
     assert app.client.predict("whole", None, "1", False, api_name="/training_status")[11]["value"] == "1"
 
 
+def test_a_plot_without_points_is_hidden_and_says_why(app):
+    """No chart is shown empty: a stage that has logged no training step yet (here a recipe's stage 1 getting
+    ready) hides both plots and says so in words; with points, both are shown and nothing is said."""
+    import json as _json
+
+    run_dir = _recipe_run(app.root, "unplotted", 20, ["done", "running", "pending", "pending"])
+    (run_dir / "stage1").mkdir(parents=True, exist_ok=True)
+    metrics = run_dir / "stage1" / "metrics.jsonl"
+    metrics.write_text(_json.dumps({"time": time.time(), "event": "start", "stage": "1", "step": 0,
+                                    "total_steps": 100, "eval_every": 50}) + "\n")
+    app.client.predict("unplotted", None, api_name="/training_status")   # offers the stages that ran in the picker
+    outputs = app.client.predict("unplotted", None, "1", False, api_name="/training_status")
+    loss, metric_plot, note = outputs[1], outputs[3], outputs[12]
+    assert loss["visible"] is False and metric_plot["visible"] is False
+    assert note == "No curves for stage 1 (SpeechLM): it logged no training step."
+    with metrics.open("a") as handle:
+        for step in (1, 2):
+            handle.write(_json.dumps({"time": time.time(), "stage": "1", "split": "train", "step": step,
+                                      "loss": 3.0 / step, "ce_cb0": 2.0 / step, "lr": 1e-3}) + "\n")
+    outputs = app.client.predict("unplotted", None, "1", False, api_name="/training_status")
+    assert outputs[1]["visible"] is True and outputs[3]["visible"] is True and outputs[12] == ""
+
+
+def test_the_plots_note_names_what_the_chosen_stage_has_not_logged():
+    from ui.train_tab import RECIPE, plots_note
+
+    assert plots_note("3", True, True, True) == "" and plots_note(None, False, False, False) == ""
+    assert plots_note("3", False, False, True) == "No curves for stage 3 (PPO) yet: they begin with its first " \
+                                                  "training steps."
+    assert plots_note(RECIPE, False, False, True).startswith("No curves for the full recipe yet")
+    assert plots_note("style", False, True, False) == "Voice style encoder logs no loss: only its other figures " \
+                                                      "are plotted."
+    assert plots_note("1", True, False, False) == "Stage 1 (SpeechLM) logs no other figure: only its loss is plotted."
+
+
 def test_each_stage_plots_its_quality_figure_first():
     """The figure a stage is judged by comes first in the metric choice when its run logs it, whatever the
     order of the log's keys (the style encoder logs its loss and top-1 before its top-5)."""
