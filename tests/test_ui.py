@@ -1018,22 +1018,41 @@ def test_metrics_are_offered_by_name_and_the_raw_ones_behind_more():
 
 
 def test_the_samples_player_says_when_the_first_samples_come():
-    """A run without samples yet says at which step its next validation (which writes them) comes, from the
-    engine's start event; once there are samples, or nothing runs, it says nothing."""
+    """A stage-1 run without samples yet says at which step its next validation (which speaks them) comes and, at
+    its pace, about when, from the engine's start event; a run whose end comes first (its time budget) gets them at
+    its end; a run stopped before it says so. Once there are samples, for a stage whose validations write no audio,
+    or when nothing runs, it says nothing."""
     from ui.runner import JobStatus, _progress_from
     from ui.train_tab import samples_note
 
-    status = JobStatus(name="r", state="running")
-    _progress_from([{"time": 10.0, "event": "start", "step": 0, "total_steps": 999, "eval_every": 100},
-                    {"time": 11.0, "split": "train", "step": 130, "loss": 1.0, "lr": 1e-3}], status, since=0.0,
-                   running=True)
-    assert (status.eval_every, status.step, status.training_started) == (100, 130, 10.0)
-    assert samples_note(status, False) == ("none yet: the first come with the validation at step 200, or at the "
-                                           "run's end if sooner")
+    def running(budget_minutes=None) -> JobStatus:
+        status = JobStatus(name="r", state="running", stage="1")
+        _progress_from([{"time": 10.0, "event": "start", "step": 0, "total_steps": 999, "eval_every": 100,
+                         "max_minutes": budget_minutes},
+                        {"time": 140.0, "split": "train", "step": 130, "loss": 1.0, "lr": 1e-3}], status, since=0.0,
+                       running=True)
+        return status
+
+    status = running()
+    assert (status.eval_every, status.step, status.training_started, status.steps_per_s) == (100, 130, 10.0, 1.0)
+    assert samples_note(status, False) == ("none yet: they come with the validation at step 200, in about 1 min 10 s "
+                                           "at this pace (one every 100 steps, and one at the run's end)")
     assert samples_note(status, True) == ""
-    assert samples_note(JobStatus(name="r", state="stopped", step=130, eval_every=100), False) == ""
-    assert samples_note(JobStatus(name="r", state="running", step=3), False) == \
+    # a 3-minute budget ends 50 s from now, before step 200: its last validation speaks them
+    assert samples_note(running(budget_minutes=3), False) == ("none yet: they come with the validation at the run's "
+                                                              "end, in about 50 s (it ends before step 200)")
+    assert samples_note(JobStatus(name="r", state="stopped", stage="1", step=130, eval_every=100), False) == \
+        "none: the run stopped at step 130, before the validation at step 200 that speaks them; Resume goes on to it"
+    assert samples_note(JobStatus(name="r", state="finished", stage="1", step=130, eval_every=100), False) == ""
+    assert samples_note(JobStatus(name="r", state="running", stage="1", step=3), False) == \
         "none yet: they come with the first validation"
+    assert samples_note(JobStatus(name="r", state="running", stage="1"), False) == \
+        "none yet: they come with its first validation, once its training has begun"
+    # a recipe's stage 1 speaks samples; its stage 2 writes the LLM's replies, no audio
+    recipe = JobStatus(name="r", state="running", stage="recipe", recipe_stage="1", step=130, eval_every=100)
+    assert samples_note(recipe, False) == ("none yet: they come with the validation at step 200 (one every 100 "
+                                           "steps, and one at the run's end)")
+    assert samples_note(JobStatus(name="r", state="running", stage="2", step=130, eval_every=100), False) == ""
 
 
 def test_a_timed_run_has_the_eta_of_its_budget_not_of_its_epochs_steps():

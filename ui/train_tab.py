@@ -539,15 +539,38 @@ def card_audio_choices(cards: list[StageCard]) -> list[tuple[str, str]]:
     return choices
 
 
+AUDIO_SAMPLE_STAGES = ("1",)
+"""The stages whose validations write audio samples (stage 2 writes the LLM's replies, stage 3 the judge's, the
+style encoder nothing): the samples player's note speaks of these only."""
+
+
 def samples_note(status: JobStatus, have_samples: bool) -> str:
-    """When the next audio samples come: each validation writes them, every `eval_every` steps and at the run's
-    end (a short, time-budgeted run gets its first at its end); "" once there are samples or nothing runs."""
-    if have_samples or not status.active or status.step is None:
+    """When a stage-1 run's audio samples come, in words: each validation speaks them, every `eval_every` steps
+    (the engine's start event) and at the run's end, so the note names the step of the next one and, at the run's
+    pace, about when; a run whose end (its steps or its time budget) comes first gets them at its end. A run that
+    stopped before its next validation says so. "" once there are samples, for a stage that writes none, or while
+    nothing is known."""
+    stage = status.recipe_stage or status.stage
+    if have_samples or stage not in AUDIO_SAMPLE_STAGES:
         return ""
-    if status.eval_every:
-        next_step = (status.step // status.eval_every + 1) * status.eval_every
-        return f"none yet: the first come with the validation at step {next_step}, or at the run's end if sooner"
-    return "none yet: they come with the first validation"
+    every, step = status.eval_every, status.step
+    if step is None:
+        return "none yet: they come with its first validation, once its training has begun" if status.active else ""
+    next_step = (step // every + 1) * every if every else None
+    if not status.active:
+        if status.state != "stopped" or next_step is None:
+            return ""
+        return (f"none: the run stopped at step {step}, before the validation at step {next_step} that speaks "
+                "them; Resume goes on to it")
+    if next_step is None:
+        return "none yet: they come with the first validation"
+    wait = (next_step - step) / status.steps_per_s if status.steps_per_s else None
+    if status.eta_s is not None and (wait is None or status.eta_s <= wait):
+        return (f"none yet: they come with the validation at the run's end, in about {format_eta(status.eta_s)} "
+                f"(it ends before step {next_step})")
+    when = f", in about {format_eta(wait)} at this pace" if wait is not None else ""
+    return (f"none yet: they come with the validation at step {next_step}{when} (one every {every} steps, and one "
+            "at the run's end)")
 
 
 def resumable(ws: Workspace, run_name: str) -> bool:
