@@ -67,7 +67,8 @@ def source_choices(synth_clips: int) -> list[tuple[str, str]]:
     return [(synth_label(synth_clips) if value == "synth" else label, value) for label, value in SOURCES]
 
 
-def _scaled(progress: Progress, lo: float, hi: float) -> Progress:
+def scaled(progress: Progress, lo: float, hi: float) -> Progress:
+    """`progress` with its fractions mapped onto [lo, hi] (one phase of a longer bar)."""
     return lambda fraction, message: progress(lo + (hi - lo) * max(0.0, min(1.0, fraction)), message)
 
 
@@ -100,9 +101,9 @@ def build_corpus(ws: Workspace, preset: str, overrides: list[str], source: str, 
                  folder: str, seed: int, progress: Progress, force: bool = False) -> CorpusView:
     """Source, then `prepare_corpus` (validate, annotate, fit the codec, cache the tokens)."""
     cfg = load_config(preset, overrides)   # first: a config mistake costs nothing
-    corpus = fetch_source(ws, source, name, num, folder, seed, _scaled(progress, 0.0, 0.4))
+    corpus = fetch_source(ws, source, name, num, folder, seed, scaled(progress, 0.0, 0.4))
     ws.check_folder(corpus, f"corpus '{corpus.name}'")   # what the package prepares stays inside the workspace
-    result = prepare_corpus(cfg, corpus, progress=_scaled(progress, 0.4, 1.0), force=force)
+    result = prepare_corpus(cfg, corpus, progress=scaled(progress, 0.4, 1.0), force=force)
     return corpus_view(ws, corpus.name, codec_text=result.codec.describe())
 
 
