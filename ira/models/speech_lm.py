@@ -317,7 +317,7 @@ class SpeechLM(nn.Module):
             raise ValueError(f"SpeechLM metadata lacks {', '.join(missing)}; was it written by config_dict()?")
         stored = dict(data["speech_lm"])
         stored.setdefault("align_heads", 0)   # saved before alignment heads existed: a model without them
-        stored.setdefault("text_attention", "causal")   # saved before the setting: a causal prefix, whatever the default
+        stored.setdefault("text_attention", "causal")   # saved before the setting: causal, whatever the default
         cfg = section_from_dict("speech_lm", stored, source="SpeechLM metadata")
         return cls(cfg, int(data["n_codebooks"]), int(data["codebook_size"]), int(data["text_vocab_size"]))
 
