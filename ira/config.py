@@ -415,6 +415,10 @@ class AlignConfig:
     """After the alignment phase, the LLM losses use only the first this-many samples of each batch (the CTC
     losses use all): the LLM pass costs ~20x the adapter's, so the CTC's large batches would make its
     steps slow and few. 0 = the whole batch."""
+    llm_recompute: bool = False
+    """Recompute the LLM's activations in the backward pass instead of keeping them (activation
+    checkpointing): the distillation's peak memory falls by what the LLM's layers would hold, and each of its
+    steps takes longer (docs/decisions.md has both)."""
     distill_reading: bool = True
     """Whether the distillation after the alignment phase trains the reading too (the adapter up to its
     soft tokens). False: the reading the alignment phase learned stays as it is and only the cue vectors

@@ -112,3 +112,27 @@ def test_a_gguf_file_or_a_folder_with_one_is_a_source(tmp_path):
     (tmp_path / "b.gguf").touch()
     with pytest.raises(LLMError, match="several .gguf files"):
         _resolve_source(str(tmp_path))
+
+
+def test_recomputing_activations_gives_the_same_gradient_and_leaves_the_llm_as_it_was(bundled_llm):
+    """Activation checkpointing changes what is kept for the backward pass, not the gradient that reaches the
+    inputs (the adapter's soft tokens); the frozen LLM is back in evaluation mode, recomputing nothing, after."""
+    from ira.models.llm import recomputing_activations
+
+    model = bundled_llm.model
+    torch.manual_seed(0)
+    embeds = torch.randn(2, 12, bundled_llm.hidden_size) * 0.02
+
+    def gradient(recompute: bool) -> torch.Tensor:
+        inputs = embeds.clone().requires_grad_(True)
+        with recomputing_activations(bundled_llm, recompute):
+            assert model.training == recompute
+            logits = model(inputs_embeds=inputs, use_cache=False, logits_to_keep=4).logits
+        logits.float().logsumexp(-1).sum().backward()
+        return inputs.grad
+
+    kept, recomputed = gradient(False), gradient(True)
+    assert kept.abs().sum() > 0
+    torch.testing.assert_close(recomputed, kept, rtol=1e-4, atol=1e-6)
+    checkpointing = getattr(model, "is_activation_checkpointing", None)   # transformers >= 5.2x
+    assert not model.training and not (model.is_gradient_checkpointing if checkpointing is None else checkpointing)

@@ -24,9 +24,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -271,6 +272,28 @@ def _load(cfg: LLMConfig, device: torch.device) -> LoadedLLM:
     )
     log.info("LLM: %s", loaded.describe())
     return loaded
+
+
+@contextmanager
+def recomputing_activations(llm: LoadedLLM, enabled: bool = True) -> Iterator[None]:
+    """Passes inside keep only each decoder layer's input for the backward pass and recompute the rest there
+    (activation checkpointing): a pass whose gradient reaches the adapter through the frozen LLM stores every
+    layer's activations otherwise, ~1.5 GB for 8 clips of the bundled LLM in float32, for ~30% more compute.
+    Transformers checkpoints only in training mode; the LLM has no dropout to switch on, and is back in
+    evaluation mode after."""
+    model = llm.model
+    if not enabled:
+        yield
+        return
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    enable()
+    model.train()
+    try:
+        yield
+    finally:
+        model.eval()
+        disable()
 
 
 def _hub_offline() -> bool:

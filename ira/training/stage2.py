@@ -40,7 +40,7 @@ from ira.hardware import resolve_device
 from ira.models.adapter import PerceiverAdapter
 from ira.models.hub import (CodecState, codec_from_checkpoint, speech_lm_from_checkpoint,
                             style_encoder_from_checkpoint, tokenizer_from_checkpoint)
-from ira.models.llm import LoadedLLM, load_llm
+from ira.models.llm import LoadedLLM, load_llm, recomputing_activations
 from ira.models.phoneme_speller import PhonemeSpeller, spell
 from ira.models.splice import build_student_inputs, build_teacher_inputs, reply_logits
 from ira.models.vocabulary_reader import VocabularyReader
@@ -302,7 +302,8 @@ class Stage2Task(TrainingTask):
         with torch.no_grad():
             teacher_in = build_teacher_inputs(self.llm, instructions, transcripts, responses)
             teacher = response_logits(*reply_logits(self.llm, teacher_in))[0]
-        student, targets, rows = response_logits(*reply_logits(self.llm, student_in))
+        with recomputing_activations(self.llm, self.cfg.align.llm_recompute):
+            student, targets, rows = response_logits(*reply_logits(self.llm, student_in))
         if student.shape != teacher.shape:
             raise RuntimeError(f"teacher and student replies differ in length ({teacher.shape[0]} vs "
                                f"{student.shape[0]} tokens): the splice layout is inconsistent")
