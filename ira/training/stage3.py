@@ -362,10 +362,11 @@ class Stage3Task(TrainingTask):
         heard_likelihood = None
         if transcribe or likelihood:   # one pass of the reward ASR's encoder for both
             wavs = wavs if wavs is not None else self.waveforms(samples)
-            said, heard_likelihood = asr.transcriber(pc.reward_asr).hear_batch(
+            said, scored = asr.transcriber(pc.reward_asr).hear_batch(
                 wavs, self.codec.sample_rate, texts if likelihood else None, margin_seconds=pc.asr_window_margin,
                 transcribe=transcribe)
             heard = said if transcribe else heard
+            heard_likelihood = scored if likelihood else None
         frames, frames_valid, audio = ears if ears is not None else self.listen(samples)
         semantic = reply_log_likelihood(self.llm, [JUDGE_INSTRUCTION] * len(texts), audio, texts)
         phonemes = torch.zeros_like(semantic)
