@@ -9,7 +9,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from tqdm import tqdm
 
@@ -308,7 +308,7 @@ def cmd_understand(args: argparse.Namespace) -> int:
 
 def cmd_eval_speech(args: argparse.Namespace) -> int:
     from ira.eval import asr
-    from ira.eval.speech import evaluate_speech_by, heldout_sentences
+    from ira.eval.speech import evaluate_speech_by, heldout_sentences, record_figures
     from ira.speaker import SamplingSettings, Speaker
 
     names = [name.strip() for name in args.asr.split(",") if name.strip()] if args.asr else \
@@ -329,14 +329,30 @@ def cmd_eval_speech(args: argparse.Namespace) -> int:
                 print(f"  WER {item.wer:4.2f} | {item.text}\n           heard by {name}: {item.heard}")
         print(f"heard by Whisper {name}:")
         print(result.summary())
+    main_asr = asr.BASE if asr.BASE in results else names[0]    # the figure to trust: the larger ASR's
+    if args.sentences is None:   # the bundled held-out sentences, in no corpus: the app may call them new
+        record_speech(args.checkpoint, record_figures(results[main_asr], main_asr, args.seed, args.style))
     if args.json:
-        main_asr = asr.BASE if asr.BASE in results else names[0]    # the figure to trust: the larger ASR's
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint), "settings": vars(settings),
                                                "asr": main_asr, **results[main_asr].to_dict(),
                                                "by_asr": {name: r.to_dict() for name, r in results.items()}},
                                               indent=2))
     return 0
+
+
+def record_speech(checkpoint: str | Path, figures: dict[str, Any]) -> None:
+    """Record `ira eval speech`'s figures beside the checkpoint, where the app's Generate tab reads them
+    (`ira.eval.quality`); a folder that cannot be written is a warning, not a failure of the evaluation."""
+    from ira.checkpoint import read_metadata
+    from ira.eval.quality import write_speech_record
+
+    try:
+        path = write_speech_record(checkpoint, read_metadata(checkpoint), figures)
+    except OSError as exc:
+        print(f"warning: the figures were not recorded beside the checkpoint ({exc})", file=sys.stderr)
+        return
+    print(f"recorded beside the checkpoint (the app's Generate tab shows them): {path}")
 
 
 def cmd_eval_understanding(args: argparse.Namespace) -> int:

@@ -130,6 +130,11 @@ class SpeechLMConfig:
     text-to-frame alignment a decoder-only model otherwise learns late. 0 = none."""
     align_sigma: float = 2.0
     """Width of the alignment heads' prior, in text tokens around where uniform progress puts a frame."""
+    text_attention: Literal["causal", "bidirectional"] = "causal"
+    """How the conditioning prefix (style and text) attends to itself. 'causal': like the audio, a phoneme
+    sees only the tokens before it, so it cannot tell which word it is in. 'bidirectional': every prefix
+    token sees the whole prefix (a prefix-LM mask, as TTS text encoders read the text). Audio steps are
+    causal either way. Models saved before this setting were causal."""
 
     def validate(self, check: "_Checker") -> None:
         check.positive("d_model", self.d_model)
@@ -158,6 +163,8 @@ class SpeechLMConfig:
                    f"must be between 0 and speech_lm.n_heads - 1 ({self.n_heads - 1}): the alignment heads read "
                    f"only the text, so at least one head of each layer must attend to the audio")
         check.positive("align_sigma", self.align_sigma)
+        check.that("text_attention", self.text_attention in ("causal", "bidirectional"),
+                   f"must be 'causal' or 'bidirectional', got {self.text_attention!r}")
 
 
 @dataclass

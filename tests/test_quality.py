@@ -9,8 +9,8 @@ import pytest
 
 from ira.eval.card import Card, CardItem, write_card
 from ira.eval.quality import (BASELINE_DESCRIPTIONS, MIN_SIMILARITY_SPREAD, SPEECH_EVAL_KEY, STYLE_EVAL_KEY,
-                              above_chance, answer_cut_note, checkpoint_quality, compare_note, find_card, how_often,
-                              nearest_note, percent)
+                              above_chance, answer_cut_note, checkpoint_quality, compare_note, find_card,
+                              find_speech_record, how_often, nearest_note, percent, write_speech_record)
 
 
 def header(stage: str, step: int = 16, modules=("speech_lm",), **extra) -> dict[str, str]:
@@ -76,6 +76,68 @@ def test_a_card_of_the_same_save_backs_the_speech_note(tmp_path):
     assert speech.near_random and "the 3 sentences of its card" in speech.text
     assert find_card(checkpoint, header("1", step=17)) is None        # another save's card says nothing of this one
     assert find_card(tmp_path / "elsewhere.safetensors", meta) is None
+
+
+def _evaluation(wer: float, espeak_wer=None):
+    """An `ira eval speech` result of 4 sentences (eSpeak's own figure only with `espeak_wer`)."""
+    from ira.eval.speech import Heard, SpeechEvaluation, SpeechScore
+
+    items = [Heard(f"s{i}", f"s{i}", wer, 1.0) for i in range(4)]
+    espeak = None if espeak_wer is None else SpeechScore(espeak_wer, espeak_wer / 2, items)
+    return SpeechEvaluation(SpeechScore(wer, wer / 2, items), espeak, espeak, seconds=1.0)
+
+
+def test_what_eval_speech_recorded_of_this_save_is_said_beside_espeak_itself(tmp_path):
+    """`ira eval speech` records its figures beside the checkpoint, for this save only (its checkpoint_id): the note
+    then says what the ASR made of the model's speech and of eSpeak's own audio of the same sentences, both measured,
+    never typed in; without the ceiling it says the model's figure alone."""
+    from ira.eval.speech import record_figures
+
+    checkpoint = tmp_path / "stage1" / "stage1_best.safetensors"
+    meta = header("1", metric={"name": "val_wer", "value": 0.8, "step": 16}, checkpoint_id="save-a")
+    write_speech_record(checkpoint, meta, record_figures(_evaluation(0.49, espeak_wer=0.29), "base", seed=0))
+    record = find_speech_record(checkpoint, meta)
+    assert (record.wer, record.sentences, record.asr, record.espeak_wer) == (0.49, 4, "base", 0.29)
+    speech = checkpoint_quality(meta, speech_record=record).speech
+    assert speech.text == ("the ASR recognised 51% of the words of 4 new sentences it spoke (WER 0.49); eSpeak itself "
+                           "71% (WER 0.29)") and speech.trusted
+    # every name of the save finds it (best, latest, its step file); another save of the same file does not
+    assert find_speech_record(checkpoint.with_name("stage1_step16.safetensors"), meta) == record
+    assert find_speech_record(checkpoint, {**meta, "checkpoint_id": "save-b"}) is None
+    assert find_speech_record(checkpoint, meta, allowed=lambda path: False) is None
+    write_speech_record(checkpoint, meta, record_figures(_evaluation(0.95), "base", seed=0))
+    speech = checkpoint_quality(meta, speech_record=find_speech_record(checkpoint, meta)).speech
+    assert speech.near_random and "eSpeak" not in speech.text and "4 new sentences" in speech.text
+
+
+def test_ira_eval_speech_records_its_figures_where_the_app_reads_them(tmp_path, monkeypatch):
+    """The command (here with a stand-in ASR, speaker and evaluation) writes the record of the checkpoint's save,
+    which the Generate tab's note then reads; a sentence file of the user's own is not recorded as new sentences."""
+    import torch
+
+    import ira.eval.speech
+    import ira.speaker
+    from ira.checkpoint import read_metadata
+    from ira.cli import main
+    from ira.config import load_config
+    from ira.eval import asr
+    from ira.training.checkpoint import save_checkpoint
+
+    checkpoint = save_checkpoint(tmp_path / "run" / "stage1_best.safetensors", {"speech_lm": torch.nn.Linear(2, 2)},
+                                 stage="1", epoch=0, step=16, config=load_config("cpu"))
+    monkeypatch.setattr(asr, "is_available", lambda name=None: True)
+    monkeypatch.setattr(asr, "transcriber", lambda name=None: (lambda wav, rate: ""))
+    monkeypatch.setattr(ira.speaker.Speaker, "from_checkpoint", classmethod(lambda cls, *args, **kwargs: None))
+    monkeypatch.setattr(ira.eval.speech, "evaluate_speech_by", lambda speaker, sentences, transcribers, *args, **kw:
+                        {name: _evaluation(0.49, espeak_wer=0.29) for name in transcribers})
+    mine = tmp_path / "mine.txt"
+    mine.write_text("A sentence of my own.\n")
+    assert main(["eval", "speech", "--checkpoint", str(checkpoint), "--sentences", str(mine)]) == 0
+    meta = read_metadata(checkpoint)
+    assert find_speech_record(checkpoint, meta) is None
+    assert main(["eval", "speech", "--checkpoint", str(checkpoint), "--limit", "4"]) == 0
+    record = find_speech_record(checkpoint, meta)
+    assert record is not None and (record.asr, record.wer, record.espeak_wer) == (asr.BASE, 0.49, 0.29)
 
 
 def _card_path(folder):

@@ -137,6 +137,42 @@ def test_every_stage_runs_in_order_from_the_previous_best_and_a_stopped_recipe_c
         run_recipe(cfg, "full", 20, run, say=lambda _: None)
 
 
+TINY_LAPTOP = [o for o in TINY_RECIPE if not o.startswith(("codec.name=", "align.tasks=", "align.llm_batch_size=",
+                                                           "ppo.advantage="))] + ["ppo.group_size=2"]
+"""TINY_RECIPE's sizes and steps, without the overrides that would replace the preset's own design: its codec
+`auto`, its stage-2 tasks and LLM batch, its group advantage (a group of 2 fits the tiny PPO batch)."""
+
+
+def test_the_laptop_preset_s_recipe_runs_every_stage_on_a_cpu_and_says_it_fell_back_to_the_mel_codec(
+        tmp_path, bundled_llm, one_thread, monkeypatch, caplog):
+    """Issue 38: the GPU preset's full recipe (its design of every stage at tiny sizes, a few steps a stage) goes
+    from corpus to stage 3 as the cpu preset's does; offline, its codec `auto` takes the MelCodec and says so."""
+    import logging
+
+    from ira.data.dummy import create_dummy_corpus
+    from ira.training.recipe import prepare_for_recipe
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))      # no EnCodec weights in torch.hub's cache
+    create_dummy_corpus(tmp_path / "data", num_clips=8, seed=0)
+    cfg = load_config("laptop", TINY_LAPTOP + [f"data.dir={tmp_path / 'data'}", "codec.allow_download=false",
+                                               f"training.output_dir={tmp_path / 'recipe'}"])
+    assert (cfg.codec.name, cfg.adapter.output, cfg.adapter.cue_tokens, cfg.align.tasks, cfg.align.distill_reading,
+            cfg.ppo.advantage, cfg.training.grad_accum_steps) == ("auto", "vocabulary", 8, "repeat", False, "group", 4)
+    with caplog.at_level(logging.WARNING, logger="ira"):
+        cfg = prepare_for_recipe(cfg, say=lambda _: None)
+    assert "EnCodec is NOT used" in caplog.text and "Falling back to the offline MelCodec" in caplog.text
+    calls: list = []
+    cards: list = []
+    assert run_recipe(cfg, "full", 10, real_stages(bundled_llm, calls), say=lambda _: None,
+                      make_card=real_cards(bundled_llm, cards)) == "done"
+    state = json.loads((tmp_path / "recipe" / "recipe.json").read_text())
+    assert [s["status"] for s in state["stages"]] == ["done"] * 4
+    assert [c[0] for c in calls] == list(RECIPE_STAGES) and len(cards) == 3
+    stage2 = read_header(state["stages"][2]["checkpoint"])
+    assert stage2.config["preset"] == "laptop" and stage2.config["adapter"]["output"] == "vocabulary"
+    assert read_header(state["stages"][3]["checkpoint"]).config["ppo"]["advantage"] == "group"
+
+
 def test_a_card_that_cannot_be_made_is_recorded_and_the_recipe_goes_on(tmp_path):
     """The default card maker on checkpoints that are not readable fails for every speaking stage: each failure
     is recorded in recipe.json, the recipe still ends "done", and a later run does not try again; a stage done

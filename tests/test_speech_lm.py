@@ -192,7 +192,7 @@ def cached_teacher_forced_logits(model, data, next_logits) -> torch.Tensor:
     with torch.no_grad():
         x = torch.cat([prefix, model._embed_audio(inputs[:, :, :1])], dim=1)
         hidden = model._transformer(x, positions[:, :n_prefix + 1], key_valid[:, :n_prefix + 1], cache,
-                                    align=model._align_bias(valid, None, 1))
+                                    align=model._align_bias(valid, None, 1), n_prefix=n_prefix)
         logits = [model._logits(hidden[:, -1:])[:, :, 0]]
         for s in range(1, steps):
             logits.append(next_logits(cache, inputs[:, :, s], positions[:, n_prefix + s:n_prefix + s + 1],

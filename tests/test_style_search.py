@@ -140,7 +140,7 @@ def test_the_index_is_cached_and_a_damaged_or_stale_cache_is_rebuilt(encoder, co
         assert not rebuilt.from_cache and torch.allclose(rebuilt.embeddings, first.embeddings, atol=1e-6)
         assert style_index(model, checkpoint, data).from_cache               # the file is whole again
 
-    # Another checkpoint save (new checkpoint_id) or a changed metadata.csv: a new key, the old file goes.
+    # A changed metadata.csv: a new key, the old file goes.
     stat = (data / "metadata.csv").stat()
     os.utime(data / "metadata.csv", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert index_key(checkpoint, data) != key
@@ -154,6 +154,35 @@ def test_the_index_is_cached_and_a_damaged_or_stale_cache_is_rebuilt(encoder, co
     assert load_index(fresh, index_key(checkpoint, data), data, dim=16) is not None
     fresh.unlink()
     assert not style_index(model, checkpoint, data, use_cache=False).from_cache and not fresh.exists()
+
+
+def test_a_later_stage_s_checkpoint_shares_the_index_of_the_style_encoder_it_carries(encoder, corpus, tmp_path):
+    """The issue: the first search with a stage-3 checkpoint embedded every clip again (208 s) although its style
+    encoder is the style checkpoint's, unchanged. The index is keyed by the encoder's own weights: a checkpoint of
+    another stage and save carrying the same encoder reads the cached index; changed weights make a new one."""
+    from ira.checkpoint import load_checkpoint, read_metadata
+    from ira.style_search import encoder_fingerprint
+
+    model, checkpoint = encoder
+    data = shutil.copytree(corpus, tmp_path / "shared")
+    built = style_index(model, checkpoint, data)
+    assert not built.from_cache
+    meta = read_metadata(checkpoint)
+    style = load_checkpoint(checkpoint, modules=("style",)).tensors["style"]
+    carried = {"style_config": meta["style_config"], "text_encoder": meta["text_encoder"]}
+    stage3 = save_checkpoint(tmp_path / "run" / "stage3_best.safetensors",
+                             {"style": style, "speech_lm": {"w": torch.ones(3)}}, stage="3", epoch=0, step=5,
+                             config=load_config("cpu", TINY), metadata=carried)
+    assert read_metadata(stage3)["checkpoint_id"] != meta["checkpoint_id"]
+    assert encoder_fingerprint(stage3) == encoder_fingerprint(checkpoint)
+    assert index_key(stage3, data) == index_key(checkpoint, data)
+    shared = style_index(model, stage3, data)
+    assert shared.from_cache and torch.equal(shared.embeddings, built.embeddings)
+
+    trained = {**style, "log_scale": style["log_scale"] + 1.0}   # the encoder trained further: not the same index
+    later = save_checkpoint(tmp_path / "run" / "stagestyle_best.safetensors", {"style": trained}, stage="style",
+                            epoch=0, step=9, config=load_config("cpu", TINY), metadata=carried)
+    assert index_key(later, data) != index_key(checkpoint, data)
 
 
 def test_style_map_is_a_deterministic_pca(encoder, index):

@@ -896,6 +896,41 @@ def test_full_recipe_start_resume_and_its_errors_through_the_api(app):
     assert app.client.predict("whole", None, "1", False, api_name="/training_status")[11]["value"] == "1"
 
 
+def test_a_plot_without_points_is_hidden_and_says_why(app):
+    """No chart is shown empty: a stage that has logged no training step yet (here a recipe's stage 1 getting
+    ready) hides both plots and says so in words; with points, both are shown and nothing is said."""
+    import json as _json
+
+    run_dir = _recipe_run(app.root, "unplotted", 20, ["done", "running", "pending", "pending"])
+    (run_dir / "stage1").mkdir(parents=True, exist_ok=True)
+    metrics = run_dir / "stage1" / "metrics.jsonl"
+    metrics.write_text(_json.dumps({"time": time.time(), "event": "start", "stage": "1", "step": 0,
+                                    "total_steps": 100, "eval_every": 50}) + "\n")
+    app.client.predict("unplotted", None, api_name="/training_status")   # offers the stages that ran in the picker
+    outputs = app.client.predict("unplotted", None, "1", False, api_name="/training_status")
+    loss, metric_plot, note = outputs[1], outputs[3], outputs[12]
+    assert loss["visible"] is False and metric_plot["visible"] is False
+    assert note == "No curves for stage 1 (SpeechLM): it logged no training step."
+    with metrics.open("a") as handle:
+        for step in (1, 2):
+            handle.write(_json.dumps({"time": time.time(), "stage": "1", "split": "train", "step": step,
+                                      "loss": 3.0 / step, "ce_cb0": 2.0 / step, "lr": 1e-3}) + "\n")
+    outputs = app.client.predict("unplotted", None, "1", False, api_name="/training_status")
+    assert outputs[1]["visible"] is True and outputs[3]["visible"] is True and outputs[12] == ""
+
+
+def test_the_plots_note_names_what_the_chosen_stage_has_not_logged():
+    from ui.train_tab import RECIPE, plots_note
+
+    assert plots_note("3", True, True, True) == "" and plots_note(None, False, False, False) == ""
+    assert plots_note("3", False, False, True) == "No curves for stage 3 (PPO) yet: they begin with its first " \
+                                                  "training steps."
+    assert plots_note(RECIPE, False, False, True).startswith("No curves for the full recipe yet")
+    assert plots_note("style", False, True, False) == "Voice style encoder logs no loss: only its other figures " \
+                                                      "are plotted."
+    assert plots_note("1", True, False, False) == "Stage 1 (SpeechLM) logs no other figure: only its loss is plotted."
+
+
 def test_each_stage_plots_its_quality_figure_first():
     """The figure a stage is judged by comes first in the metric choice when its run logs it, whatever the
     order of the log's keys (the style encoder logs its loss and top-1 before its top-5)."""
@@ -928,6 +963,25 @@ def test_the_app_opens_on_a_quick_start_and_the_train_tab_on_the_full_recipe(tmp
     assert buttons["Start"]["interactive"] is not False
     assert buttons["Stop"]["interactive"] is False and buttons["Resume from the run's latest checkpoint"][
         "interactive"] is False
+    demo.close()
+
+
+def test_the_data_tab_preselects_the_quick_small_corpus_and_labels_the_big_one(tmp_path: Path):
+    """A new user's first build is the quick start's step 1, the dummy corpus (seconds); the synthetic corpus a model
+    needs to speak new text stays one click away, labelled with the preset's size and about how long it takes."""
+    from ira.config import load_config
+
+    demo = build_app(tmp_path / "ws", preset="cpu", overrides=FAST, hardware=HARDWARE)
+    components = demo.get_config_file()["components"]
+    by_label = {c["props"].get("label"): c["props"] for c in components if c["props"].get("label")}
+    source = by_label["Source"]
+    assert source["value"] == "dummy" and by_label["Corpus name"]["value"] == "dummy"
+    assert by_label["Number of utterances"]["value"] == 12
+    labels = {value: label for label, value in source["choices"]}
+    clips = load_config("cpu", FAST).data.synth_num_utterances
+    assert labels["synth"] == (f"Synthetic multi-voice corpus (eSpeak NG, offline): {clips:,} clips, about 10 min "
+                               "on 2 CPU cores")
+    assert labels["dummy"] == "Dummy corpus (a few clips, seconds)"   # the label the browser tests click
     demo.close()
 
 
@@ -964,22 +1018,41 @@ def test_metrics_are_offered_by_name_and_the_raw_ones_behind_more():
 
 
 def test_the_samples_player_says_when_the_first_samples_come():
-    """A run without samples yet says at which step its next validation (which writes them) comes, from the
-    engine's start event; once there are samples, or nothing runs, it says nothing."""
+    """A stage-1 run without samples yet says at which step its next validation (which speaks them) comes and, at
+    its pace, about when, from the engine's start event; a run whose end comes first (its time budget) gets them at
+    its end; a run stopped before it says so. Once there are samples, for a stage whose validations write no audio,
+    or when nothing runs, it says nothing."""
     from ui.runner import JobStatus, _progress_from
     from ui.train_tab import samples_note
 
-    status = JobStatus(name="r", state="running")
-    _progress_from([{"time": 10.0, "event": "start", "step": 0, "total_steps": 999, "eval_every": 100},
-                    {"time": 11.0, "split": "train", "step": 130, "loss": 1.0, "lr": 1e-3}], status, since=0.0,
-                   running=True)
-    assert (status.eval_every, status.step, status.training_started) == (100, 130, 10.0)
-    assert samples_note(status, False) == ("none yet: the first come with the validation at step 200, or at the "
-                                           "run's end if sooner")
+    def running(budget_minutes=None) -> JobStatus:
+        status = JobStatus(name="r", state="running", stage="1")
+        _progress_from([{"time": 10.0, "event": "start", "step": 0, "total_steps": 999, "eval_every": 100,
+                         "max_minutes": budget_minutes},
+                        {"time": 140.0, "split": "train", "step": 130, "loss": 1.0, "lr": 1e-3}], status, since=0.0,
+                       running=True)
+        return status
+
+    status = running()
+    assert (status.eval_every, status.step, status.training_started, status.steps_per_s) == (100, 130, 10.0, 1.0)
+    assert samples_note(status, False) == ("none yet: they come with the validation at step 200, in about 1 min 10 s "
+                                           "at this pace (one every 100 steps, and one at the run's end)")
     assert samples_note(status, True) == ""
-    assert samples_note(JobStatus(name="r", state="stopped", step=130, eval_every=100), False) == ""
-    assert samples_note(JobStatus(name="r", state="running", step=3), False) == \
+    # a 3-minute budget ends 50 s from now, before step 200: its last validation speaks them
+    assert samples_note(running(budget_minutes=3), False) == ("none yet: they come with the validation at the run's "
+                                                              "end, in about 50 s (it ends before step 200)")
+    assert samples_note(JobStatus(name="r", state="stopped", stage="1", step=130, eval_every=100), False) == \
+        "none: the run stopped at step 130, before the validation at step 200 that speaks them; Resume goes on to it"
+    assert samples_note(JobStatus(name="r", state="finished", stage="1", step=130, eval_every=100), False) == ""
+    assert samples_note(JobStatus(name="r", state="running", stage="1", step=3), False) == \
         "none yet: they come with the first validation"
+    assert samples_note(JobStatus(name="r", state="running", stage="1"), False) == \
+        "none yet: they come with its first validation, once its training has begun"
+    # a recipe's stage 1 speaks samples; its stage 2 writes the LLM's replies, no audio
+    recipe = JobStatus(name="r", state="running", stage="recipe", recipe_stage="1", step=130, eval_every=100)
+    assert samples_note(recipe, False) == ("none yet: they come with the validation at step 200 (one every 100 "
+                                           "steps, and one at the run's end)")
+    assert samples_note(JobStatus(name="r", state="running", stage="2", step=130, eval_every=100), False) == ""
 
 
 def test_a_timed_run_has_the_eta_of_its_budget_not_of_its_epochs_steps():

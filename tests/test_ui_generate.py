@@ -195,6 +195,30 @@ def test_the_checkpoint_line_says_what_was_measured_and_claims_nothing_else(tmp_
     assert "follows voice descriptions" not in line and "speaks" not in line
 
 
+def test_the_checkpoint_line_puts_espeak_s_figure_beside_the_checkpoint_s(tmp_path):
+    """What `ira eval speech` recorded of this save (the model's speech and eSpeak's own audio of the same held-out
+    sentences, heard by the same ASR) is said beside the checkpoint; a record outside the workspace is not read."""
+    from ira.checkpoint import read_metadata
+    from ira.eval.quality import write_speech_record
+    from ui.generate_tab import checkpoint_summary
+    from ui.workspace import Workspace
+
+    ws = Workspace.create(tmp_path / "ws")
+    path = save_checkpoint(ws.runs_dir / "full" / "stage1_best.safetensors", {"speech_lm": {"x": torch.zeros(1)}},
+                           stage="1", epoch=0, step=16, config={},
+                           metadata={"metric": json.dumps({"name": "val_wer", "value": 0.8, "step": 16})})
+    assert "eSpeak" not in checkpoint_summary(ws, "runs/full/stage1_best.safetensors")
+    record = write_speech_record(path, read_metadata(path), {"asr": "base", "sentences": 40, "wer": 0.486,
+                                                             "cer": 0.297, "espeak": {"wer": 0.291, "cer": 0.179}})
+    line = checkpoint_summary(ws, "runs/full/stage1_best.safetensors")
+    assert ("the ASR recognised 51% of the words of 40 new sentences it spoke (WER 0.49); eSpeak itself 71% "
+            "(WER 0.29)") in line, line
+    outside = tmp_path / "outside.json"
+    record.rename(outside)
+    record.symlink_to(outside)
+    assert "eSpeak" not in checkpoint_summary(ws, "runs/full/stage1_best.safetensors")
+
+
 def test_the_checkpoint_list_is_one_line_per_save_best_first_grouped_by_run(tmp_path):
     """The issue: 20 lines with duplicates (best = step 0, latest = step 16) ordered by run age."""
     from ui.generate_tab import speaking_checkpoints

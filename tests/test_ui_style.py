@@ -156,3 +156,38 @@ def test_bad_inputs_are_clear_errors(style_app):
         style_app.client.predict(style_app.other, "a", "b", api_name="/style_compare")
     readout, *_ = _search(style_app)                                   # still serving
     assert "among 16 directions" in readout
+
+
+def test_a_first_search_names_its_phases_and_a_later_stage_reuses_the_style_index(style_app):
+    """The issue: a first search with a stage-3 checkpoint sat at 'loading the style encoder - 0.0%' for 208 s. Its
+    progress now comes in named phases (reading the style encoder, its part only; the cache; the clips embedded N/M),
+    and a later stage's checkpoint carrying the style checkpoint's encoder unchanged reads the index that one built."""
+    from ira.checkpoint import load_checkpoint, read_metadata
+    from ui.style_tab import StyleModels, search
+    from ui.workspace import Workspace
+
+    ws = Workspace.create(style_app.root)
+    seen: list[tuple[float, str]] = []
+    first = search(ws, StyleModels("cpu"), style_app.rel, "tiny", QUERY, K, 5, lambda f, m: seen.append((f, m)))
+    messages = [m for _, m in seen]
+    assert messages[0] == f"reading the style encoder from {style_app.checkpoint.name} (its style part only)"
+    assert messages[1] == "looking for this style encoder's clip embeddings in the cache of tiny"
+    assert messages[-1] == "embedding the clips of tiny: 5/5 (once per style encoder, then cached)"
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert "clips embedded in" in first.readout
+
+    meta = read_metadata(style_app.checkpoint)
+    later = style_app.root / "runs" / "later"
+    try:
+        save_checkpoint(later / "stage3_best.safetensors",
+                        {"style": load_checkpoint(style_app.checkpoint, modules=("style",)).tensors["style"],
+                         "speech_lm": {"w": torch.ones(3)}}, stage="3", epoch=0, step=5, config=load_config("cpu"),
+                        metadata={key: meta[key] for key in ("style_config", "text_encoder")})
+        seen.clear()
+        again = search(ws, StyleModels("cpu"), "runs/later/stage3_best.safetensors", "tiny", QUERY, K, 5,
+                       lambda f, m: seen.append((f, m)))
+        assert not any(m.startswith("embedding") for _, m in seen) and "read from the disk cache" in again.readout
+        assert again.clip_ids == first.clip_ids
+    finally:
+        shutil.rmtree(later, ignore_errors=True)

@@ -25,14 +25,19 @@ log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
 
 SOURCES = (
+    ("Dummy corpus (a few clips, seconds)", "dummy"),
     ("Synthetic multi-voice corpus (eSpeak NG, offline)", "synth"),
     ("LJSpeech-1.1 download (2.6 GB, one female voice)", "ljspeech"),
     ("A folder inside the workspace (LJSpeech layout)", "folder"),
-    ("Dummy corpus (a few clips, seconds)", "dummy"),
 )
+DEFAULT_SOURCE = "dummy"
+"""What a new user builds first (the quick start's step 1): the dummy corpus tries the whole path in seconds; the
+synthetic corpus a model needs to speak new text takes minutes, so it is chosen, not preselected."""
 DEFAULT_NAMES = {"synth": "synth", "ljspeech": "LJSpeech-1.1", "folder": "my_corpus", "dummy": "dummy"}
 DEFAULT_COUNTS = {"synth": 20_000, "dummy": 12}
 """The synthetic corpus's size is the preset's `data.synth_num_utterances` (this is its fallback)."""
+SYNTH_BUILD_S_PER_CLIP = 10 * 60 / 20_000
+"""Building the synthetic corpus (speaking and preparing it) on a 2-core CPU: about 10 minutes for 20,000 clips."""
 SHOWN_CLIPS = 12
 CLIP_COLUMNS = ["id", "text", "seconds", "voice", "accent", "description"]
 CLIP_COLUMN_WIDTHS = ["12%", "30%", "7%", "10%", "9%", "32%"]
@@ -51,7 +56,19 @@ class CorpusView:
     audio: str | None            # the first clip's wav
 
 
-def _scaled(progress: Progress, lo: float, hi: float) -> Progress:
+def synth_label(clips: int) -> str:
+    """The synthetic source's choice, with the size the preset builds and about how long that takes."""
+    minutes = max(1, round(clips * SYNTH_BUILD_S_PER_CLIP / 60))
+    return f"Synthetic multi-voice corpus (eSpeak NG, offline): {clips:,} clips, about {minutes} min on 2 CPU cores"
+
+
+def source_choices(synth_clips: int) -> list[tuple[str, str]]:
+    """(label, source) of the Source radio: the synthetic corpus labelled with its size and build time."""
+    return [(synth_label(synth_clips) if value == "synth" else label, value) for label, value in SOURCES]
+
+
+def scaled(progress: Progress, lo: float, hi: float) -> Progress:
+    """`progress` with its fractions mapped onto [lo, hi] (one phase of a longer bar)."""
     return lambda fraction, message: progress(lo + (hi - lo) * max(0.0, min(1.0, fraction)), message)
 
 
@@ -84,9 +101,9 @@ def build_corpus(ws: Workspace, preset: str, overrides: list[str], source: str, 
                  folder: str, seed: int, progress: Progress, force: bool = False) -> CorpusView:
     """Source, then `prepare_corpus` (validate, annotate, fit the codec, cache the tokens)."""
     cfg = load_config(preset, overrides)   # first: a config mistake costs nothing
-    corpus = fetch_source(ws, source, name, num, folder, seed, _scaled(progress, 0.0, 0.4))
+    corpus = fetch_source(ws, source, name, num, folder, seed, scaled(progress, 0.0, 0.4))
     ws.check_folder(corpus, f"corpus '{corpus.name}'")   # what the package prepares stays inside the workspace
-    result = prepare_corpus(cfg, corpus, progress=_scaled(progress, 0.4, 1.0), force=force)
+    result = prepare_corpus(cfg, corpus, progress=scaled(progress, 0.4, 1.0), force=force)
     return corpus_view(ws, corpus.name, codec_text=result.codec.describe())
 
 
@@ -233,15 +250,15 @@ def build_data_tab(ws: Workspace, preset: str, overrides: list[str]) -> DataTab:
                 + outside_links_note(ws))
     with gr.Row():
         with gr.Column(scale=2):
-            source = gr.Radio(list(SOURCES), value="synth", label="Source")
+            source = gr.Radio(source_choices(counts["synth"]), value=DEFAULT_SOURCE, label="Source")
             folder = gr.Textbox(label="Folder (inside the workspace)", visible=False,
                                 placeholder="e.g. uploads/my_recordings (holding metadata.csv and wavs/)")
         with gr.Column(scale=1):
-            name = gr.Textbox(value=DEFAULT_NAMES["synth"], label="Corpus name",
+            name = gr.Textbox(value=DEFAULT_NAMES[DEFAULT_SOURCE], label="Corpus name",
                               info="becomes workspace/data/<name>")
-            num = gr.Number(value=counts["synth"], precision=0, minimum=1, maximum=100_000,
+            num = gr.Number(value=counts[DEFAULT_SOURCE], precision=0, minimum=1, maximum=100_000,
                             label="Number of utterances",
-                            info="20,000 (about 10 min on 2 cores) is what a model needs to speak new text")
+                            info=f"the synthetic corpus's {counts['synth']:,} is what a model needs to speak new text")
             seed = gr.Number(value=0, precision=0, label="Seed")
     build = gr.Button("Build corpus", variant="primary")
     with gr.Row():

@@ -22,7 +22,7 @@ import torch
 from ira.inference import RESPOND_PROMPT, IRAPipeline, create_pipeline_from_checkpoints
 from ira.speaker import SamplingSettings
 from ira.checkpoint import read_metadata
-from ira.eval.quality import Quality, answer_cut_note, checkpoint_quality, find_card
+from ira.eval.quality import Quality, answer_cut_note, checkpoint_quality, find_card, find_speech_record
 from ira.training.recipe import STATE_FILE, RecipeError, RecipeState
 from ui.data_tab import guarded
 from ui.ffmpeg import ensure_ffmpeg_on_path
@@ -84,11 +84,13 @@ def cannot_hear(rel: str) -> str:
 
 
 def checkpoint_quality_of(ws: Workspace, rel: str) -> Quality:
-    """What the checkpoint was measured to do (ira/eval/quality.py): its header's figures and, when it is this
-    save's, the card next to it (read only when it stays inside the workspace)."""
+    """What the checkpoint was measured to do (ira/eval/quality.py): its header's figures and, when they are this
+    save's, the card next to it and what `ira eval speech` recorded of it, with eSpeak's own figure (each read only
+    when it stays inside the workspace)."""
     path = ws.resolve(rel, must_exist=True)
     meta = read_metadata(path)
-    return checkpoint_quality(meta, find_card(path, meta, allowed=ws.inside))
+    return checkpoint_quality(meta, find_card(path, meta, allowed=ws.inside),
+                              find_speech_record(path, meta, allowed=ws.inside))
 
 
 def checkpoint_summary(ws: Workspace, rel: str) -> str:

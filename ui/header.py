@@ -37,8 +37,8 @@ def header_markdown(hardware: HardwareInfo, preset: str, requested: str) -> str:
 
 
 QUICK_START = """### Quick start · 1 → 2 → 3
-1. **Data**: choose *Dummy corpus* (12 clips in seconds: tries the whole path) or *Synthetic multi-voice corpus*
-   (what a model needs to speak new text: 20,000 clips, about 10 minutes), then press **Build corpus**.
+1. **Data**: press **Build corpus**: *Dummy corpus* is chosen (12 clips in seconds: tries the whole path). For a
+   model that speaks new text, choose *Synthetic multi-voice corpus* first (20,000 clips, about 10 minutes).
 2. **Train**: *Full recipe* is chosen: pick your corpus, set the budget in minutes and press **Start**. It trains
    the voice style encoder and stages 1, 2 and 3 in order, one line each with its minutes; the first run also
    prepares the corpus once (not counted in the budget).

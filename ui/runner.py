@@ -146,6 +146,7 @@ class JobStatus:
     training_started: Optional[float] = None   # when its training loop began (the `start` event): a time budget
     # counts from there; what came before (data, models, caches) is getting ready
     eval_every: Optional[int] = None     # steps between validations (each one writes the samples), from `start`
+    steps_per_s: Optional[float] = None  # the running job's pace since its `start` event (None before two rows)
 
     @property
     def active(self) -> bool:
@@ -521,6 +522,7 @@ def _progress_from(rows: list[dict[str, Any]], status: JobStatus, since: float,
         done = last_train["step"] - int(start.get("step", 0))
         elapsed = float(last_train["time"]) - float(start["time"])
         if done > 0 and elapsed > 0:
+            status.steps_per_s = done / elapsed
             status.eta_s = max(0.0, (status.total_steps - last_train["step"]) * elapsed / done)
         budget = start.get("max_minutes")
         if isinstance(budget, (int, float)) and budget > 0:   # its time budget ends it first, whatever its steps say

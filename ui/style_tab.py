@@ -25,7 +25,7 @@ from ira.style_search import (DEFAULT_MAX_CLIPS, Neighbour, Progress, StyleIndex
                               nearest, similarities, style_index, style_map)
 from ira.checkpoint import checkpoint_modules, load_checkpoint, read_metadata
 from ira.models.hub import style_encoder_from_checkpoint
-from ui.data_tab import clip_audio_path, guarded
+from ui.data_tab import clip_audio_path, guarded, scaled
 from ui.workspace import Workspace, pick_choice
 
 DEFAULT_DESCRIPTION = "a slow, deep voice with a British accent"
@@ -38,6 +38,8 @@ SERIES = ("corpus clip", "nearest clip", "your description")
 MAP_COLORS = {"corpus clip": "#9ca3af", "nearest clip": "#2563eb", "your description": "#dc2626"}
 MAX_ENCODERS = 2
 MAX_INDEXES = 4
+ENCODER_SHARE = 0.05
+"""The progress bar's share for reading the style encoder (a second or two); the corpus's clips take the rest."""
 EMPTY_TABLE = pd.DataFrame([], columns=TABLE_COLUMNS)
 NO_CHECKPOINT = ("Choose a checkpoint with a style encoder above first (train the style stage in the Train tab, then "
                  "press ↻ Refresh).")
@@ -183,10 +185,10 @@ def search(ws: Workspace, models: StyleModels, rel: Optional[str], corpus: Optio
     corpus_dir = corpus_path(ws, corpus)
     if int(k) < 1 or int(max_clips) < 1:
         raise ValueError(f"the number of clips to list ({k}) and to index ({max_clips}) must be at least 1")
-    progress(0.0, "loading the style encoder")
+    progress(0.0, f"reading the style encoder from {path.name} (its style part only)")
     encoder = models.encoder(path)
     start = time.perf_counter()
-    index, loaded = models.index(path, corpus_dir, int(max_clips), progress)
+    index, loaded = models.index(path, corpus_dir, int(max_clips), scaled(progress, ENCODER_SHARE, 1.0))
     seconds = time.perf_counter() - start
     with torch.no_grad():
         vector = encoder.embed_description(description).float().cpu()

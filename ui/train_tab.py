@@ -253,6 +253,21 @@ def metric_frames(rows: list[dict[str, Any]], stage: Optional[str], metric: Opti
     return frame("loss"), frame(metric), names
 
 
+def plots_note(stage: Optional[str], has_loss: bool, has_metric: bool, active: bool) -> str:
+    """What stands in for a plot with no point: a chart is shown only with data of the chosen stage (an empty
+    "reward" chart after a recipe or a stage-1 run read as a broken plot), and this says why one is missing; ""
+    when both have points, or when no stage is known (no run yet: the status says so)."""
+    if has_loss and has_metric or stage is None:
+        return ""
+    name = STAGE_NAMES.get(str(stage)) or ("the full recipe" if stage == RECIPE else f"stage {stage}")
+    if not has_loss and not has_metric:
+        if active:
+            return f"No curves for {name} yet: they begin with its first training steps."
+        return f"No curves for {name}: it logged no training step."
+    missing, shown = ("loss", "other figures are") if not has_loss else ("other figure", "loss is")
+    return f"{name[0].upper()}{name[1:]} logs no {missing}: only its {shown} plotted."
+
+
 QUALITY_METRICS = {"style": "top5", "1": "wer", "2": "choice_accuracy", "3": "reward_semantic"}
 """The figure each stage is judged by, plotted first when the run logs it (the style encoder: held-out
 clips found among their description's five nearest; stage 1: the held-out word
@@ -524,15 +539,38 @@ def card_audio_choices(cards: list[StageCard]) -> list[tuple[str, str]]:
     return choices
 
 
+AUDIO_SAMPLE_STAGES = ("1",)
+"""The stages whose validations write audio samples (stage 2 writes the LLM's replies, stage 3 the judge's, the
+style encoder nothing): the samples player's note speaks of these only."""
+
+
 def samples_note(status: JobStatus, have_samples: bool) -> str:
-    """When the next audio samples come: each validation writes them, every `eval_every` steps and at the run's
-    end (a short, time-budgeted run gets its first at its end); "" once there are samples or nothing runs."""
-    if have_samples or not status.active or status.step is None:
+    """When a stage-1 run's audio samples come, in words: each validation speaks them, every `eval_every` steps
+    (the engine's start event) and at the run's end, so the note names the step of the next one and, at the run's
+    pace, about when; a run whose end (its steps or its time budget) comes first gets them at its end. A run that
+    stopped before its next validation says so. "" once there are samples, for a stage that writes none, or while
+    nothing is known."""
+    stage = status.recipe_stage or status.stage
+    if have_samples or stage not in AUDIO_SAMPLE_STAGES:
         return ""
-    if status.eval_every:
-        next_step = (status.step // status.eval_every + 1) * status.eval_every
-        return f"none yet: the first come with the validation at step {next_step}, or at the run's end if sooner"
-    return "none yet: they come with the first validation"
+    every, step = status.eval_every, status.step
+    if step is None:
+        return "none yet: they come with its first validation, once its training has begun" if status.active else ""
+    next_step = (step // every + 1) * every if every else None
+    if not status.active:
+        if status.state != "stopped" or next_step is None:
+            return ""
+        return (f"none: the run stopped at step {step}, before the validation at step {next_step} that speaks "
+                "them; Resume goes on to it")
+    if next_step is None:
+        return "none yet: they come with the first validation"
+    wait = (next_step - step) / status.steps_per_s if status.steps_per_s else None
+    if status.eta_s is not None and (wait is None or status.eta_s <= wait):
+        return (f"none yet: they come with the validation at the run's end, in about {format_eta(status.eta_s)} "
+                f"(it ends before step {next_step})")
+    when = f", in about {format_eta(wait)} at this pace" if wait is not None else ""
+    return (f"none yet: they come with the validation at step {next_step}{when} (one every {every} steps, and one "
+            "at the run's end)")
 
 
 def resumable(ws: Workspace, run_name: str) -> bool:
@@ -613,10 +651,12 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         shown_stage = gr.Dropdown([FOLLOW], value=FOLLOW[1], label="Plots of the stage", visible=False, scale=1)
         metric = gr.Dropdown([], label="Other metric", allow_custom_value=True, scale=2)
         every = gr.Checkbox(False, label="more: every logged figure, by its raw name", scale=1)
-    with gr.Row():
+    plots_md = gr.Markdown("")   # says why a plot is hidden (`plots_note`): no chart is shown empty
+    with gr.Row():   # shown by the status timer once they have points
         loss_plot = gr.LinePlot(x="step", y="value", color="series", title="Loss", x_title="step",
-                                y_title="loss", height=300, **AXIS_FORMATS)
-        metric_plot = gr.LinePlot(x="step", y="value", color="series", x_title="step", height=300, **AXIS_FORMATS)
+                                y_title="loss", height=300, visible=False, **AXIS_FORMATS)
+        metric_plot = gr.LinePlot(x="step", y="value", color="series", x_title="step", height=300, visible=False,
+                                  **AXIS_FORMATS)
     log_box = gr.Textbox(label="Log (train.log, last lines)", lines=LOG_LINES, max_lines=LOG_LINES, interactive=False,
                          autoscroll=True)
     with gr.Row():
@@ -800,6 +840,7 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         if chosen is not None and chosen not in [name for _, name in offered]:   # a raw default: offered too
             offered.append((chosen, chosen))
         title = METRIC_LABELS.get(chosen or "", chosen or "metric")
+        loss_value, metric_value = plot_value(loss_df), plot_value(metric_df)
         stage_choices = [FOLLOW, *((STAGE_NAMES[stage], stage) for stage in ran)]
         samples = [s for s in inside if Path(s).suffix.lower() in AUDIO_SUFFIXES]   # the player plays audio only
         texts = [s for s in inside if Path(s).suffix == ".jsonl"]
@@ -811,12 +852,13 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
                                      info=note) if changed else gr.skip())
         replies_update = (gr.Dataframe(value=replies_table(texts[0]) if texts else None, visible=bool(texts))
                           if changed else gr.skip())
-        return (text, plot_value(loss_df),
+        note = plots_note(watched, loss_value is not None, metric_value is not None, status.active)
+        return (text, gr.LinePlot(value=loss_value, visible=loss_value is not None),
                 gr.Dropdown(choices=offered, value=chosen),
-                gr.LinePlot(value=plot_value(metric_df), title=title, y_title=chosen or ""),
+                gr.LinePlot(value=metric_value, title=title, y_title=chosen or "", visible=metric_value is not None),
                 last_lines(status.log_tail, LOG_LINES), sample_update, replies_update, cards_text, key, gr.skip(),
                 gr.skip(), gr.skip(), gr.Dropdown(choices=stage_choices, value=shown, visible=state is not None),
-                *(gr.Button(interactive=on) for on in buttons))
+                note, *(gr.Button(interactive=on) for on in buttons))
 
     def unreadable_run(run_name: str, problem: Exception, seen: Any) -> tuple:
         """The tick's outputs for a run the app cannot read: the reason in the status, nothing else shown."""
@@ -825,9 +867,10 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
         key = [run_name, text, busy]
         if key == seen:
             return (gr.skip(),) * len(tick_outputs)
-        return (text, None, gr.Dropdown(choices=[], value=None), gr.LinePlot(value=None), "",
+        return (text, gr.LinePlot(value=None, visible=False), gr.Dropdown(choices=[], value=None),
+                gr.LinePlot(value=None, visible=False), "",
                 gr.Dropdown(choices=[], value=None), gr.Dataframe(value=None, visible=False), "", key, gr.skip(),
-                gr.skip(), gr.skip(), gr.Dropdown(choices=[FOLLOW], value=FOLLOW[1], visible=False),
+                gr.skip(), gr.skip(), gr.Dropdown(choices=[FOLLOW], value=FOLLOW[1], visible=False), "",
                 gr.Button(interactive=not busy), gr.Button(interactive=False), gr.Button(interactive=False))
 
     def on_sample(path: Optional[str]) -> Optional[str]:
@@ -898,7 +941,7 @@ def build_train_tab(demo: gr.Blocks, ws: Workspace, runner: JobRunner, preset: s
     # command_md, run and notice_md are outputs of the tick (always skipped) so that each tick gives them a fresh
     # status: a rejected Start's red "Error" badge on them then clears within one refresh instead of staying
     tick_outputs = [status_md, loss_plot, metric, metric_plot, log_box, sample, replies, cards_md, last_seen,
-                    command_md, run, notice_md, shown_stage, start, stop, resume]
+                    command_md, run, notice_md, shown_stage, plots_md, start, stop, resume]
     timer.tick(on_tick, [run, metric, last_seen, shown_stage, every], tick_outputs, api_name="training_status",
                concurrency_limit=None, show_progress="hidden")
     for picker in (metric, shown_stage, every):   # a new choice redraws at once (not at the next tick)

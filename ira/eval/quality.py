@@ -5,10 +5,13 @@ Every sentence comes from a figure the checkpoint carries in its header or from 
 stage is meant to teach: a skill that was not measured is said to be unmeasured, and a figure below its
 threshold is said to be near random. The figures and where they come from:
 
-- speech: the offline ASR's word error rate on sentences the model never trained on. Stage 1 records it as
-  `speech_eval` (and its run's best metric `val_wer`); stage 2, whose SpeechLM is stage 1's, carries stage 1's
-  `speech_eval` over; stage 3's best metric `val_asr_wer` is its own. Without them, the checkpoint's card
-  (`<stage folder>/card/card.json`, three held-out sentences) when it is the card of this very save.
+- speech: the offline ASR's word error rate on sentences the model never trained on. First what `ira eval speech`
+  recorded for this very save (`<its folder>/eval/speech-<checkpoint_id>.json`: the bundled held-out sentences,
+  and what the same ASR made of eSpeak NG's own audio of them, the reference a model trained on eSpeak speech is
+  read against). Else stage 1 records it as `speech_eval` (and its run's best metric `val_wer`); stage 2, whose
+  SpeechLM is stage 1's, carries stage 1's `speech_eval` over; stage 3's best metric `val_asr_wer` is its own.
+  Without them, the checkpoint's card (`<stage folder>/card/card.json`, three held-out sentences) when it is the
+  card of this very save.
 - answers: stage 2's validation of the adapter (`understanding`: the 4-way choice accuracy over held-out clips
   and the repeat character error rate), carried over by stage 3.
 - voice descriptions: the style encoder's retrieval figures (`style_eval`: top-5 among the held-out clips, its
@@ -34,6 +37,9 @@ from ira.eval.card import CARD_DIR, CARD_FILE, Card, CardError, read_card
 
 SPEECH_EVAL_KEY = "speech_eval"
 """Checkpoint metadata (JSON): stage 1's last val_wer, val_cer and how many sentences they were measured on."""
+SPEECH_RECORD_DIR = "eval"
+"""`ira eval speech` records what it measured of a save in `<checkpoint's folder>/eval/speech-<checkpoint_id>.json`:
+every name of one save (best, latest, its step file) finds it, and no other save does."""
 STYLE_EVAL_KEY = "style_eval"
 """Checkpoint metadata (JSON): the style encoder's retrieval figures (`ira.models.style.StyleEncoder.measured`)."""
 NEAR_RANDOM_WER = 0.9
@@ -144,8 +150,72 @@ def _at_step(figure_step: Any, step: Any) -> str:
 # ------------------------------------------------------------------------------------------ speech
 
 
-def speech_note(meta: Mapping[str, str], card: Optional[Card] = None) -> Note:
-    """How intelligible the checkpoint's speech was measured to be (see the module docstring)."""
+@dataclass(frozen=True)
+class SpeechRecord:
+    """What `ira eval speech` measured of one save: the ASR's word error rate on the model's speech of `sentences`
+    held-out sentences and, when it also ran its ceiling, on eSpeak NG's own audio of the same sentences."""
+
+    wer: float
+    sentences: int
+    asr: str
+    espeak_wer: Optional[float] = None
+
+
+def speech_record_path(checkpoint: str | Path, checkpoint_id: str) -> Path:
+    """Where `ira eval speech` records its figures for the save `checkpoint_id` of `checkpoint` (its folder)."""
+    return Path(checkpoint).parent / SPEECH_RECORD_DIR / f"speech-{checkpoint_id}.json"
+
+
+def write_speech_record(checkpoint: str | Path, meta: Mapping[str, str], figures: Mapping[str, Any]) -> Path:
+    """Record `figures` (`ira.eval.speech.record_figures`) for the save whose header is `meta`, next to it; returns
+    the file. Written to a temporary name and renamed: a reader never sees half a record."""
+    path = speech_record_path(checkpoint, str(meta["checkpoint_id"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"checkpoint": Path(checkpoint).name, "checkpoint_id": meta["checkpoint_id"],
+              "stage": meta.get("stage"), "step": meta.get("step"), **figures}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def find_speech_record(checkpoint: str | Path, meta: Mapping[str, str],
+                       allowed: Callable[[Path], bool] = lambda path: True) -> Optional[SpeechRecord]:
+    """What `ira eval speech` recorded for this very save (same checkpoint_id); None when nothing was, when it
+    cannot be read, or when `allowed` refuses its path (the app: a link out of its workspace)."""
+    checkpoint_id = meta.get("checkpoint_id")
+    if not checkpoint_id:
+        return None
+    path = speech_record_path(checkpoint, str(checkpoint_id))
+    if not path.is_file() or not allowed(path):
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("checkpoint_id") != checkpoint_id:
+        return None
+    wer, sentences = _number(data.get("wer")), _number(data.get("sentences"))
+    if wer is None or not sentences:
+        return None
+    espeak = data.get("espeak") if isinstance(data.get("espeak"), dict) else {}
+    return SpeechRecord(wer=wer, sentences=int(sentences), asr=str(data.get("asr", "")),
+                        espeak_wer=_number(espeak.get("wer")))
+
+
+def _recognised(wer: float) -> str:
+    return percent(1 - min(wer, 1.0))
+
+
+def speech_note(meta: Mapping[str, str], card: Optional[Card] = None, record: Optional[SpeechRecord] = None) -> Note:
+    """How intelligible the checkpoint's speech was measured to be (see the module docstring); with `record`
+    (`find_speech_record`), what `ira eval speech` heard, beside what the same ASR heard of eSpeak itself."""
+    if record is not None:
+        said = f"the ASR recognised {_recognised(record.wer)} of the words of {record.sentences} new sentences it " \
+               f"spoke (WER {record.wer:.2f})"
+        if record.espeak_wer is not None:
+            said += f"; eSpeak itself {_recognised(record.espeak_wer)} (WER {record.espeak_wer:.2f})"
+        return _speech_verdict(record.wer, said)
     stage, step = str(meta.get("stage")), meta.get("step")
     figure = _json(meta, SPEECH_EVAL_KEY) or {}
     metric = _json(meta, "metric") or {}
@@ -164,8 +234,12 @@ def speech_note(meta: Mapping[str, str], card: Optional[Card] = None) -> Note:
     if wer is None:
         return Note("not measured: no ASR heard this checkpoint speak (install the eval extra and run "
                     "`ira eval speech`); listen before trusting it", measured=False)
-    said = f"the ASR recognised {percent(1 - min(wer, 1.0))} of the words of {source} it spoke (WER {wer:.2f})" \
-        + when
+    return _speech_verdict(wer, f"the ASR recognised {_recognised(wer)} of the words of {source} it spoke "
+                                f"(WER {wer:.2f})" + when)
+
+
+def _speech_verdict(wer: float, said: str) -> Note:
+    """`said` (what the ASR heard) as a note, led by how it reads against the thresholds."""
     if wer >= NEAR_RANDOM_WER:
         return Note(f"near random: {said}; it does not say the text yet", measured=True, near_random=True)
     if wer >= HARD_TO_FOLLOW_WER:
@@ -254,15 +328,17 @@ def find_card(checkpoint: str | Path, meta: Mapping[str, str],
     return card if same else None
 
 
-def checkpoint_quality(meta: Mapping[str, str], card: Optional[Card] = None) -> Quality:
-    """The notes of a checkpoint from its header (`ira.checkpoint.read_metadata`) and, optionally, its card."""
+def checkpoint_quality(meta: Mapping[str, str], card: Optional[Card] = None,
+                       speech_record: Optional[SpeechRecord] = None) -> Quality:
+    """The notes of a checkpoint from its header (`ira.checkpoint.read_metadata`) and, optionally, its card and
+    what `ira eval speech` recorded of it (`find_speech_record`)."""
     try:
         modules = json.loads(meta.get("modules") or "[]")
     except ValueError:
         modules = []
     speaks = "speech_lm" in modules
     return Quality(stage=str(meta.get("stage", "?")), step=str(meta.get("step", "?")),
-                   speech=speech_note(meta, card) if speaks else None, style=style_note(meta, modules),
+                   speech=speech_note(meta, card, speech_record) if speaks else None, style=style_note(meta, modules),
                    answers=answers_note(meta, modules) if speaks else None)
 
 

@@ -154,6 +154,17 @@ class SpeechEvaluation:
                 "espeak": None if self.espeak is None else self.espeak.to_dict(), "seconds": self.seconds}
 
 
+def record_figures(evaluation: SpeechEvaluation, asr: str, seed: int, style: Optional[str] = None) -> dict[str, Any]:
+    """What `ira eval speech` records beside the checkpoint for the app (`ira.eval.quality.write_speech_record`): the
+    model's WER and CER by `asr`, on how many sentences, and eSpeak's own and the codec ceiling's when measured."""
+    def figures(score: Optional[SpeechScore]) -> Optional[dict[str, float]]:
+        return None if score is None else {"wer": score.wer, "cer": score.cer}
+
+    return {"asr": asr, "sentences": len(evaluation.model.items), "seed": seed, "style": style,
+            "wer": evaluation.model.wer, "cer": evaluation.model.cer, "espeak": figures(evaluation.espeak),
+            "ceiling": figures(evaluation.ceiling), "made": time.time()}
+
+
 def evaluate_speech(speaker: Any, sentences: Sequence[str], transcribe: Transcribe,
                     settings: Any = None, seed: int = 0, style: Optional[str] = None,
                     ceiling: bool = True) -> SpeechEvaluation:

@@ -56,13 +56,14 @@ def prior(index: torch.Tensor, centre: torch.Tensor, sigma: float) -> torch.Tens
 
 
 def attention_bias(prefix_valid: torch.Tensor, n_frames: torch.Tensor, n_audio: int, sigma: float,
-                   first_step: int = 0) -> torch.Tensor:
+                   first_step: int = 0, bidirectional_prefix: bool = False) -> torch.Tensor:
     """The additive mask of the alignment heads for a pass over the prefix and `n_audio` audio steps
     (steps first_step .. first_step + n_audio - 1): float [B, 1, P + n_audio, P + n_audio].
 
-    Prefix queries attend causally to the real prefix keys (no prior); audio queries attend to the prefix
-    with the prior and to no audio key. n_frames [B]: T of each sample (its true length in training, the
-    predicted one when generating).
+    Prefix queries attend to the real prefix keys (no prior): causally, or all of them with
+    `bidirectional_prefix` (speech_lm.text_attention: bidirectional, as the other heads do); audio queries
+    attend to the prefix with the prior and to no audio key. n_frames [B]: T of each sample (its true
+    length in training, the predicted one when generating).
     """
     batch, n_prefix = prefix_valid.shape
     device = prefix_valid.device
@@ -71,8 +72,10 @@ def attention_bias(prefix_valid: torch.Tensor, n_frames: torch.Tensor, n_audio: 
     size = n_prefix + n_audio
     bias = torch.full((batch, size, size), float("-inf"), device=device)
     keys = torch.arange(n_prefix, device=device)
-    causal = keys[None, :] <= keys[:, None]
-    prefix_rows = torch.where(causal[None] & prefix_valid[:, None, :], 0.0, float("-inf"))
+    visible = keys[None, :] <= keys[:, None]
+    if bidirectional_prefix:
+        visible = torch.ones_like(visible)
+    prefix_rows = torch.where(visible[None] & prefix_valid[:, None, :], 0.0, float("-inf"))
     # a padding query still sees itself (no row without a key: no NaN); its output is never used
     prefix_rows = torch.where(torch.eye(n_prefix, dtype=torch.bool, device=device)[None], 0.0, prefix_rows)
     bias[:, :n_prefix, :n_prefix] = prefix_rows

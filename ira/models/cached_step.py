@@ -7,6 +7,8 @@ RMSNorm add to that: an int8 `laptop`-size step took 3.06 ms through the modules
 This class computes the same thing as `SpeechLM._embed_audio` -> `_transformer` -> `_logits` for one
 new column, on the model's own parameters (copied are only the embedding tables, stacked into one so the
 K lookups are one, and the norm weights, doubled), and writes the same `StaticKVCache`.
+A step is one audio query over the cache, causal in either `speech_lm.text_attention` mode: the prefix's
+keys and values were computed by the prefill (`SpeechLM._decode`), which applies that mode's mask.
 tests/test_cached_step.py checks it against the module path.
 """
 

@@ -6,7 +6,8 @@ microseconds of dispatch, and they evict each other's code and data from the cac
 step -- embedding, norms, products, rotary, attention over the cache, MLP, heads -- is one compiled
 function over the model's own weights (numpy views, no copy), with the products spread over the CPU
 cores. It computes what `CachedStep` computes: fp32 throughout, int8 weights (`Int8Linear`) multiplied
-in fp32 against their bf16 row scales. tests/test_numba_step.py checks it against the module path.
+in fp32 against their bf16 row scales. tests/test_numba_step.py checks it against the module path. Like
+`CachedStep` it needs nothing for `speech_lm.text_attention`: the prefill wrote the prefix's keys.
 
 Compilation takes a few seconds the first time and is cached on disk by numba afterwards. Calls are
 serialized by a lock: where numba has no OpenMP or TBB (its `workqueue` threading layer, e.g. on a Mac

@@ -29,6 +29,13 @@ Batches: the prefix is LEFT-padded so BOS and the audio steps line up, with a ke
 RoPE positions count only real tokens (cumsum of the mask): a padded sample sees exactly the
 positions and keys it would see alone. Audio is right-padded (causal attention makes that free).
 
+Attention: the audio steps (BOS included) are causal: each sees the whole prefix and the steps before
+it. The prefix reads itself causally too by default; `speech_lm.text_attention: bidirectional` lets
+every real prefix token (style and text, not BOS) see every real prefix token, before and after it (a
+prefix-LM mask), so a phoneme's state knows the word it is in. The prefix is complete before the first
+audio step, so the cached generation computes it once in its prefill with that mask; each later step
+is one causal query over the cache, the same in both modes.
+
 The batch dict (what a collator builds, `forward_batch(batch)`):
     text_ids      LongTensor[B, L]   text tokens, padded anywhere (usually on the right)
     text_mask     BoolTensor[B, L]   True on real tokens
@@ -167,15 +174,19 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
-def attention_mask(key_valid: torch.Tensor, start: int, n_queries: int) -> torch.Tensor:
+def attention_mask(key_valid: torch.Tensor, start: int, n_queries: int, n_bidirectional: int = 0) -> torch.Tensor:
     """Causal + key padding: bool [B, 1, n_queries, keys] for queries at start .. start + n - 1.
 
-    Every query also sees itself, so a padding query still has one key (no NaN); its output is never
-    used, and no real query attends to a padding key.
+    n_bidirectional: positions 0 .. n - 1 (the prefix, with `text_attention: bidirectional`) also see
+    each other forwards; every later query stays causal. Every query also sees itself, so a padding query
+    still has one key (no NaN); its output is never used, and no real query attends to a padding key.
     """
     keys = torch.arange(key_valid.shape[1], device=key_valid.device).view(1, -1)
     queries = torch.arange(start, start + n_queries, device=key_valid.device).view(-1, 1)
-    mask = (keys <= queries)[None] & key_valid[:, None, :]
+    visible = keys <= queries
+    if n_bidirectional:
+        visible = visible | ((keys < n_bidirectional) & (queries < n_bidirectional))
+    mask = visible[None] & key_valid[:, None, :]
     return (mask | (keys == queries)[None])[:, None]
 
 
@@ -306,6 +317,7 @@ class SpeechLM(nn.Module):
             raise ValueError(f"SpeechLM metadata lacks {', '.join(missing)}; was it written by config_dict()?")
         stored = dict(data["speech_lm"])
         stored.setdefault("align_heads", 0)   # saved before alignment heads existed: a model without them
+        stored.setdefault("text_attention", "causal")   # saved before the setting: causal, whatever the default
         cfg = section_from_dict("speech_lm", stored, source="SpeechLM metadata")
         return cls(cfg, int(data["n_codebooks"]), int(data["codebook_size"]), int(data["text_vocab_size"]))
 
@@ -407,20 +419,29 @@ class SpeechLM(nn.Module):
 
     def _transformer(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None,
                      cache: StaticKVCache | None = None, align: torch.Tensor | None = None,
-                     n_blocks: int | None = None) -> torch.Tensor:
+                     n_blocks: int | None = None, n_prefix: int = 0) -> torch.Tensor:
         """x [B, T, d] at RoPE `positions` [B, T]; key_valid [B, keys so far + T], or None when no key
         is padding (then no mask is built: one new token sees all keys, more are causal from 0);
         align: the alignment heads' mask (`_align_bias`), needed when the model has them.
+        n_prefix: the (padded) prefix length when x starts with the prefix (the first pass); its
+        tokens see each other both ways with `text_attention: bidirectional`. Pass it wherever x holds
+        the prefix: every path (training, prefill, uncached steps) must build the same mask.
         Returns the final-norm output, or with `n_blocks` (no cache) the residual stream after that
         many blocks."""
         if self.cfg.align_heads and align is None:
             raise ValueError("this SpeechLM has alignment heads: pass their mask (align=...)")
         start = cache.length if cache is not None else 0
-        if key_valid is not None and cache is None and bool(key_valid.all()):
+        # a prefix of one token (the style alone) is the same either way: keep the causal fast path
+        n_bidirectional = n_prefix if self.cfg.text_attention == "bidirectional" and n_prefix > 1 else 0
+        if n_bidirectional and start > 0:
+            raise ValueError("the prefix is read in the first pass only (start 0), not after a filled cache")
+        if key_valid is not None and cache is None and not n_bidirectional and bool(key_valid.all()):
             key_valid = None  # plain causal: lets SDPA pick its fastest kernel
+        if key_valid is None and n_bidirectional:   # the prefix's both-ways block needs an explicit mask
+            key_valid = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
         mask, causal = None, x.shape[1] > 1
         if key_valid is not None:
-            mask = attention_mask(key_valid, start, x.shape[1])
+            mask = attention_mask(key_valid, start, x.shape[1], n_bidirectional)
         elif causal and start > 0:
             raise ValueError("several new tokens after a filled cache need key_valid (the causal mask is offset)")
         rope = self.rope(positions)
@@ -442,7 +463,8 @@ class SpeechLM(nn.Module):
         if n_frames is None:
             n_frames = torch.ones(prefix_valid.shape[0], device=prefix_valid.device)
         return alignment.attention_bias(prefix_valid, n_frames.to(prefix_valid.device), n_audio,
-                                        self.cfg.align_sigma)
+                                        self.cfg.align_sigma,
+                                        bidirectional_prefix=self.cfg.text_attention == "bidirectional")
 
     def _run(self, prefix: torch.Tensor, prefix_valid: torch.Tensor, columns: torch.Tensor,
              n_frames: torch.Tensor | None = None, n_blocks: int | None = None) -> torch.Tensor:
@@ -453,7 +475,8 @@ class SpeechLM(nn.Module):
         valid = torch.cat([prefix_valid, torch.ones(audio.shape[:2], dtype=torch.bool, device=self.device)], 1)
         positions = _positions(prefix_valid, audio.shape[1])
         align = self._align_bias(prefix_valid, n_frames, audio.shape[1])
-        return self._transformer(x, positions, valid, align=align, n_blocks=n_blocks)[:, prefix.shape[1]:]
+        return self._transformer(x, positions, valid, align=align, n_blocks=n_blocks,
+                                 n_prefix=prefix.shape[1])[:, prefix.shape[1]:]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, S, d] -> [B, K, S, V + 1]."""
@@ -687,7 +710,7 @@ class SpeechLM(nn.Module):
                 x = torch.cat([prefix, self._embed_audio(self._bos(rows)).to(prefix.dtype)], dim=1)
                 # the BOS step's prior sits at the text's start whatever T is: the prediction comes after
                 hidden = self._transformer(x, _positions(prefix_valid, 1), keys_valid(n_prefix + 1), cache,
-                                           align=self._align_bias(prefix_valid, None, 1))
+                                           align=self._align_bias(prefix_valid, None, 1), n_prefix=n_prefix)
             else:
                 hidden = self._run(prefix, prefix_valid, self._bos(rows))
             expected = self._expected_frames(hidden[:batch, -1], prefix_valid[:batch], align_frames)
