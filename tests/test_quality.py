@@ -105,8 +105,15 @@ def test_what_eval_speech_recorded_of_this_save_is_said_beside_espeak_itself(tmp
     assert find_speech_record(checkpoint.with_name("stage1_step16.safetensors"), meta) == record
     assert find_speech_record(checkpoint, {**meta, "checkpoint_id": "save-b"}) is None
     assert find_speech_record(checkpoint, meta, allowed=lambda path: False) is None
-    write_speech_record(checkpoint, meta, record_figures(_evaluation(0.95), "base", seed=0))
-    speech = checkpoint_quality(meta, speech_record=find_speech_record(checkpoint, meta)).speech
+    # a second seed without the ceiling keeps eSpeak's figure (it does not depend on the seed) ...
+    write_speech_record(checkpoint, meta, record_figures(_evaluation(0.55), "base", seed=1))
+    assert find_speech_record(checkpoint, meta).espeak_wer == 0.29
+    # ... but not another ASR's, and a save measured without the ceiling says the model's figure alone
+    write_speech_record(checkpoint, meta, record_figures(_evaluation(0.6), "tiny.en", seed=0))
+    assert find_speech_record(checkpoint, meta).espeak_wer is None
+    other = {**meta, "checkpoint_id": "save-c"}
+    write_speech_record(checkpoint, other, record_figures(_evaluation(0.95), "base", seed=0))
+    speech = checkpoint_quality(other, speech_record=find_speech_record(checkpoint, other)).speech
     assert speech.near_random and "eSpeak" not in speech.text and "4 new sentences" in speech.text
 
 

@@ -168,15 +168,32 @@ def speech_record_path(checkpoint: str | Path, checkpoint_id: str) -> Path:
 
 def write_speech_record(checkpoint: str | Path, meta: Mapping[str, str], figures: Mapping[str, Any]) -> Path:
     """Record `figures` (`ira.eval.speech.record_figures`) for the save whose header is `meta`, next to it; returns
-    the file. Written to a temporary name and renamed: a reader never sees half a record."""
+    the file. Written to a temporary name and renamed: a reader never sees half a record. A run without the
+    ceiling (`--no-ceiling`, e.g. a second seed) keeps the eSpeak and ceiling figures an earlier run of the same
+    ASR on as many sentences recorded: they depend on the sentences, the ASR and the save's codec, not the seed."""
     path = speech_record_path(checkpoint, str(meta["checkpoint_id"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"checkpoint": Path(checkpoint).name, "checkpoint_id": meta["checkpoint_id"],
               "stage": meta.get("stage"), "step": meta.get("step"), **figures}
+    earlier = _read_record(path)
+    if (earlier is not None and earlier.get("checkpoint_id") == meta["checkpoint_id"]
+            and (earlier.get("asr"), earlier.get("sentences")) == (record.get("asr"), record.get("sentences"))):
+        for key in ("espeak", "ceiling"):
+            if record.get(key) is None and isinstance(earlier.get(key), dict):
+                record[key] = earlier[key]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def _read_record(path: Path) -> Optional[dict[str, Any]]:
+    """The JSON object at `path`; None when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def find_speech_record(checkpoint: str | Path, meta: Mapping[str, str],
@@ -189,11 +206,8 @@ def find_speech_record(checkpoint: str | Path, meta: Mapping[str, str],
     path = speech_record_path(checkpoint, str(checkpoint_id))
     if not path.is_file() or not allowed(path):
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("checkpoint_id") != checkpoint_id:
+    data = _read_record(path)
+    if data is None or data.get("checkpoint_id") != checkpoint_id:
         return None
     wer, sentences = _number(data.get("wer")), _number(data.get("sentences"))
     if wer is None or not sentences:
