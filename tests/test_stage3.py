@@ -250,4 +250,4 @@ def test_asr_likelihood_prefers_the_text_spoken_over_another_text_over_silence()
     assert own > -1.5 and own > another + 2.0 and another > silence, scores
     assert empty == asr.SILENCE_LOG_LIKELIHOOD and heard[3] == ""
     assert heard == transcriber.transcribe_batch(clips, 22_050)
-    assert transcriber.text_log_likelihood(clips[:1], 22_050, [text]) == [own]
+    assert transcriber.hear_batch(clips[:1], 22_050, [text], transcribe=False) == ([], [own])

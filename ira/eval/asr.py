@@ -39,7 +39,7 @@ MAX_TOKENS_PER_SECOND = 8
 MAX_WORDS_PER_SECOND = 6
 """Words heard per second of audio at most: beyond it the ASR is looping, not hearing."""
 SILENCE_LOG_LIKELIHOOD = -14.0
-"""`text_log_likelihood` of an empty clip: about the score of a clip of another sentence or of silence."""
+"""`hear_batch`'s likelihood of an empty clip: about the score of a clip of another sentence or of silence."""
 INSTALL_HINT = "install the evaluation extra: `pip install -e '.[eval]'` (scripts/setup.sh does it)"
 
 TINY = "tiny.en"
@@ -232,21 +232,15 @@ class Transcriber:
         heard, _ = self.hear_batch(wavs, sample_rate, None, margin_seconds, min_window_seconds)
         return heard
 
-    def text_log_likelihood(self, wavs: Sequence[torch.Tensor | np.ndarray], sample_rate: int,
-                            texts: Sequence[str], margin_seconds: float = 3.0,
-                            min_window_seconds: float = 10.0) -> list[float]:
-        """How well each waveform says its text: the ASR's mean log-probability per token of the text given the
-        audio, by teacher forcing, all in one batched pass through a window fitted to the clips (as
-        `transcribe_batch`). A continuous score: it moves with every sound a listener would miss, where the
-        CER of one greedy transcript jumps by whole words. An empty clip gets `SILENCE_LOG_LIKELIHOOD`."""
-        _, scores = self.hear_batch(wavs, sample_rate, texts, margin_seconds, min_window_seconds, transcribe=False)
-        return scores
-
     def hear_batch(self, wavs: Sequence[torch.Tensor | np.ndarray], sample_rate: int,
                    texts: Optional[Sequence[str]], margin_seconds: float = 3.0, min_window_seconds: float = 10.0,
                    transcribe: bool = True) -> tuple[list[str], list[float]]:
-        """`transcribe_batch` (when `transcribe`) and `text_log_likelihood` (when `texts` are given) from one
-        pass of the encoder: ([] when not asked) each."""
+        """What the ASR hears in each waveform, from one batched pass of its encoder through the window of
+        `transcribe_batch`: the greedy transcript (when `transcribe`), and (when `texts` are given) how well each
+        waveform says its text: the mean log-probability per token of the text given the audio, teacher-forced.
+        That score is continuous: it moves with every sound a listener would miss, where the CER of one greedy
+        transcript jumps by whole words; an empty clip gets `SILENCE_LOG_LIKELIHOOD`. Each list is [] when not
+        asked for."""
         import ctranslate2
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import get_suppressed_tokens

@@ -331,11 +331,14 @@ class Stage3Task(TrainingTask):
                 wavs.append(self.codec.decode(codes[:, :n].cpu()).float().reshape(-1) if n else torch.zeros(0))
         return wavs
 
-    def hear_reward(self, samples: dict[str, Any], wavs: Optional[list[torch.Tensor]] = None) -> list[str]:
-        """What the reward's ASR hears in each sample: all at once, through a window fitted to the clips."""
+    def hear_reward(self, samples: dict[str, Any], texts: Optional[list[str]], transcribe: bool = True,
+                    wavs: Optional[list[torch.Tensor]] = None) -> tuple[list[str], list[float]]:
+        """What the reward's ASR hears in each sample, all at once through a window fitted to the clips, in one
+        pass of its encoder: its transcript (when `transcribe`) and its log-likelihood per token of each text
+        (when `texts` are given); [] for what was not asked (`asr.Transcriber.hear_batch`)."""
         transcriber = asr.transcriber(self.cfg.ppo.reward_asr)
-        return transcriber.transcribe_batch(wavs if wavs is not None else self.waveforms(samples),
-                                            self.codec.sample_rate, margin_seconds=self.cfg.ppo.asr_window_margin)
+        return transcriber.hear_batch(wavs if wavs is not None else self.waveforms(samples), self.codec.sample_rate,
+                                      texts, margin_seconds=self.cfg.ppo.asr_window_margin, transcribe=transcribe)
 
     def hear_eval(self, wavs: list[torch.Tensor]) -> Optional[list[str]]:
         """What the evaluation ASR (never the reward's) hears in each clip, each through Whisper's whole
@@ -348,25 +351,17 @@ class Stage3Task(TrainingTask):
     @torch.no_grad()
     def judge(self, samples: dict[str, Any], texts: list[str], descriptions: list[str],
               ears: Optional[tuple[torch.Tensor, torch.Tensor, Any]] = None,
-              heard: Optional[list[str]] = None, wavs: Optional[list[torch.Tensor]] = None,
-              likelihood: bool = False) -> dict[str, torch.Tensor]:
+              heard: Optional[tuple[list[str], list[float]]] = None) -> dict[str, torch.Tensor]:
         """Semantic score (LLM's mean log-likelihood per token of the text, from the audio), phoneme score
         (the phoneme reader's, per phoneme; 0 without one), ASR score (minus the CER, capped at 1, of what
-        the reward's ASR heard; 0 when `ppo.asr_weight` is 0 and no `heard` is given), ASR likelihood (the
-        reward ASR's log-probability per token of the text; 0 when `ppo.asr_likelihood_weight` is 0 and not
-        `likelihood`) and style score. `ears`: `listen(samples)`, `heard`: `hear_reward(samples)`, `wavs`:
-        `waveforms(samples)`, when the caller has them already."""
+        the reward's ASR heard), ASR likelihood (the reward ASR's log-probability per token of the text) and
+        style score. The ASR terms are 0 when their weight is 0 and `heard` does not hold them. `ears`:
+        `listen(samples)`, `heard`: `hear_reward(samples, texts)`, when the caller has them already."""
         pc = self.cfg.ppo
-        transcribe = heard is None and pc.asr_weight > 0
-        likelihood = likelihood or pc.asr_likelihood_weight > 0
-        heard_likelihood = None
-        if transcribe or likelihood:   # one pass of the reward ASR's encoder for both
-            wavs = wavs if wavs is not None else self.waveforms(samples)
-            said, scored = asr.transcriber(pc.reward_asr).hear_batch(
-                wavs, self.codec.sample_rate, texts if likelihood else None, margin_seconds=pc.asr_window_margin,
-                transcribe=transcribe)
-            heard = said if transcribe else heard
-            heard_likelihood = scored if likelihood else None
+        said, likelihoods = heard if heard is not None else ([], [])
+        transcribe, score = heard is None and pc.asr_weight > 0, heard is None and pc.asr_likelihood_weight > 0
+        if transcribe or score:   # one pass of the reward ASR's encoder for both
+            said, likelihoods = self.hear_reward(samples, texts if score else None, transcribe)
         frames, frames_valid, audio = ears if ears is not None else self.listen(samples)
         semantic = reply_log_likelihood(self.llm, [JUDGE_INSTRUCTION] * len(texts), audio, texts)
         phonemes = torch.zeros_like(semantic)
@@ -376,12 +371,11 @@ class Stage3Task(TrainingTask):
         style = torch.zeros_like(semantic)
         if self.style_encoder is not None and samples.get("style") is not None:
             style = (self._audio_style(samples) * samples["style"].to(semantic.device)).sum(-1)
-        heard_score = torch.zeros_like(semantic)
-        if heard is not None:
-            heard_score = asr_score(texts, heard).to(semantic.device, semantic.dtype)
-        return {"semantic": semantic, "phonemes": phonemes, "asr": heard_score, "style": style,
-                "asr_likelihood": (torch.zeros_like(semantic) if heard_likelihood is None else
-                                   torch.tensor(heard_likelihood, device=semantic.device, dtype=semantic.dtype))}
+        zeros = torch.zeros_like(semantic)
+        return {"semantic": semantic, "phonemes": phonemes, "style": style,
+                "asr": asr_score(texts, said).to(semantic.device, semantic.dtype) if said else zeros,
+                "asr_likelihood": torch.tensor(likelihoods, device=semantic.device, dtype=semantic.dtype)
+                if likelihoods else zeros}
 
     def reward(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """The judge's scores weighted into the sequence reward PPO maximises [B]."""
@@ -501,9 +495,10 @@ class Stage3Task(TrainingTask):
             samples = self.speak(self.policy, texts, descriptions, seed=self.cfg.training.seed)
             ears = self.listen(samples)
             wavs = self.waveforms(samples)
-            reward_heard = self.hear_reward(samples, wavs) if asr.is_available(self.cfg.ppo.reward_asr) else None
-            scores = self.judge(samples, texts, descriptions, ears, heard=reward_heard, wavs=wavs,
-                                likelihood=reward_heard is not None)
+            heard_by_reward = (self.hear_reward(samples, texts, wavs=wavs) if asr.is_available(self.cfg.ppo.reward_asr)
+                               else None)
+            reward_heard = heard_by_reward[0] if heard_by_reward is not None else None
+            scores = self.judge(samples, texts, descriptions, ears, heard=heard_by_reward)
             logprobs, _, mask, _ = step_logprobs(self.policy, samples, self.cfg.ppo.temperature, self.cfg_scale)
             ref_logprobs, _, _, _ = step_logprobs(self.reference, samples, self.cfg.ppo.temperature, self.cfg_scale)
             inputs = build_student_inputs(self.llm, [JUDGE_INSTRUCTION] * len(texts), ears[2], None)
