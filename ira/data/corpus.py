@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from ira.atomic_text import atomic_write_text
 from ira.audio import AudioError, audio_info
 
 METADATA = "metadata.csv"
@@ -97,19 +97,6 @@ def read_metadata(corpus_dir: str | Path) -> list[Clip]:
     if not clips:
         raise CorpusError(f"{path}: no clips (the file is empty); add 'id|transcript' lines")
     return clips
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file through a temporary name and a rename, so readers never see half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_metadata(corpus_dir: str | Path, clips: Iterable[Clip]) -> Path:

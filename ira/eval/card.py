@@ -16,12 +16,12 @@ Only the standard library is imported at module level, so that the app can read 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+from ira.atomic_text import atomic_write_text
 from ira.text_metrics import corpus_wer, word_error_rate
 
 CARD_DIR = "card"
@@ -153,9 +153,7 @@ def make_card(checkpoint: str | Path, card_dir: str | Path | None = None, *,
 
 def write_card(card: Card, path: Path) -> Path:
     """Write card.json atomically (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(card.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(card.to_dict(), indent=2, ensure_ascii=False))
     return path
 
 

@@ -21,7 +21,7 @@ threshold is said to be near random. The figures and where they come from:
 A figure counts as near random when it is within two standard errors of chance (binomial, over the number of
 tries it was measured on) or, for speech, when the ASR recognised less than a tenth of the words.
 
-Only the standard library (and the card's reader, itself stdlib-only) is imported: the app reads notes for
+Only the standard library (and the card's reader and ira.atomic_text, themselves stdlib-only) is imported: the app reads notes for
 every checkpoint it lists without loading torch.
 """
 
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from ira.atomic_text import atomic_write_text
 from ira.eval.card import CARD_DIR, CARD_FILE, Card, CardError, read_card
 
 SPEECH_EVAL_KEY = "speech_eval"
@@ -172,7 +173,6 @@ def write_speech_record(checkpoint: str | Path, meta: Mapping[str, str], figures
     ceiling (`--no-ceiling`, e.g. a second seed) keeps the eSpeak and ceiling figures an earlier run of the same
     ASR on as many sentences recorded: they depend on the sentences, the ASR and the save's codec, not the seed."""
     path = speech_record_path(checkpoint, str(meta["checkpoint_id"]))
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {"checkpoint": Path(checkpoint).name, "checkpoint_id": meta["checkpoint_id"],
               "stage": meta.get("stage"), "step": meta.get("step"), **figures}
     earlier = _read_record(path)
@@ -181,9 +181,7 @@ def write_speech_record(checkpoint: str | Path, meta: Mapping[str, str], figures
         for key in ("espeak", "ceiling"):
             if record.get(key) is None and isinstance(earlier.get(key), dict):
                 record[key] = earlier[key]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     return path
 
 
