@@ -41,9 +41,9 @@ def codec_shape(preset: str) -> tuple[int, int]:
     return {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}[cfg.codec.bandwidth], 1024
 
 
-def build_model(preset: str, seed: int = 0) -> tuple[SpeechLM, CharTokenizer]:
+def build_model(preset: str, seed: int = 0, overrides: list[str] | None = None) -> tuple[SpeechLM, CharTokenizer]:
     torch.manual_seed(seed)
-    cfg = preset_config(preset)
+    cfg = preset_config(preset, overrides)
     tokenizer = CharTokenizer()
     n_codebooks, codebook_size = codec_shape(preset)
     model = SpeechLM(cfg.speech_lm, n_codebooks, codebook_size, tokenizer.vocab_size).eval()
@@ -275,6 +275,53 @@ def bench_training(preset: str, batch: int = 8, frames: int = 300, steps: int = 
            p + "train_peak_rss_mb": round(peak_memory.peak_mb(), 1)}
     if torch.cuda.is_available():
         out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def bench_training_variants(preset: str, variants: list[list[str]], batch: int = 8, frames: int = 300,
+                            steps: int = 3, rounds: int = 3, gen_frames: int = 150) -> dict[str, float | str]:
+    """Stage-1 training frames per second and generation's real-time factor of the preset and of each variant
+    (a list of `--set` overrides, e.g. ["speech_lm.frames_per_step=2"]), measured in turns within one process:
+    round after round every model runs `steps` steps, and each keeps its best round, so a machine whose speed
+    drifts (shared cores) slows them alike. Ratios are against the preset as it is."""
+    from ira.training.optim import build_adamw
+
+    labels = ["preset"] + [",".join(v) for v in variants]
+    runs = []
+    for overrides in [[]] + variants:
+        model, tokenizer = build_model(preset, overrides=overrides)
+        model.train()
+        optimizer = build_adamw([{"params": list(model.parameters())}], 1e-4, "cpu")
+        runs.append((model, tokenizer, optimizer))
+    torch.manual_seed(0)
+    codes = torch.randint(0, runs[0][0].codebook_size, (batch, runs[0][0].n_codebooks, frames))
+    text_ids, text_mask = runs[0][1].batch_encode([TEN_WORDS] * batch)
+
+    def train(model: SpeechLM, optimizer: Any) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            model(text_ids, text_mask, None, codes, None).loss.backward()
+            optimizer.step()
+        return (time.perf_counter() - start) / steps
+
+    for model, _, optimizer in runs:                                            # warm-up
+        train(model, optimizer)
+    step_s = [float("inf")] * len(runs)
+    gen_s = [float("inf")] * len(runs)
+    for _ in range(rounds):
+        for i, (model, tokenizer, optimizer) in enumerate(runs):
+            step_s[i] = min(step_s[i], train(model, optimizer))
+            model.eval()
+            gen_s[i] = min(gen_s[i], time_generation(model, tokenizer, gen_frames, use_cache=True))
+            model.train()
+    out: dict[str, float | str] = {**machine(), "torch": torch.__version__, "batch": batch, "frames": frames}
+    for label, s, g in zip(labels, step_s, gen_s):
+        p = f"{preset}[{label}]."
+        out[p + "train_frames_per_s"] = round(batch * frames / s, 1)
+        out[p + "train_step_s"] = round(s, 3)
+        out[p + "train_speedup"] = round(step_s[0] / s, 2)
+        out[p + "generate_rtf"] = round(g / (gen_frames / FRAME_RATE), 3)
     return out
 
 

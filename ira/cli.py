@@ -394,6 +394,14 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_training(args: argparse.Namespace) -> int:
+    from ira.bench import bench_training_variants, print_and_save
+    variants = [[item.strip() for item in v.split(",") if item.strip()] for v in args.variant]
+    print_and_save(bench_training_variants(args.size, variants, batch=args.batch, frames=args.frames,
+                                           rounds=args.rounds, gen_frames=args.gen_frames), args.json)
+    return 0
+
+
 def add_bench_all_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="cpu,laptop", help="comma-separated presets whose model sizes to time")
     parser.add_argument("--frames", type=int, default=150, help="frames per generation run (75 = one second)")
@@ -534,6 +542,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures to FILE")
     p.set_defaults(func=cmd_bench_generate)
+
+    p = bench.add_parser("training", help="stage-1 training frames per second and generation's real-time factor "
+                                          "of a preset and of variants of it, timed in turns in one run")
+    p.add_argument("--size", default="cpu", help="the preset whose model to time")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="config overrides of one variant, e.g. speech_lm.frames_per_step=2 (repeatable)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--frames", type=int, default=300, help="frames per training clip (300 = 4 s)")
+    p.add_argument("--rounds", type=int, default=3, help="turns; each figure is its best turn")
+    p.add_argument("--gen-frames", dest="gen_frames", type=int, default=150, help="frames per generation run")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures to FILE")
+    p.set_defaults(func=cmd_bench_training)
 
     p = bench.add_parser("pipeline", help="latency of each end-to-end step (speak, decode, adapter, LLM answer) "
                                           "for a 10-word sentence")

@@ -135,6 +135,10 @@ class SpeechLMConfig:
     sees only the tokens before it, so it cannot tell which word it is in. 'bidirectional': every prefix
     token sees the whole prefix (a prefix-LM mask, as TTS text encoders read the text). Audio steps are
     causal either way. Models saved before this setting were causal."""
+    frames_per_step: int = 1
+    """Codec frames per autoregressive step (ira/models/frame_stacking.py): 2 halves the audio sequence,
+    so every training and generation step covers twice the speech; each step predicts K x 2 values.
+    Models saved before this setting took one frame per step."""
 
     def validate(self, check: "_Checker") -> None:
         check.positive("d_model", self.d_model)
@@ -165,6 +169,11 @@ class SpeechLMConfig:
         check.positive("align_sigma", self.align_sigma)
         check.that("text_attention", self.text_attention in ("causal", "bidirectional"),
                    f"must be 'causal' or 'bidirectional', got {self.text_attention!r}")
+        check.that("frames_per_step", isinstance(self.frames_per_step, int) and 1 <= self.frames_per_step <= 8,
+                   f"must be a whole number from 1 to 8 (codec frames per step), got {self.frames_per_step!r}")
+        check.that("max_audio_frames", self.max_audio_frames % max(int(self.frames_per_step), 1) == 0,
+                   f"must be a multiple of speech_lm.frames_per_step ({self.frames_per_step}): generation "
+                   "writes whole steps")
 
 
 @dataclass

@@ -20,6 +20,17 @@ def test_bench_generate_reports_every_figure(tmp_path):
     assert 0.0 <= figures["cpu.int8_token_agreement"] <= 1.0
 
 
+def test_bench_training_times_the_preset_and_each_variant(tmp_path):
+    out = tmp_path / "training.json"
+    assert main(["bench", "training", "--size", "cpu", "--variant", "speech_lm.frames_per_step=2", "--batch", "2",
+                 "--frames", "20", "--rounds", "1", "--gen-frames", "8", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    for label in ("preset", "speech_lm.frames_per_step=2"):
+        for key in ("train_frames_per_s", "train_step_s", "train_speedup", "generate_rtf"):
+            assert figures[f"cpu[{label}].{key}"] > 0, (label, key)
+    assert figures["cpu[preset].train_speedup"] == 1.0
+
+
 def test_cached_and_naive_generation_agree_at_preset_size():
     model, tokenizer = build_model("cpu")
     a = model.generate(texts=["same tokens"], tokenizer=tokenizer, max_frames=10, temperature=0, use_cache=True)[0]

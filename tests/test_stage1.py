@@ -69,11 +69,12 @@ def test_trains_writes_samples_and_a_self_describing_checkpoint(tmp_path, corpus
         assert codec.decode(codes).abs().max() > 0
 
 
-@pytest.mark.parametrize("text_attention", ["causal", "bidirectional"])
-def test_resume_equals_uninterrupted(tmp_path, corpus, text_attention):
+@pytest.mark.parametrize("text_attention,frames_per_step", [("causal", 1), ("bidirectional", 1),
+                                                             ("bidirectional", 2)])
+def test_resume_equals_uninterrupted(tmp_path, corpus, text_attention, frames_per_step):
     """A run resumed from its step-4 checkpoint (as after a crash) ends exactly where the full run ends."""
     args = ("training.max_steps=8", "training.eval_every=100", "training.save_every=4", "training.num_samples=0",
-            f"speech_lm.text_attention={text_attention}")
+            f"speech_lm.text_attention={text_attention}", f"speech_lm.frames_per_step={frames_per_step}")
     full = run_stage1(_cfg(corpus, tmp_path / "full", *args), cpu=True)
     step4 = next(p for p in sorted((tmp_path / "full").glob("stage1_*.safetensors"))
                  if read_metadata(p)["step"] == "4")
@@ -86,7 +87,8 @@ def test_resume_equals_uninterrupted(tmp_path, corpus, text_attention):
     a = load_checkpoint(full.last_checkpoint).state_dict("speech_lm")
     b = load_checkpoint(resumed.last_checkpoint).state_dict("speech_lm")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert speech_lm_from_checkpoint(resumed.last_checkpoint).cfg.text_attention == text_attention
+    resumed_model = speech_lm_from_checkpoint(resumed.last_checkpoint)
+    assert (resumed_model.cfg.text_attention, resumed_model.frames_per_step) == (text_attention, frames_per_step)
 
 
 def test_other_codec_or_stage_is_refused(tmp_path, corpus):

@@ -54,11 +54,11 @@ def _direct(module: nn.Module) -> Op:
 
 
 def stacked_audio_embedding(model: SpeechLM) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K codebook tables stacked into one [K * (V + 2), d] (a copy) and each codebook's row offset
-    [K]: one lookup of column + offsets embeds a whole grid column."""
-    tables = [emb.weight for emb in model.audio_emb]                      # K x [V + 2, d] (EOS, fill)
+    """The stream tables (K codebooks x F frames per step) stacked into one [K F (V + 2), d] (a copy) and
+    each stream's row offset [K F]: one lookup of column + offsets embeds a whole grid column."""
+    tables = [emb.weight for emb in model.audio_emb]                      # K F x [V + 2, d] (EOS, fill)
     embedding = torch.cat(tables)
-    return embedding, torch.arange(model.n_codebooks, device=embedding.device) * tables[0].shape[0]
+    return embedding, torch.arange(len(tables), device=embedding.device) * tables[0].shape[0]
 
 
 class CachedStep:
@@ -70,7 +70,7 @@ class CachedStep:
         self.align_heads, self.prior = cfg.align_heads, prior
         if self.align_heads and prior is None:
             raise ValueError("this SpeechLM has alignment heads: its cached step needs their StepPrior")
-        self.n_codebooks, self.n_classes = model.n_codebooks, model.codebook_size + 1
+        self.n_streams, self.n_classes = model.n_streams, model.codebook_size + 1
         self.rope = model.rope
         self.embedding, self.offsets = stacked_audio_embedding(model)
         self.layers = []
@@ -105,7 +105,7 @@ class CachedStep:
             else:
                 x = x + down(F.gelu(h))
         cache.advance(1)
-        return self.heads(self.norm(x)).view(rows, self.n_codebooks, self.n_classes).float()
+        return self.heads(self.norm(x)).view(rows, self.n_streams, self.n_classes).float()
 
     def _mask_with_prior(self, mask: torch.Tensor | None, rows: int, length: int) -> torch.Tensor:
         """Per-head additive mask [rows, H, 1, length + 1]: the alignment heads see the prefix with the

@@ -257,7 +257,7 @@ class NumbaCachedStep:
         self.prior = prior.numpy_parts() if self.align_heads else (
             np.full((rows, 1), -2, dtype=np.int64), np.zeros(rows, np.float32), np.ones(rows, np.float32),
             np.float32(0.0))
-        self.n_codebooks, self.n_classes = model.n_codebooks, model.codebook_size + 1
+        self.n_streams, self.n_classes = model.n_streams, model.codebook_size + 1
         self.inv_freq = model.rope.inv_freq.float().numpy()
         embedding, offsets = stacked_audio_embedding(model)
         self.embedding, self.offsets = embedding.detach().numpy(), offsets.numpy()
@@ -298,4 +298,4 @@ class NumbaCachedStep:
                            cache.length, key_valid, masked, self.n_heads, self.rms, self.eps, self.swiglu,
                            self.align_heads, *self.prior)
         cache.advance(1)
-        return torch.from_numpy(logits).view(rows, self.n_codebooks, self.n_classes)
+        return torch.from_numpy(logits).view(rows, self.n_streams, self.n_classes)

@@ -17,6 +17,11 @@ described speaking rate reaches the output reliably: `generate(length_tolerance=
 sample's end within +-20% of the predicted length (EOS forbidden before, forced after), instead of
 leaving the rate to a per-step EOS decision that a small model learns last.
 
+Frames per step (`speech_lm.frames_per_step` F, default 1): a step may carry F frames as K x F streams
+(`frame_stacking.py`); the delay pattern, the embeddings and the heads then run over the streams, and
+every public method still takes and returns frames [K, T] (lengths, `max_frames`, `align_frames` and the
+length head count frames; a generated sample's length is a multiple of F).
+
 Special audio ids, per codebook: 0..V-1 are codec values, V = EOS (also the head's last class),
 V + 1 = fill (BOS, delay fill, after the end, padding; input only, never predicted).
 
@@ -71,6 +76,7 @@ from ira.config import SpeechLMConfig, section_from_dict
 from ira.hardware import compiled_cpu_kernels_enabled
 from ira.models import alignment
 from ira.models.delay_pattern import apply_delay, delay_masks, undo_delay
+from ira.models.frame_stacking import stack_frames, steps_for, unstack_frames
 from ira.models.kv_cache import StaticKVCache
 
 IGNORE_INDEX = -100
@@ -260,19 +266,21 @@ class SpeechLM(nn.Module):
         self.text_vocab_size = int(text_vocab_size)
         self.eos_id = self.codebook_size
         self.fill_id = self.codebook_size + 1
+        self.frames_per_step = int(cfg.frames_per_step)
+        self.n_streams = self.n_codebooks * self.frames_per_step   # values per step: K x F
         d = cfg.d_model
 
         self.text_emb = nn.Embedding(self.text_vocab_size, d)
         self.style_proj = nn.Linear(cfg.style_dim, d)
         self.null_style = nn.Parameter(torch.zeros(d))
-        self.audio_emb = nn.ModuleList(nn.Embedding(self.codebook_size + 2, d) for _ in range(self.n_codebooks))
+        self.audio_emb = nn.ModuleList(nn.Embedding(self.codebook_size + 2, d) for _ in range(self.n_streams))
         self.rope = Rotary(d // cfg.n_heads, cfg.rope_theta)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
-        # the K codebook heads as one matrix (rows k*(V+1) .. (k+1)*(V+1) are codebook k's): one matmul
+        # the K (x F) stream heads as one matrix (rows j*(V+1) .. (j+1)*(V+1) are stream j's): one matmul
         # per generation step instead of K small ones
-        self.heads = nn.Linear(d, self.n_codebooks * (self.codebook_size + 1), bias=False)
+        self.heads = nn.Linear(d, self.n_streams * (self.codebook_size + 1), bias=False)
         self.length_head = nn.Linear(d, 1)
         self._init_weights()
         self._register_load_state_dict_pre_hook(self.upgrade_state_dict)
@@ -318,6 +326,7 @@ class SpeechLM(nn.Module):
         stored = dict(data["speech_lm"])
         stored.setdefault("align_heads", 0)   # saved before alignment heads existed: a model without them
         stored.setdefault("text_attention", "causal")   # saved before the setting: causal, whatever the default
+        stored.setdefault("frames_per_step", 1)          # saved before the setting: one frame per step
         cfg = section_from_dict("speech_lm", stored, source="SpeechLM metadata")
         return cls(cfg, int(data["n_codebooks"]), int(data["codebook_size"]), int(data["text_vocab_size"]))
 
@@ -411,11 +420,11 @@ class SpeechLM(nn.Module):
         return seq, valid
 
     def _embed_audio(self, columns: torch.Tensor) -> torch.Tensor:
-        """Delayed-grid columns [B, K, S] -> [B, S, d]: the sum of the K codebook embeddings."""
+        """Delayed-grid columns [B, K x F, S] -> [B, S, d]: the sum of the stream embeddings."""
         return sum(emb(columns[:, k]) for k, emb in enumerate(self.audio_emb))
 
     def _bos(self, batch: int) -> torch.Tensor:
-        return torch.full((batch, self.n_codebooks, 1), self.fill_id, dtype=torch.long, device=self.device)
+        return torch.full((batch, self.n_streams, 1), self.fill_id, dtype=torch.long, device=self.device)
 
     def _transformer(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None,
                      cache: StaticKVCache | None = None, align: torch.Tensor | None = None,
@@ -479,13 +488,13 @@ class SpeechLM(nn.Module):
                                  n_prefix=prefix.shape[1])[:, prefix.shape[1]:]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[B, S, d] -> [B, K, S, V + 1]."""
+        """[B, S, d] -> [B, K x F, S, V + 1]."""
         batch, steps = hidden.shape[:2]
-        logits = self.heads(hidden).view(batch, steps, self.n_codebooks, self.codebook_size + 1)
+        logits = self.heads(hidden).view(batch, steps, self.n_streams, self.codebook_size + 1)
         return logits.transpose(1, 2).contiguous()
 
     def _last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The last step's float logits: [B, S, d] -> [B, K, V + 1]."""
+        """The last step's float logits: [B, S, d] -> [B, K x F, V + 1]."""
         return self._logits(hidden[:, -1:])[:, :, 0].float()
 
     def _log_frames_per_token(self, bos_hidden: torch.Tensor) -> torch.Tensor:
@@ -512,6 +521,11 @@ class SpeechLM(nn.Module):
                              "the token cache comes from another codec than the one the model was built for")
         return codes, lengths
 
+    def _steps_of(self, frames: torch.Tensor) -> torch.Tensor:
+        """A frame count (float, e.g. the length head's) as the steps that carry it: frames / F."""
+        frames = torch.as_tensor(frames, device=self.device)
+        return frames if self.frames_per_step == 1 else frames.float() / self.frames_per_step
+
     # -- training --------------------------------------------------------------------------------
 
     def forward(self, text_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
@@ -521,15 +535,19 @@ class SpeechLM(nn.Module):
         """Teacher-forced next-column prediction over the delayed grid; see the module docstring.
 
         align_frames [B]: the frame count the alignment heads spread the text over; default the clips'
-        lengths. PPO passes the count the samples were generated with (the length head's prediction)."""
+        lengths. PPO passes the count the samples were generated with (the length head's prediction).
+        With F frames per step, logits / targets / target_mask are over the K x F streams' grid, and
+        loss_per_codebook / tokens_per_codebook add each codebook's F streams."""
         codes, lengths = self._check_codes(codes, codes_lengths)
         batch, n_codebooks, n_frames = codes.shape
         drop_text, drop_style = self._drops(batch, drop_text, drop_style, text_ids is None, style is None)
         prefix, prefix_valid = self._prefix(text_ids, text_mask, style, drop_text, drop_style)
 
-        delayed = apply_delay(codes, self.fill_id, lengths, eos_id=self.eos_id)       # [B, K, T + K]
+        streams, steps = stack_frames(codes, lengths, self.frames_per_step)            # [B, K x F, T'], [B]
+        delayed = apply_delay(streams, self.fill_id, steps, eos_id=self.eos_id)        # [B, K x F, T' + K x F]
         inputs = torch.cat([self._bos(batch), delayed[:, :, :-1]], dim=2)
-        hidden = self._run(prefix, prefix_valid, inputs, lengths if align_frames is None else align_frames)
+        align_steps = steps if align_frames is None else self._steps_of(align_frames)
+        hidden = self._run(prefix, prefix_valid, inputs, align_steps)
         logits = self._logits(hidden)
 
         n_text = prefix_valid.sum(dim=1) - 1                                           # minus the style token
@@ -539,12 +557,13 @@ class SpeechLM(nn.Module):
         squared = (log_rate - target).pow(2) * has_length
         length_loss = squared.sum() / has_length.sum().clamp(min=1)
 
-        real, eos = delay_masks(lengths, n_codebooks, delayed.shape[2])
+        real, eos = delay_masks(steps, self.n_streams, delayed.shape[2])
         target_mask = real | eos
         ce = F.cross_entropy(logits.float().flatten(0, 2), delayed.masked_fill(~target_mask, IGNORE_INDEX).flatten(),
                              ignore_index=IGNORE_INDEX, reduction="none").view_as(delayed)
-        tokens = target_mask.sum(dim=(0, 2))
-        loss_per_codebook = ce.sum(dim=(0, 2)) / tokens.clamp(min=1)
+        # per codebook: its F streams together (stream j = k * F + f)
+        tokens = target_mask.sum(dim=(0, 2)).view(n_codebooks, self.frames_per_step).sum(dim=1)
+        loss_per_codebook = ce.sum(dim=(0, 2)).view(n_codebooks, self.frames_per_step).sum(dim=1) / tokens.clamp(min=1)
         return SpeechLMOutput(loss=loss_per_codebook.mean(), loss_per_codebook=loss_per_codebook,
                               tokens_per_codebook=tokens, logits=logits, targets=delayed,
                               target_mask=target_mask, hidden=hidden if return_hidden else None,
@@ -564,20 +583,25 @@ class SpeechLM(nn.Module):
         (a middle layer holds more of what was said and less of the next frame's detail).
 
         Feature t is the step whose input holds frame t's last codebook (step t + K), so it has seen
-        every codebook of frame t (and the coarse codebooks of up to K - 1 frames after it). Call
+        every codebook of frame t (and the coarse codebooks of up to K - 1 frames after it). With F frames
+        per step, the F frames of a step share its feature (the step that holds their last stream). Call
         `model.eval()` first for deterministic features (dropout).
         """
         codes, lengths = self._check_codes(codes, lengths)
-        batch, n_codebooks, n_frames = codes.shape
+        batch, _, n_frames = codes.shape
         all_dropped = torch.ones(batch, dtype=torch.bool, device=self.device)
         prefix, prefix_valid = self._prefix(None, None, None, all_dropped, all_dropped)
-        delayed = apply_delay(codes, self.fill_id, lengths, eos_id=self.eos_id)
+        streams, steps = stack_frames(codes, lengths, self.frames_per_step)
+        delayed = apply_delay(streams, self.fill_id, steps, eos_id=self.eos_id)
         if not 0 <= layer <= len(self.blocks):
             raise ValueError(f"layer must be 0 (the output) or a block number 1..{len(self.blocks)}, got {layer}")
         hidden = self._run(prefix, prefix_valid, torch.cat([self._bos(batch), delayed[:, :, :-1]], dim=2),
                            n_blocks=layer or None)
+        hidden = hidden[:, self.n_streams:self.n_streams + streams.shape[2]]
+        if self.frames_per_step > 1:   # one row per frame: a step's state for each of its F frames
+            hidden = hidden.repeat_interleave(self.frames_per_step, dim=1)[:, :n_frames]
         mask = torch.arange(n_frames, device=codes.device)[None] < lengths[:, None]
-        return hidden[:, n_codebooks:n_codebooks + n_frames], mask
+        return hidden, mask
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -612,7 +636,8 @@ class SpeechLM(nn.Module):
             pass
         columns, n_cols, ends, _ = last
         grid = columns[:, :, :n_cols].cpu()
-        return [undo_delay(grid[i:i + 1], int(ends[i]))[0] for i in range(grid.shape[0])]
+        return [unstack_frames(undo_delay(grid[i:i + 1], int(ends[i])), self.frames_per_step)[0]
+                for i in range(grid.shape[0])]
 
     @torch.no_grad()
     def stream(self, text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None, *,
@@ -624,21 +649,22 @@ class SpeechLM(nn.Module):
         """`generate` for one sample, yielding LongTensor[K, t] (CPU) as frames complete.
 
         Frame t is complete once its last codebook is out (K - 1 steps after its first). Chunks hold
-        `chunk_frames` frames, the last one the rest; their concatenation equals `generate`'s output
-        for the same arguments and seed.
+        `chunk_frames` frames (rounded up to whole steps of F frames), the last one the rest; their
+        concatenation equals `generate`'s output for the same arguments and seed.
         """
         if chunk_frames <= 0:
             raise ValueError(f"chunk_frames must be > 0, got {chunk_frames}")
-        n_codebooks, emitted = self.n_codebooks, 0
+        n_streams, emitted = self.n_streams, 0          # counted in steps (F frames each)
+        chunk_steps = -(-chunk_frames // self.frames_per_step)
         for columns, n_cols, ends, done in self._decode(
                 text_ids, text_mask, texts, tokenizer, style, None, max_frames, min_frames,
                 _sampler(temperature, top_k, top_p, generator, seed, self.device), cfg_scale, use_cache,
                 single=True, length_tolerance=length_tolerance):
-            complete = min(n_cols - n_codebooks + 1, int(ends[0]))
-            while complete - emitted >= chunk_frames or (bool(done[0]) and complete > emitted):
-                stop = min(emitted + chunk_frames, complete)
-                window = columns[:, :, emitted:stop + n_codebooks - 1]
-                yield undo_delay(window, stop - emitted)[0].cpu()
+            complete = min(n_cols - n_streams + 1, int(ends[0]))
+            while complete - emitted >= chunk_steps or (bool(done[0]) and complete > emitted):
+                stop = min(emitted + chunk_steps, complete)
+                window = columns[:, :, emitted:stop + n_streams - 1]
+                yield unstack_frames(undo_delay(window, stop - emitted), self.frames_per_step)[0].cpu()
                 emitted = stop
 
     def _conditions(self, text_ids, text_mask, texts, tokenizer, style, batch_size):
@@ -663,10 +689,10 @@ class SpeechLM(nn.Module):
     def _decode(self, text_ids, text_mask, texts, tokenizer, style, batch_size, max_frames, min_frames,
                 sample, cfg_scale, use_cache, single: bool = False, length_tolerance: float | None = None,
                 align_frames: torch.Tensor | None = None):
-        """Yield (columns [B, K, max_frames + K], columns written, ends [B], done [B]) after each step.
+        """Yield (columns [B, K x F, max steps + K x F], columns written, ends [B], done [B]) after each step.
 
-        ends[b] is the sample's frame count once it has ended (max_frames until then); done[b] once its
-        last codebook's EOS is written.
+        ends[b] is the sample's step count once it has ended (its last allowed step until then; F frames
+        a step); done[b] once its last stream's EOS is written.
         """
         text_ids, text_mask, style, batch = self._conditions(text_ids, text_mask, texts, tokenizer, style,
                                                              batch_size)
@@ -677,7 +703,8 @@ class SpeechLM(nn.Module):
             raise ValueError(f"max_frames must be >= 0, got {max_frames}")
         if length_tolerance is not None and not 0.0 <= length_tolerance < 1.0:
             raise ValueError(f"length_tolerance must be in [0, 1) (or None = off), got {length_tolerance}")
-        device, n_codebooks = self.device, self.n_codebooks
+        device, n_streams, per_step = self.device, self.n_streams, self.frames_per_step
+        max_steps = min(-(-max_frames // per_step), max(self.cfg.max_audio_frames // per_step, 1))
         was_training = self.training
         self.eval()
         try:
@@ -692,8 +719,8 @@ class SpeechLM(nn.Module):
                 drop_text, drop_style = torch.cat([drop_text, ones]), torch.cat([drop_style, ones])
             prefix, prefix_valid = self._prefix(text_ids, text_mask, style, drop_text, drop_style)
             rows, n_prefix = prefix.shape[0], prefix.shape[1]
-            n_cols_max = max_frames + n_codebooks
-            columns = torch.full((batch, n_codebooks, n_cols_max), self.fill_id, dtype=torch.long, device=device)
+            n_cols_max = max_steps + n_streams
+            columns = torch.full((batch, n_streams, n_cols_max), self.fill_id, dtype=torch.long, device=device)
             ended = torch.zeros(batch, dtype=torch.bool, device=device)
 
             if use_cache:  # prefill: the prefix and BOS in one pass
@@ -716,10 +743,14 @@ class SpeechLM(nn.Module):
             expected = self._expected_frames(hidden[:batch, -1], prefix_valid[:batch], align_frames)
             first, last = self.length_bounds(expected, prefix_valid[:batch].sum(dim=1) > 1, min_frames, max_frames,
                                              length_tolerance)
+            if per_step > 1:   # frames -> steps: no end before ceil(first / F) steps, the end at ceil(last / F)
+                first = steps_for(first, per_step).clamp(max=max_steps)
+                last = torch.maximum(steps_for(last, per_step).clamp(max=max_steps), first)
             frames_rows = expected.repeat(2) if guided else expected   # the unconditional rows have no text
+            steps_rows = self._steps_of(frames_rows)
             if use_cache:
                 from ira.models.cached_step import cached_step_for   # it builds on this module's parts
-                prior = (alignment.StepPrior(prefix_valid, frames_rows, self.cfg.align_sigma)
+                prior = (alignment.StepPrior(prefix_valid, steps_rows, self.cfg.align_sigma)
                          if self.cfg.align_heads else None)
                 cached_step = cached_step_for(self, cache, prior)
             ends = last.clone()
@@ -731,7 +762,7 @@ class SpeechLM(nn.Module):
                     logits = uncond + cfg_scale * (cond - uncond)
                 column, ends, ended = self._next_column(logits, step, ends, ended, first, last, sample)
                 columns[:, :, step] = column
-                done = ended & (step >= ends + n_codebooks - 1)
+                done = ended & (step >= ends + n_streams - 1)
                 yield columns, step + 1, ends, done
                 if bool(done.all()):
                     return
@@ -741,7 +772,7 @@ class SpeechLM(nn.Module):
                 else:
                     inputs = torch.cat([self._bos(batch), columns[:, :, :step + 1]], dim=2)
                     hidden = self._run(prefix, prefix_valid, inputs.repeat(2, 1, 1) if guided else inputs,
-                                       frames_rows)
+                                       steps_rows)
                     logits = self._last_logits(hidden)
         finally:
             self.train(was_training)
