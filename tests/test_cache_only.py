@@ -205,3 +205,22 @@ def test_pack_writes_an_archive_and_refuses_what_is_over_budget_or_in_place(corp
         pack_corpus(cfg, made, made / "travel")
     with pytest.raises(PackError, match="not an empty folder"):
         pack_corpus(cfg, made, archive)
+
+
+def test_gpu_recipe_pack_makes_the_travelling_archive_with_the_runs_config(corpus, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    made = tmp_path / "made"
+    shutil.copytree(corpus, made)
+    env = {**os.environ, "PYTHON": sys.executable, "PRESET": "cpu", "EXTRA_SET": " ".join(TINY),
+           "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["bash", str(root / "scripts" / "gpu_recipe.sh"), "pack", str(made), str(tmp_path / "c.tgz")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "c.tgz" in out.stdout and "MiB" in out.stdout
+    with tarfile.open(tmp_path / "c.tgz") as tar:
+        names = tar.getnames()
+    assert "metadata.csv" in names and not any(n.startswith("wavs") for n in names)
