@@ -137,6 +137,16 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_pack(args: argparse.Namespace) -> int:
+    from ira.data.pack import pack_corpus
+    cfg = config_from_args(args)
+    data_dir = Path(args.dir or cfg.data.dir)
+    result = pack_corpus(cfg.with_overrides([f"data.dir={data_dir}"]), data_dir, Path(args.out),
+                         style_mels=args.style_mels, budget=int(args.budget_mib * 2**20))
+    print(result.summary())
+    return 0
+
+
 # --- ira train ------------------------------------------------------------------------------------
 
 # stage -> "module:function(cfg, resume_from=...) -> FitResult"
@@ -474,6 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(a corpus that grew keeps its codec otherwise, so its checkpoints still resume)")
     add_config_args(p)
     p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("pack", help="copy a prepared corpus without its wavs, for a device machine (64 MiB)")
+    p.add_argument("--dir", default=None, help="corpus folder (default: data.dir); prepared first when needed")
+    p.add_argument("--out", required=True, help="a new folder, or an archive when it ends in .tgz or .tar.gz")
+    p.add_argument("--style-mels", action="store_true", help="also the style stage's log-mels made from the wavs "
+                   "(~34 KB a clip; without them the device decodes them from the tokens)")
+    p.add_argument("--budget-mib", type=float, default=64.0, help="fail when the copy is larger (default: 64)")
+    add_config_args(p)
+    p.set_defaults(func=cmd_data_pack)
 
     p = sub.add_parser("train", help="train one stage (the data cache is built first when needed)")
     add_train_args(p)

@@ -46,6 +46,17 @@ def read(path: Path, key: str) -> Optional[dict[str, torch.Tensor]]:
         return None
 
 
+def holds(path: Path, key: str) -> bool:
+    """Whether `path` is a file written under `key` (its header only; `read` may still find it cut short)."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("key") == key
+    except Exception:   # noqa: BLE001 - unreadable: as good as absent
+        return False
+
+
 def write(path: Path, tensors: Mapping[str, torch.Tensor], key: str, family: str) -> None:
     """Keep `tensors` in `path` under `key`, then delete the other files of `family` in its folder."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

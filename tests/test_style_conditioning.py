@@ -61,6 +61,7 @@ def test_the_style_table_is_computed_once_per_encoder_and_corpus(styled_checkpoi
     """The run of the fixture kept its tables; a second start reads them back instead of embedding every
     description and clip again, and another encoder's weights never read them."""
     from ira.data.prepare import ensure_prepared
+    from ira.data.style_mels import MelSettings, split_mels
     from ira.data.token_cache import load_split
     from ira.models.hub import style_encoder_from_checkpoint
     from ira.training.style_table import StyleTable
@@ -72,12 +73,14 @@ def test_the_style_table_is_computed_once_per_encoder_and_corpus(styled_checkpoi
     cfg = load_checkpoint(path).ira_config()
     prepared = ensure_prepared(cfg)
     split = load_split(prepared.cache_files["train"], prepared.codec.fingerprint)
-    fresh = StyleTable.compute(encoder, split, root / "data", prepared.codec.sample_rate)
+    trim_db = cfg.data.trim_silence_db
+    mels = split_mels(root / "data", "train", split, prepared.codec, MelSettings.of(encoder.cfg, trim_db)).mels
+    fresh = StyleTable.compute(encoder, split, mels)
     calls: list = []
     monkeypatch.setattr(StyleTable, "compute", classmethod(lambda cls, *a: calls.append(a) or fresh))
-    read = StyleTable.cached(encoder, split, "train", root / "data", prepared.codec.sample_rate)
+    read = StyleTable.cached(encoder, split, "train", root / "data", prepared.codec, trim_db)
     assert not calls and torch.equal(read.text, fresh.text) and torch.equal(read.audio, fresh.audio)
     with torch.no_grad():
         next(encoder.parameters()).add_(0.1)       # another encoder: not the kept table (kept elsewhere: the
-    StyleTable.cached(encoder, split, "train", tmp_path, prepared.codec.sample_rate)   # fixture's stays)
+    StyleTable.cached(encoder, split, "train", tmp_path, prepared.codec, trim_db)   # fixture's stays)
     assert len(calls) == 1

@@ -31,9 +31,10 @@ from ira.codec.mel import SAMPLE_RATE as MEL_SAMPLE_RATE
 from ira.codec.mel import MelCodec
 from ira.config import IRAConfig
 from ira.data.annotate import annotate_clip, fit_annotation_stats
+from ira.data.cache_only import has_wavs, token_cache_problem, wavless_error
 from ira.data.corpus import Clip, read_labels, read_metadata
 from ira.data.descriptions import describe
-from ira.data.token_cache import SPLITS, is_fresh, split_path, write_split
+from ira.data.token_cache import SPLITS, is_fresh, read_split_metadata, record_metadata, split_path, write_split
 from ira.models.reading_rate import IMPLAUSIBLE_CHARS_PER_SECOND, min_seconds_for
 from ira.text_tokenizer import TextNotReadableError, build_text_tokenizer
 
@@ -79,13 +80,23 @@ def split_of(text: str, val_fraction: float) -> str:
 
 def data_hash(data_dir: Path, cfg: IRAConfig) -> str:
     """Hash of everything the cache depends on besides the codec: files and preprocessing settings."""
+    return _corpus_hash(data_dir, cfg, with_wavs=True)
+
+
+def text_hash(data_dir: Path, cfg: IRAConfig) -> str:
+    """`data_hash` without the wavs: metadata.csv, labels.jsonl and the settings. Each cache file records it, so
+    that a corpus copied without its wavs (to a device machine) can still tell whether its cache is its own."""
+    return _corpus_hash(data_dir, cfg, with_wavs=False)
+
+
+def _corpus_hash(data_dir: Path, cfg: IRAConfig, with_wavs: bool) -> str:
     h = hashlib.sha1(SPLIT_RULE.encode())
     for name in ("metadata.csv", "labels.jsonl"):
         path = data_dir / name
         if path.is_file():
             h.update(name.encode() + path.read_bytes())
     wavs = data_dir / "wavs"
-    if wavs.is_dir():
+    if with_wavs and wavs.is_dir():
         for entry in sorted(os.scandir(wavs), key=lambda e: e.name):
             stat = entry.stat()
             h.update(f"{entry.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
@@ -253,7 +264,7 @@ def _write_json_atomic(path: Path, payload: object, jsonl: bool = False) -> None
     os.replace(tmp, path)
 
 
-def _mel_codec_is_current(data_dir: Path, cfg: IRAConfig, digest: str) -> bool:
+def _mel_codec_is_current(data_dir: Path, cfg: IRAConfig, digest: str | None) -> bool:
     """Whether the corpus's fitted MelCodec can be kept: it exists with today's codec settings.
 
     A corpus that grew or changed since the fit KEEPS its codec (the clips are re-encoded with it): a refit
@@ -271,7 +282,7 @@ def _mel_codec_is_current(data_dir: Path, cfg: IRAConfig, digest: str) -> bool:
     settings = {"n_codebooks": c.mel_n_codebooks, "codebook_size": c.mel_codebook_size, "n_mels": c.mel_n_mels}
     if any(info.get(key) != value for key, value in settings.items()):
         return False
-    if info.get("data_hash") != digest:
+    if digest is not None and info.get("data_hash") != digest:
         log.info("%s changed since its MelCodec was fitted: keeping that codec (fingerprint unchanged, so "
                  "checkpoints trained on this corpus still resume) and re-encoding the clips with it; "
                  "`ira data prepare --force` refits it", data_dir)
@@ -305,9 +316,27 @@ def _fit_mel_codec(data_dir: Path, cfg: IRAConfig, kept: list[tuple[Clip, str]],
                         "codebook_size": c.mel_codebook_size, "n_mels": c.mel_n_mels})
 
 
-def cache_is_fresh(cfg: IRAConfig, data_dir: str | Path | None = None) -> bool:
-    """True when the token cache of `data_dir` matches its data and the configured codec."""
+def cache_only_problem(cfg: IRAConfig, data_dir: str | Path | None = None) -> str | None:
+    """For a corpus without its wavs: why its token cache cannot be used as built (None: it can). Its codec (the
+    fitted MelCodec travels beside the cache) must be the configured one, and its cache must record the text
+    hash of this metadata.csv, labels.jsonl and these settings (ira/data/cache_only.py)."""
     data_dir = Path(data_dir or cfg.data.dir)
+    if resolve_codec_name(cfg.codec) == "mel" and not _mel_codec_is_current(data_dir, cfg, None):
+        return (f"it has no MelCodec fitted with these codec settings ({mel_codec_path(data_dir)} and its .json "
+                f"stamp are missing, or were fitted with other codec.mel_* settings)")
+    try:
+        codec = build_codec(cfg.codec, data_dir)
+    except Exception as exc:   # noqa: BLE001 - any reason the codec cannot be built is the answer
+        return f"its codec cannot be built ({exc})"
+    return token_cache_problem(data_dir, codec.fingerprint, text_hash(data_dir, cfg))
+
+
+def cache_is_fresh(cfg: IRAConfig, data_dir: str | Path | None = None) -> bool:
+    """True when the token cache of `data_dir` matches its data and the configured codec (for a corpus without
+    its wavs: when it can be used as built, `cache_only_problem`)."""
+    data_dir = Path(data_dir or cfg.data.dir)
+    if not has_wavs(data_dir):
+        return cache_only_problem(cfg, data_dir) is None
     digest = data_hash(data_dir, cfg)
     if resolve_codec_name(cfg.codec) == "mel" and not _mel_codec_is_current(data_dir, cfg, digest):
         return False
@@ -325,18 +354,15 @@ def prepare_corpus(cfg: IRAConfig, data_dir: str | Path | None = None, progress:
     data_dir = Path(data_dir or cfg.data.dir)
     clips = read_metadata(data_dir)
     labels = read_labels(data_dir)
+    if not has_wavs(data_dir):
+        return _use_as_built(cfg, data_dir, force, progress, start)
     digest = data_hash(data_dir, cfg)
     codec_name = resolve_codec_name(cfg.codec)
 
     if not force and cache_is_fresh(cfg, data_dir):
-        codec = build_codec(cfg.codec, data_dir)
-        report = json.loads((data_dir / "prepare_report.json").read_text()) \
-            if (data_dir / "prepare_report.json").is_file() else {}
-        _emit(progress, 1.0, "token cache is fresh")
-        return PrepareResult(data_dir, codec, {s: split_path(data_dir, codec.fingerprint, s) for s in SPLITS},
-                             kept=report.get("kept", 0), dropped=report.get("dropped", []),
-                             total_seconds=report.get("total_seconds", 0.0), rebuilt=False,
-                             elapsed_s=time.time() - start)
+        result = _fresh_result(cfg, data_dir, progress, start)
+        _record_text_hash(result, text_hash(data_dir, cfg))
+        return result
 
     # Pass 1: validate, trim and annotate every clip.
     sample_rate = MEL_SAMPLE_RATE  # both codecs run at 24 kHz
@@ -430,10 +456,12 @@ def prepare_corpus(cfg: IRAConfig, data_dir: str | Path | None = None, progress:
         part["desc"].append(ann["descriptions"])
 
     files = {}
+    texts_digest = text_hash(data_dir, cfg)
     for split in SPLITS:
         part = by_split[split]
         files[split] = write_split(split_path(data_dir, codec.fingerprint, split), part["codes"], part["ids"],
-                                   part["texts"], part["desc"], codec.fingerprint, digest, split)
+                                   part["texts"], part["desc"], codec.fingerprint, digest, split,
+                                   text_hash=texts_digest)
     voices = sorted({str(a.get("speaker") or a.get("voice")) for a in annotations if a.get("speaker") or a.get("voice")})
     _write_json_atomic(data_dir / "prepare_report.json", {
         "status": "done", "kept": len(kept), "dropped": dropped, "total_seconds": round(total_seconds, 2),
@@ -443,6 +471,45 @@ def prepare_corpus(cfg: IRAConfig, data_dir: str | Path | None = None, progress:
     _emit(progress, 1.0, "done")
     return PrepareResult(data_dir, codec, files, kept=len(kept), dropped=dropped, total_seconds=total_seconds,
                          rebuilt=True, elapsed_s=time.time() - start)
+
+
+def _fresh_result(cfg: IRAConfig, data_dir: Path, progress: Progress | None, start: float) -> PrepareResult:
+    """The result of a preparation that finds the cache fresh: the codec, the cache files, the last report."""
+    codec = build_codec(cfg.codec, data_dir)
+    report = json.loads((data_dir / "prepare_report.json").read_text()) \
+        if (data_dir / "prepare_report.json").is_file() else {}
+    _emit(progress, 1.0, "token cache is fresh")
+    return PrepareResult(data_dir, codec, {s: split_path(data_dir, codec.fingerprint, s) for s in SPLITS},
+                         kept=report.get("kept", 0), dropped=report.get("dropped", []),
+                         total_seconds=report.get("total_seconds", 0.0), rebuilt=False,
+                         elapsed_s=time.time() - start)
+
+
+def _record_text_hash(result: PrepareResult, digest: str) -> None:
+    """A fresh cache built before caches recorded their text hash gets it now (no encoding), so that the corpus
+    can travel without its wavs (ira/data/cache_only.py)."""
+    for path in result.cache_files.values():
+        if read_split_metadata(path).get("text_hash") != digest:
+            record_metadata(path, {"text_hash": digest})
+            log.info("%s: recorded its text hash (the corpus can now travel without its wavs)", path)
+
+
+def _use_as_built(cfg: IRAConfig, data_dir: Path, force: bool, progress: Progress | None,
+                  start: float) -> PrepareResult:
+    """A corpus without its wavs (a copy made by `ira data pack`): its token cache as built, or a clear error
+    (nothing can be encoded without the audio)."""
+    problem = "--force asks to rebuild its token cache" if force else cache_only_problem(cfg, data_dir)
+    if problem:
+        raise wavless_error(data_dir, problem)
+    if data_dir.resolve() not in _SAID_AS_BUILT:
+        _SAID_AS_BUILT.add(data_dir.resolve())
+        log.warning("%s has no wavs: using its token cache as built (it records this metadata.csv, labels.jsonl "
+                    "and these settings; the clips cannot be checked or encoded again here)", data_dir)
+    return _fresh_result(cfg, data_dir, progress, start)
+
+
+_SAID_AS_BUILT: set[Path] = set()
+"""Corpora this process has already said it uses as built (every stage prepares the corpus again)."""
 
 
 def ensure_prepared(cfg: IRAConfig, progress: Progress | None = None, wait_s: float = 6 * 3600) -> PrepareResult:

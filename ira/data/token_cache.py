@@ -2,8 +2,10 @@
 
 Layout (see docs/data_layout.md): ``codes`` int16 ``[K, total_frames]`` with all clips concatenated
 along time, ``offsets`` int64 ``[n + 1]``; metadata holds ids, texts, descriptions, the codec
-fingerprint and the hash of the data it was built from. Files are written under a temporary name and
-renamed, so a reader sees either the old complete file or the new complete file, never half of one.
+fingerprint, the hash of the data it was built from and the same hash without the wavs (`text_hash`,
+what a corpus copied without its wavs is checked against: ira/data/cache_only.py). Files are written
+under a temporary name and renamed, so a reader sees either the old complete file or the new complete
+file, never half of one.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def split_path(data_dir: str | Path, fingerprint: str, split: str) -> Path:
 
 
 def write_split(path: Path, clip_codes: list[torch.Tensor], ids: list[str], texts: list[str],
-                descriptions: list[list[str]], fingerprint: str, data_hash: str, split: str) -> Path:
+                descriptions: list[list[str]], fingerprint: str, data_hash: str, split: str,
+                text_hash: str = "") -> Path:
     """Write one split atomically. `clip_codes` are LongTensor[K, T_i] with values < 32768."""
     if not clip_codes:
         n_codebooks = 0
@@ -79,18 +82,31 @@ def write_split(path: Path, clip_codes: list[torch.Tensor], ids: list[str], text
     offsets = torch.cumsum(lengths, dim=0)
     meta = {
         "format_version": FORMAT_VERSION, "split": split, "fingerprint": fingerprint,
-        "data_hash": data_hash, "ids": json.dumps(ids), "texts": json.dumps(texts),
+        "data_hash": data_hash, "text_hash": text_hash, "ids": json.dumps(ids), "texts": json.dumps(texts),
         "descriptions": json.dumps(descriptions), "n_codebooks": str(n_codebooks),
     }
+    _save_atomic(path, {"codes": codes, "offsets": offsets}, meta)
+    return path
+
+
+def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file({"codes": codes, "offsets": offsets}, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return path
+
+
+def record_metadata(path: Path, extra: dict[str, str]) -> None:
+    """Add `extra` to the metadata of an existing cache file (rewritten atomically, codes unchanged): a cache
+    built before a metadata key existed gets it without encoding the corpus again."""
+    meta = read_split_metadata(path)
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    _save_atomic(path, tensors, {**meta, **extra})
 
 
 def read_split_metadata(path: Path) -> dict[str, str]:

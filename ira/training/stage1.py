@@ -112,8 +112,8 @@ class Stage1Task(TrainingTask):
                                  f"speech_lm.style_dim is {cfg.speech_lm.style_dim}; set them equal")
             data_dir = Path(cfg.data.dir)
             for name, split in (("train", self.train_split), ("val", self.val_split)):
-                self.style_tables[name] = StyleTable.cached(style_encoder, split, name, data_dir,
-                                                            self.codec.sample_rate)
+                self.style_tables[name] = StyleTable.cached(style_encoder, split, name, data_dir, self.codec,
+                                                            cfg.data.trim_silence_db)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         parts: dict[str, torch.nn.Module] = {"speech_lm": self.model, "codec": self.codec_state}

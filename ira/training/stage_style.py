@@ -2,7 +2,9 @@
 
 Data: the clips of the prepared corpus (DIR/annotations.jsonl, the token cache's train/val split),
 audio from DIR/wavs/<id>.wav at 24 kHz, trimmed of silence as in preparation, turned into log-mels
-once per corpus (cached in DIR/cache/style-mels/, ira/data/style_mels.py) and kept in memory (float16). A training step takes a batch of clip indices; for each clip
+once per corpus (cached in DIR/cache/style-mels/, ira/data/style_mels.py; a corpus that travelled
+without its wavs decodes them from its tokens) and kept in memory (float16). A training step takes a
+batch of clip indices; for each clip
 it picks one of its train-family descriptions and a random crop of at most `style.crop_seconds`,
 drawing both from a generator seeded by (training.seed, micro-step), so a resumed run makes the
 same choices as an uninterrupted one.
@@ -32,13 +34,10 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ira.audio import load_audio, trim_silence
-from ira.codec.mel import SAMPLE_RATE, log_mel
 from ira.config import IRAConfig
-from ira.data.corpus import wav_path
 from ira.data.descriptions import attribute_levels, describe, parse_description_hints
-from ira.data.style_mels import cached_mels
-from ira.data.token_cache import read_split_metadata
+from ira.data.style_mels import MelSettings, split_mels, wav_mel
+from ira.data.token_cache import load_split
 from ira.models.style import (FRAME_RATE, StyleEncoder, contrastive_loss, description_targets,
                               pad_mels)
 from ira.training.task import TrainingTask
@@ -91,13 +90,15 @@ def _read_annotations(data_dir: Path) -> tuple[dict[str, dict], dict]:
     return annotations, json.loads(stats_path.read_text(encoding="utf-8"))
 
 
-def split_ids_and_hash(cfg: IRAConfig, split: str) -> tuple[list[str], str]:
-    """The ids of a split, as the token cache has them (preparing the corpus first if needed), and the
-    hash of the corpus that cache was built from."""
+def split_mels_of(cfg: IRAConfig, split: str) -> dict[str, torch.Tensor]:
+    """The style log-mel of every clip of a token-cache split (preparing the corpus first if needed), from the
+    corpus's cache of them (`ira.data.style_mels.split_mels`)."""
     from ira.data.prepare import ensure_prepared
 
-    meta = read_split_metadata(ensure_prepared(cfg).cache_files[split])
-    return json.loads(meta["ids"]), meta["data_hash"]
+    prepared = ensure_prepared(cfg)
+    tokens = load_split(prepared.cache_files[split], prepared.codec.fingerprint)
+    return split_mels(cfg.data.dir, split, tokens, prepared.codec,
+                      MelSettings.of(cfg.style, cfg.data.trim_silence_db)).mels
 
 
 def load_style_clips(cfg: IRAConfig, split: str, query_family: str = "heldout", n_queries: int = 1,
@@ -110,10 +111,10 @@ def load_style_clips(cfg: IRAConfig, split: str, query_family: str = "heldout", 
     """
     data_dir = Path(cfg.data.dir)
     annotations, stats = _read_annotations(data_dir)
-    data_hash = None
+    mels: Optional[dict[str, torch.Tensor]] = None
     if ids is None:   # a whole split: its mels are cached, keyed by the token cache's hash of the corpus
-        ids, data_hash = split_ids_and_hash(cfg, split)
-    max_frames = int(cfg.style.max_audio_seconds * FRAME_RATE)
+        mels = split_mels_of(cfg, split)
+        ids = list(mels)
     clips, skipped = [], []
     described: dict[str, list[str]] = {}   # clip id -> its non-empty descriptions
     for clip_id in ids:
@@ -126,17 +127,10 @@ def load_style_clips(cfg: IRAConfig, split: str, query_family: str = "heldout", 
             described[clip_id] = descriptions
         else:
             skipped.append(clip_id)
+    if mels is None:
+        settings = MelSettings.of(cfg.style, cfg.data.trim_silence_db)
+        mels = {clip_id: wav_mel(data_dir, clip_id, settings) for clip_id in described}
 
-    def clip_mel(clip_id: str) -> torch.Tensor:
-        wav = trim_silence(load_audio(wav_path(data_dir, clip_id), SAMPLE_RATE), SAMPLE_RATE,
-                           top_db=cfg.data.trim_silence_db)
-        return log_mel(wav, SAMPLE_RATE, cfg.style.n_mels)[:, :max_frames].to(torch.float16)
-
-    if data_hash is not None:
-        settings = {"n_mels": cfg.style.n_mels, "max_frames": max_frames, "trim_db": cfg.data.trim_silence_db}
-        mels = cached_mels(data_dir, split, data_hash, list(described), settings, clip_mel)
-    else:
-        mels = {clip_id: clip_mel(clip_id) for clip_id in described}
     for clip_id, descriptions in described.items():
         ann, mel = annotations[clip_id], mels[clip_id]
         levels = attribute_levels(ann, stats)
