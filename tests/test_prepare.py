@@ -105,7 +105,7 @@ def test_a_clip_cut_short_of_its_transcript_is_dropped_with_the_reason(tmp_path,
     assert report["dropped"] == result.dropped
 
 
-def test_stale_cache_is_rebuilt_with_the_same_codec_when_data_changes(tmp_path, corpus):
+def test_stale_cache_is_rebuilt_with_the_same_codec_when_data_changes(tmp_path, corpus, caplog):
     data = tmp_path / "c"
     shutil.copytree(corpus, data)
     cfg = _cfg(data)
@@ -113,8 +113,14 @@ def test_stale_cache_is_rebuilt_with_the_same_codec_when_data_changes(tmp_path, 
     speech, sr = sf.read(str(next((data / "wavs").glob("*.wav"))), dtype="float32")
     _append_clip(data, "extra", "one more clip", speech, sr)
     assert not cache_is_fresh(cfg)
+    caplog.set_level("INFO", logger="ira.data.prepare")
     second = prepare_corpus(cfg)
     assert second.rebuilt and second.kept == first.kept + 1
+    said = [r.getMessage() for r in caplog.records if "re-encoding the clips" in r.getMessage()]
+    assert len(said) == 1                                # said once, when it re-encodes ...
+    caplog.clear()
+    assert not prepare_corpus(cfg).rebuilt               # ... and never again once the cache is rebuilt
+    assert not [r for r in caplog.records if "re-encoding the clips" in r.getMessage()]
     # the grown corpus keeps its codec, so checkpoints trained on it still resume
     assert second.codec.fingerprint == first.codec.fingerprint          # tokens of the same codec
     assert sorted(second.cache_files) == sorted(first.cache_files) and cache_is_fresh(cfg)

@@ -264,12 +264,14 @@ def _write_json_atomic(path: Path, payload: object, jsonl: bool = False) -> None
     os.replace(tmp, path)
 
 
-def _mel_codec_is_current(data_dir: Path, cfg: IRAConfig, digest: str | None) -> bool:
+def _mel_codec_is_current(data_dir: Path, cfg: IRAConfig, digest: str | None, encoding: bool = False) -> bool:
     """Whether the corpus's fitted MelCodec can be kept: it exists with today's codec settings.
 
     A corpus that grew or changed since the fit KEEPS its codec (the clips are re-encoded with it): a refit
     would change the codec's fingerprint and so make every checkpoint trained on this corpus unresumable.
-    `ira data prepare --force` refits on the clips as they are now.
+    `ira data prepare --force` refits on the clips as they are now. `encoding`: the caller is about to encode
+    the clips, so a codec kept for a changed corpus is said (a freshness check says nothing: a cache already
+    re-encoded with the kept codec is used as it is, at every later run).
     """
     stamp = mel_codec_path(data_dir).with_suffix(".json")
     if not (mel_codec_path(data_dir).is_file() and stamp.is_file()):
@@ -282,7 +284,7 @@ def _mel_codec_is_current(data_dir: Path, cfg: IRAConfig, digest: str | None) ->
     settings = {"n_codebooks": c.mel_n_codebooks, "codebook_size": c.mel_codebook_size, "n_mels": c.mel_n_mels}
     if any(info.get(key) != value for key, value in settings.items()):
         return False
-    if digest is not None and info.get("data_hash") != digest:
+    if encoding and digest is not None and info.get("data_hash") != digest:
         log.info("%s changed since its MelCodec was fitted: keeping that codec (fingerprint unchanged, so "
                  "checkpoints trained on this corpus still resume) and re-encoding the clips with it; "
                  "`ira data prepare --force` refits it", data_dir)
@@ -422,7 +424,7 @@ def prepare_corpus(cfg: IRAConfig, data_dir: str | Path | None = None, progress:
     _write_json_atomic(data_dir / "annotation_stats.json", stats)
 
     # The codec: fit MelCodec on this corpus when needed.
-    if codec_name == "mel" and (force or not _mel_codec_is_current(data_dir, cfg, digest)):
+    if codec_name == "mel" and (force or not _mel_codec_is_current(data_dir, cfg, digest, encoding=True)):
         _emit(progress, 0.35, "fitting MelCodec on the training clips")
         _fit_mel_codec(data_dir, cfg, kept, digest, trimmed, progress)
     codec = build_codec(cfg.codec, data_dir)
