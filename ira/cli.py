@@ -282,8 +282,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def add_heldout_args(parser: argparse.ArgumentParser, checkpoint_help: str, minimum: int = 1) -> None:
     """--checkpoint, --sentences and --limit of the `ira eval` commands."""
     parser.add_argument("--checkpoint", required=True, help=checkpoint_help)
-    parser.add_argument("--sentences", default=None, help="a file of sentences, one a line (default: the "
-                                                          "bundled held-out set)")
+    parser.add_argument("--sentences", default=None, metavar="SET_OR_FILE",
+                        help="a bundled held-out set, everyday (the default) or hard (rarer words), or a file of "
+                             "sentences, one a line")
     at_least = f" (at least {minimum})" if minimum > 1 else ""
     parser.add_argument("--limit", type=int, default=None, help=f"only the first N sentences{at_least}")
 
@@ -318,7 +319,7 @@ def cmd_understand(args: argparse.Namespace) -> int:
 
 def cmd_eval_speech(args: argparse.Namespace) -> int:
     from ira.eval import asr
-    from ira.eval.speech import evaluate_speech_by, heldout_sentences, record_figures
+    from ira.eval.speech import evaluate_speech_by, heldout_sentences, record_figures, sentence_set
     from ira.speaker import SamplingSettings, Speaker
 
     names = [name.strip() for name in args.asr.split(",") if name.strip()] if args.asr else \
@@ -328,23 +329,28 @@ def cmd_eval_speech(args: argparse.Namespace) -> int:
     transcribers = {name: asr.transcriber(name) for name in names}   # each loads (and base joins) or says why not
     speaker = Speaker.from_checkpoint(args.checkpoint, device=args.device, int8=args.int8)
     sentences = heldout_sentences(args.sentences, limit=args.limit)
+    bundled = sentence_set(args.sentences)       # None: a file of the user's own
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 cfg_scale=args.cfg_scale, max_seconds=args.max_seconds)
     results = evaluate_speech_by(speaker, sentences, transcribers, settings, seed=args.seed,
                                  style=args.style, ceiling=not args.no_ceiling)
     print(f"{args.checkpoint}")
+    print(f"sentences: the bundled {bundled} held-out set" if bundled else f"sentences: {args.sentences}")
     for name, result in results.items():
         if args.verbose_items:
-            for item in result.model.items:
+            for item, errors in zip(result.model.items, result.errors().sentences):
                 print(f"  WER {item.wer:4.2f} | {item.text}\n           heard by {name}: {item.heard}")
+                if errors.failures:
+                    print(f"           {'; '.join(errors.failures)}")
         print(f"heard by Whisper {name}:")
         print(result.summary())
     main_asr = asr.BASE if asr.BASE in results else names[0]    # the figure to trust: the larger ASR's
-    if args.sentences is None:   # the bundled held-out sentences, in no corpus: the app may call them new
-        record_speech(args.checkpoint, record_figures(results[main_asr], main_asr, args.seed, args.style))
+    if bundled:   # bundled held-out sentences, in no corpus: the app may call them new (each set its own record)
+        record_speech(args.checkpoint, record_figures(results[main_asr], main_asr, args.seed, args.style, bundled))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint), "settings": vars(settings),
+                                               "sentence_set": bundled or str(args.sentences),
                                                "asr": main_asr, **results[main_asr].to_dict(),
                                                "by_asr": {name: r.to_dict() for name, r in results.items()}},
                                               indent=2))
@@ -355,14 +361,15 @@ def record_speech(checkpoint: str | Path, figures: dict[str, Any]) -> None:
     """Record `ira eval speech`'s figures beside the checkpoint, where the app's Generate tab reads them
     (`ira.eval.quality`); a folder that cannot be written is a warning, not a failure of the evaluation."""
     from ira.checkpoint import read_metadata
-    from ira.eval.quality import write_speech_record
+    from ira.eval.quality import EVERYDAY_SET, write_speech_record
 
     try:
         path = write_speech_record(checkpoint, read_metadata(checkpoint), figures)
     except OSError as exc:
         print(f"warning: the figures were not recorded beside the checkpoint ({exc})", file=sys.stderr)
         return
-    print(f"recorded beside the checkpoint (the app's Generate tab shows them): {path}")
+    shown = " (the app's Generate tab shows them)" if figures.get("sentence_set") in (None, EVERYDAY_SET) else ""
+    print(f"recorded beside the checkpoint{shown}: {path}")
 
 
 def cmd_eval_understanding(args: argparse.Namespace) -> int:

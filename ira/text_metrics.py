@@ -100,10 +100,15 @@ def spoken_form(text: str) -> str:
     return normalize_text(_NUMBER.sub(say, text))
 
 
+def spoken_words(text: str) -> list[str]:
+    """The words of `text` in `spoken_form`: what the word error rates (and `ira.eval.error_breakdown`) compare."""
+    return spoken_form(text).split()
+
+
 def word_error_rate(reference: str, hypothesis: str) -> float:
     """Word edits / reference words, both in `spoken_form`. Can exceed 1; an empty reference scores 0 for
     an empty hypothesis and 1 otherwise."""
-    ref, hyp = spoken_form(reference).split(), spoken_form(hypothesis).split()
+    ref, hyp = spoken_words(reference), spoken_words(hypothesis)
     if not ref:
         return 0.0 if not hyp else 1.0
     return edit_distance(ref, hyp) / len(ref)
@@ -111,4 +116,4 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 
 def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
     """Total word edits / total reference words over a set of clips (in `spoken_form`)."""
-    return _corpus_rate(references, hypotheses, lambda text: spoken_form(text).split())
+    return _corpus_rate(references, hypotheses, spoken_words)

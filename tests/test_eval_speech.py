@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ira.eval import asr
-from ira.eval.speech import SpeechScore, espeak_clips, heldout_sentences
+from ira.eval.speech import (HARD_FILE, HELDOUT_FILE, SpeechEvaluation, SpeechScore, espeak_clips,
+                              heldout_sentences, record_figures, sentence_set)
 from ira.text_metrics import corpus_wer, number_words, spoken_form, word_error_rate
 
 needs_asr = pytest.mark.skipif(not asr.is_available(), reason="the ira[eval] extra (faster-whisper) is not installed")
@@ -35,6 +36,54 @@ def test_heldout_sentences_are_not_in_the_training_pool():
     assert len(held) >= 32
     pool = {sentence_key(s) for s in sentence_pool()}
     assert not [s for s in held if sentence_key(s) in pool]
+
+
+def test_the_hard_set_is_named_hard_and_its_rarer_words_are_in_no_corpus(tmp_path):
+    from ira.data.prepare import sentence_key
+    from ira.data.sentence_pool import opening, sentence_pool
+
+    hard = heldout_sentences("hard")
+    assert hard == heldout_sentences(HARD_FILE) and len(hard) == 40 and len(set(hard)) == 40
+    assert hard[0] == "The baker sold every loaf before noon."         # the issue's example; the header is skipped
+    assert heldout_sentences("everyday") == heldout_sentences() == heldout_sentences(HELDOUT_FILE)
+    assert (sentence_set(None), sentence_set("everyday"), sentence_set("hard")) == ("everyday", "everyday", "hard")
+    mine = tmp_path / "hard.txt"
+    mine.write_text("# mine\nA sentence of my own.\n")
+    assert sentence_set(str(mine)) is None and heldout_sentences(str(mine)) == ["A sentence of my own."]
+    with pytest.raises(FileNotFoundError, match="hardest: no such sentence file"):
+        heldout_sentences("hardest")
+    pool = sentence_pool()
+    assert not {sentence_key(s) for s in hard} & {sentence_key(s) for s in (*pool, *heldout_sentences())}
+    assert not {opening(s) for s in hard} & {opening(s) for s in pool}
+    # rarer words: every sentence has a word no pool sentence has, and about a third of all its words are such
+    pool_words = {word for s in pool for word in spoken_form(s).split()}
+    unseen = [[w for w in spoken_form(s).split() if w not in pool_words] for s in hard]
+    assert all(unseen) and sum(map(len, unseen)) / sum(len(spoken_form(s).split()) for s in hard) > 0.3
+
+
+def test_the_evaluation_says_where_the_words_were_lost_per_asr():
+    """The summary, the --json dict and the record of one ASR's evaluation carry its error breakdown; with the
+    ceiling, each sentence's duration against eSpeak's of the same sentence."""
+    texts = ["The baker sold every loaf before noon.", "The cat sat on the mat.", "Please close the door."]
+    model = SpeechScore.of(texts, ["the baker sold before noon", "the cat cat sat on the hat", "please close the door"],
+                           [1.0, 3.0, 2.0])
+    espeak = SpeechScore.of(texts, texts, [2.0, 2.0, 2.0])
+    evaluation = SpeechEvaluation(model, espeak, espeak, seconds=1.0)
+    summary = evaluation.summary()
+    assert ("alignment failures 0.176 of the words (skipped or repeated, in 2 of 3 sentences), wrong sounds 0.059; "
+            "substitutions 1, deletions 2, insertions 1") in summary
+    assert "spoken / eSpeak's: median 1.00 (0.50-1.50); 1.00 in the sentences with an alignment failure" in summary
+    errors = evaluation.to_dict()["errors"]
+    assert errors["model"]["alignment_share"] + errors["model"]["sound_share"] == pytest.approx(model.wer)
+    assert [item["failures"] for item in errors["model"]["items"]] == [["skipped 'every loaf'"], ["repeated 'cat'"], []]
+    assert [item["duration_ratio"] for item in errors["model"]["items"]] == [0.5, 1.5, 1.0]
+    assert errors["espeak"]["alignment_share"] == errors["ceiling"]["sound_share"] == 0.0
+    recorded = record_figures(evaluation, "base", seed=0)
+    assert recorded["sentence_set"] == "everyday" and recorded["errors"]["model"]["sentences_with_alignment_failure"] == 2
+    assert "items" not in recorded["errors"]["model"] and recorded["errors"]["model"]["duration_ratio"]["median"] == 1.0
+    alone = SpeechEvaluation(model, None, None, seconds=1.0)      # --no-ceiling: no eSpeak durations to hold against
+    assert "spoken / eSpeak's" not in alone.summary() and "alignment failures 0.176" in alone.summary()
+    assert alone.to_dict()["errors"]["model"]["duration_ratio"] is None and alone.to_dict()["errors"]["ceiling"] is None
 
 
 @needs_asr

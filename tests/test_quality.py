@@ -10,7 +10,8 @@ import pytest
 from ira.eval.card import Card, CardItem, write_card
 from ira.eval.quality import (BASELINE_DESCRIPTIONS, MIN_SIMILARITY_SPREAD, SPEECH_EVAL_KEY, STYLE_EVAL_KEY,
                               above_chance, answer_cut_note, checkpoint_quality, compare_note, find_card,
-                              find_speech_record, how_often, nearest_note, percent, write_speech_record)
+                              find_speech_record, how_often, nearest_note, percent, speech_record_path,
+                              write_speech_record)
 
 
 def header(stage: str, step: int = 16, modules=("speech_lm",), **extra) -> dict[str, str]:
@@ -108,6 +109,8 @@ def test_what_eval_speech_recorded_of_this_save_is_said_beside_espeak_itself(tmp
     # a second seed without the ceiling keeps eSpeak's figure (it does not depend on the seed) ...
     write_speech_record(checkpoint, meta, record_figures(_evaluation(0.55), "base", seed=1))
     assert find_speech_record(checkpoint, meta).espeak_wer == 0.29
+    kept = json.loads(speech_record_path(checkpoint, "save-a").read_text())["errors"]
+    assert kept["espeak"]["alignment_share"] == 0.0 and kept["model"]["duration_ratio"] is None   # so are its errors
     # ... but not another ASR's, and a save measured without the ceiling says the model's figure alone
     write_speech_record(checkpoint, meta, record_figures(_evaluation(0.6), "tiny.en", seed=0))
     assert find_speech_record(checkpoint, meta).espeak_wer is None
@@ -145,6 +148,76 @@ def test_ira_eval_speech_records_its_figures_where_the_app_reads_them(tmp_path, 
     assert main(["eval", "speech", "--checkpoint", str(checkpoint), "--limit", "4"]) == 0
     record = find_speech_record(checkpoint, meta)
     assert record is not None and (record.asr, record.wer, record.espeak_wer) == (asr.BASE, 0.49, 0.29)
+    saved = json.loads(speech_record_path(checkpoint, meta["checkpoint_id"]).read_text())
+    assert saved["sentence_set"] == "everyday" and saved["errors"]["model"]["alignment_share"] == 0.0
+
+
+def test_eval_speech_on_the_hard_set_keeps_its_own_record_and_the_app_still_quotes_the_everyday_one(
+        tmp_path, monkeypatch, capsys):
+    """`--sentences hard` speaks the bundled hard set and records it beside the everyday set's record, which the
+    Generate tab's note keeps quoting; its --json output and the summary say where the words were lost."""
+    import torch
+
+    import ira.eval.speech
+    import ira.speaker
+    from ira.checkpoint import read_metadata
+    from ira.cli import main
+    from ira.config import load_config
+    from ira.eval import asr
+    from ira.eval.speech import Heard, SpeechEvaluation, SpeechScore, heldout_sentences
+    from ira.training.checkpoint import save_checkpoint
+
+    checkpoint = save_checkpoint(tmp_path / "run" / "stage1_best.safetensors", {"speech_lm": torch.nn.Linear(2, 2)},
+                                 stage="1", epoch=0, step=16, config=load_config("cpu"))
+    spoken = []
+
+    def evaluate(speaker, sentences, transcribers, *args, **kwargs):
+        spoken.append(list(sentences))
+        hard = sentences[0] == heldout_sentences("hard")[0]
+        heard = [" ".join(s.split()[:2]) if hard else s for s in sentences]        # the hard set: words skipped
+        model = SpeechScore.of(sentences, heard, [1.0] * len(sentences))
+        espeak = SpeechScore.of(sentences, sentences, [2.0] * len(sentences))
+        return {name: SpeechEvaluation(model, espeak, espeak, seconds=1.0) for name in transcribers}
+
+    monkeypatch.setattr(asr, "is_available", lambda name=None: True)
+    monkeypatch.setattr(asr, "transcriber", lambda name=None: (lambda wav, rate: ""))
+    monkeypatch.setattr(ira.speaker.Speaker, "from_checkpoint", classmethod(lambda cls, *args, **kwargs: None))
+    monkeypatch.setattr(ira.eval.speech, "evaluate_speech_by", evaluate)
+    meta = read_metadata(checkpoint)
+    assert main(["eval", "speech", "--checkpoint", str(checkpoint), "--limit", "4"]) == 0
+    everyday = find_speech_record(checkpoint, meta)
+    assert everyday is not None and everyday.wer == 0.0
+    out = tmp_path / "hard.json"
+    capsys.readouterr()
+    assert main(["eval", "speech", "--checkpoint", str(checkpoint), "--sentences", "hard", "--limit", "4",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert spoken[-1] == heldout_sentences("hard", limit=4)
+    assert "the bundled hard held-out set" in printed and "in 4 of 4 sentences" in printed
+    assert find_speech_record(checkpoint, meta) == everyday           # the everyday record is not overwritten
+    hard = find_speech_record(checkpoint, meta, sentence_set="hard")
+    assert hard is not None and hard.wer > 0.5 and hard.sentences == 4
+    assert speech_record_path(checkpoint, meta["checkpoint_id"], "hard").name == f"speech-{meta['checkpoint_id']}-hard.json"
+    assert "recognised 100% of the words" in checkpoint_quality(meta, speech_record=everyday).speech.text
+    report = json.loads(out.read_text())
+    assert report["sentence_set"] == "hard" and report["errors"]["model"]["sentences_with_alignment_failure"] == 4
+    assert report["errors"]["model"]["items"][0]["failures"] == ["skipped 'sold every loaf before noon'"]
+    assert report["by_asr"][asr.BASE]["errors"]["model"]["duration_ratio"]["median"] == 0.5
+    saved = json.loads(speech_record_path(checkpoint, meta["checkpoint_id"], "hard").read_text())
+    assert saved["sentence_set"] == "hard" and saved["errors"]["model"]["alignment_share"] == pytest.approx(hard.wer)
+
+
+def test_a_record_of_one_sentence_set_is_never_read_as_another_s(tmp_path):
+    from ira.eval.speech import record_figures
+
+    checkpoint = tmp_path / "stage1" / "stage1_best.safetensors"
+    meta = header("1", checkpoint_id="save-a")
+    path = write_speech_record(checkpoint, meta, record_figures(_evaluation(0.7), "base", seed=0, set_name="hard"))
+    assert path == speech_record_path(checkpoint, "save-a", "hard") and find_speech_record(checkpoint, meta) is None
+    path.rename(speech_record_path(checkpoint, "save-a"))             # a hard record under the everyday name
+    assert find_speech_record(checkpoint, meta) is None
+    with pytest.raises(ValueError, match="'../x' is not the name of a bundled sentence set"):
+        speech_record_path(checkpoint, "save-a", "../x")
 
 
 def _card_path(folder):

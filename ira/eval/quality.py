@@ -6,7 +6,7 @@ stage is meant to teach: a skill that was not measured is said to be unmeasured,
 threshold is said to be near random. The figures and where they come from:
 
 - speech: the offline ASR's word error rate on sentences the model never trained on. First what `ira eval speech`
-  recorded for this very save (`<its folder>/eval/speech-<checkpoint_id>.json`: the bundled held-out sentences,
+  recorded for this very save (`<its folder>/eval/speech-<checkpoint_id>.json`: the bundled everyday held-out sentences,
   and what the same ASR made of eSpeak NG's own audio of them, the reference a model trained on eSpeak speech is
   read against). Else stage 1 records it as `speech_eval` (and its run's best metric `val_wer`); stage 2, whose
   SpeechLM is stage 1's, carries stage 1's `speech_eval` over; stage 3's best metric `val_asr_wer` is its own.
@@ -40,7 +40,13 @@ SPEECH_EVAL_KEY = "speech_eval"
 """Checkpoint metadata (JSON): stage 1's last val_wer, val_cer and how many sentences they were measured on."""
 SPEECH_RECORD_DIR = "eval"
 """`ira eval speech` records what it measured of a save in `<checkpoint's folder>/eval/speech-<checkpoint_id>.json`:
-every name of one save (best, latest, its step file) finds it, and no other save does."""
+every name of one save (best, latest, its step file) finds it, and no other save does. That is the everyday set's
+record, the one the notes quote; another bundled set's is `speech-<checkpoint_id>-<set>.json`."""
+EVERYDAY_SET = "everyday"
+SPEECH_ERRORS_KEY = "errors"
+"""Where a speech record (and `ira eval speech --json`) keeps where the words were lost: the model's, the ceiling's
+and eSpeak's error breakdowns (`ira.eval.speech.SpeechEvaluation.error_figures`)."""
+"""The default bundled held-out set of `ira eval speech` (`ira.eval.speech.SENTENCE_SETS`), the one the notes quote."""
 STYLE_EVAL_KEY = "style_eval"
 """Checkpoint metadata (JSON): the style encoder's retrieval figures (`ira.models.style.StyleEncoder.measured`)."""
 NEAR_RANDOM_WER = 0.9
@@ -162,17 +168,23 @@ class SpeechRecord:
     espeak_wer: Optional[float] = None
 
 
-def speech_record_path(checkpoint: str | Path, checkpoint_id: str) -> Path:
-    """Where `ira eval speech` records its figures for the save `checkpoint_id` of `checkpoint` (its folder)."""
-    return Path(checkpoint).parent / SPEECH_RECORD_DIR / f"speech-{checkpoint_id}.json"
+def speech_record_path(checkpoint: str | Path, checkpoint_id: str, sentence_set: str = EVERYDAY_SET) -> Path:
+    """Where `ira eval speech` records its figures on the bundled `sentence_set` for the save `checkpoint_id` of
+    `checkpoint` (its folder): each set its own file, so that measuring one never overwrites another's."""
+    if not sentence_set.isascii() or not sentence_set.isalnum():
+        raise ValueError(f"{sentence_set!r} is not the name of a bundled sentence set: use letters and digits, "
+                         f"e.g. 'hard'")
+    suffix = "" if sentence_set == EVERYDAY_SET else f"-{sentence_set}"
+    return Path(checkpoint).parent / SPEECH_RECORD_DIR / f"speech-{checkpoint_id}{suffix}.json"
 
 
 def write_speech_record(checkpoint: str | Path, meta: Mapping[str, str], figures: Mapping[str, Any]) -> Path:
-    """Record `figures` (`ira.eval.speech.record_figures`) for the save whose header is `meta`, next to it; returns
-    the file. Written to a temporary name and renamed: a reader never sees half a record. A run without the
-    ceiling (`--no-ceiling`, e.g. a second seed) keeps the eSpeak and ceiling figures an earlier run of the same
-    ASR on as many sentences recorded: they depend on the sentences, the ASR and the save's codec, not the seed."""
-    path = speech_record_path(checkpoint, str(meta["checkpoint_id"]))
+    """Record `figures` (`ira.eval.speech.record_figures`) for the save whose header is `meta`, next to it, in the
+    file of their `sentence_set` (the everyday set's when they name none); returns the file. Written to a temporary
+    name and renamed: a reader never sees half a record. A run without the ceiling (`--no-ceiling`, e.g. a second
+    seed) keeps the eSpeak and ceiling figures an earlier run of the same ASR on as many sentences recorded: they
+    depend on the sentences, the ASR and the save's codec, not the seed."""
+    path = speech_record_path(checkpoint, str(meta["checkpoint_id"]), str(figures.get("sentence_set") or EVERYDAY_SET))
     record = {"checkpoint": Path(checkpoint).name, "checkpoint_id": meta["checkpoint_id"],
               "stage": meta.get("stage"), "step": meta.get("step"), **figures}
     earlier = _read_record(path)
@@ -181,6 +193,10 @@ def write_speech_record(checkpoint: str | Path, meta: Mapping[str, str], figures
         for key in ("espeak", "ceiling"):
             if record.get(key) is None and isinstance(earlier.get(key), dict):
                 record[key] = earlier[key]
+            errors, before = record.get(SPEECH_ERRORS_KEY), earlier.get(SPEECH_ERRORS_KEY)
+            if isinstance(errors, dict) and isinstance(before, dict) and errors.get(key) is None \
+                    and isinstance(before.get(key), dict):
+                record[SPEECH_ERRORS_KEY] = {**errors, key: before[key]}
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     return path
 
@@ -195,17 +211,19 @@ def _read_record(path: Path) -> Optional[dict[str, Any]]:
 
 
 def find_speech_record(checkpoint: str | Path, meta: Mapping[str, str],
-                       allowed: Callable[[Path], bool] = lambda path: True) -> Optional[SpeechRecord]:
-    """What `ira eval speech` recorded for this very save (same checkpoint_id); None when nothing was, when it
-    cannot be read, or when `allowed` refuses its path (the app: a link out of its workspace)."""
+                       allowed: Callable[[Path], bool] = lambda path: True,
+                       sentence_set: str = EVERYDAY_SET) -> Optional[SpeechRecord]:
+    """What `ira eval speech` recorded on `sentence_set` for this very save (same checkpoint_id); None when nothing
+    was, when it cannot be read, or when `allowed` refuses its path (the app: a link out of its workspace)."""
     checkpoint_id = meta.get("checkpoint_id")
     if not checkpoint_id:
         return None
-    path = speech_record_path(checkpoint, str(checkpoint_id))
+    path = speech_record_path(checkpoint, str(checkpoint_id), sentence_set)
     if not path.is_file() or not allowed(path):
         return None
     data = _read_record(path)
-    if data is None or data.get("checkpoint_id") != checkpoint_id:
+    if (data is None or data.get("checkpoint_id") != checkpoint_id
+            or (data.get("sentence_set") or EVERYDAY_SET) != sentence_set):    # older records name no set
         return None
     wer, sentences = _number(data.get("wer")), _number(data.get("sentences"))
     if wer is None or not sentences:

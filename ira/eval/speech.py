@@ -9,6 +9,12 @@ speaks like its corpus cannot score better. The raw eSpeak audio is scored too (
 
 Several ASRs can hear the same audio (`evaluate_speech_by`): Whisper tiny.en is thrown by Griffin-Lim's
 artefacts more than Whisper base is, and stage 3 rewards with tiny.en, so base is the figure to trust.
+
+Each evaluation also says where the words were lost (`ira.eval.error_breakdown`): skipped or repeated words
+(alignment failures) against wrong sounds, and, with the ceiling, each sentence's duration against eSpeak's.
+
+Two bundled sets (`SENTENCE_SETS`): `everyday`, the default and the one the app quotes, and `hard`, rarer content
+words (`heldout_hard_sentences.txt`), where a model that only keeps familiar phrases falls behind.
 """
 
 from __future__ import annotations
@@ -20,16 +26,31 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
+from ira.eval.error_breakdown import ErrorBreakdown
+from ira.eval.quality import EVERYDAY_SET, SPEECH_ERRORS_KEY as ERRORS_KEY
 from ira.text_metrics import corpus_cer, corpus_wer, word_error_rate
 
 HELDOUT_FILE = Path(__file__).resolve().parent.parent / "data" / "heldout_sentences.txt"
+HARD_FILE = HELDOUT_FILE.with_name("heldout_hard_sentences.txt")
+HARD_SET = "hard"
+SENTENCE_SETS = {EVERYDAY_SET: HELDOUT_FILE, HARD_SET: HARD_FILE}
+"""The bundled held-out sets by name (`--sentences NAME`): in no corpus the project ships."""
 CEILING_VOICE_SEED = 20_260_101
 """Seed of the corpus-like voices the ceiling's eSpeak audio is spoken in."""
 
 
+def sentence_set(name_or_path: str | Path | None) -> Optional[str]:
+    """The bundled set `name_or_path` names (None: the default, `everyday`), or None for a file of one's own."""
+    if name_or_path is None:
+        return EVERYDAY_SET
+    return str(name_or_path) if str(name_or_path) in SENTENCE_SETS else None
+
+
 def heldout_sentences(path: str | Path | None = None, limit: int | None = None) -> list[str]:
-    """The evaluation sentences (one a line; blank lines and `#` comments skipped)."""
-    path = Path(path) if path else HELDOUT_FILE
+    """The evaluation sentences (one a line; blank lines and `#` comments skipped) of a file, or of the bundled set
+    it names (`SENTENCE_SETS`: a file literally called `hard` is `./hard`); None: the everyday set."""
+    name = sentence_set(path)
+    path = SENTENCE_SETS[name] if name is not None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such sentence file (one sentence a line)")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
@@ -61,6 +82,14 @@ class SpeechScore:
 
     def to_dict(self) -> dict[str, Any]:
         return {"wer": self.wer, "cer": self.cer, "items": [asdict(i) for i in self.items]}
+
+    def errors(self, reference: Optional["SpeechScore"] = None) -> ErrorBreakdown:
+        """Where the words were lost (`ira.eval.error_breakdown`); with `reference` (eSpeak's score of the same
+        sentences), each sentence's duration against eSpeak's."""
+        texts, heard = [i.text for i in self.items], [i.heard for i in self.items]
+        if reference is None:
+            return ErrorBreakdown.of(texts, heard)
+        return ErrorBreakdown.of(texts, heard, [i.seconds for i in self.items], [i.seconds for i in reference.items])
 
 
 Transcribe = Callable[[torch.Tensor, int], str]
@@ -138,9 +167,14 @@ class SpeechEvaluation:
     espeak: Optional[SpeechScore]
     seconds: float
 
+    def errors(self) -> ErrorBreakdown:
+        """Where the model's words were lost; with the ceiling, each sentence's duration against eSpeak's."""
+        return self.model.errors(self.espeak)
+
     def summary(self) -> str:
         lines = [f"held-out sentences: {len(self.model.items)}",
-                 f"  model          WER {self.model.wer:.3f}  CER {self.model.cer:.3f}"]
+                 f"  model          WER {self.model.wer:.3f}  CER {self.model.cer:.3f}",
+                 *self.errors().summary_lines()]
         if self.ceiling is not None and self.espeak is not None:
             lines.append(f"  codec ceiling  WER {self.ceiling.wer:.3f}  CER {self.ceiling.cer:.3f}  "
                          "(eSpeak's audio of the same sentences after the codec round trip)")
@@ -148,21 +182,33 @@ class SpeechEvaluation:
         lines.append(f"  ({self.seconds:.0f} s)")
         return "\n".join(lines)
 
+    def error_figures(self, items: bool = False) -> dict[str, Any]:
+        """`ERRORS_KEY`'s value: the model's error breakdown (with every sentence's when `items`), and the ceiling's
+        and eSpeak's own figures when they were measured (the ASR's and the codec's share of the wrong sounds)."""
+        model = self.errors()
+        return {"model": model.to_dict() if items else model.figures(),
+                "ceiling": None if self.ceiling is None else self.ceiling.errors().figures(),
+                "espeak": None if self.espeak is None else self.espeak.errors().figures()}
+
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_dict(),
                 "ceiling": None if self.ceiling is None else self.ceiling.to_dict(),
-                "espeak": None if self.espeak is None else self.espeak.to_dict(), "seconds": self.seconds}
+                "espeak": None if self.espeak is None else self.espeak.to_dict(), "seconds": self.seconds,
+                ERRORS_KEY: self.error_figures(items=True)}
 
 
-def record_figures(evaluation: SpeechEvaluation, asr: str, seed: int, style: Optional[str] = None) -> dict[str, Any]:
+def record_figures(evaluation: SpeechEvaluation, asr: str, seed: int, style: Optional[str] = None,
+                   set_name: str = EVERYDAY_SET) -> dict[str, Any]:
     """What `ira eval speech` records beside the checkpoint for the app (`ira.eval.quality.write_speech_record`): the
-    model's WER and CER by `asr`, on how many sentences, and eSpeak's own and the codec ceiling's when measured."""
+    model's WER and CER by `asr`, on how many sentences of which bundled set (`set_name`), eSpeak's own and the codec
+    ceiling's when measured, and where the words were lost (`ERRORS_KEY`)."""
     def figures(score: Optional[SpeechScore]) -> Optional[dict[str, float]]:
         return None if score is None else {"wer": score.wer, "cer": score.cer}
 
-    return {"asr": asr, "sentences": len(evaluation.model.items), "seed": seed, "style": style,
-            "wer": evaluation.model.wer, "cer": evaluation.model.cer, "espeak": figures(evaluation.espeak),
-            "ceiling": figures(evaluation.ceiling), "made": time.time()}
+    return {"asr": asr, "sentences": len(evaluation.model.items), "sentence_set": set_name, "seed": seed,
+            "style": style, "wer": evaluation.model.wer, "cer": evaluation.model.cer,
+            "espeak": figures(evaluation.espeak), "ceiling": figures(evaluation.ceiling),
+            ERRORS_KEY: evaluation.error_figures(), "made": time.time()}
 
 
 def evaluate_speech(speaker: Any, sentences: Sequence[str], transcribe: Transcribe,
