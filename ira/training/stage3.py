@@ -215,6 +215,7 @@ class Stage3Task(TrainingTask):
                                  f"(ppo.reward_asr) hears, and it cannot be loaded here: {asr.INSTALL_HINT}, "
                                  f"or set ppo.{weight}=0")
         self.eval_asr = pc.eval_asr_model if pc.eval_asr and asr.is_available(pc.eval_asr_model) else None
+        self._eval_ears: Optional[asr.Transcriber] = None   # loaded by `validate` for its duration
         self.start_duration: dict[str, float] = {}   # the first validation's seconds per phoneme and EOS share
         self.cfg_scale = pc.cfg_scale if pc.cfg_scale not in (None, 1.0) else None   # 1 = the conditional model
         self._last_val: dict[str, float] = {}         # the latest validation's figures (may_be_best reads them)
@@ -347,7 +348,7 @@ class Stage3Task(TrainingTask):
         window as `ira eval speech` hears it; None when `ppo.eval_asr` is off or the ASR is not installed."""
         if self.eval_asr is None:
             return None
-        transcriber = asr.transcriber(self.eval_asr)
+        transcriber = self._eval_ears or asr.transcriber(self.eval_asr)
         return [transcriber(wav, self.codec.sample_rate) if wav.numel() else "" for wav in wavs]
 
     @torch.no_grad()
@@ -508,6 +509,17 @@ class Stage3Task(TrainingTask):
         instead of 3 on the cpu preset (docs/decisions.md)."""
         metrics: dict[str, float] = {}
         self.give_back_memory()
+        # the evaluation ASR is loaded for the validation only: the rollouts between never need it
+        self._eval_ears = asr.Transcriber(name=self.eval_asr) if self.eval_asr is not None else None
+        try:
+            metrics = self._validate(loader)
+        finally:
+            self._eval_ears = None
+        self.give_back_memory()
+        return metrics
+
+    def _validate(self, loader: Any) -> dict[str, float]:
+        metrics: dict[str, float] = {}
         for batch in loader:
             rounds = [self._validation_round(list(batch["texts"]), list(batch["descriptions"]),
                                              self.cfg.training.seed + r) for r in range(self.cfg.ppo.eval_seeds)]
@@ -536,7 +548,6 @@ class Stage3Task(TrainingTask):
         if metrics and not self.start_duration:   # the first validation is of the starting policy
             self.start_duration = {k: metrics[f"val_{k}"] for k in ("seconds_per_phoneme", "eos_share")}
         self._last_val = metrics
-        self.give_back_memory()
         return metrics
 
     def _validation_round(self, texts: list[str], descriptions: list[str], seed: int) -> dict[str, list]:
