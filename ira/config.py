@@ -482,6 +482,10 @@ class PPOConfig:
     minibatch_size: int = 4
     ppo_epochs: int = 2
     """Passes over each batch of rollouts; every minibatch of every pass is one optimizer step."""
+    recompute: bool = False
+    """Recompute the policy's activations in the backward pass of each minibatch instead of keeping them
+    (activation checkpointing of the SpeechLM's blocks): the same gradient, less peak memory, a longer update
+    (docs/decisions.md has both)."""
     learning_rate: float = 1e-5
     max_steps: Optional[int] = 200
     """Optimizer steps; None: until `max_minutes` (or `training.num_epochs`) ends the run."""

@@ -3,10 +3,17 @@
 Linux keeps the process's high-water mark (`VmHWM` in /proc/self/status) and lets the process reset it
 (writing 5 to /proc/self/clear_refs), so each stage of a recipe run in one process gets its own peak. Elsewhere
 the peak is the operating system's since the process started (`ru_maxrss`), and `reset` says it could not.
+
+`give_back` returns what a finished part freed to the system before the next one starts: glibc keeps freed
+blocks in its heaps for reuse (and a stage's many threads each get their own), so without it a stage's peak
+would start from what the previous one used at its most, not from what it left.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import resource
 import sys
 from pathlib import Path
@@ -22,6 +29,27 @@ def reset() -> bool:
         return True
     except OSError:
         return False
+
+
+def give_back() -> bool:
+    """Collect unreachable Python objects, then ask glibc to return the free memory of its heaps to the system
+    (`malloc_trim(0)`); False where the C library has no malloc_trim (macOS, musl): only the collection ran."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def peak_mb() -> float:

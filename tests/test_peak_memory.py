@@ -29,3 +29,29 @@ def test_a_reset_peak_counts_only_what_came_after_it():
 
 def test_the_peak_is_at_least_what_is_resident_now():
     assert peak_memory.peak_mb() >= resident_mb() - 1
+
+
+def held_by_the_c_heap(mib: int):
+    """`mib` MiB malloc'ed in 64-KiB blocks and touched, then freed but the last block: glibc keeps the freed
+    blocks resident in its heap (the last one pins its top) until malloc_trim. Returns what frees the last one."""
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(64 * 1024) for _ in range(mib * 16)]
+    for block in blocks:
+        ctypes.memset(block, 1, 64 * 1024)
+    for block in blocks[:-1]:
+        libc.free(block)
+    return lambda: libc.free(blocks[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+def test_what_was_freed_goes_back_to_the_system():
+    """Issue 36, item 8: a recipe's stage freed what it used, but the C heap kept it resident, so the next stage's
+    peak started from the previous stage's high-water mark."""
+    free_last = held_by_the_c_heap(256)
+    before = resident_mb()
+    assert peak_memory.give_back()
+    assert resident_mb() < before - 200
+    free_last()

@@ -424,3 +424,29 @@ def test_length_tolerance_bounds_every_sample():
     assert model.generate(batch_size=1, seed=0, length_tolerance=0.0, min_frames=5, max_frames=5)[0].shape[1] == 5
     with pytest.raises(ValueError, match="length_tolerance"):
         model.generate(texts=texts, tokenizer=TOK, length_tolerance=1.5)
+
+
+def test_recomputing_gives_the_same_gradient_and_keeps_less_for_the_backward_pass():
+    """Stage 3's PPO updates recompute the policy's blocks in the backward pass on the cpu preset (issue 36,
+    item 8): the gradient must not change, and the activations kept for the backward pass must shrink."""
+    data = batch()
+
+    def run(recompute: bool):
+        model = tiny(seed=1)
+        saved: list[int] = []
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), model.recomputing(recompute):
+            out = model(**data, return_hidden=True)
+        assert model.recompute is False                    # as before, after
+        (out.loss + out.hidden.square().mean()).backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sum(saved)
+
+    loss, grads, kept = run(False)
+    loss_r, grads_r, kept_r = run(True)
+    assert torch.equal(loss, loss_r) and grads.keys() == grads_r.keys()
+    assert all(torch.allclose(grads[n], grads_r[n], atol=1e-6, rtol=1e-5) for n in grads)
+    assert kept_r < 0.6 * kept

@@ -43,6 +43,30 @@ def test_first_minibatch_of_an_iteration_has_ratio_one(tiny_stage2, bundled_llm,
     assert task.buffer["mask"].any(dim=1).all()
 
 
+def test_the_evaluation_asr_is_loaded_for_a_validation_only(tiny_stage2, bundled_llm, tmp_path):
+    """Issue 36, item 8: the second Whisper that only validations use is not held through the rollouts."""
+    task = Stage3Task(_cfg(tiny_stage2, tmp_path).with_training_from("ppo"),
+                      load_checkpoint(tiny_stage2[3].last_checkpoint), llm=bundled_llm, cpu=True)
+    if task.eval_asr is None:
+        pytest.skip("the evaluation ASR is not installed")
+    asr.transcriber.cache_clear()
+    heard_by: list = []
+    original = asr.Transcriber.__call__
+
+    def listening(self, wav, sample_rate):
+        heard_by.append(self)
+        return original(self, wav, sample_rate)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(asr.Transcriber, "__call__", listening)
+        metrics = task.validate(task.val_dataloader())
+    assert "val_asr_wer" in metrics and heard_by and task._eval_ears is None
+    assert all(ears.name == task.eval_asr for ears in heard_by)
+    held = [asr.transcriber(task.cfg.ppo.reward_asr)] if asr.is_available(task.cfg.ppo.reward_asr) else []
+    assert asr.transcriber.cache_info().currsize == len(held)     # the reward's ASR only, never the evaluation's
+    asr.transcriber.cache_clear()
+
+
 def test_group_advantage_speaks_each_text_a_group_of_times_and_needs_no_value_head(tiny_stage2, bundled_llm, tmp_path):
     cfg = _cfg(tiny_stage2, tmp_path, "ppo.batch_size=4", "ppo.minibatch_size=2", "ppo.advantage=group",
                "ppo.group_size=2", "ppo.phoneme_weight=1.0").with_training_from("ppo")

@@ -60,6 +60,7 @@ turn the randomness off in training mode (PPO log-probs, evaluation).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -70,6 +71,7 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ira.checkpoint import Checkpoint, as_checkpoint
 from ira.config import SpeechLMConfig, section_from_dict
@@ -277,6 +279,9 @@ class SpeechLM(nn.Module):
         self.rope = Rotary(d // cfg.n_heads, cfg.rope_theta)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.recompute = False
+        """Passes with gradients keep only each block's input and recompute the block in the backward pass
+        (activation checkpointing; `recomputing`): the same gradient, a block's activations never held."""
         self.norm = make_norm(cfg)
         # the K (x F) stream heads as one matrix (rows j*(V+1) .. (j+1)*(V+1) are stream j's): one matmul
         # per generation step instead of K small ones
@@ -426,6 +431,16 @@ class SpeechLM(nn.Module):
     def _bos(self, batch: int) -> torch.Tensor:
         return torch.full((batch, self.n_streams, 1), self.fill_id, dtype=torch.long, device=self.device)
 
+    @contextlib.contextmanager
+    def recomputing(self, enabled: bool = True) -> Iterator[None]:
+        """Inside, passes with gradients recompute each block's activations in the backward pass instead of
+        keeping them (`recompute`); as before after."""
+        before, self.recompute = self.recompute, enabled
+        try:
+            yield
+        finally:
+            self.recompute = before
+
     def _transformer(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None,
                      cache: StaticKVCache | None = None, align: torch.Tensor | None = None,
                      n_blocks: int | None = None, n_prefix: int = 0) -> torch.Tensor:
@@ -458,7 +473,11 @@ class SpeechLM(nn.Module):
         for layer, block in enumerate(self.blocks):
             if n_blocks is not None and layer == n_blocks:
                 return x
-            x = block(x, rope, mask, cache, layer, causal, align)
+            if self.recompute and cache is None and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, None, layer, causal, align,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, layer, causal, align)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.norm(x)

@@ -342,6 +342,7 @@ def _run_recipe_here(cfg: IRAConfig, recipe: str, minutes: float, run_stage: Run
         record.status, record.start_from, record.started = "running", resume_from, time.time()
         state.save(state_path)
         say(f"{name}: {record.minutes:g} min budget" + (f", from {resume_from}" if resume_from else ""))
+        peak_memory.give_back()   # what the stages before freed goes back first: this stage's peak starts from what they left
         own_peak = peak_memory.reset()
         try:
             stage_cfg = stage_config(cfg, record)

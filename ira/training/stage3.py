@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ira import peak_memory
 from ira.checkpoint import Checkpoint, load_checkpoint, require_stage
 from ira.config import IRAConfig
 from ira.data.dataset import pad_codes
@@ -76,6 +77,7 @@ from ira.training.task import TrainingTask, inherit_frozen_sections
 from ira.training.teacher_responses import TASK_INSTRUCTIONS
 
 JUDGE_INSTRUCTION = TASK_INSTRUCTIONS["repeat"]
+JUDGE_SCORES = ("semantic", "phonemes", "style", "asr", "asr_likelihood")   # what `judge` returns
 SLOWEST_CHARS_PER_SECOND = 6.0   # rollouts may last this long at most (a very slow reading)
 UNREADABLE_PHONEME_SCORE = -10.0  # nats per phoneme for audio too short for CTC to align the text at all
 LENGTH_TOLERANCE = 0.2            # a sample ends within +-20% of the length head's prediction
@@ -213,6 +215,7 @@ class Stage3Task(TrainingTask):
                                  f"(ppo.reward_asr) hears, and it cannot be loaded here: {asr.INSTALL_HINT}, "
                                  f"or set ppo.{weight}=0")
         self.eval_asr = pc.eval_asr_model if pc.eval_asr and asr.is_available(pc.eval_asr_model) else None
+        self._eval_ears: Optional[asr.Transcriber] = None   # loaded by `validate` for its duration
         self.start_duration: dict[str, float] = {}   # the first validation's seconds per phoneme and EOS share
         self.cfg_scale = pc.cfg_scale if pc.cfg_scale not in (None, 1.0) else None   # 1 = the conditional model
         self._last_val: dict[str, float] = {}         # the latest validation's figures (may_be_best reads them)
@@ -345,7 +348,7 @@ class Stage3Task(TrainingTask):
         window as `ira eval speech` hears it; None when `ppo.eval_asr` is off or the ASR is not installed."""
         if self.eval_asr is None:
             return None
-        transcriber = asr.transcriber(self.eval_asr)
+        transcriber = self._eval_ears or asr.transcriber(self.eval_asr)
         return [transcriber(wav, self.codec.sample_rate) if wav.numel() else "" for wav in wavs]
 
     @torch.no_grad()
@@ -392,10 +395,18 @@ class Stage3Task(TrainingTask):
             return encoder.embed_audio([self.codec.decode_mel(c) for c in clips])
         return encoder.embed_audio([self.codec.decode(c).float() for c in clips], sr=self.codec.sample_rate)
 
+    def give_back_memory(self) -> None:
+        """On a CPU, before and after the rollouts and a validation and before each update: the memory freed
+        since goes back to the system, else the C heap keeps it resident and the next phase's own comes on top of
+        it (docs/decisions.md). On a GPU the tensors are not there."""
+        if self.policy.device.type == "cpu":
+            peak_memory.give_back()
+
     @torch.no_grad()
     def rollout(self, batch: dict[str, Any]) -> None:
         """Sample, judge, shape rewards, estimate advantages; store everything in `self.buffer`."""
         pc = self.cfg.ppo
+        self.give_back_memory()
         iteration = self.micro // self.repeats
         texts, descriptions = batch["texts"], batch["descriptions"]
         if pc.advantage == "group":   # batch_size / group_size texts, each spoken group_size times
@@ -434,6 +445,7 @@ class Stage3Task(TrainingTask):
         self.kl.update(sequence_kl, pc.batch_size)
         self.buffer = {**{k: v for k, v in samples.items() if v is not None}, "old_logprobs": logprobs,
                        "old_values": values, "advantages": advantages, "returns": returns, "mask": mask, **extra}
+        self.give_back_memory()
 
     # -- one optimizer step -----------------------------------------------------------------------
 
@@ -451,11 +463,14 @@ class Stage3Task(TrainingTask):
         phase = self.micro % self.repeats
         if phase == 0 or not self.buffer:
             self.rollout(batch)
+        else:   # the previous update's backward pass freed what it held
+            self.give_back_memory()
         rows = self._minibatch(phase).to(self.buffer["codes"].device)
         mb = {k: v[rows] for k, v in self.buffer.items()}
         self.policy.eval()                 # no dropout: the ratio compares like with like
         pc = self.cfg.ppo
-        logprobs, entropy, _, hidden = step_logprobs(self.policy, mb, pc.temperature, self.cfg_scale)
+        with self.policy.recomputing(pc.recompute):
+            logprobs, entropy, _, hidden = step_logprobs(self.policy, mb, pc.temperature, self.cfg_scale)
         values = self.value_head(hidden)
         out = ppo_losses(logprobs, mb["old_logprobs"], mb["advantages"], values, mb["old_values"], mb["returns"],
                          mb["mask"], entropy=entropy, clip_range=pc.clip_range, clip_range_value=pc.clip_range_value,
@@ -487,52 +502,84 @@ class Stage3Task(TrainingTask):
         which stage3_best is kept) and what the reward's ASR hears, and the proxies a reward hack would show:
         the reference's log-likelihood per frame of the samples (do they still look like speech to the
         stage-2 model?), the judge's CER when it repeats what it heard, seconds per phoneme and the share of
-        samples ended by their own end-of-speech."""
+        samples ended by their own end-of-speech.
+
+        Each seed's samples are spoken and heard as one batch (seed `training.seed` + its round, as
+        scripts/eval_judge.py does), so a validation holds no more at once than one round of the texts: 2 GB
+        instead of 3 on the cpu preset (docs/decisions.md)."""
+        metrics: dict[str, float] = {}
+        self.give_back_memory()
+        # the evaluation ASR is loaded for the validation only: the rollouts between never need it
+        self._eval_ears = asr.Transcriber(name=self.eval_asr) if self.eval_asr is not None else None
+        try:
+            metrics = self._validate(loader)
+        finally:
+            self._eval_ears = None
+        self.give_back_memory()
+        return metrics
+
+    def _validate(self, loader: Any) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for batch in loader:
-            texts = list(batch["texts"]) * self.cfg.ppo.eval_seeds
-            descriptions = list(batch["descriptions"]) * self.cfg.ppo.eval_seeds
-            samples = self.speak(self.policy, texts, descriptions, seed=self.cfg.training.seed)
-            ears = self.listen(samples)
-            wavs = self.waveforms(samples)
-            heard_by_reward = (self.hear_reward(samples, texts, wavs=wavs) if asr.is_available(self.cfg.ppo.reward_asr)
-                               else None)
-            reward_heard = heard_by_reward[0] if heard_by_reward is not None else None
-            scores = self.judge(samples, texts, descriptions, ears, heard=heard_by_reward)
-            logprobs, _, mask, _ = step_logprobs(self.policy, samples, self.cfg.ppo.temperature, self.cfg_scale)
-            ref_logprobs, _, _, _ = step_logprobs(self.reference, samples, self.cfg.ppo.temperature, self.cfg_scale)
-            inputs = build_student_inputs(self.llm, [JUDGE_INSTRUCTION] * len(texts), ears[2], None)
-            heard = generate_reply(self.llm, inputs, max_new_tokens=self.cfg.llm.max_new_tokens)
-            frames = samples["codes_lengths"].float()
-            chars = torch.tensor([len(t) for t in texts], dtype=torch.float, device=frames.device)
-            eval_heard = self.hear_eval(wavs)
-            metrics = {"val_reward_semantic": scores["semantic"].mean().item(),
-                       "val_reward_phonemes": scores["phonemes"].mean().item(),
-                       "val_reward_style": scores["style"].mean().item(),
-                       "val_kl": ((logprobs - ref_logprobs) * mask).sum(1).mean().item(),
-                       "val_ref_logprob_per_frame": ((ref_logprobs * mask).sum(1) / frames).mean().item(),
-                       "val_judge_cer": corpus_cer(texts, heard),
-                       "val_seconds_per_char": (frames / self.codec.frame_rate / chars).mean().item(),
-                       **{f"val_{k}": v for k, v in self.duration(samples).items()}}
-            per_sample = {"reward": self.reward(scores), **scores}   # each sample's scores, for eval_judge
-            self._last_heard = [{"text": t, "heard": h, **{k: v[i].item() for k, v in per_sample.items()}}
-                                for i, (t, h) in enumerate(zip(texts, heard))]
-            if reward_heard is not None:
-                metrics["val_reward_asr"] = scores["asr"].mean().item()
-                metrics["val_reward_asr_likelihood"] = scores["asr_likelihood"].mean().item()
-                metrics["val_reward_asr_wer"] = corpus_wer(texts, reward_heard)
-                metrics["val_reward_asr_cer"] = corpus_cer(texts, reward_heard)
-                for row, text in zip(self._last_heard, reward_heard):
+            rounds = [self._validation_round(list(batch["texts"]), list(batch["descriptions"]),
+                                             self.cfg.training.seed + r) for r in range(self.cfg.ppo.eval_seeds)]
+            got = {key: [x for part in rounds for x in part[key]] for key in rounds[0]}
+            texts, mean = got["text"], (lambda key: sum(got[key]) / len(got[key]))
+            metrics = {"val_reward_semantic": mean("semantic"), "val_reward_phonemes": mean("phonemes"),
+                       "val_reward_style": mean("style"), "val_kl": mean("kl"),
+                       "val_ref_logprob_per_frame": mean("ref_logprob_per_frame"),
+                       "val_judge_cer": corpus_cer(texts, got["heard"]),
+                       "val_seconds_per_char": mean("seconds_per_char"),
+                       "val_seconds_per_phoneme": mean("seconds_per_phoneme"), "val_eos_share": mean("eos_share")}
+            self._last_heard = [{"text": t, "heard": h, **{k: got[k][i] for k in ("reward", *JUDGE_SCORES)}}
+                                for i, (t, h) in enumerate(zip(texts, got["heard"]))]
+            if "reward_asr_heard" in got:
+                metrics["val_reward_asr"] = mean("asr")
+                metrics["val_reward_asr_likelihood"] = mean("asr_likelihood")
+                metrics["val_reward_asr_wer"] = corpus_wer(texts, got["reward_asr_heard"])
+                metrics["val_reward_asr_cer"] = corpus_cer(texts, got["reward_asr_heard"])
+                for row, text in zip(self._last_heard, got["reward_asr_heard"]):
                     row["reward_asr_heard"] = text
-            if eval_heard is not None:
-                metrics["val_asr_wer"] = corpus_wer(texts, eval_heard)
-                metrics["val_asr_cer"] = corpus_cer(texts, eval_heard)
-                for row, text in zip(self._last_heard, eval_heard):
+            if "eval_asr_heard" in got:
+                metrics["val_asr_wer"] = corpus_wer(texts, got["eval_asr_heard"])
+                metrics["val_asr_cer"] = corpus_cer(texts, got["eval_asr_heard"])
+                for row, text in zip(self._last_heard, got["eval_asr_heard"]):
                     row["eval_asr_heard"] = text
         if metrics and not self.start_duration:   # the first validation is of the starting policy
             self.start_duration = {k: metrics[f"val_{k}"] for k in ("seconds_per_phoneme", "eos_share")}
         self._last_val = metrics
         return metrics
+
+    def _validation_round(self, texts: list[str], descriptions: list[str], seed: int) -> dict[str, list]:
+        """One sample of each text, spoken with `seed`, and what `validate` figures from each: lists, one
+        value per sample (the ASRs' transcripts only where they are there)."""
+        samples = self.speak(self.policy, texts, descriptions, seed=seed)
+        ears = self.listen(samples)
+        wavs = self.waveforms(samples)
+        heard_by_reward = (self.hear_reward(samples, texts, wavs=wavs) if asr.is_available(self.cfg.ppo.reward_asr)
+                           else None)
+        scores = self.judge(samples, texts, descriptions, ears, heard=heard_by_reward)
+        logprobs, _, mask, _ = step_logprobs(self.policy, samples, self.cfg.ppo.temperature, self.cfg_scale)
+        ref_logprobs, _, _, _ = step_logprobs(self.reference, samples, self.cfg.ppo.temperature, self.cfg_scale)
+        inputs = build_student_inputs(self.llm, [JUDGE_INSTRUCTION] * len(texts), ears[2], None)
+        heard = generate_reply(self.llm, inputs, max_new_tokens=self.cfg.llm.max_new_tokens)
+        frames = samples["codes_lengths"].float()
+        chars = torch.tensor([len(t) for t in texts], dtype=torch.float, device=frames.device)
+        phonemes = samples["text_mask"].sum(1).float().clamp(min=1).to(frames.device)
+        seconds = frames / self.codec.frame_rate
+        per_sample = {"reward": self.reward(scores), **scores,
+                      "kl": ((logprobs - ref_logprobs) * mask).sum(1),
+                      "ref_logprob_per_frame": (ref_logprobs * mask).sum(1) / frames,
+                      "seconds_per_char": seconds / chars, "seconds_per_phoneme": seconds / phonemes,
+                      "eos_share": samples["ended_by_eos"].float()}
+        out: dict[str, list] = {"text": list(texts), "heard": list(heard),
+                                **{k: [float(x) for x in v.tolist()] for k, v in per_sample.items()}}
+        if heard_by_reward is not None:
+            out["reward_asr_heard"] = list(heard_by_reward[0])
+        eval_heard = self.hear_eval(wavs)
+        if eval_heard is not None:
+            out["eval_asr_heard"] = list(eval_heard)
+        return out
 
     def may_be_best(self) -> bool:
         """Not a policy whose held-out seconds per phoneme, or share of samples ended by their own
