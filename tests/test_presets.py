@@ -37,6 +37,8 @@ GPU_SHARED: dict[str, str] = {
     "align.ctc_steps": "budget: a GPU makes more steps in the same minutes (align.ctc_share still ends the phase)",
     "align.llm_batch_size": "device: the LLM pass over the whole batch is cheap on a GPU",
     "ppo.kl_horizon": "device: a GPU makes several times the rollouts per minute",
+    "align.llm_recompute": "device: a GPU's memory holds the LLM's activations; recomputing them is for a laptop's 3 GB",
+    "ppo.recompute": "device: a GPU's memory holds the policy's activations; recomputing them is for a laptop's 3 GB",
 }
 """The differences both GPU presets make, for the same reason."""
 
