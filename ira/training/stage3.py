@@ -215,7 +215,7 @@ class Stage3Task(TrainingTask):
                                  f"(ppo.reward_asr) hears, and it cannot be loaded here: {asr.INSTALL_HINT}, "
                                  f"or set ppo.{weight}=0")
         self.eval_asr = pc.eval_asr_model if pc.eval_asr and asr.is_available(pc.eval_asr_model) else None
-        self._eval_ears: Optional[asr.Transcriber] = None   # loaded by `validate` for its duration
+        self._eval_ears: Optional[asr.Transcriber] = None   # loaded by `hear_eval`, dropped when `validate` ends
         self.start_duration: dict[str, float] = {}   # the first validation's seconds per phoneme and EOS share
         self.cfg_scale = pc.cfg_scale if pc.cfg_scale not in (None, 1.0) else None   # 1 = the conditional model
         self._last_val: dict[str, float] = {}         # the latest validation's figures (may_be_best reads them)
@@ -348,8 +348,9 @@ class Stage3Task(TrainingTask):
         window as `ira eval speech` hears it; None when `ppo.eval_asr` is off or the ASR is not installed."""
         if self.eval_asr is None:
             return None
-        transcriber = self._eval_ears or asr.transcriber(self.eval_asr)
-        return [transcriber(wav, self.codec.sample_rate) if wav.numel() else "" for wav in wavs]
+        if self._eval_ears is None:   # held until `validate` ends, not in the process-wide cache of ASRs
+            self._eval_ears = asr.Transcriber(name=self.eval_asr)
+        return [self._eval_ears(wav, self.codec.sample_rate) if wav.numel() else "" for wav in wavs]
 
     @torch.no_grad()
     def judge(self, samples: dict[str, Any], texts: list[str], descriptions: list[str],
@@ -395,12 +396,13 @@ class Stage3Task(TrainingTask):
             return encoder.embed_audio([self.codec.decode_mel(c) for c in clips])
         return encoder.embed_audio([self.codec.decode(c).float() for c in clips], sr=self.codec.sample_rate)
 
-    def give_back_memory(self) -> None:
+    def give_back_memory(self, collect: bool = False) -> None:
         """On a CPU, before and after the rollouts and a validation and before each update: the memory freed
         since goes back to the system, else the C heap keeps it resident and the next phase's own comes on top of
-        it (docs/decisions.md). On a GPU the tensors are not there."""
+        it (docs/decisions.md). On a GPU the tensors are not there. `collect`: also run Python's cycle collector
+        (~150 ms: around validations, not at every step)."""
         if self.policy.device.type == "cpu":
-            peak_memory.give_back()
+            peak_memory.give_back(collect=collect)
 
     @torch.no_grad()
     def rollout(self, batch: dict[str, Any]) -> None:
@@ -490,10 +492,13 @@ class Stage3Task(TrainingTask):
         """How the samples are timed: seconds per phoneme (per text token) and the share that ended by their
         own end-of-speech rather than at the length limit. A reward hacked by speaking slower, or by speech
         that never stops, moves them."""
+        return {key: values.mean().item() for key, values in self.sample_durations(samples).items()}
+
+    def sample_durations(self, samples: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """`duration`'s figures per sample: seconds per phoneme, and 1.0 for a sample ended by its end-of-speech."""
         seconds = samples["codes_lengths"].float() / self.codec.frame_rate
         phonemes = samples["text_mask"].sum(1).float().clamp(min=1).to(seconds.device)
-        return {"seconds_per_phoneme": (seconds / phonemes).mean().item(),
-                "eos_share": samples["ended_by_eos"].float().mean().item()}
+        return {"seconds_per_phoneme": seconds / phonemes, "eos_share": samples["ended_by_eos"].float()}
 
     @torch.no_grad()
     def validate(self, loader: Any) -> dict[str, float]:
@@ -505,18 +510,14 @@ class Stage3Task(TrainingTask):
         samples ended by their own end-of-speech.
 
         Each seed's samples are spoken and heard as one batch (seed `training.seed` + its round, as
-        scripts/eval_judge.py does), so a validation holds no more at once than one round of the texts: 2 GB
-        instead of 3 on the cpu preset (docs/decisions.md)."""
-        metrics: dict[str, float] = {}
-        self.give_back_memory()
-        # the evaluation ASR is loaded for the validation only: the rollouts between never need it
-        self._eval_ears = asr.Transcriber(name=self.eval_asr) if self.eval_asr is not None else None
+        scripts/eval_judge.py does), so a validation holds no more at once than one round of the texts; the
+        evaluation ASR is held for the validation only (docs/decisions.md)."""
+        self.give_back_memory(collect=True)
         try:
-            metrics = self._validate(loader)
+            return self._validate(loader)
         finally:
-            self._eval_ears = None
-        self.give_back_memory()
-        return metrics
+            self._eval_ears = None   # the rollouts between validations never need it
+            self.give_back_memory(collect=True)
 
     def _validate(self, loader: Any) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -565,13 +566,10 @@ class Stage3Task(TrainingTask):
         heard = generate_reply(self.llm, inputs, max_new_tokens=self.cfg.llm.max_new_tokens)
         frames = samples["codes_lengths"].float()
         chars = torch.tensor([len(t) for t in texts], dtype=torch.float, device=frames.device)
-        phonemes = samples["text_mask"].sum(1).float().clamp(min=1).to(frames.device)
-        seconds = frames / self.codec.frame_rate
         per_sample = {"reward": self.reward(scores), **scores,
                       "kl": ((logprobs - ref_logprobs) * mask).sum(1),
                       "ref_logprob_per_frame": (ref_logprobs * mask).sum(1) / frames,
-                      "seconds_per_char": seconds / chars, "seconds_per_phoneme": seconds / phonemes,
-                      "eos_share": samples["ended_by_eos"].float()}
+                      "seconds_per_char": frames / self.codec.frame_rate / chars, **self.sample_durations(samples)}
         out: dict[str, list] = {"text": list(texts), "heard": list(heard),
                                 **{k: [float(x) for x in v.tolist()] for k, v in per_sample.items()}}
         if heard_by_reward is not None:
