@@ -105,7 +105,8 @@ class Stage1Task(TrainingTask):
         # the best is the lowest val_loss, not val_wer: 16 sampled sentences move val_wer by +-0.1 between
         # near-identical models, and picked step 1,200 of a 2,812-step run (held-out 0.88 against its end's
         # 0.72); the validation CE over every validation token is exact, and within a run its lower checkpoints
-        # spoke better held-out (docs/decisions.md, issue 35). val_wer stays in the log and the checkpoint's speech note.
+        # spoke better held-out (docs/decisions.md, issue 35). val_wer stays in the log and the checkpoint's
+        # speech note.
         self.best_metric = ("val_loss", "min")
         self.last_heard: list[Heard] = []
         self.speech_eval: Optional[dict[str, float]] = None   # the last validation's val_wer, for the header
