@@ -37,6 +37,7 @@ from accelerate.utils.environment import parse_flag_from_env
 from torch import nn
 from tqdm.auto import tqdm
 
+from ira import peak_memory
 from ira.checkpoint import (Checkpoint, CheckpointError, best_path, check_compatible, checkpoint_path, find_latest,
                             is_finite_checkpoint, latest_path, load_checkpoint, nonfinite_tensors,
                             remove_stale_temporaries, require_stage, stage_checkpoints)
@@ -555,6 +556,7 @@ class Trainer:
             if p.best_pending:
                 self._save("best")
         window = _Window(self.clock)   # after that validation: the first throughput figure is of training alone
+        heap_cap = peak_memory.HeapCap()
         try:
             while True:
                 self.n_batches = self._epoch_len(p.epoch)
@@ -590,6 +592,7 @@ class Trainer:
                         self._apply_time_budget(p.step + 1)
                         self.optimizer.zero_grad(set_to_none=True)
                     p.step += 1
+                    heap_cap()
                     self._advance_bar(bar)
                     window.steps += 1
                     window.grad_norm += float(grad_norm)
