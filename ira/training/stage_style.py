@@ -40,6 +40,7 @@ from ira.data.style_mels import MelSettings, split_mels, wav_mel
 from ira.data.token_cache import load_split
 from ira.models.style import (FRAME_RATE, StyleEncoder, contrastive_loss, description_targets,
                               pad_mels)
+from ira.training.description_vectors import descriptions_pinned
 from ira.training.task import TrainingTask
 
 if TYPE_CHECKING:
@@ -367,4 +368,6 @@ def run_style_training(cfg: IRAConfig, resume_from: Optional[str | Path] = None,
         ensure_prepared(cfg)   # annotations and descriptions come from preparation
     run_cfg = style_run_config(cfg)
     task = task or StyleTask(run_cfg)
-    return Trainer(run_cfg, task, run_name=None, cpu=cpu).fit(resume_from=resume_from)
+    descriptions = (d for clip in task.train_clips for d in clip.descriptions)
+    with descriptions_pinned(task.model.sentence_encoder, descriptions, run_cfg.data.dir, "train"):
+        return Trainer(run_cfg, task, run_name=None, cpu=cpu).fit(resume_from=resume_from)

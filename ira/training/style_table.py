@@ -19,6 +19,7 @@ from ira import tensor_cache
 from ira.codec.base import Codec
 from ira.data.style_mels import MelSettings, mel_source, split_mels
 from ira.data.token_cache import TokenSplit
+from ira.training.description_vectors import descriptions_pinned
 from ira.training.feature_cache import weights_digest
 
 FORMAT_VERSION = "2"   # 2: audio vectors from the style-mel cache (1: from the wavs)
@@ -70,7 +71,9 @@ class StyleTable:
         n, width = len(split), max((len(d) or 1 for d in split.descriptions), default=1)
         if (found is not None and found["text"].shape[:2] == (n, width) and found["audio"].shape[0] == n):
             return cls(found["text"], found["audio"])
-        table = cls.compute(encoder, split, split_mels(data_dir, name, split, codec, settings).mels)
+        descriptions = (d for clip in split.descriptions for d in clip)
+        with descriptions_pinned(encoder.sentence_encoder, descriptions, data_dir, name):
+            table = cls.compute(encoder, split, split_mels(data_dir, name, split, codec, settings).mels)
         tensor_cache.write(path, {"text": table.text, "audio": table.audio}, key, family=name)
         return table
 
