@@ -64,10 +64,11 @@ def _malloc_trim():
 
 class HeapCap:
     """Called between training steps: gives freed heap memory back (`give_back` without the cycle collection)
-    when resident memory has grown `slack_mb` past where the last give-back left it, at most once every
-    `every_s` seconds. A step's own working set comes back as page faults at the next step (trimming after every
-    step cost stage 2 ~10% of its steps), so the cap does not chase it: it removes what the heap keeps on top
-    of it (stage 2: +1 GB in 90 steps, issue 36) for ~1% of the time, and a stage that does not grow never pays."""
+    when resident memory has grown `slack_mb` past its level after a step (the first one's, and again the first
+    after each give-back: the step's working set faulted back in), at most once every `every_s` seconds.
+    Trimming after every step cost stage 2 ~10% of its steps (its ~600 MB working set came back as page faults
+    at each), so the cap does not chase the working set: it removes what the heap keeps on top of it (stage 2:
+    +1 GB in 90 steps, issue 36), and a stage whose memory does not grow never pays."""
 
     def __init__(self, slack_mb: float = 256.0, every_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
         self.slack_mb, self.every_s, self.clock = slack_mb, every_s, clock
@@ -86,7 +87,7 @@ class HeapCap:
         if not give_back(collect=False):
             return False
         self.trims += 1
-        self._floor, self._last = resident_mb(), self.clock()
+        self._floor, self._last = None, self.clock()
         return True
 
 

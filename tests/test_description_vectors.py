@@ -52,3 +52,19 @@ def test_pinned_descriptions_are_answered_without_the_model_or_the_lru_cache(enc
         assert encoder.runs[0] == runs + 1 and torch.allclose(mixed[0], expected[0], atol=1e-5)
     encoder.encode(texts[1:2])                                           # lent only within
     assert encoder.runs[0] == runs + 2
+
+
+def test_a_pin_that_ends_leaves_the_others_open(encoder):
+    """The encoder is shared by the process (the app's tabs): one caller's pin ending does not take another's."""
+    first, second = ["a bright, cheerful voice"], ["a tired, husky voice"]
+    vectors = encoder.embed(first + second)
+    runs = encoder.runs[0]
+    with encoder.pinned(first, vectors[:1]):
+        with encoder.pinned(second, vectors[1:]):
+            encoder.encode(first + second)
+        assert encoder.runs[0] == runs
+        assert torch.equal(encoder.encode(first)[0], vectors[0])
+        assert encoder.runs[0] == runs
+    with pytest.raises(ValueError, match="expected"):
+        with encoder.pinned(first, vectors):
+            pass

@@ -84,7 +84,7 @@ class SentenceEncoder:
         self.model.to(device)
         self.dim = int(self.model.config.hidden_size)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._pinned: dict[str, torch.Tensor] = {}
+        self._pins: list[dict[str, torch.Tensor]] = []   # one per `pinned` that is open, in any thread
         self._lock = threading.Lock()  # the UI may embed from several threads
 
     @property
@@ -118,30 +118,38 @@ class SentenceEncoder:
     @contextmanager
     def pinned(self, texts: Sequence[str], vectors: torch.Tensor) -> Iterator[None]:
         """Within: `encode` answers these sentences from `vectors` ([N, dim], this encoder's own, computed
-        earlier), without running the model or filling the LRU cache."""
+        earlier), without running the model or filling the LRU cache. Several may be open at once."""
         texts = list(texts)
         if vectors.shape != (len(texts), self.dim):
             raise ValueError(f"pinned vectors are {tuple(vectors.shape)}, expected ({len(texts)}, {self.dim})")
+        pin = dict(zip(texts, vectors))
         with self._lock:
-            self._pinned = dict(zip(texts, vectors))
+            self._pins.append(pin)
         try:
             yield
         finally:
             with self._lock:
-                self._pinned = {}
+                self._pins = [p for p in self._pins if p is not pin]
+
+    def _pinned_vector(self, text: str) -> torch.Tensor | None:
+        for pin in self._pins:
+            if text in pin:
+                return pin[text]
+        return None
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """[N, dim] float32 on the CPU; each distinct sentence is run through the model once."""
         texts = list(texts)
         with self._lock:
-            missing = list(dict.fromkeys(t for t in texts if t not in self._cache and t not in self._pinned))
+            lent = {t: v for t in dict.fromkeys(texts) if (v := self._pinned_vector(t)) is not None}
+            missing = list(dict.fromkeys(t for t in texts if t not in self._cache and t not in lent))
             if missing:
                 for text, emb in zip(missing, self._embed(missing).cpu()):
                     self._cache[text] = emb
             rows = []
             for t in texts:
-                if t in self._pinned:
-                    rows.append(self._pinned[t])
+                if t in lent:
+                    rows.append(lent[t])
                     continue
                 self._cache.move_to_end(t)
                 rows.append(self._cache[t])

@@ -31,10 +31,10 @@ FOLDER = "description-vectors"
 
 def kept_vectors(encoder: SentenceEncoder, texts: Iterable[str], data_dir: str | Path,
                  split: str) -> tuple[list[str], torch.Tensor]:
-    """(the distinct non-blank `texts`, sorted; their vectors [N, dim]), read from the corpus's cache when it
+    """(the distinct non-blank `texts`, whitespace collapsed, sorted; their vectors [N, dim]), read from the corpus's cache when it
     holds this encoder's vectors of exactly these texts, else computed and kept there (superseding the split's
     earlier file)."""
-    texts = sorted({t for t in texts if t.strip()})
+    texts = sorted({" ".join(t.split()) for t in texts if t.strip()})   # as StyleEncoder.embed_text passes them
     digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
     key = json.dumps([FORMAT_VERSION, encoder.name, MAX_TOKENS, split, digest, len(texts)])
     path = tensor_cache.cache_file(Path(data_dir) / "cache" / FOLDER, split, key)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,7 +286,8 @@ class StyleTask(TrainingTask):
         return {"style": self.model}
 
     def setup(self, device: torch.device) -> None:
-        """Embed every training description once with the frozen tower (it is cached from then on)."""
+        """Embed every training description once with the frozen tower (the encoder remembers them), unless
+        their vectors are lent to it already (`run_style_training`: from the corpus's cache)."""
         self.model.sentence_embeddings(list(dict.fromkeys(d for c in self.train_clips for d in c.descriptions)))
 
     def epoch_repeats(self) -> int:
@@ -359,15 +361,21 @@ def run_style_training(cfg: IRAConfig, resume_from: Optional[str | Path] = None,
                        cpu: bool = False, task: Optional[StyleTask] = None) -> FitResult:
     """Train the style encoder; checkpoints `<output_dir>/stagestyle_*.safetensors` (module "style").
 
-    `cpu=True` forces the CPU; `task` reuses an already built StyleTask (its clips are loaded).
+    `cpu=True` forces the CPU; `task` reuses an already built StyleTask (its clips are loaded; their
+    descriptions may be a subset of the corpus's, so their vectors are not kept in the corpus's cache).
     """
     from ira.data.prepare import ensure_prepared
-    from ira.training.engine import Trainer  # lazy: accelerate is a heavy import
+    from ira.training.engine import Trainer, device_type  # lazy: accelerate is a heavy import
 
-    if task is None:
-        ensure_prepared(cfg)   # annotations and descriptions come from preparation
     run_cfg = style_run_config(cfg)
-    task = task or StyleTask(run_cfg)
+    if task is not None:
+        return Trainer(run_cfg, task, run_name=None, cpu=cpu).fit(resume_from=resume_from)
+    ensure_prepared(cfg)   # annotations and descriptions come from preparation
+    task = StyleTask(run_cfg)
+    device = torch.device(device_type(cpu))
+    if device.type == "cuda":   # under `accelerate launch`, each process its own GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    task.model.sentence_encoder.to(device)   # the descriptions are embedded (once per corpus) where training runs
     descriptions = (d for clip in task.train_clips for d in clip.descriptions)
     with descriptions_pinned(task.model.sentence_encoder, descriptions, run_cfg.data.dir, "train"):
         return Trainer(run_cfg, task, run_name=None, cpu=cpu).fit(resume_from=resume_from)
