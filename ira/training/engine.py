@@ -42,6 +42,7 @@ from ira.checkpoint import (Checkpoint, CheckpointError, best_path, check_compat
                             is_finite_checkpoint, latest_path, load_checkpoint, nonfinite_tensors,
                             remove_stale_temporaries, require_stage, stage_checkpoints)
 from ira.config import TrainingConfig
+from ira.hardware import resolve_device
 from ira.training.checkpoint import link_latest, load_train_state, prune_checkpoints, save_checkpoint
 from ira.training.metrics_log import MetricsLogger, memory_stats
 from ira.training.optim import build_adamw, param_groups
@@ -107,6 +108,16 @@ def device_type(cpu: bool = False) -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def process_device(cpu: bool = False) -> torch.device:
+    """The device the engine will train this process on (under DDP each rank has its LOCAL_RANK GPU), for
+    what a stage prepares before the engine starts: the LLM loaded there once, the descriptions embedded there."""
+    if cpu:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
+    return resolve_device("auto")
 
 
 def resolve_mixed_precision(setting: str, device: str, bf16_supported: Optional[bool] = None) -> str:

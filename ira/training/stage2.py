@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -45,7 +44,7 @@ from ira.models.phoneme_speller import PhonemeSpeller, spell
 from ira.models.splice import build_student_inputs, build_teacher_inputs, reply_logits
 from ira.models.vocabulary_reader import VocabularyReader
 from ira.text_metrics import corpus_cer
-from ira.training.engine import FitResult, Trainer
+from ira.training.engine import FitResult, Trainer, process_device
 from ira.training.feature_cache import FeatureSplit
 from ira.training.feature_cache import load_or_build as load_or_build_features
 from ira.training.task import TrainingTask, inherit_frozen_sections
@@ -394,16 +393,6 @@ class Stage2Task(TrainingTask):
         if self._understanding is not None:  # what the app shows next to "the LLM can answer about its audio"
             meta["understanding"] = json.dumps(self._understanding)
         return meta
-
-
-def process_device(cpu: bool = False) -> torch.device:
-    """The device the engine will train this process on (under DDP each rank has its LOCAL_RANK GPU),
-    so the LLM is loaded there once, before the teacher generates its replies."""
-    if cpu:
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
-    return resolve_device("auto")
 
 
 class _ThrottledLog:

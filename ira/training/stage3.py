@@ -72,7 +72,7 @@ from ira.text_metrics import corpus_cer, corpus_wer
 from ira.training.engine import FitResult, Trainer
 from ira.training.ppo import (AdaptiveKLController, explained_variance, gae, group_advantages, kl_to_reference,
                               masked_whiten, ppo_losses, shaped_rewards, skipped_groups)
-from ira.training.stage2 import process_device
+from ira.training.engine import process_device
 from ira.training.task import TrainingTask, inherit_frozen_sections
 from ira.training.teacher_responses import TASK_INSTRUCTIONS
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -365,17 +364,14 @@ def run_style_training(cfg: IRAConfig, resume_from: Optional[str | Path] = None,
     descriptions may be a subset of the corpus's, so their vectors are not kept in the corpus's cache).
     """
     from ira.data.prepare import ensure_prepared
-    from ira.training.engine import Trainer, device_type  # lazy: accelerate is a heavy import
+    from ira.training.engine import Trainer, process_device  # lazy: accelerate is a heavy import
 
     run_cfg = style_run_config(cfg)
     if task is not None:
         return Trainer(run_cfg, task, run_name=None, cpu=cpu).fit(resume_from=resume_from)
     ensure_prepared(cfg)   # annotations and descriptions come from preparation
     task = StyleTask(run_cfg)
-    device = torch.device(device_type(cpu))
-    if device.type == "cuda":   # under `accelerate launch`, each process its own GPU
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    task.model.sentence_encoder.to(device)   # the descriptions are embedded (once per corpus) where training runs
+    task.model.sentence_encoder.to(process_device(cpu))   # the descriptions are embedded where training runs
     descriptions = (d for clip in task.train_clips for d in clip.descriptions)
     with descriptions_pinned(task.model.sentence_encoder, descriptions, run_cfg.data.dir, "train"):
         return Trainer(run_cfg, task, run_name=None, cpu=cpu).fit(resume_from=resume_from)
