@@ -48,6 +48,8 @@ def test_pinned_descriptions_are_answered_without_the_model_or_the_lru_cache(enc
         got = encoder.encode(texts[::-1])
         assert encoder.runs[0] == runs and encoder.cache_size() == cached
         assert torch.allclose(got, expected.flip(0), atol=1e-5)
+        encoder.remember(texts)                                          # a lent sentence needs nothing
+        assert encoder.runs[0] == runs and encoder.cache_size() == cached
         mixed = encoder.encode([texts[0], "a sentence nobody pinned"])   # the rest still runs the model
         assert encoder.runs[0] == runs + 1 and torch.allclose(mixed[0], expected[0], atol=1e-5)
     encoder.encode(texts[1:2])                                           # lent only within

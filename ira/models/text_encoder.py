@@ -137,15 +137,17 @@ class SentenceEncoder:
                 return pin[text]
         return None
 
+    def remember(self, texts: Sequence[str]) -> None:
+        """Embed the sentences neither lent nor remembered yet, into the LRU cache (nothing returned)."""
+        with self._lock:
+            self._lend_or_embed(list(texts))
+            self._evict()
+
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """[N, dim] float32 on the CPU; each distinct sentence is run through the model once."""
         texts = list(texts)
         with self._lock:
-            lent = {t: v for t in dict.fromkeys(texts) if (v := self._pinned_vector(t)) is not None}
-            missing = list(dict.fromkeys(t for t in texts if t not in self._cache and t not in lent))
-            if missing:
-                for text, emb in zip(missing, self._embed(missing).cpu()):
-                    self._cache[text] = emb
+            lent = self._lend_or_embed(texts)
             rows = []
             for t in texts:
                 if t in lent:
@@ -153,9 +155,22 @@ class SentenceEncoder:
                     continue
                 self._cache.move_to_end(t)
                 rows.append(self._cache[t])
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
+            self._evict()
         return torch.stack(rows) if rows else torch.zeros(0, self.dim)
+
+    def _lend_or_embed(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """(Under the lock.) The lent vectors of `texts`; the others run through the model into the LRU cache
+        unless they are there."""
+        lent = {t: v for t in dict.fromkeys(texts) if (v := self._pinned_vector(t)) is not None}
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache and t not in lent))
+        if missing:
+            for text, emb in zip(missing, self._embed(missing).cpu()):
+                self._cache[text] = emb
+        return lent
+
+    def _evict(self) -> None:
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
 
     def cache_size(self) -> int:
         return len(self._cache)

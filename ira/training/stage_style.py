@@ -287,7 +287,9 @@ class StyleTask(TrainingTask):
     def setup(self, device: torch.device) -> None:
         """Embed every training description once with the frozen tower (the encoder remembers them), unless
         their vectors are lent to it already (`run_style_training`: from the corpus's cache)."""
-        self.model.sentence_embeddings(list(dict.fromkeys(d for c in self.train_clips for d in c.descriptions)))
+        encoder = self.model.sentence_encoder
+        encoder.to(self.model.device)
+        encoder.remember(dict.fromkeys(d for c in self.train_clips for d in c.descriptions))
 
     def epoch_repeats(self) -> int:
         """Passes over the corpus per epoch: enough for min(save_every, max_steps) optimizer steps."""
