@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import psutil
 import torch
+
+from ira import peak_memory
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -43,7 +44,7 @@ def _json_safe(value: Any) -> Any:
 
 def memory_stats(device: Optional[torch.device] = None) -> dict[str, float]:
     """Resident memory of this process, plus the accelerator's peak allocation when there is one."""
-    stats = {"rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
+    stats = {"rss_mb": round(peak_memory.resident_mb(), 1)}
     if device is not None and device.type == "cuda":
         stats["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     elif device is not None and device.type == "mps":
